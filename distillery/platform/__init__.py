@@ -1,0 +1,1 @@
+"""The engine layer: the only code that touches Ray, DeepSpeed, MLflow and fsspec/S3."""

@@ -1,0 +1,55 @@
+"""Connecting to Ray: one place that decides between a cluster and a local instance."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+from distillery.platform import storage
+from distillery.platform.config import RayConfig, StorageConfig
+
+__all__ = ["cluster_has_gpus", "ray_session"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None) -> Iterator[None]:
+    """Use the running Ray instance, connect to ``address``/``RAY_ADDRESS``, or start a local one.
+
+    Only an instance started here is shut down on exit. S3 settings travel to the workers as
+    environment variables of the job's runtime env (values are not logged).
+    """
+    import ray
+
+    if storage_cfg is not None:
+        storage.configure_s3(storage_cfg.s3_endpoint_url, storage_cfg.s3_region)
+    if ray.is_initialized():
+        yield
+        return
+    env = storage.storage_env(storage_cfg.s3_endpoint_url if storage_cfg else None,
+                              storage_cfg.s3_region if storage_cfg else None)
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"log_to_driver": True}
+    # A driver under `ray job submit` already carries the job's runtime env; adding ours would
+    # conflict with it. Locally started workers inherit this process's environment anyway.
+    if env and not os.environ.get("RAY_JOB_ID"):
+        kwargs["runtime_env"] = {"env_vars": env}
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        log.info("starting a local Ray instance (num_cpus=%s)", ray_cfg.num_cpus)
+        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

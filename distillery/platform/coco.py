@@ -1,0 +1,340 @@
+"""COCO-format instance annotations: a validating reader, category mapping, image decoding.
+
+The reader checks every record while it loads and names the file and the record in its errors:
+malformed JSON, duplicate image ids, unknown category ids, boxes with non-positive size or outside
+their image, missing image files and images that do not decode. With ``bad_records="skip"`` the
+bad records are dropped, counted in the log and written one per line (JSONL) to a report with
+their reason: nothing is dropped silently.
+
+Category ids are mapped to contiguous labels 0..C-1 explicitly (sorted by id), because users'
+custom datasets have gaps in their ids and the detector's class head needs dense labels. The
+mapping travels with the model so that detections are written back with the original ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from distillery.platform import storage
+
+__all__ = [
+    "AnnotationError",
+    "CategoryMap",
+    "CocoDataset",
+    "CorruptImageError",
+    "ImageRecord",
+    "SkippedRecord",
+    "decode_image",
+    "load_image_resized",
+    "load_coco",
+]
+
+log = logging.getLogger(__name__)
+
+BadRecordPolicy = Literal["error", "skip"]
+ImageCheck = Literal["none", "exists", "header", "decode"]
+
+# COCO boxes are often rounded a fraction of a pixel past the border; beyond this it is an error.
+_BORDER_TOLERANCE_PX = 1.0
+
+
+class AnnotationError(ValueError):
+    """A bad annotation file or record; the message names the file and the record."""
+
+
+class CorruptImageError(ValueError):
+    """An image file that is missing or cannot be decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class CategoryMap:
+    """Original category ids <-> contiguous labels (0..C-1, in ascending id order)."""
+
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_categories(cls, categories: Iterable[dict[str, Any]]) -> "CategoryMap":
+        cats = sorted(categories, key=lambda c: c["id"])
+        return cls(tuple(int(c["id"]) for c in cats), tuple(str(c["name"]) for c in cats))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_id_to_label", {cid: i for i, cid in enumerate(self.category_ids)})
+
+    def to_label(self, category_id: int) -> int:
+        return self._id_to_label[category_id]
+
+    def to_category_id(self, label: int) -> int:
+        return self.category_ids[label]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"category_ids": list(self.category_ids), "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CategoryMap":
+        return cls(tuple(int(i) for i in d["category_ids"]), tuple(d["names"]))
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image and its (valid) annotations. Boxes are absolute xywh in the image's pixels."""
+
+    image_id: int
+    file_name: str
+    uri: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (n, 4) float32, xywh
+    labels: np.ndarray  # (n,) int64, contiguous labels
+    iscrowd: np.ndarray  # (n,) bool
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat row for Ray Data (numpy arrays, plain scalars)."""
+        return {"image_id": self.image_id, "uri": self.uri, "width": self.width,
+                "height": self.height, "boxes": self.boxes.reshape(-1).astype(np.float32),
+                "labels": self.labels, "iscrowd": self.iscrowd.astype(np.int8)}
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    file: str
+    kind: Literal["image", "annotation"]
+    record_id: Any
+    reason: str
+
+
+@dataclass
+class CocoDataset:
+    annotation_uri: str
+    image_root: str
+    categories: CategoryMap
+    records: list[ImageRecord]
+    annotation_sha256: str
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.image_id for r in self.records]
+
+    def by_id(self) -> dict[int, ImageRecord]:
+        return {r.image_id: r for r in self.records}
+
+    def coco_gt_dict(self) -> dict[str, Any]:
+        """A COCO ground-truth dict of the *validated* records (original category ids)."""
+        images, anns = [], []
+        ann_id = 1
+        for r in self.records:
+            images.append({"id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height})
+            for box, label, crowd in zip(r.boxes, r.labels, r.iscrowd):
+                x, y, w, h = (float(v) for v in box)
+                anns.append({"id": ann_id, "image_id": r.image_id, "bbox": [x, y, w, h], "area": w * h,
+                             "category_id": self.categories.to_category_id(int(label)),
+                             "iscrowd": int(crowd)})
+                ann_id += 1
+        cats = [{"id": cid, "name": name} for cid, name in zip(self.categories.category_ids, self.categories.names)]
+        return {"images": images, "annotations": anns, "categories": cats}
+
+
+def decode_image(data: bytes, uri: str) -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array; CorruptImageError names the file."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return np.array(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"image does not decode: {uri}: {exc}") from None
+
+
+def load_image_resized(uri: str, size: int) -> np.ndarray:
+    """Read, decode and resize one image to (3, size, size) uint8 (bilinear, antialiased).
+
+    The one resize used everywhere an unaugmented image meets a model (feature cache, online
+    teacher, evaluation), so cached features and training inputs line up exactly.
+    """
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise CorruptImageError(f"image file is missing: {uri}") from None
+    arr = decode_image(data, uri)
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    t = TF.resize(t, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return t.numpy()
+
+
+def _check_image(uri: str, mode: ImageCheck, width: int, height: int) -> str | None:
+    """Return None if the image passes ``mode``'s check, else the reason."""
+    if mode == "none":
+        return None
+    if mode == "exists":
+        return None if storage.exists(uri) else "image file is missing"
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return "image file is missing"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if mode == "decode":
+                img.load()
+            size = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"image does not decode: {exc}"
+    if size != (width, height):
+        return f"image is {size[0]}x{size[1]} but the annotation says {width}x{height}"
+    return None
+
+
+def _fail_or_skip(policy: BadRecordPolicy, skipped: list[SkippedRecord], rec: SkippedRecord) -> None:
+    if policy == "error":
+        raise AnnotationError(f"{rec.file}: {rec.kind} {rec.record_id}: {rec.reason}")
+    skipped.append(rec)
+
+
+def _require(cond: bool, file: str, what: str) -> None:
+    if not cond:
+        raise AnnotationError(f"{file}: {what}")
+
+
+def load_coco(annotation_uri: str, image_root: str, *, bad_records: BadRecordPolicy = "error",
+              check_images: ImageCheck = "header", report_uri: str | None = None,
+              io_threads: int = 16) -> CocoDataset:
+    """Load and validate a COCO instances file; image paths are ``image_root/file_name``.
+
+    ``check_images``: ``none`` trusts the files, ``exists`` checks presence, ``header`` opens each
+    file and compares its size with the annotation (cheap), ``decode`` fully decodes each image.
+    Images that fail later, mid-training, are handled by the data pipeline with the same policy.
+    """
+    if bad_records not in ("error", "skip"):
+        raise ValueError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
+    try:
+        raw = storage.read_bytes(annotation_uri)
+    except FileNotFoundError:
+        raise AnnotationError(f"annotation file not found: {annotation_uri}") from None
+    sha = hashlib.sha256(raw).hexdigest()
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"{annotation_uri}: malformed JSON: {exc}") from None
+    f = annotation_uri
+    _require(isinstance(doc, dict), f, "top level must be a JSON object")
+    for key in ("images", "annotations", "categories"):
+        _require(isinstance(doc.get(key), list), f, f"missing or non-list '{key}'")
+
+    # Categories are structural: a broken category table is always an error.
+    cat_ids: set[int] = set()
+    for i, cat in enumerate(doc["categories"]):
+        _require(isinstance(cat, dict) and isinstance(cat.get("id"), int) and "name" in cat, f,
+                 f"categories[{i}] needs an integer 'id' and a 'name': {cat!r}")
+        _require(cat["id"] not in cat_ids, f, f"categories[{i}]: duplicate category id {cat['id']}")
+        cat_ids.add(cat["id"])
+    _require(bool(cat_ids), f, "no categories")
+    categories = CategoryMap.from_categories(doc["categories"])
+    id_to_label = {cid: categories.to_label(cid) for cid in categories.category_ids}
+
+    skipped: list[SkippedRecord] = []
+    images: dict[int, dict[str, Any]] = {}
+    for i, img in enumerate(doc["images"]):
+        ok = (isinstance(img, dict) and isinstance(img.get("id"), int) and isinstance(img.get("file_name"), str)
+              and isinstance(img.get("width"), int) and isinstance(img.get("height"), int)
+              and img["width"] > 0 and img["height"] > 0)
+        if not ok:
+            _fail_or_skip(bad_records, skipped, SkippedRecord(
+                f, "image", img.get("id", f"images[{i}]") if isinstance(img, dict) else f"images[{i}]",
+                f"image record needs integer id, file_name, positive width/height: {img!r}"))
+            continue
+        if img["id"] in images:
+            _fail_or_skip(bad_records, skipped, SkippedRecord(
+                f, "image", img["id"], f"duplicate image id (file_name {img['file_name']!r})"))
+            continue
+        images[img["id"]] = img
+
+    anns_by_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in images}
+    for i, ann in enumerate(doc["annotations"]):
+        ann_id = ann.get("id", f"annotations[{i}]") if isinstance(ann, dict) else f"annotations[{i}]"
+        reason = None
+        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann or "bbox" not in ann:
+            reason = "annotation needs image_id, category_id and bbox"
+        elif ann["image_id"] not in images:
+            reason = f"refers to unknown image id {ann['image_id']}"
+        elif ann["category_id"] not in id_to_label:
+            reason = f"unknown category id {ann['category_id']}"
+        else:
+            bbox = ann["bbox"]
+            img = images[ann["image_id"]]
+            if (not isinstance(bbox, list) or len(bbox) != 4
+                    or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in bbox)):
+                reason = f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
+            elif bbox[2] <= 0 or bbox[3] <= 0:
+                reason = f"bbox {bbox} has non-positive size"
+            elif (bbox[0] < -_BORDER_TOLERANCE_PX or bbox[1] < -_BORDER_TOLERANCE_PX
+                  or bbox[0] + bbox[2] > img["width"] + _BORDER_TOLERANCE_PX
+                  or bbox[1] + bbox[3] > img["height"] + _BORDER_TOLERANCE_PX):
+                reason = f"bbox {bbox} lies outside image {ann['image_id']} ({img['width']}x{img['height']})"
+        if reason is not None:
+            _fail_or_skip(bad_records, skipped, SkippedRecord(f, "annotation", ann_id, reason))
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        img = images[ann["image_id"]]
+        # Clip the sub-pixel overshoot allowed above.
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
+        anns_by_image[ann["image_id"]].append(
+            ([x0, y0, x1 - x0, y1 - y0], id_to_label[ann["category_id"]], bool(ann.get("iscrowd", 0))))
+
+    # Image files: checked in parallel threads (I/O bound, local or S3).
+    ordered = sorted(images)
+    uris = {iid: storage.join(image_root, images[iid]["file_name"]) for iid in ordered}
+
+    def check(iid: int) -> str | None:
+        return _check_image(uris[iid], check_images, images[iid]["width"], images[iid]["height"])
+
+    with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
+        problems = list(pool.map(check, ordered)) if check_images != "none" else [None] * len(ordered)
+
+    records: list[ImageRecord] = []
+    for iid, problem in zip(ordered, problems):
+        if problem is not None:
+            _fail_or_skip(bad_records, skipped, SkippedRecord(
+                f, "image", iid, f"{problem}: {uris[iid]}"))
+            continue
+        anns = anns_by_image[iid]
+        img = images[iid]
+        records.append(ImageRecord(
+            image_id=iid, file_name=img["file_name"], uri=uris[iid], width=img["width"], height=img["height"],
+            boxes=np.asarray([a[0] for a in anns], dtype=np.float32).reshape(-1, 4),
+            labels=np.asarray([a[1] for a in anns], dtype=np.int64),
+            iscrowd=np.asarray([a[2] for a in anns], dtype=bool)))
+
+    if skipped:
+        by_kind = {k: sum(1 for s in skipped if s.kind == k) for k in ("image", "annotation")}
+        if report_uri is None:
+            raise AnnotationError(
+                f"{f}: {len(skipped)} bad records skipped but no report path was given; "
+                "pass report_uri so that every skipped record is written down")
+        lines = "".join(json.dumps({"file": s.file, "kind": s.kind, "id": s.record_id, "reason": s.reason},
+                                   default=str) + "\n" for s in skipped)
+        storage.write_text(report_uri, lines)
+        log.warning("%s: skipped %d bad records (%d images, %d annotations); report: %s",
+                    f, len(skipped), by_kind["image"], by_kind["annotation"], report_uri)
+    if not records:
+        raise AnnotationError(f"{f}: no usable images")
+    return CocoDataset(annotation_uri=annotation_uri, image_root=image_root, categories=categories,
+                       records=records, annotation_sha256=sha, skipped=skipped)

@@ -1,0 +1,217 @@
+"""Typed job configuration: pydantic models loaded from YAML with ``key.sub=value`` overrides.
+
+Every job has one root model (a subclass of :class:`StrictModel`). Its field defaults are the
+job's *embedded default*, so ``python jobs/X.py`` with no arguments runs something sensible.
+Validation is pydantic's: unknown keys (``extra="forbid"``), wrong types and impossible values
+(``Field(gt=...)``, ``Literal``, validators) all fail in :func:`load_config`, before any Ray
+worker starts, with the dotted key path in the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "RayConfig",
+    "StorageConfig",
+    "SyntheticDataConfig",
+    "TeacherConfig",
+    "StrictModel",
+    "apply_overrides",
+    "config_hash",
+    "flatten_config",
+    "load_config",
+    "parse_job_args",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key path and the source."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {dotted!r}: {prefix!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        detail = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{detail}")
+    return "\n".join(lines)
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()) -> M:
+    """Load ``model`` from an optional YAML file plus dotted overrides; raise ConfigError if invalid."""
+    tree: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+        tree = apply_overrides(tree, overrides)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def parse_job_args(model: type[M], argv: Sequence[str] | None = None, description: str = "") -> M:
+    """The CLI every job shares: ``--config FILE`` and positional ``dotted.key=value`` overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML recipe (default: the embedded default)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(model, args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+
+def flatten_config(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Flatten to ``{"a.b": "value"}`` for tracking; secrets are masked, never revealed."""
+    out: dict[str, str] = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten_config(value, key + "."))
+        elif isinstance(value, SecretStr):
+            out[key] = "**********" if value.get_secret_value() else ""
+        else:
+            out[key] = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """A stable short hash of the config (secrets masked), for lineage tags."""
+    blob = json.dumps(flatten_config(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- shared sections
+# Sections that several jobs share. Job-specific root models live next to their runner.
+
+
+class SyntheticDataConfig(StrictModel):
+    """Generate the synthetic dataset at ``data.root`` when it is not there yet."""
+
+    train: PositiveInt = 200
+    val: PositiveInt = 50
+    size: int = Field(320, ge=64)
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    """A COCO-format dataset; relative paths are resolved against ``root``."""
+
+    root: str = "runs/data/synthetic"
+    train_annotations: str = "annotations/instances_train.json"
+    train_images: str = "images/train"
+    val_annotations: str = "annotations/instances_val.json"
+    val_images: str = "images/val"
+    bad_records: Literal["error", "skip"] = "error"
+    check_images: Literal["none", "exists", "header", "decode"] = "header"
+    synthetic: SyntheticDataConfig | None = SyntheticDataConfig()
+
+    def resolve(self, rel: str) -> str:
+        if "://" in rel or rel.startswith("/"):
+            return rel
+        from distillery.platform import storage
+
+        return storage.join(self.root, rel)
+
+    def split_paths(self, split: Literal["train", "val"]) -> tuple[str, str]:
+        """(annotation URI, image root URI) of a split."""
+        if split == "train":
+            return self.resolve(self.train_annotations), self.resolve(self.train_images)
+        return self.resolve(self.val_annotations), self.resolve(self.val_images)
+
+
+class TeacherConfig(StrictModel):
+    """The frozen vision foundation model (DINOv3 through timm)."""
+
+    model_name: str = "vit_base_patch16_dinov3"
+    weights: str | None = None
+    allow_random_init: bool = False
+    seed: int = 0
+    input_size: int = Field(640, ge=32)
+    pool: int = Field(2, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    model_kwargs: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+
+class RayConfig(StrictModel):
+    """Where to run. ``address`` None: ``RAY_ADDRESS`` if set (``ray job submit`` sets it), else a
+    local instance with ``num_cpus`` CPUs."""
+
+    address: str | None = None
+    num_cpus: PositiveInt | None = None
+
+
+class StorageConfig(StrictModel):
+    """S3 settings; credentials come from the standard AWS environment variables."""
+
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None

@@ -1,0 +1,387 @@
+"""The teacher-feature cache: Parquet shards keyed by image id, plus a manifest written last.
+
+Layout under the cache URI (local directory or ``s3://bucket/prefix``)::
+
+    plan.json             what this cache is being built from (written first; guards resume)
+    shard-00000.parquet   rows: image_id, view, features, scale, params
+    shard-00001.parquet
+    ...
+    manifest.json         written last: its presence means every shard it lists is complete
+
+Each row holds one image's teacher grid, token-major: ``features`` is the raw bytes of a
+(H*W, C) array in the storage dtype. ``fp16`` stores the grid as is; ``int8`` stores a symmetric
+per-token quantisation (one float32 scale per token = max|x| / 127), so each token keeps its own
+dynamic range. Columns are plain Parquet types, so Ray Data (``ray.data.read_parquet``), pandas
+or pyarrow read the shards natively from local disk and S3.
+
+Shards are planned deterministically from the sorted image ids and the shard size, so an
+interrupted build resumes by computing only the shards whose file is missing, and ends with the
+same manifest as an uninterrupted one.
+
+The manifest carries the teacher fingerprint. A reader that expects another teacher refuses
+and prints both fingerprints and the fields that differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distillery.platform import storage
+
+__all__ = [
+    "CacheError",
+    "FeatureCache",
+    "FeatureCacheWriter",
+    "FingerprintMismatchError",
+    "ShardInfo",
+    "decode_features",
+    "dequantize_int8",
+    "encode_features",
+    "fingerprint_digest",
+    "plan_shards",
+    "quantize_int8",
+    "shard_name",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+StorageDtype = Literal["fp16", "int8"]
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be used as asked; the message names the URI and the reason."""
+
+
+class FingerprintMismatchError(CacheError):
+    """The cache was produced by another teacher than the one expected."""
+
+
+def fingerprint_digest(fp: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON form of a teacher fingerprint."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _fingerprint_diff(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    keys = sorted(set(expected) | set(found))
+    return [k for k in keys if expected.get(k) != found.get(k)]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def plan_shards(image_ids: Iterable[int], shard_size: int) -> list[list[int]]:
+    """Split sorted image ids into consecutive shards of ``shard_size`` (last one may be short)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    ids = sorted(int(i) for i in image_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("image ids must be unique")
+    return [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
+
+
+# --------------------------------------------------------------------------- encoding
+
+def quantize_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-token int8: returns (int8 (T, C), float32 scale (T,)); x ~= q * scale."""
+    tokens = np.asarray(tokens, dtype=np.float32)
+    scale = np.abs(tokens).max(axis=-1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(tokens / scale[..., None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * scale[..., None]
+
+
+def encode_features(grid: np.ndarray, dtype: StorageDtype) -> tuple[bytes, bytes | None]:
+    """(C, H, W) float grid -> (feature bytes, scale bytes or None), token-major."""
+    c = grid.shape[0]
+    tokens = np.ascontiguousarray(np.asarray(grid, dtype=np.float32).reshape(c, -1).T)  # (H*W, C)
+    if dtype == "fp16":
+        return tokens.astype(np.float16).tobytes(), None
+    if dtype == "int8":
+        q, scale = quantize_int8(tokens)
+        return q.tobytes(), scale.tobytes()
+    raise ValueError(f"unknown storage dtype {dtype!r} (expected 'fp16' or 'int8')")
+
+
+def decode_features(features: bytes, scale: bytes | None, dtype: StorageDtype,
+                    grid: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`encode_features`: returns a float32 (C, H, W) array."""
+    c, h, w = grid
+    if dtype == "fp16":
+        tokens = np.frombuffer(features, dtype=np.float16).astype(np.float32)
+    elif dtype == "int8":
+        if scale is None:
+            raise CacheError("int8 features without their scale column")
+        tokens = dequantize_int8(np.frombuffer(features, dtype=np.int8).reshape(h * w, c),
+                                 np.frombuffer(scale, dtype=np.float32))
+    else:
+        raise ValueError(f"unknown storage dtype {dtype!r}")
+    return np.ascontiguousarray(tokens.reshape(h * w, c).T.reshape(c, h, w))
+
+
+_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("view", pa.int32()),
+    ("features", pa.binary()),
+    ("scale", pa.binary()),
+    ("params", pa.string()),
+])
+
+
+def _shard_bytes(image_ids: Sequence[int], grids: np.ndarray, dtype: StorageDtype,
+                 views: Sequence[int] | None = None, params: Sequence[str] | None = None) -> bytes:
+    feats, scales = [], []
+    for g in grids:
+        f, s = encode_features(g, dtype)
+        feats.append(f)
+        scales.append(s)
+    table = pa.table({
+        "image_id": pa.array([int(i) for i in image_ids], pa.int64()),
+        "view": pa.array(list(views) if views is not None else [0] * len(image_ids), pa.int32()),
+        "features": pa.array(feats, pa.binary()),
+        "scale": pa.array(scales, pa.binary()),
+        "params": pa.array(list(params) if params is not None else [None] * len(image_ids), pa.string()),
+    }, schema=_SCHEMA)
+    buf = io.BytesIO()
+    # No compression: fp16/int8 activations barely compress, and reads stay cheap.
+    pq.write_table(table, buf, compression="none", write_statistics=["image_id"])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- writer
+
+@dataclass(frozen=True)
+class ShardInfo:
+    index: int
+    name: str
+    count: int
+    sha256: str
+    bytes: int
+    first_image_id: int
+    last_image_id: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class FeatureCacheWriter:
+    """Writes one cache: ``begin`` (plan), ``write_shard`` (any order, any process), ``finalize``."""
+
+    def __init__(self, uri: str, fingerprint: dict[str, Any], grid: Sequence[int], dtype: StorageDtype,
+                 shard_size: int, dataset: dict[str, Any], views: int = 1):
+        if dtype not in ("fp16", "int8"):
+            raise ValueError(f"cache dtype must be 'fp16' or 'int8', got {dtype!r}")
+        self.uri = str(uri)
+        self.fingerprint = dict(fingerprint)
+        self.grid = [int(v) for v in grid]
+        self.dtype: StorageDtype = dtype
+        self.shard_size = int(shard_size)
+        self.dataset = dict(dataset)
+        self.views = int(views)
+
+    # The plan: everything that decides the bytes of the shards.
+    def plan_doc(self, shards: list[list[int]]) -> dict[str, Any]:
+        ids_digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+        return {"format_version": FORMAT_VERSION, "fingerprint_digest": fingerprint_digest(self.fingerprint),
+                "dtype": self.dtype, "grid": self.grid, "shard_size": self.shard_size, "views": self.views,
+                "num_shards": len(shards), "image_ids_sha256": ids_digest,
+                "dataset": self.dataset}
+
+    def begin(self, shards: list[list[int]]) -> list[int]:
+        """Record the plan (or check it against an earlier run's); return indices still to write."""
+        plan = self.plan_doc(shards)
+        plan_uri = storage.join(self.uri, PLAN)
+        if storage.exists(plan_uri):
+            old = json.loads(storage.read_text(plan_uri))
+            if old != plan:
+                diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+                raise CacheError(
+                    f"cache {self.uri} was started with a different plan (fields differ: {', '.join(diff)}); "
+                    "use a new cache URI or delete the old one")
+        else:
+            storage.makedirs(self.uri)
+            storage.write_text(plan_uri, json.dumps(plan, indent=1, sort_keys=True))
+        self.remove_stale_temporaries()
+        present = set(storage.listdir(self.uri))
+        return [i for i in range(len(shards)) if shard_name(i) not in present]
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of an interrupted local write (never visible as shards)."""
+        for name in storage.listdir(self.uri):
+            if name.startswith(".") and ".tmp-" in name:
+                storage.remove(storage.join(self.uri, name))
+
+    def write_shard(self, index: int, image_ids: Sequence[int], grids: np.ndarray,
+                    views: Sequence[int] | None = None, params: Sequence[str] | None = None) -> ShardInfo:
+        grids = np.asarray(grids)
+        if grids.ndim != 4 or list(grids.shape[1:]) != self.grid:
+            raise CacheError(f"shard {index}: features of shape {tuple(grids.shape)} do not match grid {self.grid}")
+        data = _shard_bytes(image_ids, grids, self.dtype, views, params)
+        name = shard_name(index)
+        storage.write_bytes(storage.join(self.uri, name), data)
+        return ShardInfo(index, name, len(image_ids), hashlib.sha256(data).hexdigest(), len(data),
+                         int(min(image_ids)), int(max(image_ids)))
+
+    def shard_info_from_file(self, index: int) -> ShardInfo:
+        """Re-derive a shard's info from its file (for shards written by an earlier run)."""
+        name = shard_name(index)
+        data = storage.read_bytes(storage.join(self.uri, name))
+        ids = pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist()
+        return ShardInfo(index, name, len(ids), hashlib.sha256(data).hexdigest(), len(data),
+                         int(min(ids)), int(max(ids)))
+
+    def finalize(self, num_shards: int, written: list[ShardInfo]) -> dict[str, Any]:
+        """Write the manifest last. Shards not in ``written`` (finished by an earlier, interrupted
+        run) are described from their files."""
+        by_index = {s.index: s for s in written}
+        unknown = sorted(set(by_index) - set(range(num_shards)))
+        if unknown:
+            raise CacheError(f"cache {self.uri}: shard indices {unknown} are outside the plan of {num_shards}")
+        shards = []
+        for i in range(num_shards):
+            if i in by_index:
+                shards.append(by_index[i])
+            else:
+                try:
+                    shards.append(self.shard_info_from_file(i))
+                except FileNotFoundError:
+                    raise CacheError(f"cache {self.uri}: cannot finalize, {shard_name(i)} was never written") from None
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "fingerprint_digest": fingerprint_digest(self.fingerprint),
+            "grid": self.grid,
+            "dtype": self.dtype,
+            "views": self.views,
+            "shard_size": self.shard_size,
+            "count": sum(s.count for s in shards),
+            "dataset": self.dataset,
+            "shards": [s.to_dict() for s in shards],
+        }
+        storage.write_text(storage.join(self.uri, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+        return manifest
+
+
+# --------------------------------------------------------------------------- reader
+
+class FeatureCache:
+    """A finished cache: the manifest, fingerprint check, and per-image feature lookup."""
+
+    def __init__(self, uri: str, expected_fingerprint: dict[str, Any] | None = None):
+        self.uri = str(uri)
+        manifest_uri = storage.join(self.uri, MANIFEST)
+        try:
+            text = storage.read_text(manifest_uri)
+        except FileNotFoundError:
+            hint = " (a build was started but not finished: rerun the cache job to resume it)" \
+                if storage.exists(storage.join(self.uri, PLAN)) else ""
+            raise CacheError(f"no feature cache at {self.uri}: {manifest_uri} not found{hint}") from None
+        try:
+            self.manifest: dict[str, Any] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CacheError(f"{manifest_uri} is not valid JSON: {exc}") from None
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{manifest_uri}: format_version {self.manifest.get('format_version')} "
+                             f"is not {FORMAT_VERSION}")
+        if expected_fingerprint is not None:
+            self.check_fingerprint(expected_fingerprint)
+        self._index: dict[int, tuple[str, int]] | None = None
+        self._tables: dict[str, pa.Table] = {}
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.manifest["fingerprint"]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        c, h, w = self.manifest["grid"]
+        return int(c), int(h), int(w)
+
+    @property
+    def dtype(self) -> StorageDtype:
+        return self.manifest["dtype"]
+
+    @property
+    def shard_uris(self) -> list[str]:
+        return [storage.join(self.uri, s["name"]) for s in self.manifest["shards"]]
+
+    def check_fingerprint(self, expected: dict[str, Any]) -> None:
+        found = self.fingerprint
+        if fingerprint_digest(expected) != self.manifest.get("fingerprint_digest") or expected != found:
+            diff = _fingerprint_diff(expected, found)
+            raise FingerprintMismatchError(
+                f"feature cache {self.uri} was made by another teacher (fields differ: {', '.join(diff)})\n"
+                f"  expected: {json.dumps(expected, sort_keys=True)}\n"
+                f"  cache:    {json.dumps(found, sort_keys=True)}")
+
+    def check_covers(self, image_ids: Iterable[int]) -> None:
+        """Raise naming the missing ids if the cache lacks any of ``image_ids``."""
+        missing = sorted(set(int(i) for i in image_ids) - set(self.index))
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise CacheError(f"feature cache {self.uri} lacks {len(missing)} images of the dataset: {shown}")
+
+    def verify(self) -> None:
+        """Check every shard's checksum against the manifest (reads every byte)."""
+        for s in self.manifest["shards"]:
+            uri = storage.join(self.uri, s["name"])
+            try:
+                data = storage.read_bytes(uri)
+            except FileNotFoundError:
+                raise CacheError(f"cache shard missing: {uri}") from None
+            if hashlib.sha256(data).hexdigest() != s["sha256"]:
+                raise CacheError(f"cache shard {uri} does not match its checksum in the manifest")
+
+    def _table(self, name: str) -> pa.Table:
+        if name not in self._tables:
+            data = storage.read_bytes(storage.join(self.uri, name))
+            self._tables[name] = pq.read_table(io.BytesIO(data))
+        return self._tables[name]
+
+    @property
+    def index(self) -> dict[int, tuple[str, int]]:
+        """image_id -> (shard name, row) of its first view; built lazily from the shards."""
+        if self._index is None:
+            index: dict[int, tuple[str, int]] = {}
+            for s in self.manifest["shards"]:
+                t = self._table(s["name"])
+                ids = t.column("image_id").to_pylist()
+                views = t.column("view").to_pylist()
+                for row, (iid, view) in enumerate(zip(ids, views)):
+                    if view == 0:
+                        index[iid] = (s["name"], row)
+            self._index = index
+        return self._index
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def get(self, image_id: int) -> np.ndarray:
+        """The float32 (C, H, W) grid of one image."""
+        try:
+            name, row = self.index[int(image_id)]
+        except KeyError:
+            raise CacheError(f"image id {image_id} is not in feature cache {self.uri}") from None
+        t = self._table(name)
+        feats = t.column("features")[row].as_py()
+        scale = t.column("scale")[row].as_py()
+        return decode_features(feats, scale, self.dtype, self.grid)
+
+
+def manifest_sha256(uri: str) -> str:
+    """sha256 of a cache's manifest file (a lineage tag for models trained on it)."""
+    return hashlib.sha256(storage.read_bytes(storage.join(uri, MANIFEST))).hexdigest()
+

@@ -1,0 +1,210 @@
+"""One small layer over fsspec for plain paths, ``file://`` and ``s3://`` URIs.
+
+Why a module of its own: every job reads datasets and writes caches, checkpoints and reports to
+either local disk or S3, and each of those writes must be *atomic* (a reader never sees half a
+file; an interrupted job leaves only complete files behind).
+
+- Local files: write to a hidden temporary name in the same directory, fsync, then
+  ``os.replace`` (atomic on POSIX).
+- S3: a PUT is atomic per object (the object appears whole or not at all), so the data goes
+  straight to its final key. Multi-file artefacts (a feature cache) write their manifest last:
+  a manifest's presence means every shard it names was written.
+
+S3 endpoint and credentials come from the standard AWS environment variables
+(``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``) or from :func:`configure_s3`. They are never logged or put in errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+__all__ = [
+    "StorageError",
+    "configure_s3",
+    "exists",
+    "filesystem",
+    "is_remote",
+    "join",
+    "listdir",
+    "makedirs",
+    "open_atomic",
+    "read_bytes",
+    "read_text",
+    "remove",
+    "storage_env",
+    "write_bytes",
+    "write_text",
+]
+
+_S3_OPTIONS: dict[str, Any] = {}
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI (never credentials)."""
+
+
+def configure_s3(endpoint_url: str | None = None, region: str | None = None,
+                 access_key_id: str | None = None, secret_access_key: str | None = None) -> None:
+    """Set S3 options for this process (None leaves the AWS environment variables in charge)."""
+    _S3_OPTIONS.clear()
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        _S3_OPTIONS["client_kwargs"] = client_kwargs
+    if access_key_id and secret_access_key:
+        _S3_OPTIONS["key"] = access_key_id
+        _S3_OPTIONS["secret"] = secret_access_key
+
+
+def storage_env(endpoint_url: str | None = None, region: str | None = None) -> dict[str, str]:
+    """Environment variables that carry this process's S3 settings to Ray workers.
+
+    Credentials are passed on only if they are already in this process's environment (Ray copies
+    the runtime env to workers; it is not logged by us).
+    """
+    env: dict[str, str] = {}
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    if endpoint_url:
+        env["AWS_ENDPOINT_URL"] = endpoint_url
+    if region:
+        env["AWS_DEFAULT_REGION"] = region
+    return env
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def is_remote(uri: str) -> bool:
+    return _protocol(str(uri)) not in ("file", "local")
+
+
+def filesystem(uri: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the protocol-less path for ``uri``."""
+    uri = str(uri)
+    options: dict[str, Any] = {}
+    if _protocol(uri) in ("s3", "s3a"):
+        options = dict(_S3_OPTIONS)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and "client_kwargs" not in options:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+    try:
+        return url_to_fs(uri, **options)
+    except Exception as exc:  # bad protocol, missing backend
+        raise StorageError(f"cannot open storage for {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """Join path parts onto a path or URI with '/' (never the OS separator for URIs)."""
+    base = str(base)
+    if "://" in base:
+        proto, rest = base.split("://", 1)
+        return f"{proto}://" + posixpath.join(rest, *parts)
+    return os.path.join(base, *parts)
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.exists(path)
+    except Exception as exc:
+        raise StorageError(f"cannot reach {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def makedirs(uri: str | Path) -> None:
+    fs, path = filesystem(uri)
+    if is_remote(str(uri)):
+        return  # object stores have no directories
+    fs.makedirs(path, exist_ok=True)
+
+
+def listdir(uri: str | Path) -> list[str]:
+    """Names (not paths) of the entries directly under ``uri``; empty if it does not exist."""
+    fs, path = filesystem(uri)
+    try:
+        if not fs.exists(path):
+            return []
+        fs.invalidate_cache(path)
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    except Exception as exc:
+        raise StorageError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from None
+    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {uri}") from None
+    except Exception as exc:
+        raise StorageError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def read_text(uri: str | Path) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+@contextlib.contextmanager
+def open_atomic(uri: str | Path) -> Iterator[Any]:
+    """Open ``uri`` for binary writing; the file appears at ``uri`` only if the block succeeds."""
+    uri = str(uri)
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        # Buffer in memory and PUT once at the end: an S3 object is all-or-nothing, and an
+        # exception inside the block must not leave a partial upload behind.
+        import io
+
+        buf = io.BytesIO()
+        yield buf
+        try:
+            fs.pipe_file(path, buf.getvalue())
+        except Exception as exc:
+            raise StorageError(f"cannot write {uri}: {type(exc).__name__}: {exc}") from None
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(uri: str | Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``uri``."""
+    with open_atomic(uri) as fh:
+        fh.write(data)
+
+
+def write_text(uri: str | Path, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def remove(uri: str | Path, recursive: bool = False) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)

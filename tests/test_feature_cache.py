@@ -1,0 +1,129 @@
+"""Feature cache format: shards + manifest, int8 quantisation error, plan guard, fingerprint refusal."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from distillery.platform.feature_cache import (CacheError, FeatureCache, FeatureCacheWriter,
+                                               FingerprintMismatchError, decode_features, dequantize_int8,
+                                               encode_features, plan_shards, quantize_int8)
+
+FP = {"model": "tiny", "weights_sha256": "abc", "input_size": 64, "dtype": "float32"}
+GRID = [16, 4, 4]
+
+
+def _features(n, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, *GRID)).astype(np.float32)
+
+
+def _build(uri, ids, dtype="fp16", shard_size=3, fp=FP):
+    writer = FeatureCacheWriter(uri, fp, GRID, dtype, shard_size, {"annotation_sha256": "d" * 64})
+    shards = plan_shards(ids, shard_size)
+    todo = writer.begin(shards)
+    feats = {i: _features(1, seed=i)[0] for i in ids}
+    infos = [writer.write_shard(k, shards[k], np.stack([feats[i] for i in shards[k]])) for k in todo]
+    return writer.finalize(len(shards), infos), feats
+
+
+def test_plan_is_deterministic_and_sorted():
+    assert plan_shards([5, 1, 3, 9, 7], 2) == [[1, 3], [5, 7], [9]]
+    with pytest.raises(ValueError, match="unique"):
+        plan_shards([1, 1], 2)
+
+
+def test_int8_roundtrip_error_and_cosine():
+    x = np.random.default_rng(0).normal(size=(400, 768)).astype(np.float32) * \
+        np.random.default_rng(1).uniform(0.1, 10, size=(400, 1)).astype(np.float32)
+    q, scale = quantize_int8(x)
+    y = dequantize_int8(q, scale)
+    # Per-token symmetric: the error of each value is at most half a quantisation step.
+    assert np.all(np.abs(x - y) <= scale[:, None] / 2 + 1e-6)
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    assert cos.min() > 0.999
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_encode_decode_layout(dtype):
+    g = _features(1)[0]
+    f, s = encode_features(g, dtype)
+    back = decode_features(f, s, dtype, GRID)
+    assert back.shape == tuple(GRID)
+    assert np.allclose(back, g, atol=0.05 if dtype == "int8" else 2e-3)
+    assert len(f) == 16 * 16 * (2 if dtype == "fp16" else 1)
+
+
+def test_write_read_and_manifest(tmp_path):
+    ids = [10, 3, 7, 21, 15, 2, 8]
+    manifest, feats = _build(str(tmp_path / "c"), ids)
+    assert manifest["count"] == 7 and len(manifest["shards"]) == 3
+    assert [s["count"] for s in manifest["shards"]] == [3, 3, 1]
+    cache = FeatureCache(str(tmp_path / "c"), expected_fingerprint=FP)
+    cache.verify()
+    cache.check_covers(ids)
+    for i in ids:
+        assert np.allclose(cache.get(i), feats[i], atol=2e-3)
+    # Shards are plain Parquet that any reader opens.
+    t = pq.read_table(tmp_path / "c" / "shard-00000.parquet")
+    assert t.column_names == ["image_id", "view", "features", "scale", "params"]
+    with pytest.raises(CacheError, match="lacks 1 images of the dataset: 99"):
+        cache.check_covers(ids + [99])
+    with pytest.raises(CacheError, match="image id 99"):
+        cache.get(99)
+
+
+def test_fingerprint_mismatch_prints_both(tmp_path):
+    _build(str(tmp_path / "c"), [1, 2, 3])
+    other = dict(FP, input_size=128)
+    with pytest.raises(FingerprintMismatchError) as exc:
+        FeatureCache(str(tmp_path / "c"), expected_fingerprint=other)
+    msg = str(exc.value)
+    assert "input_size" in msg and '"input_size": 64' in msg and '"input_size": 128' in msg
+
+
+def test_checksum_and_missing_manifest(tmp_path):
+    uri = str(tmp_path / "c")
+    _build(uri, [1, 2, 3, 4])
+    shard = tmp_path / "c" / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CacheError, match="shard-00001.parquet does not match its checksum"):
+        FeatureCache(uri).verify()
+    (tmp_path / "c" / "manifest.json").unlink()
+    with pytest.raises(CacheError, match="rerun the cache job to resume"):
+        FeatureCache(uri)
+
+
+def test_resume_writes_only_missing_shards_and_same_manifest(tmp_path):
+    ids = list(range(1, 11))
+    full, _ = _build(str(tmp_path / "full"), ids)
+    # An interrupted build: plan written, shards 0 and 2 finished, no manifest.
+    uri = str(tmp_path / "part")
+    writer = FeatureCacheWriter(uri, FP, GRID, "fp16", 3, {"annotation_sha256": "d" * 64})
+    shards = plan_shards(ids, 3)
+    assert writer.begin(shards) == [0, 1, 2, 3]
+    for k in (0, 2):
+        writer.write_shard(k, shards[k], np.stack([_features(1, seed=i)[0] for i in shards[k]]))
+    (tmp_path / "part" / ".shard-00001.parquet.tmp-deadbeef").write_bytes(b"half")
+    todo = FeatureCacheWriter(uri, FP, GRID, "fp16", 3, {"annotation_sha256": "d" * 64}).begin(shards)
+    assert todo == [1, 3]
+    assert not (tmp_path / "part" / ".shard-00001.parquet.tmp-deadbeef").exists()
+    resumed, _ = _build(uri, ids)
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(full, sort_keys=True)
+
+
+def test_plan_guard_refuses_different_settings(tmp_path):
+    uri = str(tmp_path / "c")
+    _build(uri, [1, 2, 3])
+    writer = FeatureCacheWriter(uri, FP, GRID, "int8", 3, {"annotation_sha256": "d" * 64})
+    with pytest.raises(CacheError, match="different plan .*dtype"):
+        writer.begin(plan_shards([1, 2, 3], 3))
+
+
+def test_cache_on_s3(moto_s3):
+    uri = f"s3://{moto_s3['bucket']}/unit-cache"
+    manifest, feats = _build(uri, [4, 5, 6, 7], dtype="int8")
+    cache = FeatureCache(uri, expected_fingerprint=FP)
+    cache.verify()
+    assert np.allclose(cache.get(6), feats[6], atol=0.05)
+    assert manifest["dtype"] == "int8"
