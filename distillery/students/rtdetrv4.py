@@ -1,0 +1,222 @@
+"""RT-DETRv4 student detectors: HGNetv2 + hybrid encoder (AIFI + CCFF) + D-FINE decoder (+ DSI projector).
+
+Sizes (``build_student(name)``), from the official configs ``configs/rtv4/rtv4_hgnetv2_*_coco.yml``
+over ``configs/dfine/dfine_hgnetv2_*_coco.yml`` and ``configs/base/{dfine_hgnetv2,rtv4}.yml``:
+
+============  ========  ======================  ==========================  ======  ===============
+name          backbone  encoder hidden / FFN    CCFF expansion / depth      layers  params / GFLOPs
+============  ========  ======================  ==========================  ======  ===============
+rtdetrv4_s    B0        256 / 1024              0.5 / 0.34                  3       10 M / 25
+rtdetrv4_m    B2        256 / 1024              1.0 / 0.67                  4       19 M / 57
+rtdetrv4_l    B4        256 / 1024              1.0 / 1.0                   6       31 M / 91
+rtdetrv4_x    B5        384 / 2048              1.0 / 1.0                   6       62 M / 202
+============  ========  ======================  ==========================  ======  ===============
+
+Shared: decoder hidden 256, FFN 1024, 8 heads, points per level [3, 6, 3], 300 queries,
+100 denoising queries (label noise 0.5, box noise 1.0), reg_max 32, reg_scale 4 (X: 8),
+SiLU in decoder and CCFF, GELU in AIFI; 640 x 640 input; DSI projector ``Linear(hidden, 768)``
+(DINOv3 ViT-B/16). Params/GFLOPs are the paper's, for the inference model (no DSI projector).
+``rtdetrv4_tiny`` is the same model with small numbers, for tests and CPU runs.
+
+Images go in as float RGB in [0, 1], unnormalised, as in the reference (its data pipeline does
+no mean/std normalisation); height and width must be multiples of 32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backbone import HGNetv2Backbone
+from .decoder import DFINEDecoder
+from .encoder import HybridEncoder
+
+__all__ = ["COMPONENTS", "RTDETRv4", "STUDENT_SPECS", "StudentSpec", "build_student"]
+
+COMPONENTS = ("backbone", "aifi", "ccff", "decoder", "dsi")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """Every architectural number of a student; ``build_student`` overrides any of them by name."""
+
+    backbone: str
+    encoder_hidden_dim: int = 256
+    encoder_ffn_dim: int = 1024
+    encoder_heads: int = 8
+    expansion: float = 1.0
+    depth_mult: float = 1.0
+    decoder_hidden_dim: int = 256
+    decoder_ffn_dim: int = 1024
+    decoder_heads: int = 8
+    num_decoder_layers: int = 6
+    num_queries: int = 300
+    num_points: tuple[int, ...] = (3, 6, 3)
+    num_denoising: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    reg_max: int = 32
+    reg_scale: float = 4.0
+    eval_idx: int = -1
+    num_classes: int = 80
+    eval_spatial_size: tuple[int, int] = (640, 640)
+    dsi: bool = True
+    teacher_dim: int | None = 768
+    backbone_weights: str | None = None
+    freeze_at: int = -1
+    freeze_stem_only: bool = True
+    freeze_norm: bool = False
+    # Activations: the DEIM / RT-DETRv4 recipes use SiLU in the decoder and its MLPs.
+    aifi_act: str = "gelu"
+    ccff_act: str = "silu"
+    decoder_act: str = "silu"
+    mlp_act: str = "silu"
+
+
+STUDENT_SPECS: dict[str, StudentSpec] = {
+    "rtdetrv4_s": StudentSpec(backbone="hgnetv2_b0", expansion=0.5, depth_mult=0.34, num_decoder_layers=3),
+    "rtdetrv4_m": StudentSpec(backbone="hgnetv2_b2", expansion=1.0, depth_mult=0.67, num_decoder_layers=4),
+    "rtdetrv4_l": StudentSpec(backbone="hgnetv2_b4", expansion=1.0, depth_mult=1.0, num_decoder_layers=6),
+    "rtdetrv4_x": StudentSpec(backbone="hgnetv2_b5", encoder_hidden_dim=384, encoder_ffn_dim=2048, expansion=1.0,
+                              depth_mult=1.0, num_decoder_layers=6, reg_scale=8.0),
+    # Same classes, small numbers: CPU tests and smoke training. Not a paper model.
+    "rtdetrv4_tiny": StudentSpec(backbone="hgnetv2_b0", encoder_hidden_dim=64, encoder_ffn_dim=128, encoder_heads=4,
+                                 expansion=0.5, depth_mult=0.34, decoder_hidden_dim=64, decoder_ffn_dim=128,
+                                 decoder_heads=4, num_decoder_layers=2, num_queries=30, num_denoising=20,
+                                 eval_spatial_size=(256, 256)),
+}
+
+
+class RTDETRv4(nn.Module):
+    """RT-DETRv4 detector: ``backbone`` -> ``encoder`` (``encoder.aifi`` + CCFF) -> ``decoder``; ``dsi`` for training.
+
+    ``model(images)`` in **eval** mode, ``images`` (B, 3, H, W) float in [0, 1], returns::
+
+        {"pred_logits": (B, Q, C) class logits (sigmoid scores, no background class),
+         "pred_boxes":  (B, Q, 4) boxes, normalised (cx, cy, w, h)}
+
+    ``model(images, targets)`` in **train** mode (``targets``: list of ``{"labels": (n,) long,
+    "boxes": (n, 4) normalised cxcywh}``, used for the denoising queries; may be ``None``) returns
+    what :class:`~distillery.students.criterion.RTDETRv4Criterion` reads::
+
+        pred_logits, pred_boxes       final decoder layer, matching queries only (B, Q, ...)
+        pred_corners                  (B, Q, 4 * (reg_max + 1)) edge-bin logits of that layer
+        ref_points                    (B, Q, 4) the layer-0 box every layer refines (detached)
+        aux_outputs                   list over the other decoder layers (first to second-to-last) of
+                                      {pred_logits, pred_boxes, pred_corners, ref_points,
+                                       teacher_corners, teacher_logits} (teacher = final layer)
+        pre_outputs                   {pred_logits, pred_boxes}: layer 0's coarse box
+        enc_aux_outputs               [{pred_logits, pred_boxes}]: the selected encoder proposals
+        reg_scale, up                 floats, FDR constants
+        dn_outputs, dn_pre_outputs,   present when denoising ran (targets given with >= 1 object):
+        dn_meta                       per-layer dicts for the denoising queries and a DenoisingMeta
+        f5                            (B, encoder_hidden, H/32, W/32) AIFI output, for the DSI loss
+
+    ``dsi`` (``nn.Linear(encoder_hidden, teacher_dim)`` or ``None``) is never called by
+    ``forward``: the training step computes ``dsi_loss(out["f5"], teacher_grid, model.dsi)``.
+    """
+
+    def __init__(self, backbone: HGNetv2Backbone, encoder: HybridEncoder, decoder: DFINEDecoder,
+                 dsi: nn.Module | None = None, eval_spatial_size: tuple[int, int] = (640, 640),
+                 spec: StudentSpec | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = encoder
+        self.decoder = decoder
+        self.dsi = dsi
+        self.eval_spatial_size = tuple(eval_spatial_size)
+        self.spec = spec
+        self.stride = max(backbone.strides)
+
+    @property
+    def num_classes(self) -> int:
+        return self.decoder.num_classes
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict:
+        if not torch.jit.is_tracing():  # shape checks; a trace would only record them as constants
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"RTDETRv4: images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+            if images.shape[2] % self.stride or images.shape[3] % self.stride:
+                raise ValueError(f"RTDETRv4: image size {images.shape[2]}x{images.shape[3]} must be a multiple "
+                                 f"of {self.stride}")
+        features = self.backbone(images)
+        fused, f5 = self.encoder(features)
+        out = self.decoder(fused, targets)
+        if self.training:
+            out["f5"] = f5
+        return out
+
+    def component_of(self, param_name: str) -> str:
+        """``backbone`` / ``aifi`` / ``ccff`` / ``decoder`` / ``dsi`` for a parameter (or buffer) name."""
+        name = param_name
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix):], True
+        if name.startswith("encoder.aifi."):
+            return "aifi"
+        for prefix, component in (("backbone.", "backbone"), ("encoder.", "ccff"), ("decoder.", "decoder"),
+                                  ("dsi.", "dsi")):
+            if name.startswith(prefix):
+                return component
+        raise KeyError(f"RTDETRv4.component_of: {param_name!r} belongs to no component {COMPONENTS}")
+
+    def num_inference_parameters(self) -> int:
+        """Parameters of the deployed detector (everything but the training-only DSI projector)."""
+        return sum(p.numel() for n, p in self.named_parameters() if self.component_of(n) != "dsi")
+
+
+def build_student(name: str, **overrides) -> RTDETRv4:
+    """An RT-DETRv4 student by size name (``rtdetrv4_s|m|l|x|tiny``), any :class:`StudentSpec` field overridable.
+
+    Common overrides: ``num_classes``, ``dsi`` (False -> ``model.dsi is None``), ``teacher_dim``
+    (None -> no DSI), ``num_queries``, ``num_decoder_layers``, ``eval_spatial_size`` (int or
+    (H, W)), ``backbone_weights`` (a local ``.pth`` / ``.safetensors`` file in timm layout),
+    ``freeze_at`` / ``freeze_stem_only`` / ``freeze_norm``. Unknown names raise ``TypeError``.
+    """
+    if name not in STUDENT_SPECS:
+        raise KeyError(f"unknown student {name!r}; expected one of {sorted(STUDENT_SPECS)}")
+    fields = {f.name for f in dataclasses.fields(StudentSpec)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"build_student({name!r}): unknown option(s) {unknown}; known: {sorted(fields)}")
+    if "eval_spatial_size" in overrides:
+        size = overrides["eval_spatial_size"]
+        overrides["eval_spatial_size"] = ((int(size), int(size)) if isinstance(size, int)
+                                          else tuple(int(s) for s in size))
+    if "num_points" in overrides:
+        overrides["num_points"] = tuple(int(p) for p in overrides["num_points"])
+    if isinstance(overrides.get("backbone_weights"), os.PathLike):
+        overrides["backbone_weights"] = os.fspath(overrides["backbone_weights"])
+    spec = dataclasses.replace(STUDENT_SPECS[name], **overrides)
+    return build_from_spec(spec)
+
+
+def build_from_spec(spec: StudentSpec) -> RTDETRv4:
+    """Assemble the modules described by ``spec``."""
+    if len(spec.eval_spatial_size) != 2 or any(s <= 0 or s % 32 for s in spec.eval_spatial_size):
+        raise ValueError(f"eval_spatial_size must be (H, W) multiples of 32, got {spec.eval_spatial_size}")
+    backbone = HGNetv2Backbone(spec.backbone, weights=spec.backbone_weights, freeze_at=spec.freeze_at,
+                               freeze_stem_only=spec.freeze_stem_only, freeze_norm=spec.freeze_norm)
+    encoder = HybridEncoder(in_channels=backbone.out_channels, hidden_dim=spec.encoder_hidden_dim,
+                            num_heads=spec.encoder_heads, ffn_dim=spec.encoder_ffn_dim, aifi_act=spec.aifi_act,
+                            expansion=spec.expansion, depth_mult=spec.depth_mult, act=spec.ccff_act)
+    levels = len(backbone.out_channels)
+    decoder = DFINEDecoder(num_classes=spec.num_classes, hidden_dim=spec.decoder_hidden_dim,
+                           num_queries=spec.num_queries, feat_channels=[spec.encoder_hidden_dim] * levels,
+                           feat_strides=backbone.strides, num_layers=spec.num_decoder_layers,
+                           num_heads=spec.decoder_heads, ffn_dim=spec.decoder_ffn_dim, num_points=spec.num_points,
+                           act=spec.decoder_act, mlp_act=spec.mlp_act, num_denoising=spec.num_denoising,
+                           label_noise_ratio=spec.label_noise_ratio, box_noise_scale=spec.box_noise_scale,
+                           reg_max=spec.reg_max, reg_scale=spec.reg_scale, eval_idx=spec.eval_idx)
+    dsi = None
+    if spec.dsi and spec.teacher_dim:
+        dsi = nn.Linear(spec.encoder_hidden_dim, int(spec.teacher_dim))
+    return RTDETRv4(backbone, encoder, decoder, dsi, spec.eval_spatial_size, spec)
