@@ -83,3 +83,13 @@ def test_job_config_validates_nested_sections():
         load_config(CacheFeaturesConfig, None, ["cache.dtype=int4"])
     with pytest.raises(ConfigError, match=r"cache\.shard_size"):
         load_config(CacheFeaturesConfig, None, ["cache.shard_size=0"])
+
+
+def test_partial_section_keeps_embedded_default_values():
+    class WithFactory(StrictModel):
+        inner: Inner = Field(default_factory=lambda: Inner(layers=9))
+
+    cfg = load_config(WithFactory, None, ["inner.lr=0.5"])
+    assert cfg.inner.layers == 9 and cfg.inner.lr == 0.5
+    job = load_config(CacheFeaturesConfig, None, ["teacher.input_size=320"])
+    assert job.teacher.allow_random_init is True  # the embedded default's choice survives

@@ -77,6 +77,16 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return tree
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
@@ -91,7 +101,11 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
 
 
 def load_config(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()) -> M:
-    """Load ``model`` from an optional YAML file plus dotted overrides; raise ConfigError if invalid."""
+    """Load ``model`` from an optional YAML file plus dotted overrides; raise ConfigError if invalid.
+
+    The file and the overrides are merged onto the embedded default (``model()``), section by
+    section, then validated as a whole.
+    """
     tree: dict[str, Any] = {}
     source = "embedded default"
     if path is not None:
@@ -112,6 +126,9 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: Seque
         source += " + overrides " + " ".join(overrides)
         tree = apply_overrides(tree, overrides)
     try:
+        # A recipe is a diff against the embedded default: a section given in part keeps the
+        # embedded default's other values (not merely the section class's field defaults).
+        tree = _deep_merge(model().model_dump(), tree)
         return model.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillery.platform import storage
+from distillery.teachers.dinov3 import fingerprint_diff, fingerprint_digest
 
 __all__ = [
     "CacheError",
@@ -63,16 +64,6 @@ class CacheError(RuntimeError):
 
 class FingerprintMismatchError(CacheError):
     """The cache was produced by another teacher than the one expected."""
-
-
-def fingerprint_digest(fp: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON form of a teacher fingerprint."""
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _fingerprint_diff(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    keys = sorted(set(expected) | set(found))
-    return [k for k in keys if expected.get(k) != found.get(k)]
 
 
 def shard_name(index: int) -> str:
@@ -321,7 +312,7 @@ class FeatureCache:
     def check_fingerprint(self, expected: dict[str, Any]) -> None:
         found = self.fingerprint
         if fingerprint_digest(expected) != self.manifest.get("fingerprint_digest") or expected != found:
-            diff = _fingerprint_diff(expected, found)
+            diff = fingerprint_diff(expected, found)
             raise FingerprintMismatchError(
                 f"feature cache {self.uri} was made by another teacher (fields differ: {', '.join(diff)})\n"
                 f"  expected: {json.dumps(expected, sort_keys=True)}\n"
