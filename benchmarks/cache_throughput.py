@@ -5,8 +5,8 @@ Prints one JSON line. In one run, on the same images:
   dtype, batch size and thread count as a cache actor);
 - ``job_img_s``: the cache job end to end (decode + resize in CPU tasks, teacher actor, Parquet
   shard writes, manifest), fp16 storage, wall time including actor start-up; ``ratio`` = job /
-  bare (goal >= 0.9); ``job_steady_img_s``/``steady_ratio``: from the first finished shard to the
-  last (start-up excluded: what a long job over a large dataset sees);
+  bare (goal >= 0.9); ``job_steady_img_s``/``steady_ratio``: from the first teacher forward to
+  the last shard written (start-up excluded: what a long job over a large dataset sees);
 - ``bytes_per_image`` for fp16 and int8 storage, and the cosine similarity of int8 vs fp16
   features (goal >= 0.995), from a second (int8) run of the job.
 

@@ -132,6 +132,7 @@ class _TeacherActor:
         import torch
 
         out_feats = []
+        started = time.time()  # wall clock: the driver measures steady-state throughput from it
         for images in batch["images"]:  # one shard per row (batch_size=1: shards may differ in length)
             feats = []
             for i in range(0, len(images), self.batch_size):
@@ -141,13 +142,14 @@ class _TeacherActor:
             out_feats.append(np.concatenate(feats))
         # "forwards" counts images through the teacher: tests use it to prove resume skips work.
         return {"shard": batch["shard"], "image_ids": batch["image_ids"],
-                "features": np.stack(out_feats), "forwards": np.asarray([len(f) for f in out_feats])}
+                "features": np.stack(out_feats), "forwards": np.asarray([len(f) for f in out_feats]),
+                "started": np.full(len(out_feats), started)}
 
 
 def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, Any]:
     writer = FeatureCacheWriter(**writer_args)
     info = writer.write_shard(int(row["shard"]), [int(i) for i in row["image_ids"]], row["features"])
-    return {**info.to_dict(), "forwards": int(row["forwards"])}
+    return {**info.to_dict(), "forwards": int(row["forwards"]), "started": float(row["started"])}
 
 
 # --------------------------------------------------------------------------- the job
@@ -190,21 +192,22 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
         ds = ds.map(_write_shard, fn_kwargs={"writer_args": writer_args}, num_cpus=0.25)
         for row in ds.iter_rows():
             results.append(row)
-            arrivals.append(time.perf_counter())
+            arrivals.append(time.time())
             stop = cfg.debug.stop_after_shards
             if stop is not None and len(results) >= stop:
                 raise CacheInterrupted(f"debug.stop_after_shards={stop}: stopping after {len(results)} shards")
     elapsed = time.perf_counter() - t0
 
-    written = [ShardInfo(**{k: v for k, v in r.items() if k != "forwards"}) for r in results]
+    written = [ShardInfo(**{k: v for k, v in r.items() if k not in ("forwards", "started")}) for r in results]
     manifest = writer.finalize(len(shards), written)
     forwards = sum(int(r["forwards"]) for r in results)
     n_computed = sum(int(r["count"]) for r in results)
-    # Steady state: images after the first finished shard over the time to the last one (start-up
-    # of actors and the pipeline excluded; what a long job on a big dataset sees).
+    # Steady state: from the first teacher forward to the last shard written (pipeline and actor
+    # start-up excluded: what a long job over a large dataset sees).
     steady = None
-    if len(results) > 1 and arrivals[-1] > arrivals[0]:
-        steady = round((n_computed - int(results[0]["count"])) / (arrivals[-1] - arrivals[0]), 2)
+    if results:
+        span = max(arrivals) - min(float(r["started"]) for r in results)
+        steady = round(n_computed / span, 2) if span > 0 else None
     return {"split": split, "uri": uri, "images": manifest["count"], "shards": len(shards),
             "shards_computed": len(results), "shards_reused": len(shards) - len(results),
             "teacher_forwards": forwards, "seconds": round(elapsed, 3),
