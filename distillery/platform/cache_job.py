@@ -54,7 +54,8 @@ class CacheComputeConfig(StrictModel):
 
 
 class CacheDebugConfig(StrictModel):
-    # Fault injection for tests: the driver raises after this many shards were written.
+    # Fault injection for tests: write only this many of the missing shards, then fail (as a job
+    # killed halfway would: some shards on storage, no manifest).
     stop_after_shards: PositiveInt | None = None
 
 
@@ -173,6 +174,9 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
     arrivals: list[float] = []
+    stop = cfg.debug.stop_after_shards
+    if stop is not None:  # fault injection: compute only `stop` shards, then crash (no manifest)
+        todo = todo[:stop]
     if todo:
         items = [{"shard": i, "image_ids": shards[i], "uris": [uri_of[iid] for iid in shards[i]]} for i in todo]
         gpus = (1.0 if use_gpu else 0.0) if cfg.compute.gpus_per_actor == "auto" else float(cfg.compute.gpus_per_actor)
@@ -193,9 +197,8 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
         for row in ds.iter_rows():
             results.append(row)
             arrivals.append(time.time())
-            stop = cfg.debug.stop_after_shards
-            if stop is not None and len(results) >= stop:
-                raise CacheInterrupted(f"debug.stop_after_shards={stop}: stopping after {len(results)} shards")
+    if stop is not None:
+        raise CacheInterrupted(f"debug.stop_after_shards={stop}: stopped after {len(results)} shards")
     elapsed = time.perf_counter() - t0
 
     written = [ShardInfo(**{k: v for k, v in r.items() if k not in ("forwards", "started")}) for r in results]
