@@ -85,13 +85,14 @@ def synthetic_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(moto_s3):
-    """A local Ray instance with 2 CPUs for the whole session.
+    """A local Ray instance for the whole session: 4 logical CPUs on the 2-core CI machine, so
+    that 2 training workers and their Ray Data ingest can run side by side.
 
     It depends on moto_s3 so that the workers inherit the AWS environment pointing at it.
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         yield ray

@@ -102,3 +102,21 @@ def test_model_never_calls_dsi_in_forward():
     assert not calls
     loss = dsi_loss(out["f5"], torch.randn(2, 768, 20, 20), model.dsi)
     assert calls and torch.isfinite(loss)
+
+
+def test_mask_excludes_positions_without_teacher_features():
+    import torch
+    from torch import nn
+
+    from distillery.students import dsi_loss
+
+    proj = nn.Identity()
+    f5 = torch.randn(2, 8, 3, 3)
+    teacher = f5.clone()
+    teacher[:, :, 0, :] = -f5[:, :, 0, :]  # row 0: opposite (cos = -1 -> loss 2)
+    mask = torch.ones(2, 3, 3, dtype=torch.bool)
+    assert abs(dsi_loss(f5, teacher, proj).item() - 2 / 3) < 1e-5
+    mask[:, 0, :] = False
+    assert dsi_loss(f5, teacher, proj, mask=mask).item() < 1e-5
+    with pytest.raises(ValueError, match="mask must be"):
+        dsi_loss(f5, teacher, proj, mask=mask[:, :2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Iterator
 
@@ -16,11 +17,15 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None) -> Iterator[None]:
+def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
+                min_local_cpus: float = 0) -> Iterator[None]:
     """Use the running Ray instance, connect to ``address``/``RAY_ADDRESS``, or start a local one.
 
-    Only an instance started here is shut down on exit. S3 settings travel to the workers as
-    environment variables of the job's runtime env (values are not logged).
+    A local instance gets ``ray.num_cpus`` logical CPUs, else at least ``min_local_cpus`` (a job
+    that pins CPUs to training workers still needs some for its Ray Data tasks: on a 2-core
+    laptop, 2 workers + ingest need more *logical* CPUs than there are cores). Only an instance
+    started here is shut down on exit. S3 settings travel to the workers as environment
+    variables of the job's runtime env (values are not logged).
     """
     import ray
 
@@ -41,8 +46,9 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None) ->
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, **kwargs)
     else:
-        log.info("starting a local Ray instance (num_cpus=%s)", ray_cfg.num_cpus)
-        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+        num_cpus = ray_cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(min_local_cpus))
+        log.info("starting a local Ray instance (num_cpus=%s)", num_cpus)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     try:
         yield
     finally:

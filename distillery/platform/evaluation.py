@@ -41,15 +41,19 @@ log = logging.getLogger(__name__)
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def load_coco_ground_truth(path: str | Path) -> COCO:
-    """A ``COCO`` object from a JSON file, with a clear error naming the file when it is unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"coco_evaluate: ground-truth file {str(path)!r} does not exist")
-    try:
-        dataset = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"coco_evaluate: ground-truth file {str(path)!r} is not valid JSON: {err}") from err
+def load_coco_ground_truth(path: str | Path | Mapping) -> COCO:
+    """A ``COCO`` object from a JSON file (or an already-loaded COCO dict, e.g.
+    ``CocoDataset.coco_gt_dict()``), with a clear error naming the file when it is unusable."""
+    if isinstance(path, Mapping):
+        dataset, path = dict(path), "<ground-truth dict>"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"coco_evaluate: ground-truth file {str(path)!r} does not exist")
+        try:
+            dataset = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"coco_evaluate: ground-truth file {str(path)!r} is not valid JSON: {err}") from err
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset, dict) or not isinstance(dataset.get(key), list):
             raise ValueError(f"coco_evaluate: ground-truth file {str(path)!r} lacks a {key!r} list")

@@ -25,7 +25,8 @@ def project_f5(student_f5: torch.Tensor, projector: nn.Module) -> torch.Tensor:
     return projector(student_f5.flatten(2).transpose(1, 2))
 
 
-def dsi_loss(student_f5: torch.Tensor, teacher_grid: torch.Tensor, projector: nn.Module) -> torch.Tensor:
+def dsi_loss(student_f5: torch.Tensor, teacher_grid: torch.Tensor, projector: nn.Module,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over images and F5 positions of ``1 - cosine(projector(F5), teacher)``.
 
     Args:
@@ -33,6 +34,9 @@ def dsi_loss(student_f5: torch.Tensor, teacher_grid: torch.Tensor, projector: nn
         teacher_grid: (B, C_t, h, w) teacher patch features (CLS / register tokens already
             dropped); bilinearly resized to (H5, W5) when (h, w) differs.
         projector: maps C -> C_t on the last dimension (``model.dsi``).
+        mask: optional (B, H5, W5) bool, True where the teacher grid is valid. A cached grid
+            carried through zoom-out or Mosaic has positions with no teacher feature (the
+            canvas fill); they are left out of the mean. Requires the grid at F5's size.
     Returns:
         A scalar in [0, 2]: 0 when aligned, 1 when orthogonal.
     """
@@ -50,4 +54,10 @@ def dsi_loss(student_f5: torch.Tensor, teacher_grid: torch.Tensor, projector: nn
         teacher = F.interpolate(teacher, size=(height, width), mode="bilinear", align_corners=False)
     teacher = teacher.flatten(2).transpose(1, 2)  # (B, N, C_t)
     cosine = (F.normalize(projected, dim=-1) * F.normalize(teacher, dim=-1)).sum(-1)
-    return (1.0 - cosine).mean()
+    if mask is None:
+        return (1.0 - cosine).mean()
+    if tuple(mask.shape) != (student_f5.shape[0], height, width):
+        raise ValueError(f"dsi: mask must be (B, H5, W5) = {(student_f5.shape[0], height, width)}, "
+                         f"got {tuple(mask.shape)}")
+    weight = mask.flatten(1).to(cosine.dtype)
+    return ((1.0 - cosine) * weight).sum() / weight.sum().clamp_min(1.0)

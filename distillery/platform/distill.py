@@ -1,0 +1,242 @@
+"""The distillation job's driver: validate inputs, prepare cache and tracking, run Ray Train.
+
+``run_distill(cfg)`` is what ``jobs/distill.py`` calls. Everything that can be checked before a
+worker starts is checked here (dataset, cache fingerprint and coverage, tracking server,
+checkpoint to resume), so a bad input fails in seconds with a message naming it, and nothing
+already written is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from distillery.platform import storage
+from distillery.platform.cache_job import (CacheComputeConfig, CacheFeaturesConfig, CacheSettings,
+                                           build_teacher, ensure_dataset, resolve_teacher_dtype)
+from distillery.platform.coco import CocoDataset, load_coco
+from distillery.platform.config import config_hash, flatten_config
+from distillery.platform.distill_config import DistillConfig
+from distillery.platform.feature_cache import MANIFEST, FeatureCache, manifest_sha256
+
+__all__ = ["find_latest_checkpoint", "resolve_gam", "run_distill"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_gam(cfg: DistillConfig) -> dict[str, Any]:
+    """GAM settings: the config's values, else the official per-size defaults (S for the tiny
+    test student)."""
+    from distillery.students.gam import GAM_DEFAULTS
+
+    base = dict(GAM_DEFAULTS.get(cfg.student.name, GAM_DEFAULTS["rtdetrv4_s"]))
+    g = cfg.gam
+    out = {"lambda0": base["lambda0"], "rho": base["rho"], "delta": base["delta"],
+           "default_weight": base["default_weight"], "stop_epoch": base["stop_epoch"]}
+    for key in out:
+        value = getattr(g, key)
+        if value is not None:
+            out[key] = value
+    if out["delta"] >= out["rho"]:
+        raise ValueError(f"gam.delta ({out['delta']}) must be smaller than gam.rho ({out['rho']})")
+    out.update(rule=g.rule, enabled=g.enabled)
+    return out
+
+
+def find_latest_checkpoint(run_path: str) -> str:
+    """The newest Distillery checkpoint directory under a Ray Train run path (local or URI)."""
+    from distillery.platform.train_loop import STATE_JSON
+
+    if not storage.exists(run_path):
+        raise FileNotFoundError(f"resume_from: run path {run_path} does not exist")
+    best: tuple[int, str] | None = None
+    for name in storage.listdir(run_path):
+        if not name.startswith("checkpoint_"):
+            continue
+        state_uri = storage.join(run_path, name, STATE_JSON)
+        if not storage.exists(state_uri):
+            continue
+        try:
+            epoch = int(json.loads(storage.read_text(state_uri))["epoch"])
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"resume_from: {state_uri} is unreadable: {exc}") from None
+        if best is None or epoch > best[0]:
+            best = (epoch, storage.join(run_path, name))
+    if best is None:
+        raise FileNotFoundError(f"resume_from: no checkpoint with {STATE_JSON} under {run_path}")
+    return best[1]
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _absolute_storage(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _prepare_cache(cfg: DistillConfig, train: CocoDataset, fingerprint: dict[str, Any], dtype: str,
+                   use_gpu: bool) -> FeatureCache:
+    """Open the train-split cache (building it first when allowed); refuse a foreign teacher."""
+    uri = storage.join(cfg.cache.uri, "train")
+    if not storage.exists(storage.join(uri, MANIFEST)):
+        if not cfg.cache.build_if_missing:
+            raise FileNotFoundError(f"feature cache {uri} not found (run jobs/cache_features.py first, "
+                                    "or set cache.build_if_missing=true)")
+        from distillery.platform.cache_job import _cache_split
+
+        log.info("building the feature cache at %s", uri)
+        cache_cfg = CacheFeaturesConfig(data=cfg.data, teacher=cfg.teacher, ray=cfg.ray, storage=cfg.storage,
+                                        cache=CacheSettings(uri=cfg.cache.uri, dtype=cfg.cache.dtype,
+                                                            shard_size=cfg.cache.shard_size, splits=["train"]),
+                                        compute=CacheComputeConfig())
+        grid = [fingerprint["embed_dim"], *_grid_of(fingerprint)]
+        _cache_split(cache_cfg, "train", train, fingerprint, grid, dtype, use_gpu)
+    cache = FeatureCache(uri, expected_fingerprint=fingerprint)
+    cache.check_covers(train.image_ids)
+    return cache
+
+
+def _grid_of(fp: dict[str, Any]) -> tuple[int, int]:
+    side = fp["input_size"] // fp["pool"] // fp["patch_size"]
+    return side, side
+
+
+def run_distill(cfg: DistillConfig) -> dict[str, Any]:
+    """Train a student with Ray Train + DeepSpeed; return a summary (AP, paths, run id)."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from distillery.platform.cluster import cluster_has_gpus, ray_session
+    from distillery.platform.ingest import build_train_dataset
+    from distillery.platform.tracking import create_run, resolve_tracking_uri, tracking_reachable
+    from distillery.platform.train_loop import train_worker
+
+    t0 = time.time()
+    local_dir = Path(cfg.output.local_dir).resolve()
+    name = cfg.output.name or time.strftime("distill-%Y%m%d-%H%M%S")
+    storage_path = _absolute_storage(cfg.output.storage_path)
+    run_storage = storage.join(storage_path, name)
+
+    # --- inputs, checked before anything runs
+    ensure_dataset(cfg.data)
+    report_dir = storage.join(str(local_dir), "bad_records", name)
+    splits = {}
+    for split in ("train", "val"):
+        ann, images = cfg.data.split_paths(split)
+        splits[split] = load_coco(ann, images, bad_records=cfg.data.bad_records, check_images=cfg.data.check_images,
+                                  report_uri=storage.join(report_dir, f"{split}.jsonl"))
+    train, val = splits["train"], splits["val"]
+    if val.categories != train.categories:
+        raise ValueError(f"train and val category tables differ: {train.annotation_uri} vs {val.annotation_uri}")
+    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
+    tracking_reachable(tracking_uri)
+    gam = resolve_gam(cfg)
+
+    # Training workers hold their CPUs for the whole run; ingest (parquet read, join, decode)
+    # needs a couple more logical CPUs beside them.
+    with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
+        use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
+        teacher_dim, cache_meta, fingerprint, teacher_dtype = None, None, None, None
+        dataset_cache = None
+        if cfg.teacher_mode != "none":
+            teacher_dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)
+            teacher = build_teacher(cfg.teacher.model_dump(), teacher_dtype)
+            fingerprint, teacher_dim = teacher.fingerprint, teacher.embed_dim
+            del teacher
+        if cfg.teacher_mode == "cached":
+            dataset_cache = _prepare_cache(cfg, train, fingerprint, teacher_dtype, use_gpu)
+            cache_meta = {"dtype": dataset_cache.dtype, "grid": list(dataset_cache.grid)}
+        # Per-operator progress bars of a dataset streamed for hours only flood the job log;
+        # throughput is logged per epoch instead.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        train_ds = build_train_dataset(train, dataset_cache, bad_records=cfg.data.bad_records,
+                                       report_uri=storage.join(run_storage, "bad_records"))
+
+        # --- tracking: one run per job; rank 0 logs into it
+        params = flatten_config(cfg)
+        tags = {"distillery.run_storage": run_storage, "distillery.git_commit": _git_commit(),
+                "distillery.config_hash": config_hash(cfg), "distillery.dataset_sha256": train.annotation_sha256,
+                "distillery.teacher_mode": cfg.teacher_mode}
+        if fingerprint is not None:
+            from distillery.platform.feature_cache import fingerprint_digest
+
+            tags["distillery.teacher_fingerprint"] = fingerprint_digest(fingerprint)
+        if dataset_cache is not None:
+            tags["distillery.cache_manifest_sha256"] = manifest_sha256(dataset_cache.uri)
+        run_id = create_run(tracking_uri, cfg.tracking.experiment, name, params, tags)
+
+        per_step = cfg.train.batch_size * cfg.train.num_workers * cfg.deepspeed.gradient_accumulation_steps
+        steps_per_epoch = max(1, len(train) // per_step)
+        if cfg.debug.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.debug.max_steps_per_epoch)
+        val_ann, val_images = cfg.data.split_paths("val")
+        run_info = {"num_classes": train.categories.num_classes, "categories": train.categories.to_dict(),
+                    "teacher_dim": teacher_dim, "teacher_dtype": teacher_dtype, "cache_meta": cache_meta,
+                    "gam": gam, "steps_per_epoch": steps_per_epoch, "val_annotations": val_ann,
+                    "val_images": val_images, "tracking_uri": tracking_uri, "run_id": run_id,
+                    "run_storage": run_storage, "resume_checkpoint": resume_checkpoint}
+
+        run_config = ray.train.RunConfig(
+            name=name, storage_path=storage_path if "://" not in storage_path else None,
+            storage_filesystem=_storage_filesystem(storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                         checkpoint_score_attribute="AP",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures))
+        if "://" in storage_path:
+            run_config.storage_path = storage.filesystem(storage_path)[1]
+        trainer = TorchTrainer(
+            train_worker, train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run_info},
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+            run_config=run_config, datasets={"train": train_ds})
+        with _mlflow_status(tracking_uri, run_id):
+            result = trainer.fit()
+            best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
+            summary = {"run_id": run_id, "tracking_uri": tracking_uri, "experiment": cfg.tracking.experiment,
+                       "run_storage": run_storage, "best_checkpoint": best.path if best else None,
+                       "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
+                       "metrics": dict(result.metrics or {})}
+            from distillery.platform.model_export import log_final_model
+
+            summary.update(log_final_model(cfg, summary, run_info, best))
+    summary["wall_seconds"] = round(time.time() - t0, 1)
+    return summary
+
+
+@contextlib.contextmanager
+def _mlflow_status(tracking_uri: str, run_id: str):
+    """Mark the MLflow run FINISHED, or FAILED if anything in the block raises."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _storage_filesystem(storage_path: str):
+    """A pyarrow filesystem for S3 run storage that uses our fsspec/S3 settings (endpoint,
+    credentials from the environment); None for local paths."""
+    if "://" not in storage_path:
+        return None
+    import pyarrow.fs as pafs
+
+    fs, _ = storage.filesystem(storage_path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

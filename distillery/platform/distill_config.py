@@ -1,0 +1,161 @@
+"""The distillation job's configuration (``jobs/distill.py``).
+
+Defaults are the *embedded default*: the synthetic dataset, a small RT-DETRv4 student (the same
+classes as the paper sizes with smaller numbers) trained with DSI + GAM from a cached DINOv3
+ViT-B/16 teacher on 2 Ray Train workers on CPU for a few epochs. The paper recipes live in
+``configs/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, PositiveInt, model_validator
+
+from distillery.platform.config import (DataConfig, RayConfig, StorageConfig, StrictModel,
+                                        SyntheticDataConfig, TeacherConfig)
+
+__all__ = ["DistillConfig"]
+
+
+class StudentSettings(StrictModel):
+    name: str = "rtdetrv4_tiny"
+    input_size: int = Field(320, ge=64, multiple_of=32)
+    # Keyword overrides passed to build_student (e.g. num_queries, num_decoder_layers).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class CacheRef(StrictModel):
+    uri: str = "runs/cache/synthetic-dinov3-vitb16-320"
+    dtype: Literal["fp16", "int8"] = "fp16"
+    shard_size: PositiveInt = 32
+    # Build the cache (train split) before training when it is absent.
+    build_if_missing: bool = True
+
+
+class GAMSettings(StrictModel):
+    """Gradient-guided Adaptive Modulation; None fields take the per-size official defaults."""
+
+    enabled: bool = True
+    lambda0: float | None = Field(None, ge=0)
+    rho: float | None = Field(None, gt=0, lt=1)
+    delta: float | None = Field(None, gt=0, lt=1)
+    default_weight: float | None = Field(None, ge=0)
+    stop_epoch: int | None = Field(None, ge=0)
+    rule: Literal["odds", "linear"] = "odds"
+
+    @model_validator(mode="after")
+    def _band(self) -> "GAMSettings":
+        if self.rho is not None and self.delta is not None and self.delta >= self.rho:
+            raise ValueError(f"gam.delta ({self.delta}) must be smaller than gam.rho ({self.rho})")
+        return self
+
+
+class OptimSettings(StrictModel):
+    lr: float = Field(4e-4, gt=0)
+    backbone_lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_max_norm: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    flat_epochs: int = Field(2, ge=0)
+    no_aug_epochs: int = Field(1, ge=0)
+    min_lr_ratio: float = Field(0.5, gt=0, le=1)
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    ema_warmups: int = Field(50, ge=0)
+
+
+class AugmentSettings(StrictModel):
+    """The reference schedule, epochs 0-based; see distillery.platform.augment.AugmentConfig."""
+
+    policy_epochs: tuple[int, int, int] = (1, 3, 4)
+    mosaic_prob: float = Field(0.5, ge=0, le=1)
+    mixup_prob: float = Field(0.5, ge=0, le=1)
+    mixup_epochs: tuple[int, int] = (1, 3)
+    photometric_prob: float = Field(0.5, ge=0, le=1)
+    iou_crop_prob: float = Field(0.8, ge=0, le=1)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    multiscale: bool = False
+    multiscale_stop_epoch: int = Field(4, ge=0)
+
+
+class DeepSpeedSettings(StrictModel):
+    zero_stage: Literal[0, 1, 2] = 0
+    # bf16 on GPU; fp32 on CPU (gloo), whatever is asked here.
+    bf16: bool = True
+    gradient_accumulation_steps: PositiveInt = 1
+    # Extra keys merged into the generated DeepSpeed config (e.g. zero_optimization buckets).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSettings(StrictModel):
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 4  # per worker
+    num_workers: PositiveInt = 2
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    eval_every: PositiveInt = 1
+    eval_batch_size: PositiveInt = 8
+    max_failures: int = Field(1, ge=0)
+    keep_checkpoints: PositiveInt = 2
+    seed: int = 0
+    log_every: PositiveInt = 5
+    shuffle_buffer: int = Field(16, ge=0)
+
+
+class TrackingSettings(StrictModel):
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under output.local_dir
+    experiment: str = "distillery"
+    log_model: bool = True
+    system_metrics: bool = True
+    num_val_images: int = Field(4, ge=0)
+
+
+class OutputSettings(StrictModel):
+    storage_path: str = "runs/train"  # local path or s3:// (Ray Train run storage)
+    name: str | None = None  # None: a timestamped name
+    local_dir: str = "runs"  # local files (sqlite tracking store, exported model)
+    resume_from: str | None = None  # a run storage path (continues its latest checkpoint)
+
+
+class KillSpec(StrictModel):
+    rank: int = Field(1, ge=0)
+    step: int = Field(3, ge=1)
+
+
+class DebugSettings(StrictModel):
+    # Fault injection: kill this worker process once at this global step (tests).
+    kill: KillSpec | None = None
+    max_steps_per_epoch: PositiveInt | None = None
+
+
+def _default_teacher() -> TeacherConfig:
+    # Nothing can be downloaded on a fresh machine: the embedded default asks for random
+    # weights explicitly (the fingerprint records it, and a loud warning says so).
+    return TeacherConfig(allow_random_init=True, input_size=320)
+
+
+class DistillConfig(StrictModel):
+    data: DataConfig = Field(default_factory=lambda: DataConfig(synthetic=SyntheticDataConfig()))
+    teacher: TeacherConfig = Field(default_factory=_default_teacher)
+    teacher_mode: Literal["cached", "online", "none"] = "cached"
+    cache: CacheRef = Field(default_factory=CacheRef)
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    gam: GAMSettings = Field(default_factory=GAMSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    debug: DebugSettings = Field(default_factory=DebugSettings)
+
+    @model_validator(mode="after")
+    def _teacher_sees_student_input(self) -> "DistillConfig":
+        if self.teacher_mode != "none" and self.teacher.input_size != self.student.input_size:
+            raise ValueError(
+                f"teacher.input_size ({self.teacher.input_size}) must equal student.input_size "
+                f"({self.student.input_size}): the teacher sees the student's input image")
+        return self

@@ -1,0 +1,101 @@
+"""MLflow tracking: where runs go, what is logged, and a small logger for the training worker.
+
+The tracking URI comes from the config, else ``MLFLOW_TRACKING_URI``, else a sqlite file under
+the local run directory (the embedded default). The driver creates the run and logs the
+flattened config (secrets masked by :func:`flatten_config`); rank 0 of the training workers
+logs per-step and per-epoch metrics into that run by id; the driver logs the final artefacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLogger", "create_run", "resolve_tracking_uri", "tracking_reachable"]
+
+log = logging.getLogger(__name__)
+
+# MLflow limits a param value to 6000 characters and a batch to 100 params.
+_PARAM_MAX = 6000
+
+
+def resolve_tracking_uri(configured: str | None, local_dir: str | os.PathLike) -> str:
+    """Config > MLFLOW_TRACKING_URI > sqlite file in ``local_dir``."""
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(local_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def tracking_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise a clear error if an HTTP tracking server does not answer (before any work starts)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(f"MLflow tracking server {uri} is not reachable: {exc}") from None
+
+
+def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str],
+               tags: dict[str, str] | None = None, artifact_location: str | None = None,
+               parent_run_id: str | None = None) -> str:
+    """Create an MLflow run (not left active in this process) and log params; return its id."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    items = [Param(k, v[:_PARAM_MAX]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+class MetricsLogger:
+    """Buffered metric logging into an existing run (used on rank 0 of the training workers)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 50):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._buffer: list[Any] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            v = float(v)
+            if v != v:  # NaN metrics (e.g. an AP with no ground truth in that size range) are skipped
+                continue
+            self._buffer.append(Metric(k, v, now, int(step)))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+        self._buffer.clear()
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)

@@ -1,0 +1,426 @@
+"""The per-worker training loop that Ray Train runs (``TorchTrainer(train_worker, ...)``).
+
+Each worker builds the student, wraps it in a DeepSpeed engine over the process group Ray Train
+set up (gloo on CPU, NCCL on GPU), and runs the shared step function
+(:func:`distillery.students.training.train_step`) on batches streamed from its Ray Data shard.
+Per epoch: GAM's rank-synchronous update (one all-reduce of the per-step norm sums), COCO AP
+of the EMA model on the val split (sharded over ranks, gathered on rank 0), and a Ray Train
+checkpoint holding the DeepSpeed checkpoint plus GAM, EMA, epoch, step and RNG states.
+
+Reading order: :func:`train_worker` top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distillery.platform import storage
+from distillery.platform.augment import AugmentConfig, Augmenter, collate
+from distillery.platform.distill_config import DistillConfig
+from distillery.platform.ingest import rows_to_samples
+
+__all__ = ["build_deepspeed_config", "load_extra_state", "train_worker"]
+
+log = logging.getLogger(__name__)
+
+EXTRA_STATE = "distillery_state.pt"
+STATE_JSON = "distillery_state.json"
+DS_TAG = "ds"
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+def build_deepspeed_config(cfg: DistillConfig, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed config from our YAML section: ZeRO stage, bf16 on GPU (fp32 on CPU), accumulation,
+    clipping. The optimizer and LR schedule are ours (passed to ``deepspeed.initialize``)."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.deepspeed.gradient_accumulation_steps,
+        "gradient_clipping": cfg.optim.clip_max_norm,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": bool(use_gpu and cfg.deepspeed.bf16)},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+    def merge(a: dict, b: dict) -> dict:
+        for k, v in b.items():
+            a[k] = merge(dict(a.get(k, {})), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return a
+
+    return merge(ds, cfg.deepspeed.extra)
+
+
+def _safe_checkpoint_engine():
+    """DeepSpeed's checkpoint engine with ``torch.load(weights_only=True)``.
+
+    DeepSpeed loads its own checkpoint files with full unpickling; ours come from storage, so
+    they are loaded with the restricted unpickler and an explicit allow-list of the few
+    DeepSpeed/torch types its checkpoints hold.
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+            from deepspeed.utils.tensor_fragment import fragment_address
+
+            safe = [LossScaler, DynamicLossScaler, fragment_address]
+            try:
+                from deepspeed.runtime.zero.config import ZeroStageEnum
+
+                safe.append(ZeroStageEnum)
+            except ImportError:  # pragma: no cover - older layouts
+                pass
+            with torch.serialization.safe_globals(safe):
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"checkpoint file missing: {path}") from None
+                except Exception as exc:
+                    raise RuntimeError(f"checkpoint file {path} cannot be loaded (truncated or corrupt?): "
+                                       f"{type(exc).__name__}: {exc}") from None
+
+    return SafeTorchCheckpointEngine()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+
+
+def load_extra_state(directory: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(shared state written by rank 0, this rank's RNG state or None) from a checkpoint dir."""
+    directory = Path(directory)
+    shared_path = directory / EXTRA_STATE
+    if not shared_path.is_file():
+        raise FileNotFoundError(f"checkpoint {directory} has no {EXTRA_STATE}: not a Distillery checkpoint, "
+                                "or it was truncated")
+    shared = torch.load(shared_path, map_location="cpu", weights_only=True)
+    rng_path = directory / f"rng_rank{rank}.pt"
+    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+    return shared, rng
+
+
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """True while every rank still has a batch (keeps ranks in lockstep when one runs out)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _zero_local_grads(engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """This rank's gradients for GAM: ``param.grad`` without ZeRO; the local fp32 fragments of
+    this rank's partition under ZeRO-1/2 (their L1 sums add up across ranks to the global one)."""
+    if engine.zero_optimization_stage() == 0:
+        for name, p in engine.module.named_parameters():
+            if p.grad is not None:
+                yield name, p.grad
+        return
+    # ZeRO-1/2 keep each rank's reduced gradient partition in the optimizer; a parameter's slice
+    # of it is reachable through its hp mapping (None when this rank owns none of the parameter).
+    # DeepSpeed's safe_get_full_grad would all-reduce every parameter separately: exactly the
+    # per-step, per-parameter communication GAM avoids.
+    for name, p in engine.module.named_parameters():
+        mapping = getattr(p, "_hp_mapping", None)
+        if not p.requires_grad or mapping is None:
+            continue
+        fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
+        address = mapping.lp_fragment_address
+        if fragment.numel() == p.numel() and address.numel != p.numel():
+            fragment = fragment.narrow(0, address.start, address.numel)  # a full buffer: take our slice
+        yield name, fragment
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def evaluate_on_ranks(model: torch.nn.Module, val_ann: str, val_images: str, size: int, batch_size: int,
+                      rank: int, world: int, device: torch.device, num_top: int = 100) -> dict[str, float]:
+    """COCO AP of ``model`` on the val split: images sharded over ranks, detections gathered on
+    rank 0, scored with pycocotools; every rank returns the same metrics."""
+    from distillery.platform.coco import load_coco, load_image_resized
+    from distillery.platform.evaluation import coco_evaluate
+    from distillery.students.postprocess import postprocess, to_coco_detections
+
+    dataset = load_coco(val_ann, val_images, check_images="none")
+    records = dataset.records[rank::world]
+    detections: list[dict] = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(records), batch_size):
+            chunk = records[i:i + batch_size]
+            images = torch.stack([torch.from_numpy(load_image_resized(r.uri, size)) for r in chunk])
+            images = images.to(device).float().div_(255.0)
+            dtype = next(model.parameters()).dtype
+            out = model(images.to(dtype))
+            sizes = torch.tensor([[r.width, r.height] for r in chunk], device=device, dtype=torch.float32)
+            results = postprocess(out["pred_logits"].float(), out["pred_boxes"].float(), sizes, num_top=num_top)
+            detections += to_coco_detections(results, [r.image_id for r in chunk],
+                                             list(dataset.categories.category_ids))
+    if dist.is_initialized() and world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, detections)
+        detections = [d for part in gathered for d in part]
+    metrics = coco_evaluate(dataset.coco_gt_dict(), detections) if rank == 0 else {}
+    if dist.is_initialized() and world > 1:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- the worker
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``{"cfg": DistillConfig as JSON, "run": run info}``."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    from distillery.students import build_criterion, build_student
+    from distillery.students.ema import ModelEMA
+    from distillery.students.gam import GAMController
+    from distillery.students.optim import build_lr_scheduler, build_optimizer
+    from distillery.students.training import train_step
+
+    cfg = DistillConfig.model_validate(config["cfg"])
+    run: dict[str, Any] = config["run"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_gpu = device.type == "cuda"
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    _seed_everything(cfg.train.seed + rank)
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+
+    # --- model, loss, optimizer, engine
+    teacher_dim = run["teacher_dim"]
+    model = build_student(cfg.student.name, num_classes=run["num_classes"],
+                          eval_spatial_size=cfg.student.input_size,
+                          dsi=teacher_dim is not None, teacher_dim=teacher_dim, **cfg.student.overrides)
+    criterion = build_criterion(num_classes=run["num_classes"])
+    optimizer = build_optimizer(model, lr=cfg.optim.lr, backbone_lr=cfg.optim.backbone_lr,
+                                weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+    steps_per_epoch = run["steps_per_epoch"]
+    scheduler = build_lr_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs,
+                                   flat_epochs=cfg.optim.flat_epochs, no_aug_epochs=cfg.optim.no_aug_epochs,
+                                   warmup_steps=cfg.optim.warmup_steps, min_ratio=cfg.optim.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_deepspeed_config(cfg, use_gpu), dist_init_required=False)
+    engine.checkpoint_engine = _safe_checkpoint_engine()
+    model_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    ema = ModelEMA(engine.module, decay=cfg.optim.ema_decay, warmups=cfg.optim.ema_warmups)
+    g = run["gam"]
+    gam = GAMController(lambda0=g["lambda0"], rho=g["rho"], delta=g["delta"], default_weight=g["default_weight"],
+                        stop_epoch=g["stop_epoch"], rule=g["rule"], enabled=g["enabled"]) \
+        if teacher_dim is not None else None
+
+    online_teacher = None
+    if cfg.teacher_mode == "online":
+        from distillery.platform.cache_job import build_teacher
+
+        online_teacher = build_teacher(cfg.teacher.model_dump(), run["teacher_dtype"]).to(device)
+
+    # --- restore (after a worker failure, or resume_from)
+    start_epoch, global_step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and run.get("resume_checkpoint"):
+        checkpoint = ray.train.Checkpoint(run["resume_checkpoint"])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_path, _ = engine.load_checkpoint(directory, tag=DS_TAG)
+            if load_path is None:
+                raise FileNotFoundError(f"checkpoint {checkpoint.path} has no DeepSpeed checkpoint '{DS_TAG}'")
+            shared, rng = load_extra_state(directory, rank)
+        ema.load_state_dict(shared["ema"])
+        if gam is not None and shared.get("gam") is not None:
+            gam.load_state_dict(shared["gam"])
+        start_epoch, global_step = int(shared["epoch"]) + 1, int(shared["global_step"])
+        if rng is not None:
+            _set_rng_state(rng)
+        log.info("rank %d resumed from %s at epoch %d (step %d)", rank, checkpoint.path, start_epoch, global_step)
+
+    # --- per-run helpers
+    a = cfg.augment
+    augmenter = Augmenter(AugmentConfig(
+        size=cfg.student.input_size, policy_epochs=a.policy_epochs, mosaic_prob=a.mosaic_prob,
+        mixup_prob=a.mixup_prob, mixup_epochs=a.mixup_epochs, photometric_prob=a.photometric_prob,
+        iou_crop_prob=a.iou_crop_prob, flip_prob=a.flip_prob,
+        multiscale_stop_epoch=a.multiscale_stop_epoch if a.multiscale else 0), seed=cfg.train.seed * 1000 + rank)
+    cache_meta = run.get("cache_meta")
+    logger = None
+    monitor = None
+    if rank == 0 and run.get("run_id"):
+        from distillery.platform.tracking import MetricsLogger
+
+        logger = MetricsLogger(run["tracking_uri"], run["run_id"])
+        if cfg.tracking.system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                monitor = SystemMetricsMonitor(run["run_id"], sampling_interval=5, samples_before_logging=1,
+                                               tracking_uri=run["tracking_uri"])
+                monitor.start()
+            except Exception as exc:  # system metrics are nice to have, never a reason to fail
+                log.warning("system metrics disabled: %s", exc)
+    kill = cfg.debug.kill
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        engine.train()
+        t_epoch = time.perf_counter()
+        images_seen, steps_in_epoch = 0, 0
+        batches = shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+                                     local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, None)
+            limit = cfg.debug.max_steps_per_epoch
+            if limit is not None and steps_in_epoch >= limit * cfg.deepspeed.gradient_accumulation_steps:
+                batch = None
+            if not _all_ranks(batch is not None, device):
+                break
+            samples = augmenter.batch(rows_to_samples(batch, cache_meta), epoch)
+            b = collate(samples, f5_hw=None)
+            images = b["images"].to(device)
+            f5_hw = (images.shape[-2] // 32, images.shape[-1] // 32)
+            targets = [{k: v.to(device) for k, v in t.items() if k != "image_id"} for t in b["targets"]]
+            step_batch: dict[str, Any] = {"images": images.to(model_dtype), "targets": targets}
+            if cfg.teacher_mode == "cached":
+                step_batch.update(_render_teacher(samples, f5_hw, device))
+            elif cfg.teacher_mode == "online":
+                size = online_teacher.input_size
+                teacher_in = images if images.shape[-1] == size else torch.nn.functional.interpolate(
+                    images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                step_batch["teacher_grid"] = online_teacher(teacher_in)
+
+            result = train_step(engine, criterion, step_batch, backward=engine.backward, step=engine.step,
+                                gam=gam, grads=lambda: _zero_local_grads(engine),
+                                at_boundary=engine.is_gradient_accumulation_boundary)
+            steps_in_epoch += 1
+            images_seen += len(images)
+            if engine.is_gradient_accumulation_boundary() or cfg.deepspeed.gradient_accumulation_steps == 1:
+                ema.update(engine.module)
+            global_step += 1
+            if logger is not None and global_step % cfg.train.log_every == 0:
+                metrics = {f"train/{k}": v for k, v in result.as_floats().items()}
+                metrics["train/lr"] = engine.get_lr()[0]
+                metrics["train/lambda"] = gam.current_lambda if gam is not None else 0.0
+                logger.log(metrics, global_step)
+            if kill is not None and rank == kill.rank and global_step == kill.step:
+                _inject_fault(run)
+        # Drain what this rank has left so the next epoch's iterator starts cleanly.
+        for _ in iterator:
+            pass
+
+        epoch_seconds = time.perf_counter() - t_epoch
+        lam_before = gam.current_lambda if gam is not None else 0.0
+        lam = gam.end_epoch(epoch, all_reduce=_sum_across_ranks) if gam is not None else 0.0
+        metrics: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "lambda": lam,
+                                   "lambda_before": lam_before,
+                                   "images_per_second": images_seen * world / max(epoch_seconds, 1e-9),
+                                   "epoch_seconds": epoch_seconds}
+        if gam is not None and gam.history:
+            metrics["aifi_ratio"] = gam.history[-1].get("ratio", 0.0)
+            for name, share in (gam.last_shares or {}).items():
+                metrics[f"share_{name}"] = share
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            ap = evaluate_on_ranks(ema.module, run["val_annotations"], run["val_images"], cfg.student.input_size,
+                                   cfg.train.eval_batch_size, rank, world, device)
+            metrics.update(ap)
+        consistency = _rank_consistency(engine.module, lam, device)
+        if logger is not None:
+            logger.log({k if k in ("epoch",) else f"epoch/{k}": v for k, v in metrics.items()
+                        if isinstance(v, (int, float))}, epoch)
+            logger.flush()
+        _report_with_checkpoint(engine, ema, gam, epoch, global_step, rank, metrics, consistency)
+
+    if monitor is not None:
+        monitor.finish()
+
+
+def _render_teacher(samples, f5_hw: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    from distillery.platform.augment import render_features
+
+    grids, masks = zip(*(render_features(s, f5_hw) for s in samples))
+    return {"teacher_grid": torch.stack(grids).to(device), "teacher_mask": torch.stack(masks).to(device)}
+
+
+def _inject_fault(run: dict[str, Any]) -> None:
+    """Kill this worker process once (the marker makes the restarted run go on)."""
+    marker = storage.join(run["run_storage"], "fault_injected")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, "killed once by debug.kill\n")
+    log.warning("debug.kill: killing worker process %d", os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rank_consistency(module: torch.nn.Module, lam: float, device: torch.device) -> dict[str, list]:
+    """Every rank's lambda and a float64 checksum of its weights, gathered: data parallelism
+    means they must agree, and the checkpoint records it."""
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+    local = torch.tensor([float(lam), float(checksum)], dtype=torch.float64, device=device)
+    if not dist.is_initialized():
+        return {"lambda": [lam], "weights_checksum": [float(checksum)]}
+    parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return {"lambda": [float(p[0]) for p in parts], "weights_checksum": [float(p[1]) for p in parts]}
+
+
+def _report_with_checkpoint(engine, ema, gam, epoch: int, global_step: int, rank: int,
+                            metrics: dict[str, Any], consistency: dict[str, list]) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        if rank == 0:
+            shared = {"ema": ema.state_dict(), "gam": gam.state_dict() if gam is not None else None,
+                      "epoch": epoch, "global_step": global_step}
+            torch.save(shared, os.path.join(tmp, EXTRA_STATE))
+            with open(os.path.join(tmp, STATE_JSON), "w") as fh:
+                json.dump({"epoch": epoch, "global_step": global_step, "metrics": metrics, "ranks": consistency,
+                           "lambda": gam.current_lambda if gam is not None else None,
+                           "gam_history": gam.history if gam is not None else []}, fh, default=float)
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))

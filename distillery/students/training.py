@@ -1,0 +1,85 @@
+"""The student's training step, shared by the single-process fit loop and the Ray Train loop.
+
+One function computes every loss of a step (:func:`compute_losses`); how the gradients are
+applied (plain optimizer or a DeepSpeed engine, gradient accumulation, clipping) belongs to the
+caller, which hands the backward/step over as callables to :func:`train_step`. That keeps one
+definition of "a step" for both loops and keeps DeepSpeed out of this package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .dsi import dsi_loss
+from .gam import GAMController
+
+__all__ = ["StepResult", "compute_losses", "named_grads", "train_step"]
+
+
+@dataclass
+class StepResult:
+    total: torch.Tensor  # the scalar to backpropagate (detection + lambda * DSI)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # detached, for logging
+
+    def as_floats(self) -> dict[str, float]:
+        """One host sync for all parts (call it only on logging steps)."""
+        names = list(self.parts)
+        values = torch.stack([self.parts[n].float() for n in names]).tolist() if names else []
+        return dict(zip(names, values))
+
+
+def compute_losses(model: nn.Module, criterion: nn.Module, images: torch.Tensor, targets: list[dict],
+                   *, teacher_grid: torch.Tensor | None = None, teacher_mask: torch.Tensor | None = None,
+                   dsi_weight: float = 0.0) -> StepResult:
+    """Forward the student in train mode and return the weighted losses.
+
+    ``dsi_weight`` is GAM's current lambda; the DSI term is added when a teacher grid is given
+    and the model has a DSI projector (``model.dsi``). Without a teacher this is a plain DEIM step.
+    """
+    outputs = model(images, targets)
+    det = criterion(outputs, targets)
+    total = torch.stack([v for v in det.values()]).sum()
+    parts = {k: v.detach() for k, v in det.items()}
+    projector = getattr(_unwrap(model), "dsi", None)
+    if teacher_grid is not None and projector is not None:
+        loss_dsi = dsi_loss(outputs["f5"], teacher_grid, projector, mask=teacher_mask)
+        parts["loss_dsi"] = loss_dsi.detach()
+        total = total + float(dsi_weight) * loss_dsi
+    parts["loss"] = total.detach()
+    return StepResult(total, parts)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def named_grads(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, grad) of every parameter that has a gradient (the GAM meter's input)."""
+    for name, p in _unwrap(model).named_parameters():
+        if p.grad is not None:
+            yield name, p.grad
+
+
+def train_step(model: nn.Module, criterion: nn.Module, batch: dict, *, backward: Callable[[torch.Tensor], None],
+               step: Callable[[], None], gam: GAMController | None = None,
+               grads: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
+               at_boundary: Callable[[], bool] = lambda: True) -> StepResult:
+    """One training step on a collated batch (``images``, ``targets``, optional
+    ``teacher_grid``/``teacher_mask``).
+
+    ``backward(loss)`` and ``step()`` apply the update (optimizer + clipping, or a DeepSpeed
+    engine). At a gradient-accumulation boundary the GAM controller reads the gradients (from
+    ``grads()``; default: ``param.grad``) before ``step()`` consumes them.
+    """
+    result = compute_losses(model, criterion, batch["images"], batch["targets"],
+                            teacher_grid=batch.get("teacher_grid"), teacher_mask=batch.get("teacher_mask"),
+                            dsi_weight=gam.current_lambda if gam is not None else 0.0)
+    backward(result.total)
+    if gam is not None and at_boundary():
+        gam.accumulate(grads() if grads is not None else named_grads(model))
+    step()
+    return result

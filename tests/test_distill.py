@@ -1,0 +1,123 @@
+"""The distillation job on Ray Train + DeepSpeed (gloo, 2 CPU workers): rank agreement, MLflow
+contents, ZeRO-2 with S3 checkpoints and an injected worker failure, resume_from, bad inputs."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from distillery.platform import storage
+from distillery.platform.config import load_config
+from distillery.platform.distill import find_latest_checkpoint, run_distill
+from distillery.platform.distill_config import DistillConfig
+from distillery.platform.feature_cache import FingerprintMismatchError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp_path, synthetic_data, *overrides):
+    return load_config(DistillConfig, REPO / "configs" / "distill_tiny.yaml", [
+        f"data.root={synthetic_data}", f"cache.uri={tmp_path / 'cache'}",
+        f"output.storage_path={tmp_path / 'train'}", f"output.local_dir={tmp_path / 'local'}",
+        "output.name=run", *overrides])
+
+
+def last_state(run_path: str) -> dict:
+    return json.loads(storage.read_text(storage.join(find_latest_checkpoint(run_path), "distillery_state.json")))
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, synthetic_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    cfg = tiny_config(tmp, synthetic_data)
+    return cfg, run_distill(cfg), tmp
+
+
+def test_ranks_agree_and_training_learns(two_worker_run):
+    cfg, summary, tmp = two_worker_run
+    state = last_state(summary["run_storage"])
+    assert state["epoch"] == cfg.train.epochs - 1
+    ranks = state["ranks"]
+    assert len(ranks["lambda"]) == 2 and ranks["lambda"][0] == ranks["lambda"][1]
+    assert ranks["weights_checksum"][0] == ranks["weights_checksum"][1]
+    # GAM ran every epoch and moved lambda by its rule (the tiny model's AIFI share is far below
+    # the S recipe's band, so lambda rises by the clamped factor).
+    history = state["gam_history"]
+    assert [h["epoch"] for h in history] == list(range(cfg.train.epochs))
+    assert history[-1]["lambda_after"] > history[0]["lambda_before"]
+    assert 0.0 <= summary["metrics"]["AP"] <= 1.0
+
+
+def test_mlflow_run_contents(two_worker_run):
+    cfg, summary, _ = two_worker_run
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["student.name"] == "rtdetrv4_tiny"
+    assert run.data.params["teacher_mode"] == "cached"
+    assert "distillery.teacher_fingerprint" in run.data.tags and "distillery.cache_manifest_sha256" in run.data.tags
+    for key in ("epoch/AP", "epoch/lambda", "epoch/aifi_ratio", "train/loss", "train/loss_dsi"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "epoch/lambda")) == cfg.train.epochs
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "plots", "export"} <= names
+    exported = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+    assert {"export/model.onnx", "export/weights.safetensors", "export/meta.json"} <= exported
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/gam.png"}
+    # The logged model is a runnable predictor: image in, boxes/scores/labels out.
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    model = mlflow.pyfunc.load_model(summary["model_uri"])
+    import numpy as np
+
+    out = model.predict(np.zeros((2, 96, 80, 3), dtype=np.uint8))
+    assert out["boxes"].shape[:1] == (2,) and out["boxes"].shape[-1] == 4
+    assert out["scores"].shape == out["labels"].shape == out["boxes"].shape[:2]
+    assert set(np.unique(out["labels"])) <= {1, 3, 4, 7, 9, 12}
+
+
+def test_resume_from_continues_the_run(two_worker_run, synthetic_data):
+    cfg, summary, tmp = two_worker_run
+    resumed = run_distill(tiny_config(tmp, synthetic_data, "train.epochs=3", "output.name=resumed",
+                                      f"output.resume_from={summary['run_storage']}"))
+    state = last_state(resumed["run_storage"])
+    assert state["epoch"] == 2
+    history = state["gam_history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # GAM state came back with the checkpoint
+    assert history[2]["lambda_before"] == history[1]["lambda_after"]
+
+
+def test_zero2_s3_checkpoints_and_worker_failure(ray_local, moto_s3, synthetic_data, tmp_path):
+    storage_path = f"s3://{moto_s3['bucket']}/distill"
+    cfg = tiny_config(tmp_path, synthetic_data, "deepspeed.zero_stage=2", f"output.storage_path={storage_path}",
+                      "debug.kill={rank: 1, step: 6}", "train.max_failures=1", "tracking.log_model=false")
+    summary = run_distill(cfg)
+    run_path = summary["run_storage"]
+    assert run_path.startswith("s3://")
+    assert storage.exists(storage.join(run_path, "fault_injected"))  # the worker really was killed
+    state = last_state(run_path)
+    assert state["epoch"] == cfg.train.epochs - 1
+    assert [h["epoch"] for h in state["gam_history"]] == [0, 1]  # epoch 0 restored, epoch 1 redone
+    # Under ZeRO-2 each rank holds a slice of the gradients: the shares come from the sum of the
+    # local slices over ranks, so they are still a partition of the whole gradient.
+    shares = state["gam_history"][-1]["shares"]
+    assert 0 < shares["aifi"] < 1 and abs(sum(shares.values()) - 1) < 1e-6
+    assert state["ranks"]["lambda"][0] == state["ranks"]["lambda"][1]
+    assert state["ranks"]["weights_checksum"][0] == state["ranks"]["weights_checksum"][1]
+
+
+def test_bad_inputs_fail_before_training(ray_local, synthetic_data, tmp_path):
+    cfg = tiny_config(tmp_path, synthetic_data)
+    with pytest.raises(FileNotFoundError, match="resume_from: run path .*nope does not exist"):
+        run_distill(tiny_config(tmp_path, synthetic_data, f"output.resume_from={tmp_path / 'nope'}"))
+    # A cache made by another teacher is refused with both fingerprints.
+    run_cfg = tiny_config(tmp_path, synthetic_data, "teacher.seed=7", "train.epochs=1")
+    from distillery.platform.cache_job import CacheFeaturesConfig, run_cache_job
+
+    run_cache_job(load_config(CacheFeaturesConfig, None, [
+        f"data.root={synthetic_data}", f"cache.uri={tmp_path / 'cache'}", "teacher.input_size=128",
+        "teacher.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "cache.shard_size=8"]))
+    with pytest.raises(FingerprintMismatchError, match="random-init:seed=7"):
+        run_distill(run_cfg)
+    assert not (tmp_path / "train" / "run").exists()  # nothing was started
+    assert cfg.teacher.seed == 0

@@ -1,0 +1,87 @@
+"""`ray job submit` of jobs/distill.py to a real `ray start --head` cluster on 127.0.0.1 with
+token authentication on (as Ray 2.60 does by default), then checks of its MLflow run and checkpoint."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, wait_for_http
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A head node of its own (not the session's local instance), stopped by the fixture."""
+    token = tmp_path / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    log = open(tmp_path / "ray_head.log", "w")
+    # --block keeps `ray start` in the foreground: terminating it stops exactly this node's
+    # processes (`ray stop` would also stop the test session's own Ray instance).
+    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+                             "--disable-usage-stats", "--include-dashboard=true"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_http(address, timeout=120, proc=proc)
+        yield address, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def ray_cli(args, env, timeout=120):
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_ray_job_submit_distill(ray_head, synthetic_data, tmp_path):
+    address, env = ray_head
+    # Token authentication is on: a client without the token is turned away.
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    denied = ray_cli(["job", "list", "--address", address], no_token)
+    assert denied.returncode != 0
+
+    out = tmp_path / "out"
+    submit = ray_cli(["job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
+                      "python", "jobs/distill.py", "--config", "configs/distill_tiny.yaml",
+                      f"data.root={synthetic_data}", f"cache.uri={out / 'cache'}",
+                      f"output.storage_path={out / 'train'}", f"output.local_dir={out / 'local'}",
+                      "output.name=submitted", "train.epochs=1"], env)
+    assert submit.returncode == 0, submit.stderr + submit.stdout
+    job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr).group(1)
+    deadline, status = time.time() + 600, ""
+    while time.time() < deadline:
+        reply = ray_cli(["job", "status", "--address", address, job_id], env)
+        status = re.sub(r"\x1b\[[0-9;]*m", "", reply.stdout + reply.stderr).lower()
+        if any(s in status for s in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(3)
+    logs = ray_cli(["job", "logs", "--address", address, job_id], env).stdout
+    assert "succeeded" in status, status + logs[-4000:]
+    summary = json.loads(logs.strip().splitlines()[-1])
+    assert summary["run_storage"] == str(out / "train" / "submitted")
+    assert (out / "train" / "submitted").is_dir() and summary["best_checkpoint"]
+    assert Path(summary["best_checkpoint"], "distillery_state.json").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert "epoch/AP" in run.data.metrics and run.data.params["output.name"] == "submitted"
