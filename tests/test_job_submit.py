@@ -59,11 +59,16 @@ def test_ray_job_submit_distill(ray_head, synthetic_data, tmp_path):
     assert denied.returncode != 0
 
     out = tmp_path / "out"
-    submit = ray_cli(["job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
-                      "python", "jobs/distill.py", "--config", "configs/distill_tiny.yaml",
-                      f"data.root={synthetic_data}", f"cache.uri={out / 'cache'}",
-                      f"output.storage_path={out / 'train'}", f"output.local_dir={out / 'local'}",
-                      "output.name=submitted", "train.epochs=1"], env)
+    args = ["job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
+            "python", "jobs/distill.py", "--config", "configs/distill_tiny.yaml",
+            f"data.root={synthetic_data}", f"cache.uri={out / 'cache'}",
+            f"output.storage_path={out / 'train'}", f"output.local_dir={out / 'local'}",
+            "output.name=submitted", "train.epochs=1"]
+    for _ in range(30):  # the head's job agent registers a few seconds after the dashboard answers
+        submit = ray_cli(args, env)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stderr + submit.stdout
     job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr).group(1)
     deadline, status = time.time() + 600, ""

@@ -48,7 +48,8 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
     else:
         num_cpus = ray_cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(min_local_cpus))
         log.info("starting a local Ray instance (num_cpus=%s)", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # address="local": always a new instance of our own, even if another one runs here.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     try:
         yield
     finally:
