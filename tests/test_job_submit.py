@@ -4,8 +4,10 @@ token authentication on (as Ray 2.60 does by default), then checks of its MLflow
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -25,18 +27,25 @@ def ray_head(tmp_path):
     token.write_text(uuid.uuid4().hex)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_port(), free_port()
+    # Every port and the temp dir are the head's own: the test session's local Ray instance is
+    # still up, and its dashboard agent holds Ray's default agent ports (a second agent that
+    # cannot bind them never registers, and the job server answers "No available agent").
+    ports = {flag: free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                            "metrics-export-port", "ray-client-server-port")}
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths are length-limited
     log = open(tmp_path / "ray_head.log", "w")
     # --block keeps `ray start` in the foreground: terminating it stops exactly this node's
     # processes (`ray stop` would also stop the test session's own Ray instance).
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             *(f"--{flag}={port}" for flag, port in ports.items()), f"--temp-dir={temp_dir}",
+                             "--dashboard-host=127.0.0.1", "--num-cpus=4",
                              "--disable-usage-stats", "--include-dashboard=true"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard}"
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         wait_for_http(address, timeout=120, proc=proc)
-        yield address, env
+        yield address, env, Path(temp_dir)
     finally:
         proc.terminate()
         try:
@@ -44,6 +53,15 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def agent_logs(temp_dir: Path) -> str:
+    """The head's dashboard-agent logs, for a failure message."""
+    text = []
+    for f in sorted(temp_dir.glob("session_*/logs/dashboard_agent*")):
+        text.append(f"--- {f.name}\n" + f.read_text(errors="replace")[-3000:])
+    return "\n".join(text)
 
 
 def ray_cli(args, env, timeout=120):
@@ -51,7 +69,7 @@ def ray_cli(args, env, timeout=120):
 
 
 def test_ray_job_submit_distill(ray_head, synthetic_data, tmp_path):
-    address, env = ray_head
+    address, env, temp_dir = ray_head
     # Token authentication is on: a client without the token is turned away.
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
     no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
@@ -64,12 +82,14 @@ def test_ray_job_submit_distill(ray_head, synthetic_data, tmp_path):
             f"data.root={synthetic_data}", f"cache.uri={out / 'cache'}",
             f"output.storage_path={out / 'train'}", f"output.local_dir={out / 'local'}",
             "output.name=submitted", "train.epochs=1"]
-    for _ in range(30):  # the head's job agent registers a few seconds after the dashboard answers
+    deadline = time.time() + 240  # the head's job agent registers some seconds after the dashboard answers
+    while True:
         submit = ray_cli(args, env)
-        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout \
+                or time.time() > deadline:
             break
         time.sleep(2)
-    assert submit.returncode == 0, submit.stderr + submit.stdout
+    assert submit.returncode == 0, submit.stderr[-3000:] + submit.stdout + agent_logs(temp_dir)
     job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr).group(1)
     deadline, status = time.time() + 600, ""
     while time.time() < deadline:

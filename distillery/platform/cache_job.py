@@ -29,7 +29,7 @@ from pydantic import Field, PositiveInt
 from distillery.platform import storage
 from distillery.platform.coco import CocoDataset, load_coco, load_image_resized
 from distillery.platform.config import (DataConfig, RayConfig, StorageConfig, StrictModel,
-                                        TeacherConfig)
+                                        TeacherConfig, absolute_uri)
 from distillery.platform.feature_cache import FeatureCacheWriter, ShardInfo, plan_shards
 
 __all__ = ["CacheFeaturesConfig", "build_teacher", "ensure_dataset", "resolve_teacher_dtype",
@@ -226,6 +226,10 @@ def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
     """Build (or resume) the feature cache of every configured split; return a summary per split."""
     from distillery.platform.cluster import cluster_has_gpus, ray_session
 
+    cfg = cfg.model_copy(deep=True)  # relative local paths resolved here: Ray workers run elsewhere
+    cfg.data.root, cfg.cache.uri = absolute_uri(cfg.data.root), absolute_uri(cfg.cache.uri)
+    if cfg.teacher.weights:
+        cfg.teacher.weights = absolute_uri(cfg.teacher.weights)
     ensure_dataset(cfg.data)
     datasets = {}
     for split in cfg.cache.splits:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, Valid
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "absolute_uri",
     "RayConfig",
     "StorageConfig",
     "SyntheticDataConfig",
@@ -95,7 +96,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         got = err.get("input")
-        detail = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        # A section-level check (model validator) names its fields itself; its input is the whole section.
+        quiet = err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+        detail = "" if quiet else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{detail}")
     return "\n".join(lines)
 
@@ -144,6 +147,11 @@ def parse_job_args(model: type[M], argv: Sequence[str] | None = None, descriptio
         return load_config(model, args.config, args.overrides)
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
+
+
+def absolute_uri(path: str) -> str:
+    """A local path made absolute (workers may run in another directory); URIs unchanged."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def flatten_config(cfg: BaseModel, prefix: str = "") -> dict[str, str]:

@@ -21,7 +21,7 @@ from distillery.platform import storage
 from distillery.platform.cache_job import (CacheComputeConfig, CacheFeaturesConfig, CacheSettings,
                                            build_teacher, ensure_dataset, resolve_teacher_dtype)
 from distillery.platform.coco import CocoDataset, load_coco
-from distillery.platform.config import config_hash, flatten_config
+from distillery.platform.config import absolute_uri, config_hash, flatten_config
 from distillery.platform.distill_config import DistillConfig
 from distillery.platform.feature_cache import MANIFEST, FeatureCache, manifest_sha256
 
@@ -81,10 +81,6 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _absolute_storage(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def _prepare_cache(cfg: DistillConfig, train: CocoDataset, fingerprint: dict[str, Any], dtype: str,
                    use_gpu: bool) -> FeatureCache:
     """Open the train-split cache (building it first when allowed); refuse a foreign teacher."""
@@ -112,8 +108,33 @@ def _grid_of(fp: dict[str, Any]) -> tuple[int, int]:
     return side, side
 
 
-def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Train a student with Ray Train + DeepSpeed; return a summary (AP, paths, run id)."""
+def prepare_inputs(cfg: DistillConfig) -> None:
+    """Make sure the dataset and, in cached mode, the train split's feature cache exist.
+
+    A sweep calls this once before its trials start, so that concurrent trials never race to
+    build the same cache. Uses the running Ray instance (or starts one, like the job)."""
+    from distillery.platform.cluster import cluster_has_gpus, ray_session
+
+    cfg = _with_absolute_paths(cfg)
+    ensure_dataset(cfg.data)
+    if cfg.teacher_mode != "cached":
+        return
+    ann, images = cfg.data.split_paths("train")
+    train = load_coco(ann, images, bad_records=cfg.data.bad_records, check_images="none")
+    with ray_session(cfg.ray, cfg.storage, min_local_cpus=3):
+        use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
+        dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)
+        teacher = build_teacher(cfg.teacher.model_dump(), dtype)
+        _prepare_cache(cfg, train, teacher.fingerprint, dtype, use_gpu)
+
+
+def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run_id: str | None = None,
+                extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train a student with Ray Train + DeepSpeed; return a summary (AP, paths, run id).
+
+    ``callbacks`` are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``);
+    ``parent_run_id`` makes the MLflow run a child (one per sweep trial); ``extra_tags`` are
+    added to it."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -124,9 +145,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     from distillery.platform.train_loop import train_worker
 
     t0 = time.time()
-    local_dir = Path(cfg.output.local_dir).resolve()
+    cfg = _with_absolute_paths(cfg)
+    local_dir = Path(cfg.output.local_dir)
     name = cfg.output.name or time.strftime("distill-%Y%m%d-%H%M%S")
-    storage_path = _absolute_storage(cfg.output.storage_path)
+    storage_path = cfg.output.storage_path
     run_storage = storage.join(storage_path, name)
 
     # --- inputs, checked before anything runs
@@ -176,7 +198,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             tags["distillery.teacher_fingerprint"] = fingerprint_digest(fingerprint)
         if dataset_cache is not None:
             tags["distillery.cache_manifest_sha256"] = manifest_sha256(dataset_cache.uri)
-        run_id = create_run(tracking_uri, cfg.tracking.experiment, name, params, tags)
+        tags.update(extra_tags or {})
+        run_id = create_run(tracking_uri, cfg.tracking.experiment, name, params, tags, parent_run_id=parent_run_id)
 
         per_step = cfg.train.batch_size * cfg.train.num_workers * cfg.deepspeed.gradient_accumulation_steps
         steps_per_epoch = max(1, len(train) // per_step)
@@ -195,7 +218,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="AP",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures))
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks or []))
         if "://" in storage_path:
             run_config.storage_path = storage.filesystem(storage_path)[1]
         trainer = TorchTrainer(
@@ -205,16 +229,31 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             run_config=run_config, datasets={"train": train_ds})
         with _mlflow_status(tracking_uri, run_id):
             result = trainer.fit()
-            best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
+            # Ray keeps the top checkpoints by AP, listed in report order: pick the best one.
+            scored = [(c, m.get("AP", float("-inf"))) for c, m in (result.best_checkpoints or [])]
+            scored = [(c, ap if ap == ap else float("-inf")) for c, ap in scored]  # NaN -> lowest
+            best = max(scored, key=lambda cm: cm[1])[0] if scored else result.checkpoint
             summary = {"run_id": run_id, "tracking_uri": tracking_uri, "experiment": cfg.tracking.experiment,
                        "run_storage": run_storage, "best_checkpoint": best.path if best else None,
                        "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
-                       "metrics": dict(result.metrics or {})}
+                       "metrics": dict(result.metrics or {}),
+                       "gam_history": _gam_history(result.checkpoint)}
             from distillery.platform.model_export import log_final_model
 
             summary.update(log_final_model(cfg, summary, run_info, best))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary
+
+
+def _gam_history(checkpoint) -> list[dict[str, Any]]:
+    """Every epoch's GAM record (AIFI share, lambda) from the last checkpoint's state."""
+    from distillery.platform.train_loop import STATE_JSON
+
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as d:
+        state_file = Path(d) / STATE_JSON
+        return json.loads(state_file.read_text()).get("gam_history", []) if state_file.is_file() else []
 
 
 @contextlib.contextmanager
@@ -229,6 +268,20 @@ def _mlflow_status(tracking_uri: str, run_id: str):
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+def _with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
+    """Relative local paths resolved against the driver's directory: Ray Train workers run elsewhere."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.root = absolute_uri(cfg.data.root)
+    cfg.cache.uri = absolute_uri(cfg.cache.uri)
+    cfg.output.storage_path = absolute_uri(cfg.output.storage_path)
+    cfg.output.local_dir = absolute_uri(cfg.output.local_dir)
+    if cfg.output.resume_from:
+        cfg.output.resume_from = absolute_uri(cfg.output.resume_from)
+    if cfg.teacher.weights:
+        cfg.teacher.weights = absolute_uri(cfg.teacher.weights)
+    return cfg
 
 
 def _storage_filesystem(storage_path: str):

@@ -99,3 +99,27 @@ class MetricsLogger:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
+    """Every run whose ``mlflow.parentRunId`` tag is ``parent_run_id`` (all experiments of the parent)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=10000)
+
+
+def finish_sweep_runs(tracking_uri: str, parent_run_id: str, status: str, reason: str) -> int:
+    """Close child runs still marked RUNNING (their trial was stopped or interrupted); return how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    closed = 0
+    for run in child_runs(tracking_uri, parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "distillery.stopped", reason)
+            client.set_terminated(run.info.run_id, status)
+            closed += 1
+    return closed
