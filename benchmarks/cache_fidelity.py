@@ -8,7 +8,20 @@ the student's F5 resolution for the same augmented image:
 Prints one JSON line with the mean (and 10th-percentile) per-position cosine similarity over the
 valid positions, per transform. Transforms below 0.9 are candidates for pre-augmented cached views.
 
+Then the cached-views trade-off (``cache.views: K``), for each K of ``--views``:
+- bytes per image of a real cache (Parquet shards written by FeatureCacheWriter: K grids plus
+  their params, fp16 and int8);
+- the expected fidelity of the strong pipeline: a fraction f = (K-1)/K of the samples of a strong
+  epoch is served by an exact view (counted as 1.0), the rest (view 0) by the online-augmented
+  plain grid at the K=1 fidelity;
+- a direct measurement: the training path itself (view chosen by ``ingest.select_view``, replayed
+  by ``augment.apply_view``, then ``Augmenter.batch`` with Mosaic/Mixup/multi-scale per schedule)
+  over ``--view-epochs`` strong epochs, cos-sim of the rendered grid against the online teacher
+  on the final augmented image; K=1 is "views off". Measured in two regimes of the reference
+  schedule: inside the Mosaic/Mixup window and after it.
+
     python benchmarks/cache_fidelity.py [--images 16] [--input-size 640] [--weights PATH]
+                                        [--views 1,2,4,8] [--view-epochs 8]
 
 Without --weights the teacher has random weights (stated in the output): the numbers then
 measure geometry and resampling, not semantics; run with the official checkpoint for real ones.
@@ -34,6 +47,9 @@ def main() -> None:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--teacher-kwargs", default="{}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--views", default="1,2,4,8", help="K values for the cached-views trade-off ('' skips it)")
+    parser.add_argument("--view-epochs", type=int, default=8, help="strong epochs simulated per K (direct measurement)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size of the simulated training batches")
     args = parser.parse_args()
 
     import numpy as np
@@ -123,12 +139,121 @@ def main() -> None:
         c = torch.cat(cos_all).numpy()
         results[name] = {"mean": round(float(c.mean()), 4), "p10": round(float(np.percentile(c, 10)), 4)}
     poor = sorted(k for k, v in results.items() if v["mean"] < 0.9)
+    ks = [int(k) for k in args.views.split(",") if k.strip()]
+    views = views_tradeoff(ks, samples[: args.images], ds, run_teacher, cfg, size, args, work) if ks else None
     print(json.dumps({
         "benchmark": "cache_fidelity", "teacher": teacher.model_name,
         "weights": "random-init (geometry/resampling only; not semantic fidelity)" if args.weights is None
         else args.weights, "input_size": size, "f5": list(f5), "images": args.images,
-        "cosine_cached_vs_online": results, "below_0.9": poor, "seconds": round(time.time() - t0, 1),
-        "device": str(device)}))
+        "cosine_cached_vs_online": results, "below_0.9": poor, "views": views,
+        "seconds": round(time.time() - t0, 1), "device": str(device)}))
+
+
+def views_tradeoff(ks, samples, ds, run_teacher, cfg, size, args, work: Path) -> dict:
+    """Cache size against fidelity for K cached views per image (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from distillery.platform import augment as A
+    from distillery.platform.coco import decode_image
+    from distillery.platform import storage
+    from distillery.platform.feature_cache import FeatureCacheWriter, decode_features, encode_features, plan_shards
+    from distillery.platform.ingest import select_view
+
+    k_max = max(ks)
+    records = {r.image_id: r for r in ds.records}
+
+    def fp16(grid):  # what the training worker reads back from an fp16 cache
+        return torch.from_numpy(decode_features(*encode_features(grid.numpy(), "fp16"), "fp16", list(grid.shape)))
+
+    # The K_max views of every image (view k does not depend on K: a K cache is views 0..K-1).
+    views = {}
+    for s in samples:
+        r = records[s.image_id]
+        image = torch.from_numpy(decode_image(storage.read_bytes(r.uri), r.uri)).permute(2, 0, 1)
+        boxes = torch.from_numpy(r.boxes[~r.iscrowd])
+        rendered = A.make_views(image, boxes, s.image_id, k_max, args.seed, cfg)
+        views[s.image_id] = {"image": image, "boxes": boxes, "labels": torch.from_numpy(r.labels[~r.iscrowd]),
+                             "params": [p for _, p in rendered], "grids": [fp16(run_teacher(im)) for im, _ in rendered]}
+
+    # Bytes per image of real shards.
+    grid_shape = list(views[samples[0].image_id]["grids"][0].shape)
+    sizes = {}
+    for k in ks:
+        sizes[k] = {}
+        for dtype in ("fp16", "int8"):
+            ids = sorted(views)
+            writer = FeatureCacheWriter(str(work / f"cache-k{k}-{dtype}"), {"benchmark": True}, grid_shape, dtype,
+                                        len(ids), {}, views=k, view_recipe=A.view_recipe(cfg) if k > 1 else None)
+            shards = plan_shards(ids, len(ids))
+            writer.begin(shards)
+            rows = [(iid, v) for iid in ids for v in range(k)]
+            info = writer.write_shard(0, [iid for iid, _ in rows],
+                                      np.stack([views[iid]["grids"][v].numpy() for iid, v in rows]),
+                                      views=[v for _, v in rows] if k > 1 else None,
+                                      params=[json.dumps(views[iid]["params"][v], sort_keys=True) for iid, v in rows]
+                                      if k > 1 else None)
+            sizes[k][dtype] = round(info.bytes / len(ids), 1)
+
+    def training_sample(iid: int, view: int):
+        """What ingest.rows_to_samples hands the augmenter for this image and view."""
+        v = views[iid]
+        if view == 0:
+            return A.Sample.create(v["image"], v["boxes"], v["labels"], grid=v["grids"][0], image_id=iid)
+        s = A.apply_view(A.Sample.create(v["image"], v["boxes"], v["labels"], image_id=iid), v["params"][view], view)
+        s.layers = [A.FeatureLayer(v["grids"][view], torch.eye(3))]
+        return s
+
+    def cos_of(aug) -> torch.Tensor:
+        hw = (aug.size[0] // 32, aug.size[1] // 32)
+        cached, mask = A.render_features(aug, hw)
+        online = run_teacher(aug.image)
+        if online.shape[-2:] != hw:
+            online = torch.nn.functional.interpolate(online[None], size=hw, mode="bilinear", align_corners=False)[0]
+        return torch.nn.functional.cosine_similarity(cached, online, dim=0)[mask]
+
+    e0, e1, _ = cfg.policy_epochs
+    regimes = {"mosaic_mixup_window": e0, "after_mosaic_window": e1}
+    direct: dict = {name: {} for name in regimes}
+    ids = sorted(views)
+    for name, epoch in regimes.items():
+        for k in ks:
+            cos_all, cos_view, cos_plain, exact, total = [], [], [], 0, 0
+            for e in range(args.view_epochs):
+                batch = [training_sample(iid, select_view(args.seed, e, iid, k)) for iid in ids]
+                exact += sum(s.view > 0 for s in batch)
+                total += len(batch)
+                # The same augmenter seed for every K: only the views differ between the runs.
+                augmenter = A.Augmenter(cfg, seed=args.seed * 1000 + e)
+                for i in range(0, len(batch), args.batch):
+                    chunk = batch[i:i + args.batch]
+                    for source, aug in zip(chunk, augmenter.batch(chunk, epoch)):  # output j is input j's
+                        c = cos_of(aug)
+                        cos_all.append(c)
+                        (cos_view if source.view > 0 else cos_plain).append(c)
+            c = torch.cat(cos_all).numpy()
+
+            def mean(parts):
+                return round(float(torch.cat(parts).mean()), 4) if parts else None
+
+            direct[name][str(k)] = {"mean": round(float(c.mean()), 4), "p10": round(float(np.percentile(c, 10)), 4),
+                                    "exact_view_fraction": round(exact / total, 3),
+                                    "mean_on_view_samples": mean(cos_view), "mean_on_plain_samples": mean(cos_plain)}
+    out = {}
+    for k in ks:
+        f = (k - 1) / k
+        out[str(k)] = {
+            "bytes_per_image": sizes[k],
+            "exact_view_fraction": round(f, 3),
+            # The brief's estimate: exact views at 1.0, the rest at the K=1 (views off) fidelity.
+            "expected_fidelity": {name: round(f * 1.0 + (1 - f) * direct[name][str(min(ks))]["mean"], 4)
+                                  if min(ks) == 1 else None for name in regimes},
+            "direct_fidelity": {name: direct[name][str(k)] for name in regimes},
+        }
+    return {"note": "views 1..K-1 are exact for photometric/zoom-out/IoU crop/flip; Mosaic, Mixup and "
+                    "multi-scale still act on them online, so direct < expected",
+            "grid": grid_shape, "images": len(ids), "view_epochs": args.view_epochs, "batch": args.batch,
+            "regime_epochs": regimes, "per_K": out}
 
 
 if __name__ == "__main__":

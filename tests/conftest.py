@@ -98,3 +98,20 @@ def ray_local(moto_s3):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(ray_local, synthetic_data, tmp_path_factory):
+    """The feature cache of configs/distill_tiny.yaml's teacher over ``synthetic_data`` (train split),
+    built once: the distillation, sweep and job-submit tests open it instead of each building its own
+    (a job finds the manifest and skips the build; the fingerprint check still runs)."""
+    from distillery.platform.cache_job import CacheFeaturesConfig, CacheSettings, run_cache_job
+    from distillery.platform.config import load_config
+    from distillery.platform.distill_config import DistillConfig
+
+    uri = tmp_path_factory.mktemp("tiny_cache") / "cache"
+    cfg = load_config(DistillConfig, REPO / "configs" / "distill_tiny.yaml", [f"data.root={synthetic_data}"])
+    run_cache_job(CacheFeaturesConfig(data=cfg.data, teacher=cfg.teacher, ray=cfg.ray, storage=cfg.storage,
+                                      cache=CacheSettings(uri=str(uri), dtype=cfg.cache.dtype,
+                                                          shard_size=cfg.cache.shard_size, splits=["train"])))
+    return uri

@@ -17,9 +17,9 @@ from distillery.platform.feature_cache import FingerprintMismatchError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def tiny_config(tmp_path, synthetic_data, *overrides):
+def tiny_config(tmp_path, synthetic_data, *overrides, cache=None):
     return load_config(DistillConfig, REPO / "configs" / "distill_tiny.yaml", [
-        f"data.root={synthetic_data}", f"cache.uri={tmp_path / 'cache'}",
+        f"data.root={synthetic_data}", f"cache.uri={cache or tmp_path / 'cache'}",
         f"output.storage_path={tmp_path / 'train'}", f"output.local_dir={tmp_path / 'local'}",
         "output.name=run", *overrides])
 
@@ -29,9 +29,9 @@ def last_state(run_path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(ray_local, synthetic_data, tmp_path_factory):
+def two_worker_run(ray_local, synthetic_data, tiny_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill")
-    cfg = tiny_config(tmp, synthetic_data)
+    cfg = tiny_config(tmp, synthetic_data, cache=tiny_cache)
     return cfg, run_distill(cfg), tmp
 
 
@@ -81,10 +81,10 @@ def test_mlflow_run_contents(two_worker_run):
     assert set(np.unique(out["labels"])) <= {1, 3, 4, 7, 9, 12}
 
 
-def test_resume_from_continues_the_run(two_worker_run, synthetic_data):
+def test_resume_from_continues_the_run(two_worker_run, synthetic_data, tiny_cache):
     cfg, summary, tmp = two_worker_run
     resumed = run_distill(tiny_config(tmp, synthetic_data, "train.epochs=3", "output.name=resumed",
-                                      f"output.resume_from={summary['run_storage']}"))
+                                      f"output.resume_from={summary['run_storage']}", cache=tiny_cache))
     state = last_state(resumed["run_storage"])
     assert state["epoch"] == 2
     history = state["gam_history"]
@@ -92,11 +92,19 @@ def test_resume_from_continues_the_run(two_worker_run, synthetic_data):
     assert history[2]["lambda_before"] == history[1]["lambda_after"]
 
 
-def test_zero2_s3_checkpoints_and_worker_failure(ray_local, moto_s3, synthetic_data, tmp_path):
+def test_zero2_s3_checkpoints_and_worker_failure(ray_local, moto_s3, synthetic_data, tiny_cache, tmp_path):
+    """ZeRO-2, S3 run storage and a killed worker, on the DEIMv2 recipe with AdaRoute (a frozen ViT
+    with adapters whose expert centre is shared across layers): it trains, checkpoints and
+    restores under DeepSpeed like the RT-DETRv4 student, with DSI + GAM from the same cache."""
     storage_path = f"s3://{moto_s3['bucket']}/distill"
     cfg = tiny_config(tmp_path, synthetic_data, "deepspeed.zero_stage=2", f"output.storage_path={storage_path}",
-                      "debug.kill={rank: 1, step: 6}", "train.max_failures=1", "tracking.log_model=false")
+                      "debug.kill={rank: 1, step: 6}", "train.max_failures=1", "tracking.log_model=false",
+                      "student.name=deimv2_tiny", "student.peft={method: adaroute, rank: 8}",
+                      "augment.copyblend_prob=0.5", cache=tiny_cache)
     summary = run_distill(cfg)
+    client = MlflowClient(summary["tracking_uri"])
+    metrics = client.get_run(summary["run_id"]).data.metrics
+    assert 0 < metrics["model/params_trainable"] < metrics["model/params_total"]
     run_path = summary["run_storage"]
     assert run_path.startswith("s3://")
     assert storage.exists(storage.join(run_path, "fault_injected"))  # the worker really was killed

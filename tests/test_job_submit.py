@@ -68,7 +68,7 @@ def ray_cli(args, env, timeout=120):
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def test_ray_job_submit_distill(ray_head, synthetic_data, tmp_path):
+def test_ray_job_submit_distill(ray_head, synthetic_data, tiny_cache, tmp_path):
     address, env, temp_dir = ray_head
     # Token authentication is on: a client without the token is turned away.
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
@@ -79,7 +79,7 @@ def test_ray_job_submit_distill(ray_head, synthetic_data, tmp_path):
     out = tmp_path / "out"
     args = ["job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
             "python", "jobs/distill.py", "--config", "configs/distill_tiny.yaml",
-            f"data.root={synthetic_data}", f"cache.uri={out / 'cache'}",
+            f"data.root={synthetic_data}", f"cache.uri={tiny_cache}",
             f"output.storage_path={out / 'train'}", f"output.local_dir={out / 'local'}",
             "output.name=submitted", "train.epochs=1"]
     deadline = time.time() + 240  # the head's job agent registers some seconds after the dashboard answers

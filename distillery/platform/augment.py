@@ -14,14 +14,24 @@ op composes its inverse pixel map onto every layer; nothing is resampled until
 are marked invalid in a mask, and the DSI loss ignores them. Photometric ops touch only the
 image. Mixup blends the two samples' layers with the same weight as the images: an
 approximation (the teacher is not linear), measured by ``benchmarks/cache_fidelity.py``.
+
+Cached *views* (``cache.views: K``): where those approximations are poor, the cache job stores,
+per image, K-1 pre-augmented views next to the plain one. A view is the per-image strong ops of
+the recipe (photometric, zoom-out, IoU crop, flip, then the resize to the teacher input), drawn
+by :func:`draw_view_params` from an RNG seeded per (image, view) and recorded as plain JSON
+parameters; :func:`apply_view` replays them on the decoded image and its boxes. The cache job
+and the training worker run the same :func:`apply_view` on the same decoded image, so the
+training image is exactly the one the teacher saw and the view's cached grid needs no
+approximation (``Sample.view > 0`` tells the :class:`Augmenter` to skip those ops).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,17 +45,24 @@ __all__ = [
     "Sample",
     "Augmenter",
     "affine",
+    "apply_view",
     "collate",
     "crop",
+    "draw_view_params",
     "hflip",
     "iou_crop_params",
+    "make_views",
     "mixup",
     "mosaic",
     "multiscale_sizes",
     "photometric",
+    "photometric_params",
+    "photometric_with",
     "render_features",
     "resize",
     "sanitize",
+    "view_recipe",
+    "view_rng",
     "zoom_out",
 ]
 
@@ -64,6 +81,9 @@ class Sample:
     labels: torch.Tensor  # (n,) int64
     layers: list[FeatureLayer] = field(default_factory=list)
     image_id: int = -1
+    # 0: the plain image. k > 0: cached view k, already through the per-image strong ops and
+    # flip (see apply_view), with the teacher grid of exactly this image in ``layers``.
+    view: int = 0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -245,6 +265,24 @@ def photometric(sample: Sample) -> Sample:
     return replace(sample, image=_PHOTOMETRIC(sample.image))
 
 
+def photometric_params(rng: random.Random) -> dict[str, Any]:
+    """Draw :func:`photometric`'s parameters from ``rng`` (the same ranges and per-op
+    probability as the torchvision transform), as JSON-able values that replay exactly."""
+    t = _PHOTOMETRIC
+    params: dict[str, Any] = {}
+    for key, (lo, hi) in (("brightness_factor", t.brightness), ("contrast_factor", t.contrast),
+                          ("saturation_factor", t.saturation), ("hue_factor", t.hue)):
+        params[key] = rng.uniform(lo, hi) if rng.random() < t.p else None
+    params["contrast_before"] = rng.random() < 0.5
+    params["channel_permutation"] = rng.sample(range(3), 3) if rng.random() < t.p else None
+    return params
+
+
+def photometric_with(sample: Sample, params: dict[str, Any]) -> Sample:
+    """:func:`photometric` with given parameters (torchvision's own kernels, in its order)."""
+    return replace(sample, image=_PHOTOMETRIC.transform(sample.image, dict(params)))
+
+
 def mixup(a: Sample, b: Sample, weight: float) -> Sample:
     """Blend two samples of equal size: image = w*a + (1-w)*b; boxes of both; feature layers of
     both with the same weights (approximation: the teacher is not linear)."""
@@ -299,7 +337,8 @@ class AugmentConfig:
     ``policy_epochs`` = [e0, e1, e2]: strong ops (Mosaic, photometric, zoom-out, IoU crop) off
     before e0 and from e2 on; Mosaic (with ``mosaic_prob``) only in [e0, e1), and never together
     with zoom-out/IoU crop in one sample. Mixup (``mixup_prob``) in [mixup_epochs[0],
-    mixup_epochs[1]). Multi-scale batches until ``multiscale_stop_epoch``.
+    mixup_epochs[1]). Copy-Blend (``copyblend_prob``, DEIMv2) in [copyblend_epochs[0],
+    copyblend_epochs[1]) on batches without Mixup. Multi-scale batches until ``multiscale_stop_epoch``.
     """
 
     size: int = 640
@@ -315,6 +354,10 @@ class AugmentConfig:
     flip_prob: float = 0.5
     multiscale_stop_epoch: int = 120
     fill: int = 0
+    # DEIMv2's Copy-Blend (distillery.platform.copy_blend): off in the RT-DETRv4 recipe; the
+    # DEIMv2 recipes use it in [copyblend_epochs[0], copyblend_epochs[1]) for batches Mixup skips.
+    copyblend_prob: float = 0.0
+    copyblend_epochs: tuple[int, int] = (4, 120)
 
 
 class Augmenter:
@@ -333,6 +376,10 @@ class Augmenter:
         cfg, rng = self.cfg, self.rng
         e0, e1, _ = cfg.policy_epochs
         strong = self.strong(epoch)
+        # A cached view already went through photometric, zoom-out, IoU crop and flip (and the
+        # teacher saw the result): only the batch-level ops (Mosaic, resize, Mixup, multi-scale)
+        # remain for it. Plain samples (view 0) draw exactly as before.
+        pre = sample.view > 0
         with_mosaic = strong and e0 <= epoch < e1 and len(pool) > 0 and rng.random() < cfg.mosaic_prob
         if with_mosaic:
             others = [pool[rng.randrange(len(pool))] for _ in range(3)]
@@ -342,9 +389,9 @@ class Augmenter:
             sample = mosaic([sample, *others], tile, angle=rng.uniform(-deg, deg),
                             translate=(rng.uniform(-trans, trans) * side, rng.uniform(-trans, trans) * side),
                             scale=rng.uniform(smin, smax), fill=cfg.fill)
-        if strong and rng.random() < cfg.photometric_prob:
+        if strong and not pre and rng.random() < cfg.photometric_prob:
             sample = photometric(sample)
-        if strong and not with_mosaic:
+        if strong and not with_mosaic and not pre:
             if rng.random() < 0.5:  # RandomZoomOut's default p
                 h, w = sample.size
                 r = rng.uniform(*cfg.zoom_out_ratio)
@@ -354,9 +401,10 @@ class Augmenter:
                 if params is not None:
                     sample = crop(sample, *params)
             sample = sanitize(sample)
-        if rng.random() < cfg.flip_prob:
+        if not pre and rng.random() < cfg.flip_prob:
             sample = hflip(sample)
-        sample = resize(sample, (cfg.size, cfg.size))
+        if not (pre and sample.size == (cfg.size, cfg.size)):  # a replayed view is at size already
+            sample = resize(sample, (cfg.size, cfg.size))
         return sanitize(sample)
 
     def batch(self, samples: list[Sample], epoch: int) -> list[Sample]:
@@ -364,14 +412,113 @@ class Augmenter:
         and multi-scale resize."""
         out = [self(s, epoch, pool=samples) for s in samples]
         lo, hi = self.cfg.mixup_epochs
-        if len(out) > 1 and lo <= epoch < hi and self.rng.random() < self.cfg.mixup_prob:
+        mixed = len(out) > 1 and lo <= epoch < hi and self.rng.random() < self.cfg.mixup_prob
+        if mixed:
             w = self.rng.uniform(0.45, 0.55)
             out = [mixup(out[i], out[i - 1], w) for i in range(len(out))]
+        # Copy-Blend and Mixup are alternatives for a batch, as in the DEIMv2 recipes. (No random
+        # draw at all while Copy-Blend is off, so RT-DETRv4 batches are what they always were.)
+        c_lo, c_hi = self.cfg.copyblend_epochs
+        if (self.cfg.copyblend_prob > 0 and not mixed and len(out) > 1 and c_lo <= epoch < c_hi
+                and self.rng.random() < self.cfg.copyblend_prob):
+            from distillery.platform.copy_blend import copy_blend
+
+            donors = list(out)
+            out = [copy_blend(s, donors, self.rng) for s in donors]
         if epoch < self.cfg.multiscale_stop_epoch:
             size = self.rng.choice(multiscale_sizes(self.cfg.size))
             if size != self.cfg.size:
                 out = [resize(s, (size, size)) for s in out]
         return out
+
+
+# --------------------------------------------------------------------------- cached views
+
+# Zoom-out's probability in the recipe (RandomZoomOut's default p, as in Augmenter.__call__).
+ZOOM_OUT_PROB = 0.5
+
+
+def view_recipe(cfg: AugmentConfig) -> dict[str, Any]:
+    """The recipe settings a cached view depends on (recorded in the cache manifest, so a
+    training run with other probabilities can tell its views were drawn differently)."""
+    return {"photometric_prob": float(cfg.photometric_prob), "zoom_out_ratio": [float(v) for v in cfg.zoom_out_ratio],
+            "iou_crop_prob": float(cfg.iou_crop_prob), "flip_prob": float(cfg.flip_prob), "fill": int(cfg.fill)}
+
+
+def view_rng(seed: int, image_id: int, view: int) -> random.Random:
+    """The RNG of one (image, view): a pure function of its arguments, so any process that
+    builds (or rebuilds) the cache draws the same view, and view k does not depend on K."""
+    digest = hashlib.sha256(f"distillery-view:{int(seed)}:{int(image_id)}:{int(view)}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def draw_view_params(size_hw: tuple[int, int], boxes_xyxy: torch.Tensor, cfg: AugmentConfig,
+                     rng: random.Random) -> dict[str, Any]:
+    """Draw one view's per-image strong ops, in the order and with the probabilities of
+    :meth:`Augmenter.__call__` without Mosaic: photometric, zoom-out, IoU crop, flip; then the
+    resize to ``cfg.size``. Only geometry is needed (the image size and boxes, for the IoU crop).
+    Returns JSON-able parameters for :func:`apply_view`."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    params: dict[str, Any] = {"source_hw": [h, w], "size": int(cfg.size), "photometric": None,
+                              "zoom_out": None, "crop": None, "flip": False}
+    if rng.random() < cfg.photometric_prob:
+        params["photometric"] = photometric_params(rng)
+    boxes = boxes_xyxy.reshape(-1, 4).float()
+    if rng.random() < ZOOM_OUT_PROB:
+        r = rng.uniform(*cfg.zoom_out_ratio)
+        left, top = rng.randint(0, int(w * r) - w), rng.randint(0, int(h * r) - h)
+        params["zoom_out"] = {"ratio": r, "left": left, "top": top, "fill": int(cfg.fill)}
+        h, w = int(h * r), int(w * r)
+        boxes = boxes + torch.tensor([left, top, left, top], dtype=torch.float32)
+    if rng.random() < cfg.iou_crop_prob:
+        # iou_crop_params reads only the size and the boxes: a zero-cost stand-in image.
+        probe = Sample(torch.zeros(1, 1, 1, dtype=torch.uint8).expand(3, h, w), boxes,
+                       torch.zeros(len(boxes), dtype=torch.long))
+        crop_box = iou_crop_params(probe, rng)
+        params["crop"] = list(crop_box) if crop_box is not None else None
+    params["flip"] = rng.random() < cfg.flip_prob
+    return params
+
+
+def apply_view(sample: Sample, params: dict[str, Any], view: int = 0) -> Sample:
+    """Replay a view's parameters on a sample (image, boxes and any feature layers), exactly as
+    :meth:`Augmenter.__call__` applies the same ops; ``view`` is recorded on the result."""
+    h, w = sample.size
+    if [h, w] != list(params["source_hw"]):
+        raise ValueError(f"view parameters are for a {params['source_hw'][0]}x{params['source_hw'][1]} image, "
+                         f"image {sample.image_id} is {h}x{w} (the dataset changed since the cache was built?)")
+    if params["photometric"] is not None:
+        sample = photometric_with(sample, params["photometric"])
+    z = params["zoom_out"]
+    if z is not None:
+        sample = zoom_out(sample, z["ratio"], z["left"], z["top"], z["fill"])
+    if params["crop"] is not None:
+        sample = crop(sample, *params["crop"])
+    sample = sanitize(sample)
+    if params["flip"]:
+        sample = hflip(sample)
+    size = int(params["size"])
+    sample = sanitize(resize(sample, (size, size)))
+    return replace(sample, view=int(view))
+
+
+def make_views(image: torch.Tensor, boxes_xywh: torch.Tensor, image_id: int, views: int, seed: int,
+               cfg: AugmentConfig) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The K teacher inputs of one image: (uint8 (3, size, size) image, params) per view.
+
+    View 0 is the plain image resized (no ops); views 1..K-1 are drawn with :func:`view_rng`.
+    ``image`` is the decoded (3, H, W) uint8 image and ``boxes_xywh`` its training boxes."""
+    plain = Sample.create(image, boxes_xywh, torch.zeros(boxes_xywh.reshape(-1, 4).shape[0], dtype=torch.long),
+                          image_id=image_id)
+    out = []
+    for v in range(views):
+        if v == 0:
+            params = {"source_hw": list(plain.size), "size": int(cfg.size), "photometric": None,
+                      "zoom_out": None, "crop": None, "flip": False}
+        else:
+            params = draw_view_params(plain.size, plain.boxes, cfg, view_rng(seed, image_id, v))
+        out.append((apply_view(plain, params, v).image, params))
+    return out
 
 
 def collate(samples: list[Sample], f5_hw: tuple[int, int] | None = None) -> dict:

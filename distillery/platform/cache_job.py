@@ -14,6 +14,12 @@ finished shard files, computes only the missing ones and ends with the same mani
 Decoding happens in CPU tasks (PIL), not on the GPU: the teacher input is the resized 640-px
 image the student also sees, JPEG decode of the dataset's small files parallelises across the
 node's cores, and it keeps the GPU actor doing only teacher forwards.
+
+Views (``cache.views: K`` > 1): the decode task also renders, per image, K-1 pre-augmented views
+(the recipe's per-image strong ops, drawn with an RNG seeded per (image, view) from
+``cache.view_seed``; see ``augment.make_views``), so a shard carries K teacher inputs per image
+and its rows record each view's parameters. K and the recipe are part of the plan: a URI built
+with another K (or recipe) is refused, never mixed.
 """
 
 from __future__ import annotations
@@ -24,18 +30,35 @@ import time
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from distillery.platform import storage
-from distillery.platform.coco import CocoDataset, load_coco, load_image_resized
+from distillery.platform.coco import CocoDataset, CorruptImageError, decode_image, load_coco, load_image_resized
 from distillery.platform.config import (DataConfig, RayConfig, StorageConfig, StrictModel,
                                         TeacherConfig, absolute_uri)
 from distillery.platform.feature_cache import FeatureCacheWriter, ShardInfo, plan_shards
 
-__all__ = ["CacheFeaturesConfig", "build_teacher", "ensure_dataset", "resolve_teacher_dtype",
-           "run_cache_job"]
+__all__ = ["CacheFeaturesConfig", "ViewRecipe", "build_teacher", "ensure_dataset", "resolve_teacher_dtype",
+           "run_cache_job", "view_augment_config"]
 
 log = logging.getLogger(__name__)
+
+
+class ViewRecipe(StrictModel):
+    """The per-image strong ops a cached view draws (the reference recipe's defaults; the
+    distillation job's ``augment`` section must agree with what the cache recorded)."""
+
+    photometric_prob: float = Field(0.5, ge=0, le=1)
+    zoom_out_ratio: tuple[float, float] = (1.0, 4.0)
+    iou_crop_prob: float = Field(0.8, ge=0, le=1)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ratio_range(self) -> "ViewRecipe":
+        lo, hi = self.zoom_out_ratio
+        if not 1.0 <= lo <= hi:
+            raise ValueError(f"view_recipe.zoom_out_ratio must satisfy 1 <= min <= max, got {self.zoom_out_ratio}")
+        return self
 
 
 class CacheSettings(StrictModel):
@@ -43,6 +66,11 @@ class CacheSettings(StrictModel):
     dtype: Literal["fp16", "int8"] = "fp16"
     shard_size: PositiveInt = 32
     splits: list[Literal["train", "val"]] = Field(default_factory=lambda: ["train"], min_length=1)
+    # Teacher grids per image: 1 = the plain image only; K > 1 adds K-1 pre-augmented views
+    # (K times the storage and teacher passes; see benchmarks/cache_fidelity.py for the trade-off).
+    views: PositiveInt = Field(1, le=64)
+    view_seed: int = 0
+    view_recipe: ViewRecipe = Field(default_factory=ViewRecipe)
 
 
 class CacheComputeConfig(StrictModel):
@@ -111,11 +139,51 @@ def build_teacher(cfg: dict[str, Any], dtype: str):
                          model_kwargs=cfg["model_kwargs"] or None)
 
 
+def view_augment_config(recipe: ViewRecipe, size: int):
+    """The AugmentConfig views are drawn with: the recipe's probabilities at the teacher size."""
+    from distillery.platform.augment import AugmentConfig
+
+    return AugmentConfig(size=size, photometric_prob=recipe.photometric_prob,
+                         zoom_out_ratio=tuple(recipe.zoom_out_ratio), iou_crop_prob=recipe.iou_crop_prob,
+                         flip_prob=recipe.flip_prob)
+
+
 def _decode_shard(row: dict[str, Any], size: int) -> dict[str, Any]:
     uris = [str(u) for u in row["uris"]]
     images = np.stack([load_image_resized(u, size) for u in uris])
     return {"shard": int(row["shard"]), "image_ids": np.asarray(row["image_ids"], dtype=np.int64),
             "images": images}
+
+
+def _decode_shard_views(row: dict[str, Any], size: int, views: int, view_seed: int,
+                        recipe: dict[str, Any]) -> dict[str, Any]:
+    """Decode a shard's images and render K teacher inputs per image (view 0 = plain).
+
+    Views are rendered from the full-size decoded image, as the training worker replays them,
+    so both produce the same pixels."""
+    import torch
+
+    from distillery.platform.augment import make_views
+
+    cfg = view_augment_config(ViewRecipe(**recipe), size)
+    images, ids, view_ids, params = [], [], [], []
+    for uri, image_id, boxes in zip(row["uris"], row["image_ids"], row["boxes"]):
+        uri, image_id = str(uri), int(image_id)
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise CorruptImageError(f"image file is missing: {uri}") from None
+        # The same layout as the training ingest's decoded image (HWC array, CHW view of it).
+        image = torch.from_numpy(np.ascontiguousarray(decode_image(data, uri))).permute(2, 0, 1)
+        box_t = torch.from_numpy(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+        for v, (view_image, view_params) in enumerate(make_views(image, box_t, image_id, views, view_seed, cfg)):
+            images.append(view_image.numpy())
+            ids.append(image_id)
+            view_ids.append(v)
+            params.append(json.dumps(view_params, sort_keys=True))
+    # params travel as one JSON list per shard: a plain string column for Ray Data's Arrow blocks.
+    return {"shard": int(row["shard"]), "image_ids": np.asarray(ids, dtype=np.int64), "images": np.stack(images),
+            "views": np.asarray(view_ids, dtype=np.int32), "params": json.dumps(params)}
 
 
 class _TeacherActor:
@@ -142,14 +210,21 @@ class _TeacherActor:
                 feats.append(self.teacher(x.float().div_(255.0)).float().cpu().numpy())
             out_feats.append(np.concatenate(feats))
         # "forwards" counts images through the teacher: tests use it to prove resume skips work.
-        return {"shard": batch["shard"], "image_ids": batch["image_ids"],
-                "features": np.stack(out_feats), "forwards": np.asarray([len(f) for f in out_feats]),
-                "started": np.full(len(out_feats), started)}
+        out = {"shard": batch["shard"], "image_ids": batch["image_ids"],
+               "features": np.stack(out_feats), "forwards": np.asarray([len(f) for f in out_feats]),
+               "started": np.full(len(out_feats), started)}
+        for key in ("views", "params"):  # a view cache's rows: passed through to the writer
+            if key in batch:
+                out[key] = batch[key]
+        return out
 
 
 def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, Any]:
     writer = FeatureCacheWriter(**writer_args)
-    info = writer.write_shard(int(row["shard"]), [int(i) for i in row["image_ids"]], row["features"])
+    views = [int(v) for v in row["views"]] if "views" in row else None
+    params = [str(p) for p in json.loads(row["params"])] if "params" in row else None
+    info = writer.write_shard(int(row["shard"]), [int(i) for i in row["image_ids"]], row["features"],
+                              views=views, params=params)
     return {**info.to_dict(), "forwards": int(row["forwards"]), "started": float(row["started"])}
 
 
@@ -164,6 +239,13 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
                     "num_images": len(dataset), "categories": dataset.categories.to_dict()}
     writer_args = dict(uri=uri, fingerprint=fingerprint, grid=grid, dtype=cfg.cache.dtype,
                        shard_size=cfg.cache.shard_size, dataset=dataset_info)
+    views = cfg.cache.views
+    recipe = cfg.cache.view_recipe.model_dump(mode="json")
+    if views > 1:
+        from distillery.platform.augment import view_recipe
+
+        writer_args.update(views=views, view_seed=cfg.cache.view_seed,
+                           view_recipe=view_recipe(view_augment_config(cfg.cache.view_recipe, cfg.teacher.input_size)))
     writer = FeatureCacheWriter(**writer_args)
     shards = plan_shards(dataset.image_ids, cfg.cache.shard_size)
     todo = writer.begin(shards)
@@ -179,13 +261,23 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
         todo = todo[:stop]
     if todo:
         items = [{"shard": i, "image_ids": shards[i], "uris": [uri_of[iid] for iid in shards[i]]} for i in todo]
+        if views > 1:  # views draw IoU crops around the training boxes (crowd regions excluded)
+            boxes_of = {r.image_id: r.boxes[~r.iscrowd].astype(np.float32).reshape(-1).tolist()
+                        for r in dataset.records}
+            for item in items:
+                item["boxes"] = [boxes_of[iid] for iid in item["image_ids"]]
         gpus = (1.0 if use_gpu else 0.0) if cfg.compute.gpus_per_actor == "auto" else float(cfg.compute.gpus_per_actor)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         decode_cpus = cfg.compute.decode_cpus
         # Decode in CPU tasks, not inside the teacher actor: Ray Data would fuse this map into
         # the actor stage when their resources match; a remote-args function opts out of fusion.
-        ds = ds.map(_decode_shard, fn_kwargs={"size": cfg.teacher.input_size},
-                    ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
+        if views > 1:
+            ds = ds.map(_decode_shard_views, fn_kwargs={"size": cfg.teacher.input_size, "views": views,
+                                                        "view_seed": cfg.cache.view_seed, "recipe": recipe},
+                        ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
+        else:
+            ds = ds.map(_decode_shard, fn_kwargs={"size": cfg.teacher.input_size},
+                        ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
         ds = ds.map_batches(
             _TeacherActor, batch_size=1, batch_format="numpy",
             fn_constructor_kwargs={"teacher_cfg": cfg.teacher.model_dump(), "dtype": dtype,
@@ -218,7 +310,7 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
             "steady_images_per_second": steady,
             "bytes": sum(s["bytes"] for s in manifest["shards"]),
             "bytes_per_image": round(sum(s["bytes"] for s in manifest["shards"]) / manifest["count"], 1),
-            "grid": grid, "dtype": cfg.cache.dtype,
+            "grid": grid, "dtype": cfg.cache.dtype, "views": views,
             "fingerprint_digest": manifest["fingerprint_digest"]}
 
 

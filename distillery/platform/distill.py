@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.platform import storage
-from distillery.platform.cache_job import (CacheComputeConfig, CacheFeaturesConfig, CacheSettings,
+from distillery.platform.cache_job import (CacheComputeConfig, CacheFeaturesConfig, CacheSettings, ViewRecipe,
                                            build_teacher, ensure_dataset, resolve_teacher_dtype)
 from distillery.platform.coco import CocoDataset, load_coco
 from distillery.platform.config import absolute_uri, config_hash, flatten_config
@@ -94,13 +94,27 @@ def _prepare_cache(cfg: DistillConfig, train: CocoDataset, fingerprint: dict[str
         log.info("building the feature cache at %s", uri)
         cache_cfg = CacheFeaturesConfig(data=cfg.data, teacher=cfg.teacher, ray=cfg.ray, storage=cfg.storage,
                                         cache=CacheSettings(uri=cfg.cache.uri, dtype=cfg.cache.dtype,
-                                                            shard_size=cfg.cache.shard_size, splits=["train"]),
+                                                            shard_size=cfg.cache.shard_size, splits=["train"],
+                                                            views=cfg.cache.views, view_recipe=_view_recipe(cfg)),
                                         compute=CacheComputeConfig())
         grid = [fingerprint["embed_dim"], *_grid_of(fingerprint)]
         _cache_split(cache_cfg, "train", train, fingerprint, grid, dtype, use_gpu)
     cache = FeatureCache(uri, expected_fingerprint=fingerprint)
+    from distillery.platform.augment import AugmentConfig, view_recipe
+
+    # Views replayed in training must be the ones the cache drew: same K, same probabilities.
+    recipe = _view_recipe(cfg)
+    cache.check_views(cfg.cache.views, view_recipe(AugmentConfig(
+        size=cfg.student.input_size, photometric_prob=recipe.photometric_prob,
+        iou_crop_prob=recipe.iou_crop_prob, flip_prob=recipe.flip_prob)))
     cache.check_covers(train.image_ids)
     return cache
+
+
+def _view_recipe(cfg: DistillConfig) -> ViewRecipe:
+    """The cache-side view recipe implied by the training job's augmentation section."""
+    return ViewRecipe(photometric_prob=cfg.augment.photometric_prob, iou_crop_prob=cfg.augment.iou_crop_prob,
+                      flip_prob=cfg.augment.flip_prob)
 
 
 def _grid_of(fp: dict[str, Any]) -> tuple[int, int]:
@@ -180,7 +194,8 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
             del teacher
         if cfg.teacher_mode == "cached":
             dataset_cache = _prepare_cache(cfg, train, fingerprint, teacher_dtype, use_gpu)
-            cache_meta = {"dtype": dataset_cache.dtype, "grid": list(dataset_cache.grid)}
+            cache_meta = {"dtype": dataset_cache.dtype, "grid": list(dataset_cache.grid),
+                          "views": dataset_cache.views, "uri": dataset_cache.uri}
         # Per-operator progress bars of a dataset streamed for hours only flood the job log;
         # throughput is logged per epoch instead.
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -19,17 +19,64 @@ from distillery.platform.config import (DataConfig, RayConfig, StorageConfig, St
 __all__ = ["DistillConfig"]
 
 
+class PeftSettings(StrictModel):
+    """Parameter-efficient tuning of a DEIMv2 ViT backbone (distillery.students.peft.apply_peft):
+    the ViT is frozen and only adapters (+ router for AdaRoute), the STA, encoder and decoder train."""
+
+    method: Literal["none", "adaroute", "lora"] = "none"
+    rank: PositiveInt = 16
+    # AdaRoute: experts per shared centre (default: one per adapted block), sparse top-k mixing
+    # (default: dense softmax), router MLP width.
+    num_experts: PositiveInt | None = None
+    top_k: PositiveInt | None = None
+    router_hidden: PositiveInt = 16
+    # LoRA scaling alpha (default alpha = rank).
+    lora_alpha: float | None = Field(None, gt=0)
+    # Which ViT blocks (indices, negative allowed) and which Linear sub-layers of each block.
+    blocks: list[int] | None = None
+    sublayers: list[str] | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The ``peft`` argument of :func:`distillery.students.build_student`."""
+        out = self.model_dump(exclude_none=True)
+        if self.method != "adaroute":
+            for key in ("num_experts", "top_k", "router_hidden"):
+                out.pop(key, None)
+        if self.method != "lora":
+            out.pop("lora_alpha", None)
+        return out if self.method != "none" else {"method": "none"}
+
+
 class StudentSettings(StrictModel):
     name: str = "rtdetrv4_tiny"
     input_size: int = Field(256, ge=64, multiple_of=32)
     # Keyword overrides passed to build_student (e.g. num_queries, num_decoder_layers).
     overrides: dict[str, Any] = Field(default_factory=dict)
+    peft: PeftSettings = Field(default_factory=PeftSettings)
+
+    @model_validator(mode="after")
+    def _peft_needs_a_vit(self) -> "StudentSettings":
+        if self.peft.method == "none":
+            return self  # (no torch import for the common case: configs validate in a blink)
+        from distillery.students.deimv2 import DEIMV2_SPECS, DISTILLED_VIT, TIMM_DINOV3_VITS
+
+        spec = DEIMV2_SPECS.get(self.name)
+        backbone = self.overrides.get("backbone", spec.backbone if spec is not None else None)
+        if backbone != DISTILLED_VIT and backbone not in TIMM_DINOV3_VITS:
+            raise ValueError(f"student.peft.method={self.peft.method} needs a ViT backbone (deimv2_s/m/l/x/tiny); "
+                             f"{self.name} has {backbone or 'an HGNetv2 CNN'}")
+        return self
 
 
 class CacheRef(StrictModel):
     uri: str = "runs/cache/synthetic-dinov3-vitb16-256"
     dtype: Literal["fp16", "int8"] = "fp16"
     shard_size: PositiveInt = 32
+    # Teacher grids per image in the cache: 1 = plain images only; K > 1 = plain + K-1
+    # pre-augmented views (cache job `cache.views`), one per image and strong epoch in training.
+    # Must equal the cache manifest's `views` (checked before the first step), and the views'
+    # recipe must match the `augment` section.
+    views: PositiveInt = Field(1, le=64)
     # Build the cache (train split) before training when it is absent.
     build_if_missing: bool = True
 
@@ -78,6 +125,9 @@ class AugmentSettings(StrictModel):
     flip_prob: float = Field(0.5, ge=0, le=1)
     multiscale: bool = False
     multiscale_stop_epoch: int = Field(9, ge=0)
+    # DEIMv2's Copy-Blend (objects of other batch images blended in; 0 = off, as RT-DETRv4 trains).
+    copyblend_prob: float = Field(0.0, ge=0, le=1)
+    copyblend_epochs: tuple[int, int] = (3, 9)
 
 
 class DeepSpeedSettings(StrictModel):

@@ -8,11 +8,20 @@ Layout under the cache URI (local directory or ``s3://bucket/prefix``)::
     ...
     manifest.json         written last: its presence means every shard it lists is complete
 
-Each row holds one image's teacher grid, token-major: ``features`` is the raw bytes of a
+Each row holds one teacher grid of one image (``view`` 0: the plain image), token-major: ``features`` is the raw bytes of a
 (H*W, C) array in the storage dtype. ``fp16`` stores the grid as is; ``int8`` stores a symmetric
 per-token quantisation (one float32 scale per token = max|x| / 127), so each token keeps its own
 dynamic range. Columns are plain Parquet types, so Ray Data (``ray.data.read_parquet``), pandas
 or pyarrow read the shards natively from local disk and S3.
+
+Views (``views: K`` > 1): each image has K rows, views 0..K-1, stored next to each other and
+sorted by (image_id, view). View 0 is the plain image; views 1..K-1 are the teacher grids of
+pre-augmented images, and ``params`` holds each view's transform parameters as JSON (see
+``distillery.platform.augment.apply_view``). The manifest records ``views``, the ``view_seed``
+and the ``view_recipe`` they were drawn with. K is part of the plan: a cache URI holds one K, and
+resuming or reading it with another K is refused (a K=4 cache is not a K=1 cache plus extras:
+its shards and checksums differ). With K = 1 the plan and manifest are those of a cache
+without views, byte for byte.
 
 Shards are planned deterministically from the sorted image ids and the shard size, so an
 interrupted build resumes by computing only the shards whose file is missing, and ends with the
@@ -172,7 +181,8 @@ class FeatureCacheWriter:
     """Writes one cache: ``begin`` (plan), ``write_shard`` (any order, any process), ``finalize``."""
 
     def __init__(self, uri: str, fingerprint: dict[str, Any], grid: Sequence[int], dtype: StorageDtype,
-                 shard_size: int, dataset: dict[str, Any], views: int = 1):
+                 shard_size: int, dataset: dict[str, Any], views: int = 1, view_seed: int = 0,
+                 view_recipe: dict[str, Any] | None = None):
         if dtype not in ("fp16", "int8"):
             raise ValueError(f"cache dtype must be 'fp16' or 'int8', got {dtype!r}")
         self.uri = str(uri)
@@ -182,6 +192,17 @@ class FeatureCacheWriter:
         self.shard_size = int(shard_size)
         self.dataset = dict(dataset)
         self.views = int(views)
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        if self.views > 1 and view_recipe is None:
+            raise ValueError("a cache with views > 1 needs the view_recipe its views were drawn with")
+        self.view_seed = int(view_seed)
+        self.view_recipe = dict(view_recipe) if view_recipe is not None else None
+
+    def _view_fields(self) -> dict[str, Any]:
+        # Only caches with views carry these keys: a K=1 plan/manifest stays byte-identical to
+        # one written before views existed (so its earlier builds still resume).
+        return {"view_seed": self.view_seed, "view_recipe": self.view_recipe} if self.views > 1 else {}
 
     # The plan: everything that decides the bytes of the shards.
     def plan_doc(self, shards: list[list[int]]) -> dict[str, Any]:
@@ -189,7 +210,7 @@ class FeatureCacheWriter:
         return {"format_version": FORMAT_VERSION, "fingerprint_digest": fingerprint_digest(self.fingerprint),
                 "dtype": self.dtype, "grid": self.grid, "shard_size": self.shard_size, "views": self.views,
                 "num_shards": len(shards), "image_ids_sha256": ids_digest,
-                "dataset": self.dataset}
+                "dataset": self.dataset, **self._view_fields()}
 
     def begin(self, shards: list[list[int]]) -> list[int]:
         """Record the plan (or check it against an earlier run's); return indices still to write."""
@@ -220,10 +241,14 @@ class FeatureCacheWriter:
         grids = np.asarray(grids)
         if grids.ndim != 4 or list(grids.shape[1:]) != self.grid:
             raise CacheError(f"shard {index}: features of shape {tuple(grids.shape)} do not match grid {self.grid}")
+        if self.views > 1 and (views is None or params is None or len(grids) != len(set(image_ids)) * self.views):
+            raise CacheError(f"shard {index}: a cache with {self.views} views needs {self.views} rows per image, "
+                             "each with its view index and params")
         data = _shard_bytes(image_ids, grids, self.dtype, views, params)
         name = shard_name(index)
         storage.write_bytes(storage.join(self.uri, name), data)
-        return ShardInfo(index, name, len(image_ids), hashlib.sha256(data).hexdigest(), len(data),
+        # count = images (a view cache has `views` rows per image).
+        return ShardInfo(index, name, len(set(image_ids)), hashlib.sha256(data).hexdigest(), len(data),
                          int(min(image_ids)), int(max(image_ids)))
 
     def shard_info_from_file(self, index: int) -> ShardInfo:
@@ -231,7 +256,7 @@ class FeatureCacheWriter:
         name = shard_name(index)
         data = storage.read_bytes(storage.join(self.uri, name))
         ids = pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist()
-        return ShardInfo(index, name, len(ids), hashlib.sha256(data).hexdigest(), len(data),
+        return ShardInfo(index, name, len(set(ids)), hashlib.sha256(data).hexdigest(), len(data),
                          int(min(ids)), int(max(ids)))
 
     def finalize(self, num_shards: int, written: list[ShardInfo]) -> dict[str, Any]:
@@ -261,6 +286,7 @@ class FeatureCacheWriter:
             "count": sum(s.count for s in shards),
             "dataset": self.dataset,
             "shards": [s.to_dict() for s in shards],
+            **self._view_fields(),
         }
         storage.write_text(storage.join(self.uri, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
         return manifest
@@ -289,6 +315,7 @@ class FeatureCache:
                              f"is not {FORMAT_VERSION}")
         if expected_fingerprint is not None:
             self.check_fingerprint(expected_fingerprint)
+        self._rows: dict[tuple[int, int], tuple[str, int]] | None = None
         self._index: dict[int, tuple[str, int]] | None = None
         self._tables: dict[str, pa.Table] = {}
 
@@ -306,6 +333,19 @@ class FeatureCache:
         return self.manifest["dtype"]
 
     @property
+    def views(self) -> int:
+        """Teacher grids per image: 1 (the plain image) or K (plain + K-1 pre-augmented views)."""
+        return int(self.manifest.get("views", 1))
+
+    @property
+    def view_seed(self) -> int | None:
+        return self.manifest.get("view_seed")
+
+    @property
+    def view_recipe(self) -> dict[str, Any] | None:
+        return self.manifest.get("view_recipe")
+
+    @property
     def shard_uris(self) -> list[str]:
         return [storage.join(self.uri, s["name"]) for s in self.manifest["shards"]]
 
@@ -319,11 +359,34 @@ class FeatureCache:
                 f"  cache:    {json.dumps(found, sort_keys=True)}")
 
     def check_covers(self, image_ids: Iterable[int]) -> None:
-        """Raise naming the missing ids if the cache lacks any of ``image_ids``."""
-        missing = sorted(set(int(i) for i in image_ids) - set(self.index))
+        """Raise naming the missing ids if the cache lacks any of ``image_ids`` (or any of their views)."""
+        wanted = set(int(i) for i in image_ids)
+        missing = sorted(wanted - set(self.index))
         if missing:
             shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
             raise CacheError(f"feature cache {self.uri} lacks {len(missing)} images of the dataset: {shown}")
+        rows = self._row_index()
+        partial = sorted(i for i in wanted if any((i, v) not in rows for v in range(self.views)))
+        if partial:
+            shown = ", ".join(str(i) for i in partial[:10]) + (" ..." if len(partial) > 10 else "")
+            raise CacheError(f"feature cache {self.uri} lacks some of the {self.views} views of "
+                             f"{len(partial)} images: {shown}")
+
+    def check_views(self, views: int, recipe: dict[str, Any] | None = None) -> None:
+        """Refuse a cache whose number of views (or, with views, whose view recipe) is not the
+        configured one; the message names the cache and both values."""
+        if int(views) != self.views:
+            raise CacheError(
+                f"feature cache {self.uri} has {self.views} view(s) per image but cache.views={views} is "
+                f"configured: set cache.views={self.views}, or build a {views}-view cache at another "
+                f"cache.uri (jobs/cache_features.py cache.views={views})")
+        if self.views > 1 and recipe is not None and dict(recipe) != self.view_recipe:
+            diff = sorted(k for k in set(recipe) | set(self.view_recipe or {})
+                          if recipe.get(k) != (self.view_recipe or {}).get(k))
+            raise CacheError(
+                f"feature cache {self.uri}: its views were drawn with another augmentation recipe "
+                f"(fields differ: {', '.join(diff)}): cache {json.dumps(self.view_recipe, sort_keys=True)}, "
+                f"training {json.dumps(dict(recipe), sort_keys=True)}")
 
     def verify(self) -> None:
         """Check every shard's checksum against the manifest (reads every byte)."""
@@ -342,34 +405,50 @@ class FeatureCache:
             self._tables[name] = pq.read_table(io.BytesIO(data))
         return self._tables[name]
 
-    @property
-    def index(self) -> dict[int, tuple[str, int]]:
-        """image_id -> (shard name, row) of its first view; built lazily from the shards."""
-        if self._index is None:
-            index: dict[int, tuple[str, int]] = {}
+    def _row_index(self) -> dict[tuple[int, int], tuple[str, int]]:
+        """(image_id, view) -> (shard name, row); built lazily from the shards."""
+        if self._rows is None:
+            rows: dict[tuple[int, int], tuple[str, int]] = {}
             for s in self.manifest["shards"]:
                 t = self._table(s["name"])
                 ids = t.column("image_id").to_pylist()
                 views = t.column("view").to_pylist()
                 for row, (iid, view) in enumerate(zip(ids, views)):
-                    if view == 0:
-                        index[iid] = (s["name"], row)
-            self._index = index
+                    rows[(iid, view)] = (s["name"], row)
+            self._rows = rows
+        return self._rows
+
+    @property
+    def index(self) -> dict[int, tuple[str, int]]:
+        """image_id -> (shard name, row) of its plain view (view 0)."""
+        if self._index is None:
+            self._index = {iid: loc for (iid, view), loc in self._row_index().items() if view == 0}
         return self._index
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
 
-    def get(self, image_id: int) -> np.ndarray:
-        """The float32 (C, H, W) grid of one image."""
+    def _locate(self, image_id: int, view: int) -> tuple[str, int]:
+        if not 0 <= int(view) < self.views:
+            raise CacheError(f"view {view} is out of range: feature cache {self.uri} has {self.views} view(s)")
         try:
-            name, row = self.index[int(image_id)]
+            return self._row_index()[(int(image_id), int(view))]
         except KeyError:
-            raise CacheError(f"image id {image_id} is not in feature cache {self.uri}") from None
+            raise CacheError(f"image id {image_id} (view {view}) is not in feature cache {self.uri}") from None
+
+    def get(self, image_id: int, view: int = 0) -> np.ndarray:
+        """The float32 (C, H, W) grid of one image (``view`` 0: the plain image)."""
+        name, row = self._locate(image_id, view)
         t = self._table(name)
         feats = t.column("features")[row].as_py()
         scale = t.column("scale")[row].as_py()
         return decode_features(feats, scale, self.dtype, self.grid)
+
+    def params(self, image_id: int, view: int) -> dict[str, Any] | None:
+        """A view's transform parameters (None in a cache without views)."""
+        name, row = self._locate(image_id, view)
+        text = self._table(name).column("params")[row].as_py()
+        return json.loads(text) if text is not None else None
 
 
 def manifest_sha256(uri: str) -> str:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from distillery.platform import storage
-from distillery.platform.augment import AugmentConfig, Augmenter, collate
+from distillery.platform.augment import AugmentConfig, Augmenter, collate, view_recipe
 from distillery.platform.distill_config import DistillConfig
 from distillery.platform.ingest import rows_to_samples
 
@@ -234,7 +234,8 @@ def train_worker(config: dict[str, Any]) -> None:
     teacher_dim = run["teacher_dim"]
     model = build_student(cfg.student.name, num_classes=run["num_classes"],
                           eval_spatial_size=cfg.student.input_size,
-                          dsi=teacher_dim is not None, teacher_dim=teacher_dim, **cfg.student.overrides)
+                          dsi=teacher_dim is not None, teacher_dim=teacher_dim, peft=cfg.student.peft.kwargs(),
+                          **cfg.student.overrides)
     criterion = build_criterion(num_classes=run["num_classes"])
     optimizer = build_optimizer(model, lr=cfg.optim.lr, backbone_lr=cfg.optim.backbone_lr,
                                 weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
@@ -283,8 +284,10 @@ def train_worker(config: dict[str, Any]) -> None:
         size=cfg.student.input_size, policy_epochs=a.policy_epochs, mosaic_prob=a.mosaic_prob,
         mixup_prob=a.mixup_prob, mixup_epochs=a.mixup_epochs, photometric_prob=a.photometric_prob,
         iou_crop_prob=a.iou_crop_prob, flip_prob=a.flip_prob,
+        copyblend_prob=a.copyblend_prob, copyblend_epochs=a.copyblend_epochs,
         multiscale_stop_epoch=a.multiscale_stop_epoch if a.multiscale else 0), seed=cfg.train.seed * 1000 + rank)
     cache_meta = run.get("cache_meta")
+    cache_views = _check_cache_views(cfg, augmenter.cfg)
     logger = None
     monitor = None
     if rank == 0 and run.get("run_id"):
@@ -300,13 +303,19 @@ def train_worker(config: dict[str, Any]) -> None:
                 monitor.start()
             except Exception as exc:  # system metrics are nice to have, never a reason to fail
                 log.warning("system metrics disabled: %s", exc)
+        if start_epoch == 0:  # what trains (PEFT freezes the ViT backbone) vs what is deployed
+            module = engine.module
+            logger.log({"model/params_total": float(sum(p.numel() for p in module.parameters())),
+                        "model/params_trainable": float(sum(p.numel() for p in module.parameters()
+                                                            if p.requires_grad)),
+                        "model/params_inference": float(module.num_inference_parameters())}, step=0)
     kill = cfg.debug.kill
     shard = ray.train.get_dataset_shard("train")
 
     for epoch in range(start_epoch, cfg.train.epochs):
         engine.train()
         t_epoch = time.perf_counter()
-        images_seen, steps_in_epoch = 0, 0
+        images_seen, steps_in_epoch, view_samples = 0, 0, 0
         batches = shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
                                      local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
@@ -318,7 +327,13 @@ def train_worker(config: dict[str, Any]) -> None:
                 batch = None
             if not _all_ranks(batch is not None, device):
                 break
-            samples = augmenter.batch(rows_to_samples(batch, cache_meta), epoch)
+            # Cached views serve the strong-augmentation epochs only: one view per image and
+            # epoch, chosen from (seed, epoch, image id) alone, so ranks and restarts agree.
+            view_epoch = epoch - augmenter.cfg.policy_epochs[0] \
+                if cache_views > 1 and augmenter.strong(epoch) else None
+            plain_or_views = rows_to_samples(batch, cache_meta, view_epoch=view_epoch, seed=cfg.train.seed)
+            view_samples += sum(s.view > 0 for s in plain_or_views)
+            samples = augmenter.batch(plain_or_views, epoch)
             b = collate(samples, f5_hw=None)
             images = b["images"].to(device)
             f5_hw = (images.shape[-2] // 32, images.shape[-1] // 32)
@@ -358,6 +373,8 @@ def train_worker(config: dict[str, Any]) -> None:
                                    "lambda_before": lam_before,
                                    "images_per_second": images_seen * world / max(epoch_seconds, 1e-9),
                                    "epoch_seconds": epoch_seconds}
+        if cache_views > 1:  # this rank's share of samples served by an exact cached view
+            metrics["cached_view_fraction"] = view_samples / max(images_seen, 1)
         if gam is not None and gam.history:
             metrics["aifi_ratio"] = gam.history[-1].get("ratio", 0.0)
             for name, share in (gam.last_shares or {}).items():
@@ -375,6 +392,18 @@ def train_worker(config: dict[str, Any]) -> None:
 
     if monitor is not None:
         monitor.finish()
+
+
+def _check_cache_views(cfg: DistillConfig, augment_cfg: AugmentConfig) -> int:
+    """``cache.views`` against the cache's manifest (and, with views, the augmentation recipe
+    the views were drawn with): a mismatch stops the worker before its first step."""
+    if cfg.teacher_mode != "cached":
+        return 1
+    from distillery.platform.feature_cache import FeatureCache
+
+    cache = FeatureCache(storage.join(cfg.cache.uri, "train"))
+    cache.check_views(cfg.cache.views, view_recipe(augment_cfg))
+    return cache.views
 
 
 def _render_teacher(samples, f5_hw: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
