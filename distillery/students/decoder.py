@@ -23,6 +23,23 @@ Pipeline, for encoder maps P3..P5 (``hidden`` channels each after the optional i
    "teacher" of the Decoupled Distillation Focal loss.
 
 In eval only the ``eval_idx`` layer's head runs (the last by default) and later layers are skipped.
+
+DEIMv2 options (arXiv 2509.20787; all off by default, so the default decoder is D-FINE's):
+
+* ``ffn="swiglu"``: the FFN of every layer becomes a SwiGLU FFN, ``W3 (SiLU(x W1) * x W2)``, of
+  hidden width ``ffn_dim // 2``, as DEIMv2 sizes it (3/4 of the weights of a plain FFN of width
+  ``ffn_dim``).
+* ``norm="rmsnorm"``: every normalisation of the decoder layers (and of the gate) is an
+  :class:`RMSNorm` (no mean subtraction, no bias) instead of a LayerNorm.
+* ``share_query_pos=True``: the query position embedding is computed once, from the initial
+  reference boxes, and shared by all layers (DEIMv2 observed that the references barely move).
+* ``query_pos_layers`` / ``query_pos_hidden``: DEIMv2's position head is a 3-layer MLP of width
+  ``hidden`` (D-FINE: 2 layers of width ``2 * hidden``).
+* ``enc_output=False``: query selection scores the memory directly (DEIMv2 drops D-FINE's
+  ``Linear + LayerNorm`` in front of the encoder heads).
+* ``use_gateway=False``: cross-attention output is added residually and normalised (the
+  ultra-light DEIMv2 sizes) instead of the learned gate.
+* ``share_bbox_head=True``: one box (bin-logit) head for all layers (the ultra-light sizes).
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .box_ops import edge_distances_to_box, inverse_sigmoid, weighting_function
@@ -38,12 +56,65 @@ from .deformable import MSDeformableAttention
 from .denoising import build_denoising_queries
 from .encoder import ConvNormAct, make_activation
 
-__all__ = ["DFINEDecoder", "DecoderLayer", "Gate", "LQE", "MLP", "distribution_to_distances"]
+__all__ = ["DFINEDecoder", "DecoderLayer", "Gate", "LQE", "MLP", "RMSNorm", "SwiGLUFFN", "distribution_to_distances",
+           "make_norm"]
+
+FFN_TYPES = ("mlp", "swiglu")
+NORM_TYPES = ("layernorm", "rmsnorm")
 
 
 def prior_logit(prob: float) -> float:
     """Bias giving a sigmoid output of ``prob`` (focal-loss style initialisation)."""
     return -math.log((1.0 - prob) / prob)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation: ``x / sqrt(mean(x^2) + eps) * weight``, computed in float32.
+
+    Written out (rather than ``nn.RMSNorm``) because the TorchScript ONNX exporter has no
+    ``aten::rms_norm`` at opset 17; these are the same few ops it would decompose into.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """``layernorm`` -> ``nn.LayerNorm(dim)``; ``rmsnorm`` -> :class:`RMSNorm` (eps 1e-6, as DEIMv2)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim)
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    raise ValueError(f"unknown decoder norm {kind!r}; expected one of {NORM_TYPES}")
+
+
+class SwiGLUFFN(nn.Module):
+    """``w3(SiLU(a) * b)`` with ``(a, b) = w12(x).chunk(2)``; Xavier weights, zero biases."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        if hidden_dim < 1:
+            raise ValueError(f"SwiGLUFFN: hidden_dim must be >= 1, got {hidden_dim}")
+        self.w12 = nn.Linear(dim, 2 * hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+        for layer in (self.w12, self.w3):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
 
 
 class MLP(nn.Module):
@@ -66,12 +137,12 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """``norm(g1 * x + g2 * y)`` with sigmoid gates from ``[x, y]``; starts as ``norm(0.5 x + 0.5 y)``."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, norm: str = "layernorm"):
         super().__init__()
         self.gate = nn.Linear(2 * dim, 2 * dim)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, prior_logit(0.5))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = make_norm(norm, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g1, g2 = torch.sigmoid(self.gate(torch.cat([x, y], dim=-1))).chunk(2, dim=-1)
@@ -106,25 +177,42 @@ def distribution_to_distances(corner_logits: torch.Tensor, project: torch.Tensor
 
 
 class DecoderLayer(nn.Module):
-    """Self-attention -> deformable cross-attention (gated) -> FFN, post-norm."""
+    """Self-attention -> deformable cross-attention (gated, or residual + norm) -> FFN, post-norm.
+
+    ``ffn``: ``mlp`` (``linear1 -> act -> linear2``) or ``swiglu`` (:class:`SwiGLUFFN` of width
+    ``ffn_dim // 2``, attribute ``swiglu``); ``norm``: ``layernorm`` or ``rmsnorm``;
+    ``use_gateway=False`` replaces the gate by ``norm2(target + cross)``.
+    """
 
     def __init__(self, dim: int = 256, num_heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.0,
-                 act: str = "relu", num_points: Sequence[int] = (3, 6, 3)):
+                 act: str = "relu", num_points: Sequence[int] = (3, 6, 3), *, ffn: str = "mlp",
+                 norm: str = "layernorm", use_gateway: bool = True):
         super().__init__()
+        if ffn not in FFN_TYPES:
+            raise ValueError(f"DecoderLayer: unknown ffn {ffn!r}; expected one of {FFN_TYPES}")
+        self.ffn_type = ffn
+        self.use_gateway = use_gateway
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = make_norm(norm, dim)
         self.cross_attn = MSDeformableAttention(dim, num_heads, num_points)
         self.dropout2 = nn.Dropout(dropout)
-        self.gateway = Gate(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.activation = make_activation(act)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        if use_gateway:
+            self.gateway = Gate(dim, norm)
+        else:
+            self.norm2 = make_norm(norm, dim)
+        if ffn == "mlp":
+            self.linear1 = nn.Linear(dim, ffn_dim)
+            self.activation = make_activation(act)
+            self.dropout3 = nn.Dropout(dropout)
+            self.linear2 = nn.Linear(ffn_dim, dim)
+        else:
+            self.swiglu = SwiGLUFFN(dim, ffn_dim // 2)
         self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(dim)
-        nn.init.xavier_uniform_(self.linear1.weight)
-        nn.init.xavier_uniform_(self.linear2.weight)
+        self.norm3 = make_norm(norm, dim)
+        if ffn == "mlp":
+            nn.init.xavier_uniform_(self.linear1.weight)
+            nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(self, target: torch.Tensor, reference_boxes: torch.Tensor, values: list[torch.Tensor],
                 spatial_shapes: list[tuple[int, int]], attn_mask: torch.Tensor | None,
@@ -133,8 +221,14 @@ class DecoderLayer(nn.Module):
         attended, _ = self.self_attn(q, k, value=target, attn_mask=attn_mask, need_weights=False)
         target = self.norm1(target + self.dropout1(attended))
         cross = self.cross_attn(target + query_pos, reference_boxes, values, spatial_shapes)
-        target = self.gateway(target, self.dropout2(cross))
-        ffn = self.linear2(self.dropout3(self.activation(self.linear1(target))))
+        if self.use_gateway:
+            target = self.gateway(target, self.dropout2(cross))
+        else:
+            target = self.norm2(target + self.dropout2(cross))
+        if self.ffn_type == "mlp":
+            ffn = self.linear2(self.dropout3(self.activation(self.linear1(target))))
+        else:
+            ffn = self.swiglu(target)
         # The clamp keeps fp16 activations finite (the reference does the same).
         return self.norm3((target + self.dropout4(ffn)).clamp(min=-65504, max=65504))
 
@@ -148,7 +242,9 @@ class DFINEDecoder(nn.Module):
                  num_points: Sequence[int] = (3, 6, 3), act: str = "silu", mlp_act: str = "silu",
                  num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
                  reg_max: int = 32, reg_scale: float = 4.0, up: float = 0.5, eval_idx: int = -1,
-                 anchor_eps: float = 1e-2):
+                 anchor_eps: float = 1e-2, *, ffn: str = "mlp", norm: str = "layernorm",
+                 share_query_pos: bool = False, query_pos_layers: int = 2, query_pos_hidden: int | None = None,
+                 enc_output: bool = True, use_gateway: bool = True, share_bbox_head: bool = False):
         super().__init__()
         if len(num_points) != len(feat_channels) or len(feat_strides) != len(feat_channels):
             raise ValueError(f"DFINEDecoder: feat_channels {list(feat_channels)}, feat_strides {list(feat_strides)} "
@@ -166,6 +262,9 @@ class DFINEDecoder(nn.Module):
         self.reg_scale = float(reg_scale)
         self.up = float(up)
         self.anchor_eps = anchor_eps
+        self.share_query_pos = bool(share_query_pos)
+        if query_pos_layers < 2:
+            raise ValueError(f"DFINEDecoder: query_pos_layers must be >= 2, got {query_pos_layers}")
         self.eval_idx = eval_idx if eval_idx >= 0 else num_layers + eval_idx
         if not 0 <= self.eval_idx < num_layers:
             raise ValueError(f"DFINEDecoder: eval_idx {eval_idx} out of range for {num_layers} layers")
@@ -178,7 +277,8 @@ class DFINEDecoder(nn.Module):
             if isinstance(proj, ConvNormAct):
                 nn.init.xavier_uniform_(proj.conv.weight)
 
-        self.layers = nn.ModuleList([DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, act, num_points)
+        self.layers = nn.ModuleList([DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, act, num_points, ffn=ffn,
+                                                  norm=norm, use_gateway=use_gateway)
                                      for _ in range(num_layers)])
         self.lqe_layers = nn.ModuleList([LQE(4, 64, 2, reg_max, act=act) for _ in range(num_layers)])
 
@@ -188,17 +288,25 @@ class DFINEDecoder(nn.Module):
         else:
             self.denoising_class_embed = None
 
-        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2, act=mlp_act)
-        self.enc_output = nn.Sequential()
-        self.enc_output.add_module("proj", nn.Linear(hidden_dim, hidden_dim))
-        self.enc_output.add_module("norm", nn.LayerNorm(hidden_dim))
+        pos_hidden = 2 * hidden_dim if query_pos_hidden is None else int(query_pos_hidden)
+        self.query_pos_head = MLP(4, pos_hidden, hidden_dim, query_pos_layers, act=mlp_act)
+        if enc_output:
+            self.enc_output = nn.Sequential()
+            self.enc_output.add_module("proj", nn.Linear(hidden_dim, hidden_dim))
+            self.enc_output.add_module("norm", nn.LayerNorm(hidden_dim))
+        else:  # DEIMv2: the encoder heads read the memory as it is
+            self.enc_output = None
         self.enc_score_head = nn.Linear(hidden_dim, num_classes)
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=mlp_act)
 
         self.dec_score_head = nn.ModuleList([nn.Linear(hidden_dim, num_classes) for _ in range(num_layers)])
         self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=mlp_act)
-        self.dec_bbox_head = nn.ModuleList([MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, act=mlp_act)
-                                            for _ in range(num_layers)])
+        if share_bbox_head:  # one module listed num_layers times: parameters() counts it once
+            shared = MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, act=mlp_act)
+            self.dec_bbox_head = nn.ModuleList([shared] * num_layers)
+        else:
+            self.dec_bbox_head = nn.ModuleList([MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, act=mlp_act)
+                                                for _ in range(num_layers)])
         self._reset_head_parameters()
 
     def _reset_head_parameters(self) -> None:
@@ -209,9 +317,10 @@ class DFINEDecoder(nn.Module):
             nn.init.zeros_(head.layers[-1].bias)
         for head in self.dec_score_head:
             nn.init.constant_(head.bias, bias)
-        nn.init.xavier_uniform_(self.enc_output.proj.weight)
-        nn.init.xavier_uniform_(self.query_pos_head.layers[0].weight)
-        nn.init.xavier_uniform_(self.query_pos_head.layers[1].weight)
+        if self.enc_output is not None:
+            nn.init.xavier_uniform_(self.enc_output.proj.weight)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
 
     # ----------------------------------------------------------------------------------------------
     def _flatten_memory(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -248,7 +357,7 @@ class DFINEDecoder(nn.Module):
                              f"{self.num_queries} queries; use a larger input or fewer num_queries")
         anchors, valid = self._anchors(shapes, memory.device, memory.dtype)
         memory = valid.to(memory.dtype) * memory
-        enc_memory = self.enc_output(memory)
+        enc_memory = self.enc_output(memory) if self.enc_output is not None else memory
         enc_logits = self.enc_score_head(enc_memory)
         topk = enc_logits.max(-1).values.topk(self.num_queries, dim=1).indices  # (B, Q)
 
@@ -287,8 +396,13 @@ class DFINEDecoder(nn.Module):
         prev_corners = None
         ref_boxes = torch.sigmoid(ref_logit)  # detached reference of the current layer
         logits_per_layer, boxes_per_layer, corners_per_layer = [], [], []
+        # DEIMv2: one position embedding, from the initial references, for every layer.
+        shared_pos = self.query_pos_head(ref_boxes).clamp(min=-10, max=10) if self.share_query_pos else None
         for i, layer in enumerate(self.layers):
-            query_pos = self.query_pos_head(ref_boxes).clamp(min=-10, max=10)
+            if shared_pos is not None:
+                query_pos = shared_pos
+            else:
+                query_pos = self.query_pos_head(ref_boxes).clamp(min=-10, max=10)
             output = layer(output, ref_boxes, values, shapes, attn_mask, query_pos)
             if i == 0:
                 # The coarse box of layer 0 is the fixed reference of the distribution refinement.

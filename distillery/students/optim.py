@@ -23,7 +23,9 @@ the first component of the parameter name (``backbone``, ``encoder``, ``decoder`
 prefixes ``module.`` / ``_orig_mod.`` ignored), and a parameter is a normalisation parameter when
 the module that owns it is a normalisation layer (BatchNorm/SyncBatchNorm/InstanceNorm,
 LayerNorm, GroupNorm, RMSNorm) or, for custom norm classes, when that module's attribute name
-is ``bn`` or contains ``norm`` (the naming the official regexes rely on).
+is ``bn`` or contains ``norm`` (the naming the official regexes rely on). PEFT adapters inside a
+frozen backbone (AdaRoute centres and routers, LoRA factors) are new, zero-started weights, not
+pretrained ones: they go to the ``default`` group at the base rate.
 
 Schedule. ``engine/optim/lr_scheduler.py`` (``flat_cosine_schedule``, from DEIM), per iteration:
 warm-up for ``warmup_steps`` (the official curve is *quadratic*, ``(step / warmup)^2``, not
@@ -39,6 +41,7 @@ after ``optimizer.step()``) step k runs with ``f(k)``, starting from ``f(0) = 0`
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable, Literal
 
 import torch
@@ -100,6 +103,11 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
+# Trainable PEFT adapter parameters inside a frozen backbone (distillery.students.peft):
+# AdaRoute's shared expert centres and routers, LoRA's factors.
+_PEFT_ADAPTER = re.compile(r"(^|\.)peft_centres\.|\.router\.|\.lora_(down|up)$")
+
+
 def is_norm_module(attribute_name: str, module: nn.Module) -> bool:
     """Whether ``module`` (reached as ``attribute_name`` in its parent) is a normalisation layer."""
     if isinstance(module, NORM_LAYER_TYPES):
@@ -150,7 +158,9 @@ def build_param_groups(
     }
     members: dict[str, list[tuple[str, nn.Parameter]]] = {k: [] for k in groups}
     for name, param, component, norm, bias in _classify(model):
-        if component == "backbone":
+        if component == "backbone" and _PEFT_ADAPTER.search(name):
+            target = "default"  # adapters start from zero on a frozen backbone: the base rate
+        elif component == "backbone":
             if norm and norm_rule == "all":
                 target = "no_decay"
             else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from torch import nn
 from .backbone import HGNetv2Backbone
 from .decoder import DFINEDecoder
 from .encoder import HybridEncoder
+
+if TYPE_CHECKING:
+    from .deimv2 import DEIMv2
 
 __all__ = ["COMPONENTS", "RTDETRv4", "STUDENT_SPECS", "StudentSpec", "build_student"]
 
@@ -173,14 +177,33 @@ class RTDETRv4(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if self.component_of(n) != "dsi")
 
 
-def build_student(name: str, **overrides) -> RTDETRv4:
+def build_student(name: str, peft: dict[str, Any] | None = None, **overrides) -> RTDETRv4 | DEIMv2:
     """An RT-DETRv4 student by size name (``rtdetrv4_s|m|l|x|tiny``), any :class:`StudentSpec` field overridable.
 
     Common overrides: ``num_classes``, ``dsi`` (False -> ``model.dsi is None``), ``teacher_dim``
     (None -> no DSI), ``num_queries``, ``num_decoder_layers``, ``eval_spatial_size`` (int or
     (H, W)), ``backbone_weights`` (a local ``.pth`` / ``.safetensors`` file in timm layout),
     ``freeze_at`` / ``freeze_stem_only`` / ``freeze_norm``. Unknown names raise ``TypeError``.
+
+    ``deimv2_*`` names are DEIMv2 students with the same interface, built by
+    :func:`~.deimv2.build_deimv2` (its :class:`~.deimv2.DEIMv2Spec` fields are the overrides).
+
+    ``peft`` (``{"method": "adaroute" | "lora" | "none", **apply_peft options}``) freezes a DEIMv2
+    ViT backbone and inserts adapters (:func:`~.deimv2.apply_backbone_peft`); the report is kept
+    as ``model.peft_report``. RT-DETRv4's CNN backbone has no PEFT and raises ``ValueError``.
     """
+    peft = dict(peft or {})
+    method = peft.pop("method", "none")
+    if name.startswith("deimv2_"):
+        from .deimv2 import apply_backbone_peft, build_deimv2  # imported on first use of a DEIMv2 name
+
+        model = build_deimv2(name, **overrides)
+        if method != "none":
+            model.peft_report = apply_backbone_peft(model, method, **peft)
+        return model
+    if method != "none":
+        raise ValueError(f"build_student({name!r}, peft={method!r}): PEFT adapters need a ViT backbone "
+                         "(deimv2_s/m/l/x or deimv2_tiny); RT-DETRv4 students fine-tune their HGNetv2 fully")
     if name not in STUDENT_SPECS:
         raise KeyError(f"unknown student {name!r}; expected one of {sorted(STUDENT_SPECS)}")
     fields = {f.name for f in dataclasses.fields(StudentSpec)}

@@ -1,0 +1,737 @@
+"""DEIMv2 students (arXiv 2509.20787): DINOv3 ViT + STA or pruned HGNetv2, DEIMv2 encoder, D-FINE decoder.
+
+Built from the same parts as RT-DETRv4 (:mod:`.encoder`, :mod:`.decoder` with its DEIMv2
+options, :mod:`.backbone`) plus the Spatial Tuning Adapter (:mod:`.sta`). Sizes
+(``build_deimv2(name)``), from the official ``configs/deimv2/deimv2_*_coco.yml`` over
+``configs/base/deimv2.yml``; params / GFLOPs are the paper's (README model zoo), GFLOPs at the
+model's own input size:
+
+=======  ==============================  ==========  =================  ======  =====  =========  ==========
+name     backbone (blocks / levels)      STA c, out  encoder            hidden  dec.   input      params / G
+=======  ==============================  ==========  =================  ======  =====  =========  ==========
+x        DINOv3 ViT-S+/16 (5, 8, 11)     64, 256     hybrid 1.25/1.37   256     6 L    640        50.3 M / 151.6
+l        DINOv3 ViT-S/16 (5, 8, 11)      32, 224     hybrid 1.0/1.0     224     4 L    640        32.2 M / 96.7
+m        ViT-Tiny+ 256-d (3, 7, 11)      16, 256     hybrid 0.67/1.0    256     4 L    640        18.1 M / 52.2
+s        ViT-Tiny 192-d (3, 7, 11)       16, 192     hybrid 0.34/0.67   192     4 L    640        9.7 M / 25.6
+n        HGNetv2-B0, strides 16, 32      -           hybrid 0.34/0.5    128     3 L    640        3.6 M / 6.8
+pico     B0 without stage 4 (/16)        -           lite 0.34/0.5      112     3 L    640        1.5 M / 5.2
+femto    Pico, 1 block in stage 3        -           lite 0.34/0.5      96      3 L    416        1.0 M / 1.7
+atto     Femto, stage 3 at 256 ch, k3    -           lite 0.34/0.5      64      3 L    320        0.49 M / 0.8
+=======  ==============================  ==========  =================  ======  =====  =========  ==========
+
+(encoder column: CCFF ``expansion / depth_mult``.) Shared: 8 attention heads everywhere, 300
+queries (pico 200, femto 150, atto 100), 100 denoising queries, reg_max 32, reg_scale 4, SiLU
+in CCFF and decoder, GELU in AIFI. Decoder FFN widths: x 2048, l 1792, m / s 512, n 512, pico
+320, femto 256, atto 160. Points per level: [3, 6, 3] (three levels), n [6, 6], lite [4, 2].
+
+What differs from RT-DETRv4 besides the backbone:
+
+* **Encoder.** DEIMv2's hybrid encoder fuses levels by *sum* instead of concatenation, and its
+  CSP stages are ``RepC3``-style (one 1x1 conv split in two halves, RepVGG blocks on one half,
+  the halves added); the S/M/L/X fusion block drops the 3x3 convs after each CSP stage
+  (official ``version: deim``, :class:`GELANBlock` with ``post_conv=False``), N keeps them
+  (``version: dfine``). Input projections are skipped when a level already has ``hidden``
+  channels. Pico/Femto/Atto use :class:`LiteEncoder`: one stride-16 input, a stride-32 level
+  made by average pooling and a global-average-pool fusion, one top-down and one bottom-up
+  GELAN block, no attention.
+* **Decoder.** :class:`~.decoder.DFINEDecoder` with ``ffn="swiglu"``, ``norm="rmsnorm"``,
+  ``share_query_pos=True``, a 3-layer position head, no ``enc_output``; the ultra-light sizes
+  also drop the gate and share one box head.
+* **Input.** The DINOv3 sizes normalise with ImageNet mean / std inside the model (the official
+  DINOv3 configs do it in the data pipeline; our pipeline hands every student [0, 1] RGB);
+  the HGNetv2 sizes take [0, 1] RGB unnormalised, like RT-DETRv4 and the official configs.
+
+Backbone weights (``backbone_weights``, a local file, ``torch.load(weights_only=True)`` or
+safetensors): for ViTs, timm layout, official DINOv3 layout (``storage_tokens``,
+``ls1.gamma``, fused ``qkv.bias``; converted with timm's own filter) or the official distilled
+ViT-Tiny layout (``vitt_distill.pt``: ``qkv.bias``, ``rope_embed.periods``), optionally under a
+``dinov3.`` / ``_model.`` / ``backbone.dinov3.`` prefix. Without weights the ViT is randomly
+initialised and a warning says so; nothing is ever downloaded. For HGNetv2-B0 (N) the
+:class:`~.backbone.HGNetv2Backbone` rules apply; the pruned Pico/Femto/Atto load the tensors
+of a B0 checkpoint that fit (the official code does the same) and report what did not.
+
+Not here: the ``wide`` decoder layers (``layer_scale`` > 1; every DEIMv2 recipe has 1), the
+``discrete`` cross-attention and ``agnostic`` query selection options, and DEIMv2's
+extra-level input projections (no recipe uses them). The criterion is RT-DETRv4's (DEIM's);
+the ultra-light recipes leave out the FGL/DDF losses, which is a criterion setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as timm_eva_checkpoint_filter
+from timm.models.hgnet import HighPerfGpuStage, StemV2
+from torch import nn
+
+from .backbone import HGNetv2Backbone, load_state_dict_file
+from .decoder import DFINEDecoder
+from .encoder import AIFI, ConvNormAct, RepVGGBlock, SCDown
+from .sta import SpatialTuningAdapter
+
+__all__ = [
+    "DEIMV2_COMPONENTS",
+    "DEIMV2_SPECS",
+    "DEIMv2",
+    "DEIMv2HybridEncoder",
+    "DEIMv2Spec",
+    "DINOv3ViTBackbone",
+    "GELANBlock",
+    "HGNetv2Levels",
+    "LiteEncoder",
+    "PrunedHGNetv2",
+    "RepC3",
+    "apply_backbone_peft",
+    "build_deimv2",
+]
+
+log = logging.getLogger(__name__)
+
+DEIMV2_COMPONENTS = ("backbone", "sta", "aifi", "ccff", "decoder", "dsi")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ViT backbones. "dinov3_distilled" is the official ViT-Tiny / Tiny+ architecture (distilled from
+# DINOv3 ViT-S): a plain pre-norm ViT with a class token, no registers, no layer scale, qkv bias,
+# 2-D RoPE (base 100) on the patch tokens, LayerNorm eps 1e-6; its width/depth/heads come from
+# the spec. The other names are timm's DINOv3 models, created with pretrained=False.
+DISTILLED_VIT = "dinov3_distilled"
+TIMM_DINOV3_VITS = ("vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb", "vit_small_plus_patch16_dinov3",
+                    "vit_small_plus_patch16_dinov3_qkvb")
+
+# Pruned HGNetv2-B0 (paper Sec. 2; official engine/backbone/hgnetv2.py 'Pico'/'Femto'/'Atto'):
+# stage = (in, mid, out, blocks, downsample, light block, kernel, layers per block).
+_B0_STAGE1 = (16, 16, 64, 1, False, False, 3, 3)
+_B0_STAGE2 = (64, 32, 256, 1, True, False, 3, 3)
+PRUNED_HGNETV2: dict[str, tuple[tuple, ...]] = {
+    "hgnetv2_pico": (_B0_STAGE1, _B0_STAGE2, (256, 64, 512, 2, True, True, 5, 3)),  # B0 minus stage 4
+    "hgnetv2_femto": (_B0_STAGE1, _B0_STAGE2, (256, 64, 512, 1, True, True, 5, 3)),  # one block in stage 3
+    "hgnetv2_atto": (_B0_STAGE1, _B0_STAGE2, (256, 64, 256, 1, True, True, 3, 3)),  # 256 channels, 3x3
+}
+
+
+# ------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class DEIMv2Spec:
+    """Every architectural number of a DEIMv2 student; ``build_deimv2`` overrides any of them by name."""
+
+    backbone: str  # "dinov3_distilled", a timm DINOv3 name, "hgnetv2_b0".."b6", "hgnetv2_pico|femto|atto"
+    # ViT backbones
+    vit_dim: int = 192
+    vit_depth: int = 12
+    vit_heads: int = 3
+    vit_mlp_ratio: float = 4.0
+    vit_layers: tuple[int, ...] = (3, 7, 11)  # blocks whose outputs feed the pyramid (shallow first)
+    vit_norm: bool = False  # apply the ViT's final norm to those outputs (official DINOv3 S/S+: yes)
+    sta_channels: int = 16  # detail CNN width c (0: no detail branch)
+    sta_dim: int | None = None  # STA output channels; None = ViT width
+    normalize_input: bool = True  # ImageNet mean/std inside the model (DINOv3 sizes)
+    # HGNetv2 backbones: timm stage indices whose outputs are used (1, 2, 3 = strides 8, 16, 32)
+    backbone_levels: tuple[int, ...] = (1, 2, 3)
+    # encoder
+    encoder: str = "hybrid"  # "hybrid" (AIFI + CCFF) or "lite"
+    ccff_block: str = "elan5"  # "elan5" (official version deim) or "elan4" (version dfine)
+    encoder_hidden_dim: int = 256
+    encoder_ffn_dim: int = 1024
+    encoder_heads: int = 8
+    expansion: float = 1.0
+    depth_mult: float = 1.0
+    # decoder
+    decoder_hidden_dim: int = 256
+    decoder_ffn_dim: int = 1024
+    decoder_heads: int = 8
+    num_decoder_layers: int = 6
+    num_queries: int = 300
+    num_points: tuple[int, ...] = (3, 6, 3)
+    num_denoising: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    reg_max: int = 32
+    reg_scale: float = 4.0
+    eval_idx: int = -1
+    decoder_ffn: str = "swiglu"
+    decoder_norm: str = "rmsnorm"
+    share_query_pos: bool = True
+    query_pos_layers: int = 3
+    query_pos_hidden: int | None = None  # None = decoder_hidden_dim
+    enc_output: bool = False
+    use_gateway: bool = True
+    share_bbox_head: bool = False
+    # task / training
+    num_classes: int = 80
+    eval_spatial_size: tuple[int, int] = (640, 640)
+    dsi: bool = False  # DEIMv2 has no DSI; the platform may switch RT-DETRv4's on
+    teacher_dim: int | None = 768
+    backbone_weights: str | None = None
+    freeze_at: int = -1  # HGNetv2-B* only, as in RT-DETRv4
+    freeze_stem_only: bool = True
+    freeze_norm: bool = False
+    aifi_act: str = "gelu"
+    ccff_act: str = "silu"
+    decoder_act: str = "silu"
+    mlp_act: str = "silu"
+
+
+_DINOV3_L_X = dict(vit_layers=(5, 8, 11), vit_norm=True)
+_LITE = dict(normalize_input=False, encoder="lite", ccff_block="elan4", expansion=0.34, depth_mult=0.5,
+             num_decoder_layers=3, num_points=(4, 2), use_gateway=False, share_bbox_head=True)
+
+DEIMV2_SPECS: dict[str, DEIMv2Spec] = {
+    "deimv2_x": DEIMv2Spec(backbone="vit_small_plus_patch16_dinov3", **_DINOV3_L_X, sta_channels=64, sta_dim=256,
+                           encoder_hidden_dim=256, encoder_ffn_dim=1024, expansion=1.25, depth_mult=1.37,
+                           decoder_hidden_dim=256, decoder_ffn_dim=2048, num_decoder_layers=6),
+    "deimv2_l": DEIMv2Spec(backbone="vit_small_patch16_dinov3", **_DINOV3_L_X, sta_channels=32, sta_dim=224,
+                           encoder_hidden_dim=224, encoder_ffn_dim=896, expansion=1.0, depth_mult=1.0,
+                           decoder_hidden_dim=224, decoder_ffn_dim=1792, num_decoder_layers=4),
+    "deimv2_m": DEIMv2Spec(backbone=DISTILLED_VIT, vit_dim=256, vit_heads=4, sta_channels=16,
+                           encoder_hidden_dim=256, encoder_ffn_dim=512, expansion=0.67, depth_mult=1.0,
+                           decoder_hidden_dim=256, decoder_ffn_dim=512, num_decoder_layers=4),
+    "deimv2_s": DEIMv2Spec(backbone=DISTILLED_VIT, vit_dim=192, vit_heads=3, sta_channels=16,
+                           encoder_hidden_dim=192, encoder_ffn_dim=512, expansion=0.34, depth_mult=0.67,
+                           decoder_hidden_dim=192, decoder_ffn_dim=512, num_decoder_layers=4),
+    "deimv2_n": DEIMv2Spec(backbone="hgnetv2_b0", backbone_levels=(2, 3), normalize_input=False, ccff_block="elan4",
+                           encoder_hidden_dim=128, encoder_ffn_dim=512, expansion=0.34, depth_mult=0.5,
+                           decoder_hidden_dim=128, decoder_ffn_dim=512, num_decoder_layers=3, num_points=(6, 6)),
+    "deimv2_pico": DEIMv2Spec(backbone="hgnetv2_pico", **_LITE, encoder_hidden_dim=112, decoder_hidden_dim=112,
+                              decoder_ffn_dim=320, num_queries=200),
+    "deimv2_femto": DEIMv2Spec(backbone="hgnetv2_femto", **_LITE, encoder_hidden_dim=96, decoder_hidden_dim=96,
+                               decoder_ffn_dim=256, num_queries=150, eval_spatial_size=(416, 416)),
+    "deimv2_atto": DEIMv2Spec(backbone="hgnetv2_atto", **_LITE, encoder_hidden_dim=64, decoder_hidden_dim=64,
+                              decoder_ffn_dim=160, num_queries=100, eval_spatial_size=(320, 320)),
+    # Same classes as S (distilled ViT + STA + DEIMv2 encoder/decoder), small numbers: CPU tests
+    # and smoke training. Not a paper model.
+    "deimv2_tiny": DEIMv2Spec(backbone=DISTILLED_VIT, vit_dim=64, vit_depth=3, vit_heads=2, vit_layers=(0, 1, 2),
+                              sta_channels=8, encoder_hidden_dim=64, encoder_ffn_dim=128, encoder_heads=4,
+                              expansion=0.34, depth_mult=0.34, decoder_hidden_dim=64, decoder_ffn_dim=128,
+                              decoder_heads=4, num_decoder_layers=2, num_queries=30, num_denoising=20,
+                              eval_spatial_size=(256, 256)),
+}
+
+
+# ------------------------------------------------------------------------------------------ ViT backbone
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the ViT's tensors of a checkpoint that may hold a whole detector or a wrapper."""
+    for prefix in ("module.backbone.dinov3._model.", "backbone.dinov3._model.", "module.backbone.dinov3.",
+                   "backbone.dinov3.", "dinov3._model.", "dinov3.", "_model.", "backbone.vit.", "vit.", "module."):
+        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if picked:
+            return picked
+    return state
+
+
+def _convert_vit_state(state: dict[str, torch.Tensor], vit: nn.Module,
+                       path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Official DINOv3 / distilled-ViT / timm layouts -> this timm Eva's names."""
+    state = _strip_prefix(state)
+    has_qv_bias = getattr(vit.blocks[0].attn, "q_bias", None) is not None
+    if not has_qv_bias:
+        # timm's plain DINOv3 models have no q/v bias (the released ViT-S/S+ biases are zero); a
+        # checkpoint with non-zero ones needs the ``_qkvb`` variant, dropping them would change it.
+        for key in [k for k in state if k.endswith("attn.qkv.bias")]:
+            q, _, v = state.pop(key).chunk(3, dim=0)
+            if bool(q.any()) or bool(v.any()):
+                raise ValueError(f"backbone weights {path}: {key} has non-zero query/value biases but the "
+                                 f"backbone has none; use the '_qkvb' timm variant (e.g. backbone="
+                                 f"'vit_small_patch16_dinov3_qkvb')")
+    if "storage_tokens" in state or any(".ls1.gamma" in k for k in state):
+        # Official DINOv3 layout: timm's own converter (storage tokens, layer scale, q/v bias split).
+        return timm_eva_checkpoint_filter(state, vit)
+    out = {}
+    for key, value in state.items():
+        if key.startswith("rope_embed.") or key.endswith(".bias_mask") or key == "mask_token":
+            continue  # fixed RoPE periods are recomputed; masks are pretraining-only
+        if key.endswith("attn.qkv.bias"):
+            # Fused q/k/v bias -> timm's q_bias and v_bias. The key bias is dropped: it adds
+            # q . b_k to every logit of a query alike, which the softmax cancels exactly.
+            q, _, v = value.chunk(3, dim=0)
+            out[key.replace("qkv.bias", "q_bias")] = q
+            out[key.replace("qkv.bias", "v_bias")] = v
+            continue
+        out[key] = value
+    return out
+
+
+class DINOv3ViTBackbone(nn.Module):
+    """A DINOv3-family ViT (timm ``Eva``) returning the stride-16 maps of chosen blocks.
+
+    ``vit`` is the bare timm model (the module :func:`~.peft.apply_peft` adapts); blocks after the
+    last chosen one are removed, and so is the final norm when ``norm_outputs`` is off, so that
+    every parameter is used. ``forward(images)`` gives ``len(layers)`` maps ``(B, D, H/16, W/16)``.
+    """
+
+    def __init__(self, variant: str = DISTILLED_VIT, *, layers: Sequence[int] = (3, 7, 11),
+                 norm_outputs: bool = False, embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
+                 mlp_ratio: float = 4.0, weights: str | os.PathLike | None = None):
+        super().__init__()
+        if variant == DISTILLED_VIT:
+            if embed_dim % num_heads or (embed_dim // num_heads) % 4:
+                raise ValueError(f"DINOv3ViTBackbone: embed_dim {embed_dim} / num_heads {num_heads} must give a head "
+                                 "width divisible by 4 (2-D RoPE)")
+            self.vit = Eva(patch_size=16, num_classes=0, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, qkv_bias=True, init_values=None, class_token=True,
+                           num_reg_tokens=0, use_abs_pos_emb=False, use_rot_pos_emb=True, rope_type="dinov3",
+                           rope_temperature=100, rope_rotate_half=True, use_fc_norm=False,
+                           norm_layer=partial(nn.LayerNorm, eps=1e-6), dynamic_img_size=True)
+        elif variant in TIMM_DINOV3_VITS:
+            # pretrained=False always: weights only ever come from an explicit local file.
+            self.vit = timm.create_model(variant, pretrained=False, num_classes=0, dynamic_img_size=True)
+        else:
+            raise ValueError(f"unknown ViT backbone {variant!r}; expected {DISTILLED_VIT!r} or one of "
+                             f"{TIMM_DINOV3_VITS}")
+        self.variant = variant
+        self.layers = tuple(int(i) for i in layers)
+        depth_now = len(self.vit.blocks)
+        if not self.layers or any(not 0 <= i < depth_now for i in self.layers) or list(self.layers) != sorted(
+                set(self.layers)):
+            raise ValueError(f"DINOv3ViTBackbone: vit_layers {self.layers} must be increasing block indices in "
+                             f"[0, {depth_now})")
+        self.norm_outputs = bool(norm_outputs)
+        self.vit.prune_intermediate_layers(list(self.layers), prune_norm=not self.norm_outputs, prune_head=True)
+        self.embed_dim = int(self.vit.embed_dim)
+        self.patch_size = 16
+        if weights is not None:
+            self.load_weights(weights)
+        else:
+            warnings.warn(f"DEIMv2 backbone {variant} (width {self.embed_dim}): no backbone_weights given, the ViT "
+                          "is randomly initialised (nothing is downloaded); pass a local DINOv3 checkpoint for "
+                          "real training", UserWarning, stacklevel=3)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.vit.forward_intermediates(images, indices=list(self.layers), norm=self.norm_outputs,
+                                              output_fmt="NCHW", intermediates_only=True)
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load a ViT checkpoint (timm, official DINOv3 or official distilled-ViT layout); mismatches raise."""
+        state = _convert_vit_state(load_state_dict_file(path), self.vit, path)
+        depth = len(self.vit.blocks)
+        dropped = re.compile(r"^(head|fc_norm|head_drop)\.")
+        state = {k: v for k, v in state.items() if not dropped.match(k)}
+        if not self.norm_outputs:
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        state = {k: v for k, v in state.items()  # blocks after the last used one were pruned
+                 if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
+        own = dict(self.vit.named_parameters())
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(k for k in set(state) - set(own) if k not in dict(self.vit.named_buffers()))
+        if missing or unexpected:
+            raise KeyError(f"backbone weights {path} do not fit {self.variant} (width {self.embed_dim}): "
+                           f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
+                           f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} "
+                           f"({len(unexpected)})")
+        wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(p.shape)}" for k, p in own.items()
+                 if tuple(state[k].shape) != tuple(p.shape)]
+        if wrong:
+            raise ValueError(f"backbone weights {path} have wrong shapes for {self.variant}: {wrong[:20]}")
+        self.vit.load_state_dict({k: state[k] for k in own}, strict=False)
+
+
+# ------------------------------------------------------------------------------------------ HGNetv2 backbones
+class HGNetv2Levels(HGNetv2Backbone):
+    """:class:`~.backbone.HGNetv2Backbone` returning only some of its levels (DEIMv2-N: strides 16, 32)."""
+
+    def __init__(self, variant: str = "hgnetv2_b0", *, levels: Sequence[int] = (2, 3), **kwargs):
+        super().__init__(variant, **kwargs)
+        all_levels = (1, 2, 3)
+        if not levels or any(level not in all_levels for level in levels) or list(levels) != sorted(set(levels)):
+            raise ValueError(f"HGNetv2Levels: backbone_levels {tuple(levels)} must be increasing stage indices "
+                             f"from {all_levels}")
+        self.keep = [all_levels.index(level) for level in levels]
+        self.out_channels = [self.out_channels[i] for i in self.keep]
+        self.strides = [self.strides[i] for i in self.keep]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = super().forward(images)
+        return [features[i] for i in self.keep]
+
+
+class PrunedHGNetv2(nn.Module):
+    """HGNetv2-B0 cut down for DEIMv2 Pico / Femto / Atto, from timm's HGNetv2 parts.
+
+    The v2 stem and the first three B0 stages (the last one pruned per :data:`PRUNED_HGNETV2`),
+    learnable affine blocks on (as B0). One output, the last stage at stride 16. Parameter names
+    are those of timm's / the reference's classification model (``stem.*``, ``stages.N.*``).
+    """
+
+    def __init__(self, variant: str = "hgnetv2_pico", *, weights: str | os.PathLike | None = None):
+        super().__init__()
+        if variant not in PRUNED_HGNETV2:
+            raise ValueError(f"unknown pruned backbone {variant!r}; expected one of {sorted(PRUNED_HGNETV2)}")
+        self.variant = variant
+        self.stem = StemV2(3, 16, 16, use_lab=True)
+        stages = []
+        stride = 4
+        for in_ch, mid, out, blocks, down, light, kernel, layers in PRUNED_HGNETV2[variant]:
+            stages.append(HighPerfGpuStage(in_ch, mid, out, block_num=blocks, layer_num=layers, downsample=down,
+                                           light_block=light, kernel_size=kernel, use_lab=True, agg="se"))
+            stride *= 2 if down else 1
+        self.stages = nn.Sequential(*stages)
+        self.out_channels = [PRUNED_HGNETV2[variant][-1][2]]
+        self.strides = [stride]
+        for module in self.modules():  # timm's HGNetv2 initialisation
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if weights is not None:
+            self.load_weights(weights)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.stages(self.stem(images))]
+
+    def load_weights(self, path: str | os.PathLike) -> dict[str, list[str]]:
+        """Load every tensor of an HGNetv2 (B0) checkpoint that fits by name and shape.
+
+        The pruned networks are initialised from B0 as in the official code: the stem and the
+        first two stages fit entirely, the pruned stage partly. Returns and logs what was skipped;
+        raises when nothing fits (a wrong file).
+        """
+        raw = load_state_dict_file(path)
+        state = {re.sub(r"^stages_(\d+)\.", r"stages.\1.", k): v for k, v in raw.items()}
+        own = self.state_dict()
+        fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        if not fitting:
+            raise KeyError(f"backbone weights {path}: no tensor fits {self.variant} by name and shape "
+                           f"(expected HGNetv2-B0 keys such as 'stem.stem1.conv.weight')")
+        self.load_state_dict(fitting, strict=False)
+        report = {"not_in_file": sorted(set(own) - set(fitting)),
+                  "skipped_from_file": sorted(set(state) - set(fitting))}
+        log.info("%s: loaded %d tensors from %s; %d model tensors keep their initialisation, %d file tensors "
+                 "unused", self.variant, len(fitting), path, len(report["not_in_file"]),
+                 len(report["skipped_from_file"]))
+        return report
+
+
+# ------------------------------------------------------------------------------------------ encoder blocks
+class RepC3(nn.Module):
+    """CSP stage of DEIMv2 (the reference's ``CSPLayer2``): ``a, b = conv1(x).chunk(2)``; ``a + blocks(b)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int = 3, act: str | None = "silu"):
+        super().__init__()
+        self.conv1 = ConvNormAct(in_channels, 2 * out_channels, 1, act=act)
+        self.bottlenecks = nn.Sequential(*[RepVGGBlock(out_channels, out_channels, act=act)
+                                           for _ in range(num_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv1(x).chunk(2, dim=1)
+        return a + self.bottlenecks(b)
+
+
+class GELANBlock(nn.Module):
+    """GELAN fusion block with :class:`RepC3` stages.
+
+    ``in -> 1x1 (split) -> halves a, b``; ``c = CSP(b) [-> 3x3]``; ``d = CSP(c) [-> 3x3]``;
+    ``out = 1x1(concat(a, b, c, d))``. ``post_conv=True`` is the reference's ``RepNCSPELAN4`` with
+    ``csp2`` stages (DEIMv2-N and the lite encoder), ``False`` its ``RepNCSPELAN5`` (S/M/L/X).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, split_channels: int, branch_channels: int,
+                 num_blocks: int = 3, act: str | None = "silu", post_conv: bool = False):
+        super().__init__()
+        if split_channels % 2:
+            raise ValueError(f"GELANBlock: split_channels must be even, got {split_channels}")
+        self.half = split_channels // 2
+        self.cv1 = ConvNormAct(in_channels, split_channels, 1, act=act)
+        cv2 = [RepC3(self.half, branch_channels, num_blocks, act=act)]
+        cv3 = [RepC3(branch_channels, branch_channels, num_blocks, act=act)]
+        if post_conv:
+            cv2.append(ConvNormAct(branch_channels, branch_channels, 3, act=act))
+            cv3.append(ConvNormAct(branch_channels, branch_channels, 3, act=act))
+        self.cv2 = nn.Sequential(*cv2)
+        self.cv3 = nn.Sequential(*cv3)
+        self.cv4 = ConvNormAct(split_channels + 2 * branch_channels, out_channels, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv1(x).split((self.half, self.half), dim=1)
+        c = self.cv2(b)
+        d = self.cv3(c)
+        return self.cv4(torch.cat([a, b, c, d], dim=1))
+
+
+def _fusion_block(hidden: int, expansion: float, depth_mult: float, act: str, post_conv: bool) -> GELANBlock:
+    # Official numbers: c3 = 2 * hidden, c4 = round(expansion * hidden // 2), n = round(3 * depth_mult).
+    branch = round(expansion * hidden // 2)
+    if branch < 1:
+        raise ValueError(f"encoder expansion {expansion} leaves no CSP channels at hidden width {hidden}")
+    return GELANBlock(hidden, hidden, 2 * hidden, branch, round(3 * depth_mult), act=act, post_conv=post_conv)
+
+
+class DEIMv2HybridEncoder(nn.Module):
+    """AIFI on the deepest level, then a CCFF that fuses levels by summation (DEIMv2 ``fuse_op: sum``).
+
+    Returns ``([P_1 .. P_L], F5)`` like :class:`~.encoder.HybridEncoder`; AIFI's parameters are
+    under ``aifi.`` so that GAM/DSI find them.
+    """
+
+    def __init__(self, in_channels: Sequence[int], hidden_dim: int = 256, num_heads: int = 8, ffn_dim: int = 1024,
+                 aifi_act: str = "gelu", expansion: float = 1.0, depth_mult: float = 1.0, act: str = "silu",
+                 block: str = "elan5"):
+        super().__init__()
+        if len(in_channels) < 2:
+            raise ValueError(f"DEIMv2HybridEncoder: need at least two levels, got in_channels={list(in_channels)}")
+        if block not in ("elan5", "elan4"):
+            raise ValueError(f"DEIMv2HybridEncoder: ccff_block must be 'elan5' or 'elan4', got {block!r}")
+        self.in_channels = list(in_channels)
+        self.hidden_dim = hidden_dim
+        levels = len(self.in_channels)
+        self.input_proj = nn.ModuleList([nn.Identity() if c == hidden_dim else ConvNormAct(c, hidden_dim, 1)
+                                         for c in self.in_channels])
+        self.aifi = AIFI(hidden_dim, num_heads, ffn_dim, 0.0, aifi_act)
+        post_conv = block == "elan4"
+        self.lateral_convs = nn.ModuleList([ConvNormAct(hidden_dim, hidden_dim, 1) for _ in range(levels - 1)])
+        self.fpn_blocks = nn.ModuleList([_fusion_block(hidden_dim, expansion, depth_mult, act, post_conv)
+                                         for _ in range(levels - 1)])
+        self.downsample_convs = nn.ModuleList([SCDown(hidden_dim, hidden_dim, 3, 2) for _ in range(levels - 1)])
+        self.pan_blocks = nn.ModuleList([_fusion_block(hidden_dim, expansion, depth_mult, act, post_conv)
+                                         for _ in range(levels - 1)])
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if len(features) != len(self.in_channels):
+            raise ValueError(f"DEIMv2HybridEncoder: expected {len(self.in_channels)} levels, got {len(features)}")
+        projected = [proj(f) for proj, f in zip(self.input_proj, features)]
+        f5 = self.aifi(projected[-1])
+        projected[-1] = f5
+
+        top_down = [projected[-1]]  # deepest first while building
+        for i, shallow in enumerate(reversed(projected[:-1])):
+            deep = self.lateral_convs[i](top_down[-1])
+            top_down[-1] = deep
+            top_down.append(self.fpn_blocks[i](F.interpolate(deep, scale_factor=2.0, mode="nearest") + shallow))
+        top_down.reverse()
+
+        outs = [top_down[0]]
+        for i in range(len(projected) - 1):
+            outs.append(self.pan_blocks[i](self.downsample_convs[i](outs[-1]) + top_down[i + 1]))
+        return outs, f5
+
+
+class LiteEncoder(nn.Module):
+    """DEIMv2's encoder for the ultra-light sizes: one stride-16 input -> ``[P16, P32]``, no attention.
+
+    ``input_proj`` (1x1 conv + BN) to ``hidden``; P32 = ``down_sample1`` (3x3/2 average pool, 1x1
+    conv, BN, act) of it, plus its global average, through a 1x1 conv (``bi_fusion``);
+    ``out16 = fpn_block(P16 + up2(P32))``, ``out32 = pan_block(P32 + down_sample2(out16))``.
+    Returns ``([out16, out32], P32)``; P32 (the global-context map at stride 32) plays F5's role
+    for an optional DSI loss.
+    """
+
+    def __init__(self, in_channels: Sequence[int], hidden_dim: int = 112, expansion: float = 0.34,
+                 depth_mult: float = 0.5, act: str = "silu"):
+        super().__init__()
+        if len(in_channels) != 1:
+            raise ValueError(f"LiteEncoder: expects one input level, got in_channels={list(in_channels)}")
+        self.in_channels = list(in_channels)
+        self.hidden_dim = hidden_dim
+        self.input_proj = nn.ModuleList([ConvNormAct(in_channels[0], hidden_dim, 1)])
+
+        def down() -> nn.Sequential:
+            return nn.Sequential(nn.AvgPool2d(kernel_size=3, stride=2, padding=1),
+                                 ConvNormAct(hidden_dim, hidden_dim, 1, act=act))
+
+        self.down_sample1 = down()
+        self.down_sample2 = down()
+        self.bi_fusion = ConvNormAct(hidden_dim, hidden_dim, 1, act=act)
+        self.fpn_block = _fusion_block(hidden_dim, expansion, depth_mult, act, post_conv=True)
+        self.pan_block = _fusion_block(hidden_dim, expansion, depth_mult, act, post_conv=True)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if len(features) != 1:
+            raise ValueError(f"LiteEncoder: expected 1 level, got {len(features)}")
+        p16 = self.input_proj[0](features[0])
+        p32 = self.down_sample1(p16)
+        p32 = self.bi_fusion(p32 + p32.mean(dim=(2, 3), keepdim=True))
+        out16 = self.fpn_block(p16 + F.interpolate(p32, scale_factor=2.0, mode="nearest"))
+        out32 = self.pan_block(p32 + self.down_sample2(out16))
+        return [out16, out32], p32
+
+
+# ------------------------------------------------------------------------------------------ detector
+class DEIMv2(nn.Module):
+    """DEIMv2 detector: ``backbone`` [-> ``sta``] -> ``encoder`` -> ``decoder``; ``dsi`` optional, training-only.
+
+    Same interface as :class:`~.rtdetrv4.RTDETRv4`: ``model(images)`` in eval mode (``images``
+    (B, 3, H, W) float RGB in [0, 1], H and W multiples of 32) returns ``pred_logits`` /
+    ``pred_boxes``; ``model(images, targets)`` in train mode returns everything
+    :class:`~.criterion.RTDETRv4Criterion` reads, plus ``f5`` (the AIFI output; the lite encoder's
+    stride-32 map). The STA is a top-level module (``sta.``) rather than part of the backbone so
+    that the optimizer's backbone group (lower learning rate) holds the ViT alone, as the official
+    recipes do, and :func:`~.peft.apply_peft` on ``backbone.vit`` leaves the STA trainable.
+    """
+
+    def __init__(self, backbone: nn.Module, sta: SpatialTuningAdapter | None, encoder: nn.Module,
+                 decoder: DFINEDecoder, dsi: nn.Module | None = None, eval_spatial_size: tuple[int, int] = (640, 640),
+                 spec: DEIMv2Spec | None = None, normalize_input: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.sta = sta
+        self.encoder = encoder
+        self.decoder = decoder
+        self.dsi = dsi
+        self.eval_spatial_size = tuple(eval_spatial_size)
+        self.spec = spec
+        self.stride = 32
+        self.normalize_input = bool(normalize_input)
+        # Constants, not state: recomputed on construction, never in a checkpoint.
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.decoder.num_classes
+
+    @property
+    def vit(self) -> nn.Module:
+        """The ViT of a DINOv3-backbone model (what PEFT adapts)."""
+        vit = getattr(self.backbone, "vit", None)
+        if vit is None:
+            raise AttributeError(f"this DEIMv2 model has a {type(self.backbone).__name__} backbone, not a ViT")
+        return vit
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict:
+        if not torch.jit.is_tracing():  # shape checks; a trace would only record them as constants
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"DEIMv2: images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+            if images.shape[2] % self.stride or images.shape[3] % self.stride:
+                raise ValueError(f"DEIMv2: image size {images.shape[2]}x{images.shape[3]} must be a multiple "
+                                 f"of {self.stride}")
+        if self.normalize_input:
+            images = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+        features = self.backbone(images)
+        if self.sta is not None:
+            features = self.sta(images, features)
+        fused, f5 = self.encoder(features)
+        out = self.decoder(fused, targets)
+        if self.training:
+            out["f5"] = f5
+        return out
+
+    def component_of(self, param_name: str) -> str:
+        """``backbone`` / ``sta`` / ``aifi`` / ``ccff`` / ``decoder`` / ``dsi`` for a parameter (or buffer) name."""
+        name = param_name
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix):], True
+        if name.startswith("encoder.aifi."):
+            return "aifi"
+        for prefix, component in (("backbone.", "backbone"), ("sta.", "sta"), ("encoder.", "ccff"),
+                                  ("decoder.", "decoder"), ("dsi.", "dsi")):
+            if name.startswith(prefix):
+                return component
+        raise KeyError(f"DEIMv2.component_of: {param_name!r} belongs to no component {DEIMV2_COMPONENTS}")
+
+    def num_inference_parameters(self) -> int:
+        """Parameters of the deployed detector (everything but the training-only DSI projector)."""
+        return sum(p.numel() for n, p in self.named_parameters() if self.component_of(n) != "dsi")
+
+
+def apply_backbone_peft(model: DEIMv2, method: str, **kwargs):
+    """:func:`~.peft.apply_peft` on the model's ViT (``model.backbone.vit``); STA, encoder, decoder stay trainable.
+
+    Returns the :class:`~.peft.PeftReport` of the ViT. HGNetv2 backbones have no ViT and raise.
+    """
+    from .peft import apply_peft
+
+    try:
+        vit = model.vit
+    except AttributeError as exc:
+        raise ValueError(f"apply_backbone_peft({method!r}): {exc}; PEFT adapters need a ViT backbone "
+                         "(deimv2_s/m/l/x or deimv2_tiny)") from exc
+    return apply_peft(vit, method, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ build
+def build_deimv2(name: str, **overrides) -> DEIMv2:
+    """A DEIMv2 student by size name (``deimv2_x|l|m|s|n|pico|femto|atto|tiny``); any :class:`DEIMv2Spec`
+    field is overridable.
+
+    Common overrides (as :func:`~.rtdetrv4.build_student`): ``num_classes``, ``eval_spatial_size``
+    (int or (H, W)), ``dsi`` / ``teacher_dim``, ``num_queries``, ``num_decoder_layers``,
+    ``backbone_weights`` (a local file; see the module docstring). Unknown names raise ``TypeError``.
+    """
+    if name not in DEIMV2_SPECS:
+        raise KeyError(f"unknown DEIMv2 student {name!r}; expected one of {sorted(DEIMV2_SPECS)}")
+    fields = {f.name for f in dataclasses.fields(DEIMv2Spec)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"build_deimv2({name!r}): unknown option(s) {unknown}; known: {sorted(fields)}")
+    if "eval_spatial_size" in overrides:
+        size = overrides["eval_spatial_size"]
+        overrides["eval_spatial_size"] = ((int(size), int(size)) if isinstance(size, int)
+                                          else tuple(int(s) for s in size))
+    for key in ("num_points", "vit_layers", "backbone_levels"):
+        if key in overrides:
+            overrides[key] = tuple(int(p) for p in overrides[key])
+    if isinstance(overrides.get("backbone_weights"), os.PathLike):
+        overrides["backbone_weights"] = os.fspath(overrides["backbone_weights"])
+    spec = dataclasses.replace(DEIMV2_SPECS[name], **overrides)
+    return build_deimv2_from_spec(spec)
+
+
+def _build_backbone(spec: DEIMv2Spec) -> tuple[nn.Module, SpatialTuningAdapter | None, list[int], list[int]]:
+    """Backbone (+ STA for ViTs) and the channels / strides of the levels they hand the encoder."""
+    if spec.backbone == DISTILLED_VIT or spec.backbone in TIMM_DINOV3_VITS:
+        backbone = DINOv3ViTBackbone(spec.backbone, layers=spec.vit_layers, norm_outputs=spec.vit_norm,
+                                     embed_dim=spec.vit_dim, depth=spec.vit_depth, num_heads=spec.vit_heads,
+                                     mlp_ratio=spec.vit_mlp_ratio, weights=spec.backbone_weights)
+        sta = SpatialTuningAdapter(backbone.embed_dim, spec.sta_dim, spec.sta_channels)
+        return backbone, sta, sta.out_channels, sta.strides
+    if spec.backbone in PRUNED_HGNETV2:
+        backbone = PrunedHGNetv2(spec.backbone, weights=spec.backbone_weights)
+    elif spec.backbone.startswith("hgnetv2_"):
+        backbone = HGNetv2Levels(spec.backbone, levels=spec.backbone_levels, weights=spec.backbone_weights,
+                                 freeze_at=spec.freeze_at, freeze_stem_only=spec.freeze_stem_only,
+                                 freeze_norm=spec.freeze_norm)
+    else:
+        raise ValueError(f"unknown DEIMv2 backbone {spec.backbone!r}; expected {DISTILLED_VIT!r}, one of "
+                         f"{TIMM_DINOV3_VITS}, an HGNetv2 variant or one of {sorted(PRUNED_HGNETV2)}")
+    return backbone, None, list(backbone.out_channels), list(backbone.strides)
+
+
+def build_deimv2_from_spec(spec: DEIMv2Spec) -> DEIMv2:
+    """Assemble the modules described by ``spec``."""
+    if len(spec.eval_spatial_size) != 2 or any(s <= 0 or s % 32 for s in spec.eval_spatial_size):
+        raise ValueError(f"eval_spatial_size must be (H, W) multiples of 32, got {spec.eval_spatial_size}")
+    backbone, sta, channels, strides = _build_backbone(spec)
+    if spec.encoder == "hybrid":
+        encoder = DEIMv2HybridEncoder(channels, spec.encoder_hidden_dim, spec.encoder_heads, spec.encoder_ffn_dim,
+                                      spec.aifi_act, spec.expansion, spec.depth_mult, spec.ccff_act, spec.ccff_block)
+        levels = strides
+    elif spec.encoder == "lite":
+        encoder = LiteEncoder(channels, spec.encoder_hidden_dim, spec.expansion, spec.depth_mult, spec.ccff_act)
+        levels = [strides[-1], 2 * strides[-1]]
+    else:
+        raise ValueError(f"unknown DEIMv2 encoder {spec.encoder!r}; expected 'hybrid' or 'lite'")
+    if levels[-1] != 32:
+        raise ValueError(f"DEIMv2: the deepest encoder level must be at stride 32, got strides {levels}")
+    decoder = DFINEDecoder(num_classes=spec.num_classes, hidden_dim=spec.decoder_hidden_dim,
+                           num_queries=spec.num_queries, feat_channels=[spec.encoder_hidden_dim] * len(levels),
+                           feat_strides=levels, num_layers=spec.num_decoder_layers, num_heads=spec.decoder_heads,
+                           ffn_dim=spec.decoder_ffn_dim, num_points=spec.num_points, act=spec.decoder_act,
+                           mlp_act=spec.mlp_act, num_denoising=spec.num_denoising,
+                           label_noise_ratio=spec.label_noise_ratio, box_noise_scale=spec.box_noise_scale,
+                           reg_max=spec.reg_max, reg_scale=spec.reg_scale, eval_idx=spec.eval_idx,
+                           ffn=spec.decoder_ffn, norm=spec.decoder_norm, share_query_pos=spec.share_query_pos,
+                           query_pos_layers=spec.query_pos_layers,
+                           query_pos_hidden=spec.query_pos_hidden or spec.decoder_hidden_dim,
+                           enc_output=spec.enc_output, use_gateway=spec.use_gateway,
+                           share_bbox_head=spec.share_bbox_head)
+    dsi = None
+    if spec.dsi and spec.teacher_dim:
+        dsi = nn.Linear(spec.encoder_hidden_dim, int(spec.teacher_dim))
+    return DEIMv2(backbone, sta, encoder, decoder, dsi, spec.eval_spatial_size, spec,
+                  normalize_input=spec.normalize_input)

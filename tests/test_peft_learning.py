@@ -1,0 +1,77 @@
+"""A tiny DEIMv2 with AdaRoute (ViT frozen) learns the synthetic set: val AP rises from chance.
+
+Plain PyTorch (``distillery.students.fit``), as a user would try a recipe in a shell before a
+cluster run; the platform path (Ray Train + DeepSpeed + checkpoints) is covered in test_distill.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distillery.platform.coco import load_coco, load_image_resized
+from distillery.platform.evaluation import coco_evaluate
+from distillery.platform.synthetic import generate_synthetic_coco
+from distillery.students import build_criterion, build_student
+from distillery.students.fit import fit, predict
+from distillery.students.postprocess import to_coco_detections
+
+SIZE = 128
+# Measured: val AP50 0.000 -> 0.514 on 8 held-out images after 150 steps (~20 s on 2 cores).
+ADAROUTE_STEPS = 150
+
+
+def _split(root, split: str):
+    dataset = load_coco(str(root / "annotations" / f"instances_{split}.json"), str(root / "images" / split))
+    images = torch.stack([torch.from_numpy(load_image_resized(r.uri, SIZE)) for r in dataset.records]).float() / 255
+    targets = []
+    for r in dataset.records:
+        xywh = torch.from_numpy(r.boxes).float()
+        scale = torch.tensor([r.width, r.height, r.width, r.height], dtype=torch.float32)
+        targets.append({"labels": torch.from_numpy(r.labels).long(),
+                        "boxes": torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], dim=1) / scale})
+    return images, targets, dataset
+
+
+def _batches(images, targets, batch: int, seed: int):
+    """Endless random batches, each image flipped horizontally with probability 1/2."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randperm(len(images), generator=g)[:batch]
+        flip = torch.rand(batch, generator=g) < 0.5
+        out_images = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx])
+        out_targets = []
+        for f, i in zip(flip.tolist(), idx.tolist()):
+            boxes = targets[i]["boxes"].clone()
+            if f:
+                boxes[:, 0] = 1.0 - boxes[:, 0]
+            out_targets.append({"labels": targets[i]["labels"], "boxes": boxes})
+        yield {"images": out_images, "targets": out_targets}
+
+
+def _val_ap(model, images, dataset) -> float:
+    results = predict(model, images, [[r.width, r.height] for r in dataset.records], num_top=100)
+    detections = to_coco_detections(results, dataset.image_ids, list(dataset.categories.category_ids))
+    return coco_evaluate(dataset.coco_gt_dict(), detections)["AP50"]
+
+
+def test_tiny_deimv2_with_adaroute_improves_val_ap(tmp_path):
+    generate_synthetic_coco(tmp_path, train=32, val=8, size=SIZE, seed=1)
+    train_images, train_targets, train = _split(tmp_path, "train")
+    val_images, _, val = _split(tmp_path, "val")
+    num_classes = train.categories.num_classes
+    torch.manual_seed(0)
+    model = build_student("deimv2_tiny", num_classes=num_classes, eval_spatial_size=SIZE,
+                          peft={"method": "adaroute", "rank": 8})
+    report = model.peft_report
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < report.adapter_params < trainable < sum(p.numel() for p in model.parameters())
+    before = _val_ap(model, val_images, val)
+    result = fit(model, build_criterion(num_classes=num_classes), _batches(train_images, train_targets, 8, 0),
+                 steps=ADAROUTE_STEPS, lr=1e-3, ema_decay=None)
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    after = _val_ap(model, val_images, val)
+    print(f"deimv2_tiny + AdaRoute: val AP50 {before:.4f} -> {after:.4f} in {ADAROUTE_STEPS} steps "
+          f"({trainable} trainable of {sum(p.numel() for p in model.parameters())})")
+    assert after > max(0.05, 5 * before), (before, after)
