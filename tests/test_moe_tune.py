@@ -1,0 +1,199 @@
+"""The MoE-tuning job on Ray Train + DeepSpeed (gloo, 2 CPU workers, ep_size=2): dense base trained in the
+job, step-0 equivalence through DeepSpeed's expert-parallel layer, expert shards in checkpoints, resume
+with identical outputs, MLflow contents (metrics, analysis figures), base-model loading and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from distillery.platform import storage
+from distillery.platform.config import ConfigError, load_config
+from distillery.platform.distill import find_latest_checkpoint
+from distillery.platform.moe_config import MoETuneConfig
+from distillery.platform.moe_tune import (MODEL_FILE, PROBE_FILE, load_base_state, load_tuned_model,
+                                          run_moe_tune, save_tuned_model)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp_path, synthetic_data, *overrides) -> MoETuneConfig:
+    return load_config(MoETuneConfig, REPO / "configs" / "moe_tune_tiny.yaml", [
+        f"data.root={synthetic_data}", f"output.storage_path={tmp_path / 'train'}",
+        f"output.local_dir={tmp_path / 'local'}", f"text.cache_dir={tmp_path / 'phrases'}", "output.name=run",
+        *overrides])
+
+
+def last_state(run_path: str) -> tuple[dict, Path]:
+    ckpt = Path(find_latest_checkpoint(run_path))
+    return json.loads((ckpt / "distillery_state.json").read_text()), ckpt
+
+
+@pytest.fixture(scope="module")
+def tuned(ray_local, synthetic_data, tmp_path_factory):
+    """A 3-step dense phase (the embedded default's path, tiny), then 2 epochs of MoE-tuning with
+    expert parallelism; worker 1 is killed at the first step of epoch 1, so Ray Train restarts the
+    workers from the epoch-0 checkpoint."""
+    tmp = tmp_path_factory.mktemp("moe_tune")
+    return run_moe_tune(tiny_config(tmp, synthetic_data, "debug.kill={rank: 1, step: 3}",
+                                    "train.max_failures=1")), tmp
+
+
+def test_expert_parallel_run_starts_from_the_dense_model_and_trains(tuned):
+    summary, _ = tuned
+    state, ckpt = last_state(summary["run_storage"])
+    assert state["epoch"] == 1 and state["global_step"] == 4
+    # Step 0: the whole detector through DeepSpeed's MoE layers (4 experts per rank, all-to-all
+    # over 2 ranks) gives the dense detector's outputs.
+    assert state["step0"]["max_abs_diff"] < 1e-5 and len(state["step0"]["per_rank"]) == 2
+    assert 0.0 <= state["metrics"]["AP"] <= 1.0 and "AP" in state["base_metrics"]
+    # Data parallel outside the experts: every rank holds the same non-expert weights and computes
+    # the same outputs.
+    ranks = state["ranks"]
+    assert len(ranks["shared_checksum"]) == 2 and ranks["shared_checksum"][0] == ranks["shared_checksum"][1]
+    assert ranks["probe_checksum"][0] == pytest.approx(ranks["probe_checksum"][1], rel=1e-6)
+    # Expert shards: each rank saved its own 4 experts of each layer, and its optimizer states.
+    ds = ckpt / "ds"
+    experts = sorted(p.name for p in ds.glob("layer_*_expert_*_model_states.pt"))
+    assert experts == sorted(f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in range(2) for e in range(8))
+    assert {p.name for p in ds.glob("expp_rank_*_optim_states.pt")} == {
+        "expp_rank_0_mp_rank_00_optim_states.pt", "expp_rank_1_mp_rank_00_optim_states.pt"}
+
+    # The consolidated plain model (all ranks' experts gathered) is the expert-parallel model.
+    model = load_tuned_model(ckpt / MODEL_FILE)
+    probe = torch.load(ckpt / PROBE_FILE, weights_only=True)
+    with torch.no_grad():
+        out = model(probe["images"])
+    for key in ("pred_logits", "pred_boxes"):
+        assert (out[key] - probe[key]).abs().max().item() < 1e-5, key
+
+    # The dense base the job trained first is in the run storage; training moved the experts
+    # away from their copies of it.
+    dense = load_tuned_model(Path(summary["run_storage"]) / "dense_base" / MODEL_FILE)
+    assert not any(".w1" in k for k in dense.state_dict())
+    from distillery.students.open_vocab import moe_tune_decoder
+
+    moe_tune_decoder(dense, 4, 2)
+    start, now = dense.decoder.layers[0].linear1, model.decoder.layers[0].linear1
+    assert not torch.allclose(start.w1, now.w1) and now.router.piece_weight.abs().sum() > 0
+
+
+def test_mlflow_run_has_metrics_and_expert_analysis(tuned):
+    summary, tmp = tuned
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["moe.ep_size"] == "2" and run.data.params["moe.granularity"] == "2"
+    assert run.data.tags["distillery.job"] == "moe_tune"
+    for key in ("epoch/AP", "train/loss", "train/loss_aux", "train/lr", "dense/loss", "base/AP",
+                "moe/step0_max_abs_diff", "analysis/layer0/load_cv", "analysis/deep_mean_stable_partners",
+                "best/AP"):
+        assert key in run.data.metrics, key
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "analysis")}
+    assert names == {f"analysis/{n}" for n in ("expert_load.png", "coactivation_layer0.png",
+                                               "coactivation_layer1.png", "stable_partners.png",
+                                               "expert_analysis.json")}
+    local = Path(client.download_artifacts(run.info.run_id, "analysis", str(tmp / "artifacts")))
+    for png in local.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    analysis = json.loads((local / "expert_analysis.json").read_text())
+    for name, layer in analysis["layers"].items():
+        # 8 val images x 30 queries, each routed to k=2 of 8 experts.
+        assert layer["tokens"] == 240 and sum(layer["load"]) == 480, name
+        assert [row[i] for i, row in enumerate(layer["coactivation"])] == layer["load"]
+    assert analysis["shallow_layers"] == ["decoder.layers.0.linear1"]
+    assert analysis["deep_layers"] == ["decoder.layers.1.linear1"]
+    exported = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+    assert {"export/weights.safetensors", "export/meta.json"} <= exported
+
+
+def test_worker_failure_restores_expert_shards_with_identical_outputs(tuned):
+    summary, _ = tuned
+    assert storage.exists(storage.join(summary["run_storage"], "fault_injected"))   # a worker really died
+    state, _ = last_state(summary["run_storage"])
+    assert state["epoch"] == 1 and state["global_step"] == 4   # epoch 0 restored, epoch 1 redone
+    (check,) = state["restore_checks"]
+    # Both ranks reloaded their own expert shards (and the shared states) and recomputed the
+    # outputs recorded with the checkpoint, exactly.
+    assert check["epoch"] == 0 and len(check["per_rank"]) == 2 and check["max_abs_diff"] <= 1e-6, check
+    assert state["step0"]["max_abs_diff"] < 1e-5   # carried over by the checkpoint
+    metrics = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.metrics
+    assert metrics["restore/max_abs_diff"] <= 1e-6
+
+
+def test_base_checkpoint_sources(tuned, tmp_path):
+    summary, _ = tuned
+    dense_file = Path(summary["run_storage"]) / "dense_base" / MODEL_FILE
+    dense = load_tuned_model(dense_file)
+    expected = dense.state_dict()
+
+    state, _ = load_base_state(str(dense_file))
+    assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+    torch.save({"model": {f"module.{k}": v for k, v in expected.items()}}, tmp_path / "dense.pt")
+    state, _ = load_base_state(str(tmp_path / "dense.pt"))
+    assert set(state) == set(expected)
+
+    # From the registry: models:/<name>@<alias> -> the version's run -> export/weights.safetensors.
+    client = MlflowClient(summary["tracking_uri"], registry_uri=summary["tracking_uri"])
+    exp = client.get_experiment_by_name(summary["experiment"]).experiment_id
+    run = client.create_run(exp, run_name="dense-base")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "weights.safetensors").write_bytes(dense_file.read_bytes())
+    client.log_artifact(run.info.run_id, str(tmp_path / "export" / "weights.safetensors"), "export")
+    client.create_registered_model("ov-dense")
+    version = client.create_model_version("ov-dense", f"runs:/{run.info.run_id}/export", run_id=run.info.run_id)
+    client.set_registered_model_alias("ov-dense", "base", version.version)
+    state, source = load_base_state("models:/ov-dense@base", tracking_uri=summary["tracking_uri"],
+                                    local_dir=str(tmp_path))
+    assert set(state) == set(expected) and "version 1" in source
+    with pytest.raises(FileNotFoundError, match="not found in the registry"):
+        load_base_state("models:/ov-dense@nope", tracking_uri=summary["tracking_uri"], local_dir=str(tmp_path))
+
+    # A distillation-job checkpoint (closed-set RT-DETRv4): its EMA weights, the parts that fit.
+    from distillery.platform.moe_tune import _load_into
+    from distillery.students import build_student
+
+    student = build_student("rtdetrv4_tiny", num_classes=6, teacher_dim=32, eval_spatial_size=128)
+    (tmp_path / "distill_ckpt").mkdir()
+    torch.save({"ema": {"module": student.state_dict(), "updates": 10}, "epoch": 3},
+               tmp_path / "distill_ckpt" / "distillery_state.pt")
+    state, source = load_base_state(str(tmp_path / "distill_ckpt"))
+    assert "EMA" in source
+    with pytest.raises(ValueError, match="set base.strict=false"):
+        _load_into(dense, state, strict=True, source=source)
+    report = _load_into(dense, state, strict=False, source=source)
+    assert any(k.startswith("dsi.") for k in report["unexpected"])
+    assert any("dec_score_head" in k for k in report["missing"])   # the region-text heads stay as they were
+    assert torch.equal(dense.state_dict()["backbone.body.stem.stem1.conv.weight"],
+                       student.state_dict()["backbone.body.stem.stem1.conv.weight"])
+
+    # A checkpoint directory of the job itself holds an MoE model: refused as a dense base.
+    with pytest.raises(ValueError, match="already an MoE model"):
+        load_base_state(summary["last_checkpoint"])
+
+
+def test_bad_inputs_fail_before_any_worker(synthetic_data, tmp_path):
+    with pytest.raises(ConfigError, match="moe.granularity \\(3\\) must divide the decoder FFN width 128"):
+        tiny_config(tmp_path, synthetic_data, "moe.granularity=3")
+    with pytest.raises(ConfigError, match="moe.ep_size \\(3\\) must divide the number of experts"):
+        tiny_config(tmp_path, synthetic_data, "moe.ep_size=3")
+    with pytest.raises(ConfigError, match="model.overrides: unknown key"):
+        tiny_config(tmp_path, synthetic_data, "model.overrides={num_classes: 3}")
+    with pytest.raises(ConfigError, match="no dense model to tune"):
+        tiny_config(tmp_path, synthetic_data, "base.dense_steps=0")
+    with pytest.raises(FileNotFoundError, match="base.checkpoint .*nope.safetensors does not exist"):
+        run_moe_tune(tiny_config(tmp_path, synthetic_data, f"base.checkpoint={tmp_path / 'nope.safetensors'}"))
+    # A checkpoint of another architecture is refused (strict), naming what does not fit.
+    from distillery.students.open_vocab import build_open_vocab
+
+    other = build_open_vocab("rtdetrv4_tiny", ["a", "b"], phrase_embeddings=torch.randn(2, 32),
+                             eval_spatial_size=128, num_decoder_layers=3)
+    save_tuned_model(other, tmp_path / "other.safetensors", {"name": "rtdetrv4_tiny", "moe": None,
+                                                             "build_options": {}, "input_size": 128})
+    with pytest.raises(ValueError, match="does not fit the model .*unexpected \\['decoder.dec_bbox_head.2"):
+        run_moe_tune(tiny_config(tmp_path, synthetic_data, f"base.checkpoint={tmp_path / 'other.safetensors'}"))
+    assert not (tmp_path / "train" / "run").exists()   # nothing was started
+    assert storage.exists(str(tmp_path / "phrases"))     # the vocabulary was embedded once, on the driver
