@@ -84,7 +84,8 @@ def test_mlflow_run_contents(two_worker_run):
 def test_resume_from_continues_the_run(two_worker_run, synthetic_data, tiny_cache):
     cfg, summary, tmp = two_worker_run
     resumed = run_distill(tiny_config(tmp, synthetic_data, "train.epochs=3", "output.name=resumed",
-                                      f"output.resume_from={summary['run_storage']}", cache=tiny_cache))
+                                      f"output.resume_from={summary['run_storage']}", "tracking.log_model=false",
+                                      cache=tiny_cache))
     state = last_state(resumed["run_storage"])
     assert state["epoch"] == 2
     history = state["gam_history"]

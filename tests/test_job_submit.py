@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ def ray_head(tmp_path):
     token.write_text(uuid.uuid4().hex)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # (other tests' in-process mlflow.set_tracking_uri sets it)
     # Every port and the temp dir are the head's own: the test session's local Ray instance is
     # still up, and its dashboard agent holds Ray's default agent ports (a second agent that
     # cannot bind them never registers, and the job server answers "No available agent").
@@ -41,19 +43,29 @@ def ray_head(tmp_path):
                              *(f"--{flag}={port}" for flag, port in ports.items()), f"--temp-dir={temp_dir}",
                              "--dashboard-host=127.0.0.1", "--num-cpus=4",
                              "--disable-usage-stats", "--include-dashboard=true"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         wait_for_http(address, timeout=120, proc=proc)
         yield address, env, Path(temp_dir)
     finally:
-        proc.terminate()
+        # The node's processes (GCS, raylet, dashboard, workers) share `ray start`'s session:
+        # SIGTERM them all at once (`ray start --block` alone shuts down one by one, ~30 s).
+        _signal_group(proc, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:  # (the raylet can take ~20 s to honour SIGTERM)
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=20)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def agent_logs(temp_dir: Path) -> str:
@@ -81,7 +93,7 @@ def test_ray_job_submit_distill(ray_head, synthetic_data, tiny_cache, tmp_path):
             "python", "jobs/distill.py", "--config", "configs/distill_tiny.yaml",
             f"data.root={synthetic_data}", f"cache.uri={tiny_cache}",
             f"output.storage_path={out / 'train'}", f"output.local_dir={out / 'local'}",
-            "output.name=submitted", "train.epochs=1"]
+            "output.name=submitted", "train.epochs=1", "debug.max_steps_per_epoch=2", "tracking.log_model=false"]
     deadline = time.time() + 240  # the head's job agent registers some seconds after the dashboard answers
     while True:
         submit = ray_cli(args, env)

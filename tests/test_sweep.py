@@ -54,7 +54,7 @@ def last_json(stdout: str) -> dict:
 def sweep(mlflow_server, synthetic_data, tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     trial_overrides = [f"data.root={synthetic_data}", f"cache.uri={tiny_cache}", "train.num_workers=1",
-                       "train.epochs=2", "debug.max_steps_per_epoch=3", "tracking.num_val_images=0"]
+                       "train.epochs=1", "debug.max_steps_per_epoch=2", "tracking.num_val_images=0"]
     args = ["jobs/sweep.py", "--config", "configs/sweep_tiny.yaml", f"trial.overrides={json.dumps(trial_overrides)}",
             f"tracking.tracking_uri={mlflow_server}", f"sweep.storage_path={out / 'sweeps'}", "sweep.name=tiny",
             f"output.local_dir={out / 'local'}", "sweep.num_samples=3", "sweep.max_concurrent_trials=1"]
@@ -171,8 +171,8 @@ def test_promotion_refusal_and_rollback(sweep):
     assert set(pred) >= {"boxes", "scores", "labels"}
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(sweep["out"] / "dl")))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(sweep["out"] / "dl"),
+                                                     tracking_uri=uri, registry_uri=uri))
     assert list(local.rglob("*.onnx"))
 
     # Rollback: champion back to v1; a second rollback has nowhere to go.

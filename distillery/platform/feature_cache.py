@@ -44,7 +44,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillery.platform import storage
-from distillery.teachers.dinov3 import fingerprint_diff, fingerprint_digest
 
 __all__ = [
     "CacheError",
@@ -60,6 +59,21 @@ __all__ = [
     "quantize_int8",
     "shard_name",
 ]
+
+
+# The teacher module pulls in torch/timm (seconds per process); the data-side processes that only
+# read a cache (Ray Data decode actors) must not pay that, so these two load it on first use.
+def fingerprint_digest(fp: dict[str, Any]) -> str:
+    from distillery.teachers.dinov3 import fingerprint_digest as digest
+
+    return digest(fp)
+
+
+def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    from distillery.teachers.dinov3 import fingerprint_diff as diff
+
+    return diff(a, b)
+
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -167,9 +167,12 @@ class _InterruptAfter:
         class InterruptAfter(Callback):
             def __init__(self):
                 self.done = 0
+                # Tune pickles callbacks with the experiment and Tuner.restore brings them back:
+                # the simulated Ctrl+C belongs to the driver that asked for it, not to a --resume.
+                self.pid = os.getpid()
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                if not trial.last_result.get("done"):  # stopped early by the scheduler
+                if os.getpid() != self.pid or not trial.last_result.get("done"):  # (ASHA-stopped: not done)
                     return
                 self.done += 1
                 if self.done == n:
