@@ -64,3 +64,32 @@ def test_sweep_config_rules():
         load_config(SweepConfig, None, ["sweep.gam_auto.delta_fraction=[0.2,0.1]"])
     with pytest.raises(ConfigError, match="sweep.scheduler.type"):
         load_config(SweepConfig, None, ["sweep.scheduler.type=hyperband"])
+
+
+def test_optuna_search_takes_the_translated_space():
+    """`sweep.search: optuna` gets the same translated space; Optuna proposes values inside it."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {"optim.lr": spec(type="loguniform", low=1e-4, high=1e-2), "moe.granularity": spec(type="choice", values=[1, 2, 4]),
+             "gam.lambda0": spec(type="uniform", low=0.5, high=2.0)}
+    searcher = OptunaSearch(seed=0)
+    assert searcher.set_search_properties("AP", "max", to_tune_space(space))
+    for i in range(3):
+        proposed = searcher.suggest(f"t{i}")
+        assert 1e-4 <= proposed["optim.lr"] <= 1e-2 and proposed["moe.granularity"] in (1, 2, 4)
+        assert 0.5 <= proposed["gam.lambda0"] <= 2.0
+        searcher.on_trial_complete(f"t{i}", {"AP": 0.1 * i, "training_iteration": 1})
+    with pytest.raises(ConfigError, match="optuna.*grid"):
+        load_config(SweepConfig, None, ["sweep.search=optuna", "sweep.gam=space",
+                                        "sweep.space={optim.lr: {type: grid, values: [1.0e-4, 2.0e-4]}}"])
+
+
+def test_granularity_that_does_not_divide_the_ffn_is_refused_before_the_sweep():
+    from pathlib import Path
+
+    from distillery.platform.moe_config import MoETuneConfig
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "moe_tune_tiny.yaml"
+    check_space({"moe.granularity": spec(type="choice", values=[1, 2, 4])}, MoETuneConfig, tiny, [])
+    with pytest.raises(SpaceError, match=r"(?s)moe.granularity.*value 7.*must divide the decoder FFN width 128"):
+        check_space({"moe.granularity": spec(type="choice", values=[2, 7])}, MoETuneConfig, tiny, [])

@@ -49,7 +49,10 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
         num_cpus = ray_cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(min_local_cpus))
         log.info("starting a local Ray instance (num_cpus=%s)", num_cpus)
         # address="local": always a new instance of our own, even if another one runs here.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # The dashboard serves Ray's State API, which Train V2's placement-group cleaner polls
+        # (without it, it logs a warning every few seconds); bound to 127.0.0.1, any free port.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=None, **kwargs)
     try:
         yield
     finally:

@@ -142,7 +142,7 @@ def promote_run(tracking_uri: str, model_name: str, run_id: str, *, metric: str 
     if promoted and champion is not None:
         client.set_model_version_tag(model_name, v, "previous_champion", str(champion.version))
     log.info("registry %s v%s: %s", model_name, v, reason)
-    return PromotionResult(model_name, v, run_id, metric, float(value), champion.version if champion else None,
+    return PromotionResult(model_name, v, run_id, metric, float(value), str(champion.version) if champion else None,
                            champ_value, promoted, reason)
 
 
@@ -181,7 +181,7 @@ def rollback(tracking_uri: str, model_name: str) -> dict[str, Any]:
                                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     client.set_model_version_tag(model_name, previous, "promotion_decision", reason)
     log.info("registry %s: %s", model_name, reason)
-    return {"model_name": model_name, "champion": previous, "from_version": champion.version, "reason": reason}
+    return {"model_name": model_name, "champion": previous, "from_version": str(champion.version), "reason": reason}
 
 
 def load_champion(tracking_uri: str, model_name: str, alias: str = CHAMPION):

@@ -345,7 +345,11 @@ def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_
     return tune.Tuner(trainable, param_space=to_tune_space(space),
                       tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
                                                   scheduler=scheduler, search_alg=search_alg,
-                                                  max_concurrent_trials=concurrent),
+                                                  max_concurrent_trials=concurrent,
+                                                  # A trial's driver process is reused by the next
+                                                  # one: no fresh interpreter importing torch, Ray
+                                                  # Train and MLflow per trial.
+                                                  reuse_actors=True),
                       run_config=run_config)
 
 

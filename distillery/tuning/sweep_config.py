@@ -96,4 +96,9 @@ class SweepConfig(StrictModel):
             taken = sorted({"gam.rho", "gam.delta"} & set(self.sweep.space))
             if taken:
                 raise ValueError(f"sweep.gam is 'auto': it sets {taken} itself; remove them from sweep.space")
+        if self.sweep.search == "optuna":
+            grids = sorted(k for k, p in self.sweep.space.items() if p.type == "grid")
+            if grids:  # Optuna samples; it cannot enumerate a grid
+                raise ValueError(f"sweep.search is 'optuna' but {grids} use type 'grid': use 'choice', "
+                                 "or search: random")
         return self
