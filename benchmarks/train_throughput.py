@@ -84,7 +84,8 @@ def job_throughput(args, workers: int) -> float:
         f"train.cpus_per_worker={max(1, cpus // workers)}", "train.epochs=2", f"train.batch_size={args.batch}",
         "train.eval_every=100", f"output.storage_path={work / 'train'}", f"output.local_dir={work}",
         "tracking.log_model=false", "tracking.system_metrics=false", "tracking.num_val_images=0",
-        "augment.policy_epochs=[0,0,100]", "augment.mixup_epochs=[0,0]"])
+        "optim.no_aug_epochs=0", "optim.flat_epochs=2", "augment.policy_epochs=[0,0,100]",
+        "augment.mixup_epochs=[0,0]"])
     summary = run_distill(cfg)
     return float(summary["metrics"]["images_per_second"])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -117,6 +116,39 @@ def _view_recipe(cfg: DistillConfig) -> ViewRecipe:
                       flip_prob=cfg.augment.flip_prob)
 
 
+def fit_on_ray_train(worker, cfg, run_info: dict[str, Any], train_ds, *, name: str, storage_path: str,
+                     use_gpu: bool, callbacks=None):
+    """Run ``worker`` on ``cfg.train.num_workers`` Ray Train workers (TorchTrainer, Train V2) with the
+    job's checkpoint and failure settings; return ``(result, best checkpoint by AP or None)``.
+
+    Shared by the distillation and MoE-tuning jobs: ``cfg`` is either job's config (its ``train``
+    section has the fields read here), ``run_info`` reaches every worker with the config."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_config = ray.train.RunConfig(
+        name=name, storage_path=storage_path if "://" not in storage_path else None,
+        storage_filesystem=_storage_filesystem(storage_path),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                     checkpoint_score_attribute="AP",
+                                                     checkpoint_score_order="max"),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=list(callbacks or []))
+    if "://" in storage_path:
+        run_config.storage_path = storage.filesystem(storage_path)[1]
+    trainer = TorchTrainer(
+        worker, train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run_info},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=run_config, datasets={"train": train_ds})
+    result = trainer.fit()
+    # Ray keeps the top checkpoints by AP, listed in report order: pick the best one.
+    scored = [(c, m.get("AP", float("-inf"))) for c, m in (result.best_checkpoints or [])]
+    scored = [(c, ap if ap == ap else float("-inf")) for c, ap in scored]  # NaN -> lowest
+    best = max(scored, key=lambda cm: cm[1])[0] if scored else result.checkpoint
+    return result, best
+
+
 def _grid_of(fp: dict[str, Any]) -> tuple[int, int]:
     side = fp["input_size"] // fp["pool"] // fp["patch_size"]
     return side, side
@@ -150,8 +182,6 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     ``parent_run_id`` makes the MLflow run a child (one per sweep trial); ``extra_tags`` are
     added to it."""
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from distillery.platform.cluster import cluster_has_gpus, ray_session
     from distillery.platform.ingest import build_train_dataset
@@ -227,27 +257,9 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
                     "val_images": val_images, "tracking_uri": tracking_uri, "run_id": run_id,
                     "run_storage": run_storage, "resume_checkpoint": resume_checkpoint}
 
-        run_config = ray.train.RunConfig(
-            name=name, storage_path=storage_path if "://" not in storage_path else None,
-            storage_filesystem=_storage_filesystem(storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                                         checkpoint_score_attribute="AP",
-                                                         checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks or []))
-        if "://" in storage_path:
-            run_config.storage_path = storage.filesystem(storage_path)[1]
-        trainer = TorchTrainer(
-            train_worker, train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run_info},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-            run_config=run_config, datasets={"train": train_ds})
         with _mlflow_status(tracking_uri, run_id):
-            result = trainer.fit()
-            # Ray keeps the top checkpoints by AP, listed in report order: pick the best one.
-            scored = [(c, m.get("AP", float("-inf"))) for c, m in (result.best_checkpoints or [])]
-            scored = [(c, ap if ap == ap else float("-inf")) for c, ap in scored]  # NaN -> lowest
-            best = max(scored, key=lambda cm: cm[1])[0] if scored else result.checkpoint
+            result, best = fit_on_ray_train(train_worker, cfg, run_info, train_ds, name=name,
+                                            storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
             summary = {"run_id": run_id, "tracking_uri": tracking_uri, "experiment": cfg.tracking.experiment,
                        "run_storage": run_storage, "best_checkpoint": best.path if best else None,
                        "last_checkpoint": result.checkpoint.path if result.checkpoint else None,

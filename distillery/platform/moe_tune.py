@@ -436,13 +436,11 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
                  extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a summary."""
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from distillery.platform.cache_job import ensure_dataset
     from distillery.platform.cluster import cluster_has_gpus, ray_session
     from distillery.platform.coco import load_coco
-    from distillery.platform.distill import (_git_commit, _mlflow_status, _storage_filesystem,
+    from distillery.platform.distill import (_git_commit, _mlflow_status, fit_on_ray_train,
                                              find_latest_checkpoint)
     from distillery.platform.ingest import build_train_dataset
     from distillery.platform.tracking import create_run, resolve_tracking_uri, tracking_reachable
@@ -526,26 +524,9 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
                     "tracking_uri": tracking_uri, "run_id": run_id, "run_storage": run_storage,
                     "resume_checkpoint": resume_checkpoint, "parameter_counts": counts}
 
-        run_config = ray.train.RunConfig(
-            name=name, storage_path=storage_path if "://" not in storage_path else None,
-            storage_filesystem=_storage_filesystem(storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                                         checkpoint_score_attribute="AP",
-                                                         checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks or []))
-        if "://" in storage_path:
-            run_config.storage_path = storage.filesystem(storage_path)[1]
-        trainer = TorchTrainer(
-            moe_tune_worker, train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run_info},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-            run_config=run_config, datasets={"train": train_ds})
         with _mlflow_status(tracking_uri, run_id):
-            result = trainer.fit()
-            scored = [(c, reported.get("AP", float("-inf"))) for c, reported in (result.best_checkpoints or [])]
-            scored = [(c, ap if ap == ap else float("-inf")) for c, ap in scored]
-            best = max(scored, key=lambda cm: cm[1])[0] if scored else result.checkpoint
+            result, best = fit_on_ray_train(moe_tune_worker, cfg, run_info, train_ds, name=name,
+                                            storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
             summary = {"run_id": run_id, "tracking_uri": tracking_uri, "experiment": cfg.tracking.experiment,
                        "run_storage": run_storage, "best_checkpoint": best.path if best else None,
                        "last_checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -51,7 +51,7 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[s
                tags: dict[str, str] | None = None, artifact_location: str | None = None,
                parent_run_id: str | None = None) -> str:
     """Create an MLflow run (not left active in this process) and log params; return its id."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)

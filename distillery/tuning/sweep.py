@@ -19,7 +19,6 @@ import os
 import signal
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable
 
 from distillery.platform import storage
@@ -192,7 +191,6 @@ def _trial_cpus(job_cfg) -> float:
 
 def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict[str, Any]:
     """Run (or, with ``resume``=the sweep's path, continue) a sweep; return its summary."""
-    import ray
     from ray import tune
 
     from distillery.platform.cluster import ray_session
