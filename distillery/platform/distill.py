@@ -116,6 +116,20 @@ def _view_recipe(cfg: DistillConfig) -> ViewRecipe:
                       flip_prob=cfg.augment.flip_prob)
 
 
+def load_train_val(data, report_dir: str) -> tuple[CocoDataset, CocoDataset]:
+    """The train and val splits of ``data`` (a job's DataConfig), validated as they load (bad
+    records reported under ``report_dir``); refuses splits whose category tables differ."""
+    splits = {}
+    for split in ("train", "val"):
+        ann, images = data.split_paths(split)
+        splits[split] = load_coco(ann, images, bad_records=data.bad_records, check_images=data.check_images,
+                                  report_uri=storage.join(report_dir, f"{split}.jsonl"))
+    train, val = splits["train"], splits["val"]
+    if val.categories != train.categories:
+        raise ValueError(f"train and val category tables differ: {train.annotation_uri} vs {val.annotation_uri}")
+    return train, val
+
+
 def fit_on_ray_train(worker, cfg, run_info: dict[str, Any], train_ds, *, name: str, storage_path: str,
                      use_gpu: bool, callbacks=None):
     """Run ``worker`` on ``cfg.train.num_workers`` Ray Train workers (TorchTrainer, Train V2) with the
@@ -197,15 +211,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
 
     # --- inputs, checked before anything runs
     ensure_dataset(cfg.data)
-    report_dir = storage.join(str(local_dir), "bad_records", name)
-    splits = {}
-    for split in ("train", "val"):
-        ann, images = cfg.data.split_paths(split)
-        splits[split] = load_coco(ann, images, bad_records=cfg.data.bad_records, check_images=cfg.data.check_images,
-                                  report_uri=storage.join(report_dir, f"{split}.jsonl"))
-    train, val = splits["train"], splits["val"]
-    if val.categories != train.categories:
-        raise ValueError(f"train and val category tables differ: {train.annotation_uri} vs {val.annotation_uri}")
+    train, val = load_train_val(cfg.data, storage.join(str(local_dir), "bad_records", name))
     resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
     tracking_reachable(tracking_uri)

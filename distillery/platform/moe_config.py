@@ -30,6 +30,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from distillery.platform.config import DataConfig, RayConfig, StorageConfig, StrictModel, SyntheticDataConfig
 from distillery.platform.distill_config import DeepSpeedSettings, KillSpec
+from distillery.platform.distill_config import TrainSettings as DistillTrainSettings
 
 __all__ = ["MoETuneConfig"]
 
@@ -116,20 +117,11 @@ class OptimSettings(StrictModel):
     min_lr_ratio: float = Field(0.5, gt=0, le=1)
 
 
-class TrainSettings(StrictModel):
+class TrainSettings(DistillTrainSettings):
+    """The distillation job's train section (workers, checkpoints, seed, ...) plus MoE-tuning's own."""
+
     epochs: PositiveInt = 4
     steps_per_epoch: PositiveInt | None = None  # None: one pass over the train split
-    batch_size: PositiveInt = 4  # per worker
-    num_workers: PositiveInt = 2
-    use_gpu: bool | Literal["auto"] = "auto"
-    cpus_per_worker: float = Field(1.0, gt=0)
-    eval_every: PositiveInt = 1
-    eval_batch_size: PositiveInt = 8
-    max_failures: int = Field(1, ge=0)
-    keep_checkpoints: PositiveInt = 2
-    seed: int = 0
-    log_every: PositiveInt = 5
-    shuffle_buffer: int = Field(16, ge=0)
     flip_prob: float = Field(0.5, ge=0, le=1)
     probe_images: PositiveInt = 2  # val images whose raw outputs every checkpoint records
 

@@ -439,9 +439,8 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
 
     from distillery.platform.cache_job import ensure_dataset
     from distillery.platform.cluster import cluster_has_gpus, ray_session
-    from distillery.platform.coco import load_coco
-    from distillery.platform.distill import (_git_commit, _mlflow_status, fit_on_ray_train,
-                                             find_latest_checkpoint)
+    from distillery.platform.distill import (_git_commit, _mlflow_status, find_latest_checkpoint,
+                                             fit_on_ray_train, load_train_val)
     from distillery.platform.ingest import build_train_dataset
     from distillery.platform.tracking import create_run, resolve_tracking_uri, tracking_reachable
     from distillery.students.moe import moe_parameter_counts
@@ -456,15 +455,7 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
 
     # --- inputs, checked before anything runs
     ensure_dataset(cfg.data)
-    report_dir = storage.join(str(local_dir), "bad_records", name)
-    splits = {}
-    for split in ("train", "val"):
-        ann, images = cfg.data.split_paths(split)
-        splits[split] = load_coco(ann, images, bad_records=cfg.data.bad_records, check_images=cfg.data.check_images,
-                                  report_uri=storage.join(report_dir, f"{split}.jsonl"))
-    train, val = splits["train"], splits["val"]
-    if val.categories != train.categories:
-        raise ValueError(f"train and val category tables differ: {train.annotation_uri} vs {val.annotation_uri}")
+    train, val = load_train_val(cfg.data, storage.join(str(local_dir), "bad_records", name))
     phrases, text, encoder_info = prompt_vocabulary(cfg, train.categories)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
     tracking_reachable(tracking_uri)
@@ -774,20 +765,14 @@ def moe_tune_worker(config: dict[str, Any]) -> None:
 
     from distillery.platform.coco import load_coco, load_image_resized
     from distillery.platform.moe_deepspeed import to_deepspeed_moe
-    from distillery.platform.train_loop import (_inject_fault, _seed_everything, _set_rng_state,
-                                                evaluate_on_ranks, load_extra_state)
+    from distillery.platform.train_loop import (_inject_fault, _set_rng_state, evaluate_on_ranks,
+                                                load_extra_state, setup_worker)
     from distillery.students.criterion import build_criterion
     from distillery.students.open_vocab import moe_tune_decoder
 
     cfg = MoETuneConfig.model_validate(config["cfg"])
     run: dict[str, Any] = config["run"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    use_gpu = device.type == "cuda"
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    _seed_everything(cfg.train.seed + rank)
-    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+    rank, world, device, use_gpu = setup_worker(cfg)
     # DeepSpeed's communication layer over the process group Ray Train created (needed before
     # the MoE layers are built: they ask for their expert-parallel group).
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", dist_init_required=False, verbose=False)

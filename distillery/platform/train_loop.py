@@ -102,6 +102,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def setup_worker(cfg) -> tuple[int, int, torch.device, bool]:
+    """A Ray Train worker's common start (distillation and MoE-tuning jobs): threads from
+    ``cfg.train.cpus_per_worker``, per-rank seeds, S3 settings. Returns (rank, world size,
+    device, whether it is a GPU)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    _seed_everything(cfg.train.seed + rank)
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+    return rank, world, device, device.type == "cuda"
+
+
 def _rng_state() -> dict[str, Any]:
     py = random.getstate()
     np_state = np.random.get_state()
@@ -222,13 +238,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     cfg = DistillConfig.model_validate(config["cfg"])
     run: dict[str, Any] = config["run"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    use_gpu = device.type == "cuda"
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    _seed_everything(cfg.train.seed + rank)
-    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+    rank, world, device, use_gpu = setup_worker(cfg)
 
     # --- model, loss, optimizer, engine
     teacher_dim = run["teacher_dim"]
