@@ -77,7 +77,7 @@ from torch import nn
 
 from .backbone import HGNetv2Backbone, load_state_dict_file
 from .decoder import DFINEDecoder
-from .encoder import AIFI, ConvNormAct, RepVGGBlock, SCDown
+from .encoder import ConvNormAct, HybridEncoder, RepVGGBlock
 from .sta import SpatialTuningAdapter
 
 __all__ = [
@@ -468,53 +468,22 @@ def _fusion_block(hidden: int, expansion: float, depth_mult: float, act: str, po
     return GELANBlock(hidden, hidden, 2 * hidden, branch, round(3 * depth_mult), act=act, post_conv=post_conv)
 
 
-class DEIMv2HybridEncoder(nn.Module):
-    """AIFI on the deepest level, then a CCFF that fuses levels by summation (DEIMv2 ``fuse_op: sum``).
+class DEIMv2HybridEncoder(HybridEncoder):
+    """AIFI on the deepest level, then a CCFF that fuses levels by summation (DEIMv2 ``fuse_op: sum``)
+    with GELAN blocks: :class:`~.encoder.HybridEncoder` with DEIMv2's options.
 
-    Returns ``([P_1 .. P_L], F5)`` like :class:`~.encoder.HybridEncoder`; AIFI's parameters are
-    under ``aifi.`` so that GAM/DSI find them.
+    Returns ``([P_1 .. P_L], F5)``; AIFI's parameters are under ``aifi.`` so that GAM/DSI find them.
     """
 
     def __init__(self, in_channels: Sequence[int], hidden_dim: int = 256, num_heads: int = 8, ffn_dim: int = 1024,
                  aifi_act: str = "gelu", expansion: float = 1.0, depth_mult: float = 1.0, act: str = "silu",
                  block: str = "elan5"):
-        super().__init__()
-        if len(in_channels) < 2:
-            raise ValueError(f"DEIMv2HybridEncoder: need at least two levels, got in_channels={list(in_channels)}")
         if block not in ("elan5", "elan4"):
             raise ValueError(f"DEIMv2HybridEncoder: ccff_block must be 'elan5' or 'elan4', got {block!r}")
-        self.in_channels = list(in_channels)
-        self.hidden_dim = hidden_dim
-        levels = len(self.in_channels)
-        self.input_proj = nn.ModuleList([nn.Identity() if c == hidden_dim else ConvNormAct(c, hidden_dim, 1)
-                                         for c in self.in_channels])
-        self.aifi = AIFI(hidden_dim, num_heads, ffn_dim, 0.0, aifi_act)
         post_conv = block == "elan4"
-        self.lateral_convs = nn.ModuleList([ConvNormAct(hidden_dim, hidden_dim, 1) for _ in range(levels - 1)])
-        self.fpn_blocks = nn.ModuleList([_fusion_block(hidden_dim, expansion, depth_mult, act, post_conv)
-                                         for _ in range(levels - 1)])
-        self.downsample_convs = nn.ModuleList([SCDown(hidden_dim, hidden_dim, 3, 2) for _ in range(levels - 1)])
-        self.pan_blocks = nn.ModuleList([_fusion_block(hidden_dim, expansion, depth_mult, act, post_conv)
-                                         for _ in range(levels - 1)])
-
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if len(features) != len(self.in_channels):
-            raise ValueError(f"DEIMv2HybridEncoder: expected {len(self.in_channels)} levels, got {len(features)}")
-        projected = [proj(f) for proj, f in zip(self.input_proj, features)]
-        f5 = self.aifi(projected[-1])
-        projected[-1] = f5
-
-        top_down = [projected[-1]]  # deepest first while building
-        for i, shallow in enumerate(reversed(projected[:-1])):
-            deep = self.lateral_convs[i](top_down[-1])
-            top_down[-1] = deep
-            top_down.append(self.fpn_blocks[i](F.interpolate(deep, scale_factor=2.0, mode="nearest") + shallow))
-        top_down.reverse()
-
-        outs = [top_down[0]]
-        for i in range(len(projected) - 1):
-            outs.append(self.pan_blocks[i](self.downsample_convs[i](outs[-1]) + top_down[i + 1]))
-        return outs, f5
+        super().__init__(in_channels, hidden_dim, num_heads, ffn_dim, 0.0, aifi_act, expansion, depth_mult, act,
+                         fuse="sum", identity_proj=True,
+                         fusion_block=lambda: _fusion_block(hidden_dim, expansion, depth_mult, act, post_conv))
 
 
 class LiteEncoder(nn.Module):

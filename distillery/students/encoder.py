@@ -19,7 +19,7 @@ projections and CCFF) are the "CCFF" group.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -182,25 +182,41 @@ class AIFI(nn.Module):
 
 
 class HybridEncoder(nn.Module):
-    """Input projections + AIFI on the last level + CCFF; returns the fused maps and F5."""
+    """Input projections + AIFI on the last level + CCFF; returns the fused maps and F5.
+
+    ``fuse`` is how CCFF joins two maps before a fusion block: ``"cat"`` (D-FINE/RT-DETRv4, the
+    block takes 2x channels) or ``"sum"`` (DEIMv2). ``fusion_block`` builds those blocks (default:
+    D-FINE's RepNCSPELAN4 for ``"cat"``); ``identity_proj`` skips the input projection of a level
+    that already has ``hidden_dim`` channels (DEIMv2)."""
 
     def __init__(self, in_channels: Sequence[int] = (512, 1024, 2048), hidden_dim: int = 256, num_heads: int = 8,
                  ffn_dim: int = 1024, dropout: float = 0.0, aifi_act: str = "gelu", expansion: float = 1.0,
-                 depth_mult: float = 1.0, act: str = "silu", pe_temperature: float = 10000.0):
+                 depth_mult: float = 1.0, act: str = "silu", pe_temperature: float = 10000.0,
+                 fuse: Literal["cat", "sum"] = "cat", fusion_block: Callable[[], nn.Module] | None = None,
+                 identity_proj: bool = False):
         super().__init__()
+        name = type(self).__name__
         if len(in_channels) < 2:
-            raise ValueError(f"HybridEncoder: need at least two input levels, got in_channels={list(in_channels)}")
+            raise ValueError(f"{name}: need at least two input levels, got in_channels={list(in_channels)}")
+        if fuse not in ("cat", "sum"):
+            raise ValueError(f"{name}: fuse must be 'cat' or 'sum', got {fuse!r}")
+        if fuse == "sum" and fusion_block is None:
+            raise ValueError(f"{name}: fuse='sum' needs a fusion_block taking hidden_dim channels")
         self.in_channels = list(in_channels)
         self.hidden_dim = hidden_dim
+        self.fuse_op = fuse
         levels = len(self.in_channels)
 
-        self.input_proj = nn.ModuleList([ConvNormAct(c, hidden_dim, 1) for c in self.in_channels])
+        self.input_proj = nn.ModuleList([nn.Identity() if identity_proj and c == hidden_dim
+                                         else ConvNormAct(c, hidden_dim, 1) for c in self.in_channels])
         self.aifi = AIFI(hidden_dim, num_heads, ffn_dim, dropout, aifi_act, pe_temperature)
 
         branch = round(expansion * hidden_dim // 2)
         depth = round(3 * depth_mult)
 
-        def fusion() -> RepNCSPELAN4:
+        def fusion() -> nn.Module:
+            if fusion_block is not None:
+                return fusion_block()
             return RepNCSPELAN4(hidden_dim * 2, hidden_dim, hidden_dim * 2, branch, depth, act=act)
 
         # Top-down (FPN): index 0 fuses the deepest level into the one below it.
@@ -213,7 +229,8 @@ class HybridEncoder(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """[S3, S4, S5] -> ([P3, P4, P5] each with ``hidden_dim`` channels, F5 = AIFI output)."""
         if len(features) != len(self.in_channels):
-            raise ValueError(f"HybridEncoder: expected {len(self.in_channels)} feature levels, got {len(features)}")
+            raise ValueError(f"{type(self).__name__}: expected {len(self.in_channels)} feature levels, "
+                             f"got {len(features)}")
         projected = [proj(f) for proj, f in zip(self.input_proj, features)]
         f5 = self.aifi(projected[-1])
         projected[-1] = f5
@@ -224,12 +241,15 @@ class HybridEncoder(nn.Module):
             deep = self.lateral_convs[i](top_down[-1])
             top_down[-1] = deep
             upsampled = F.interpolate(deep, scale_factor=2.0, mode="nearest")
-            top_down.append(self.fpn_blocks[i](torch.cat([upsampled, shallow], dim=1)))
+            top_down.append(self.fpn_blocks[i](self._fuse(upsampled, shallow)))
         top_down.reverse()  # shallow (P3 inner) first
 
         # Bottom-up: downsample the fused shallower map and fuse with the next deeper top-down map.
         outs = [top_down[0]]
         for i in range(len(projected) - 1):
             down = self.downsample_convs[i](outs[-1])
-            outs.append(self.pan_blocks[i](torch.cat([down, top_down[i + 1]], dim=1)))
+            outs.append(self.pan_blocks[i](self._fuse(down, top_down[i + 1])))
         return outs, f5
+
+    def _fuse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b], dim=1) if self.fuse_op == "cat" else a + b
