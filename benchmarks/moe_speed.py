@@ -44,19 +44,8 @@ import torch  # noqa: E402
 from distillery.students.moe import MoEFFN, collect_aux_loss  # noqa: E402
 from distillery.students.open_vocab import build_open_vocab, moe_tune_decoder  # noqa: E402
 from distillery.students.text import COCO_CATEGORY_NAMES, HashingPhraseEncoder  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _interleaved(fns: dict[str, callable], iters: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
@@ -69,7 +58,7 @@ def _interleaved(fns: dict[str, callable], iters: int, warmup: int, device: torc
     for i in range(iters):
         order = names[i % len(names):] + names[:i % len(names)]
         for n in order:
-            times[n].append(_timed(fns[n], device) * 1e3)
+            times[n].append(timed(fns[n], device) * 1e3)
     return times
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,22 +40,10 @@ from distillery.students.fit import make_step  # noqa: E402
 from distillery.students.gam import GAM_DEFAULTS, GAMController  # noqa: E402
 from distillery.students.optim import OPTIM_DEFAULTS, build_optimizer  # noqa: E402
 from distillery.students.training import compute_losses, named_grads  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 
 TEACHER_DIM = 768  # DINOv3 ViT-B/16, as in RT-DETRv4
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device) -> float:
-    """Seconds that ``fn()`` takes, the device's queued work included."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _batch(b: int, size: int, device: torch.device, generator: torch.Generator) -> dict:
@@ -75,7 +62,7 @@ def latency(model, size: int, iters: int, warmup: int, device: torch.device, dty
     with torch.inference_mode(), autocast:
         for _ in range(warmup):
             model(images)
-        times = [_timed(lambda: model(images), device) * 1e3 for _ in range(iters)]
+        times = [timed(lambda: model(images), device) * 1e3 for _ in range(iters)]
     ms = statistics.median(times)
     return {"latency_ms": round(ms, 2), "fps": round(1000.0 / ms, 2), "latency_ms_all": [round(t, 2) for t in times]}
 
@@ -99,7 +86,7 @@ def training(model, name: str, size: int, batch: int, iters: int, warmup: int, d
     for i in range(iters):  # ABBA: each side goes first half of the time
         order = ((without, plain), (with_gam, gammed)) if i % 2 == 0 else ((with_gam, gammed), (without, plain))
         for step, times in order:
-            times.append(_timed(lambda: step(batch_data), device) * 1e3)
+            times.append(timed(lambda: step(batch_data), device) * 1e3)
 
     # The accounting alone, on the real gradients of one more step (read before the update).
     model.train()
@@ -107,9 +94,9 @@ def training(model, name: str, size: int, batch: int, iters: int, warmup: int, d
         result = compute_losses(model, criterion, batch_data["images"], batch_data["targets"],
                                 teacher_grid=batch_data["teacher_grid"], dsi_weight=gam.current_lambda)
     result.total.backward()
-    accumulate = [_timed(lambda: gam.accumulate(named_grads(model)), device) * 1e3 for _ in range(max(iters, 5))]
+    accumulate = [timed(lambda: gam.accumulate(named_grads(model)), device) * 1e3 for _ in range(max(iters, 5))]
     optimizer.zero_grad(set_to_none=True)
-    end_epoch_ms = _timed(lambda: gam.end_epoch(0), device) * 1e3
+    end_epoch_ms = timed(lambda: gam.end_epoch(0), device) * 1e3
 
     step_ms, gam_ms = statistics.median(plain), statistics.median(gammed)
     acc_ms = statistics.median(accumulate)
