@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from distillery.platform import storage
+from distillery.platform.errors import DeterministicError
 
 __all__ = [
     "AnnotationError",
@@ -47,11 +48,11 @@ ImageCheck = Literal["none", "exists", "header", "decode"]
 _BORDER_TOLERANCE_PX = 1.0
 
 
-class AnnotationError(ValueError):
+class AnnotationError(ValueError, DeterministicError):
     """A bad annotation file or record; the message names the file and the record."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(ValueError, DeterministicError):
     """An image file that is missing or cannot be decoded; the message names the file."""
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError
 
+from distillery.platform.errors import DeterministicError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -37,7 +39,7 @@ __all__ = [
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, DeterministicError):
     """A configuration that cannot be used; the message names the key path and the source."""
 
 

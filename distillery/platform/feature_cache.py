@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillery.platform import storage
+from distillery.platform.errors import DeterministicError
 
 __all__ = [
     "CacheError",
@@ -81,7 +82,7 @@ PLAN = "plan.json"
 StorageDtype = Literal["fp16", "int8"]
 
 
-class CacheError(RuntimeError):
+class CacheError(RuntimeError, DeterministicError):
     """A cache that cannot be used as asked; the message names the URI and the reason."""
 
 
