@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from torch import nn
 from .backbone import HGNetv2Backbone
 from .decoder import DFINEDecoder
 from .encoder import HybridEncoder
+from .weights import load_student_weights, strip_wrapper_prefixes
 
 if TYPE_CHECKING:
     from .deimv2 import DEIMv2
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["COMPONENTS", "RTDETRv4", "STUDENT_SPECS", "StudentSpec", "build_student"]
 
 COMPONENTS = ("backbone", "aifi", "ccff", "decoder", "dsi")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass(frozen=True)
@@ -157,13 +157,7 @@ class RTDETRv4(nn.Module):
 
     def component_of(self, param_name: str) -> str:
         """``backbone`` / ``aifi`` / ``ccff`` / ``decoder`` / ``dsi`` for a parameter (or buffer) name."""
-        name = param_name
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix):], True
+        name = next(iter(strip_wrapper_prefixes({param_name: None})))
         if name.startswith("encoder.aifi."):
             return "aifi"
         for prefix, component in (("backbone.", "backbone"), ("encoder.", "ccff"), ("decoder.", "decoder"),
@@ -177,8 +171,18 @@ class RTDETRv4(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if self.component_of(n) != "dsi")
 
 
-def build_student(name: str, peft: dict[str, Any] | None = None, **overrides) -> RTDETRv4 | DEIMv2:
-    """An RT-DETRv4 student by size name (``rtdetrv4_s|m|l|x|tiny``), any :class:`StudentSpec` field overridable.
+def build_student(name: str, weights: str | os.PathLike | None = None, num_classes: int | None = None, *,
+                  class_map: Mapping[int, int] | None = None, peft: dict[str, Any] | None = None,
+                  **overrides) -> RTDETRv4 | DEIMv2:
+    """A student by size name (``rtdetrv4_s|m|l|x|tiny``, ``deimv2_*``), any spec field overridable.
+
+    ``weights``: a whole-model weights file or directory, loaded after the build by
+    :func:`~.weights.load_student_weights` (official RT-DETRv4 / DEIMv2 release ``.pth``, with its
+    ``ema`` weights when present; a Distillery checkpoint or export; a plain state dict;
+    ``.safetensors``), strictly. When its class count differs from ``num_classes``, only the
+    class-dependent tensors are re-initialised (``class_map``: ``{model class: file class}`` rows
+    copied instead); ``model.weights_report`` (:class:`~.weights.WeightsReport`) says what happened.
+    ``num_classes`` None: the spec's (80, COCO).
 
     Common overrides: ``num_classes``, ``dsi`` (False -> ``model.dsi is None``), ``teacher_dim``
     (None -> no DSI), ``num_queries``, ``num_decoder_layers``, ``eval_spatial_size`` (int or
@@ -192,18 +196,27 @@ def build_student(name: str, peft: dict[str, Any] | None = None, **overrides) ->
     ViT backbone and inserts adapters (:func:`~.deimv2.apply_backbone_peft`); the report is kept
     as ``model.peft_report``. RT-DETRv4's CNN backbone has no PEFT and raises ``ValueError``.
     """
+    if num_classes is not None:
+        overrides["num_classes"] = int(num_classes)
     peft = dict(peft or {})
     method = peft.pop("method", "none")
     if name.startswith("deimv2_"):
         from .deimv2 import apply_backbone_peft, build_deimv2  # imported on first use of a DEIMv2 name
 
         model = build_deimv2(name, **overrides)
-        if method != "none":
-            model.peft_report = apply_backbone_peft(model, method, **peft)
-        return model
-    if method != "none":
+    elif method != "none":
         raise ValueError(f"build_student({name!r}, peft={method!r}): PEFT adapters need a ViT backbone "
                          "(deimv2_s/m/l/x or deimv2_tiny); RT-DETRv4 students fine-tune their HGNetv2 fully")
+    else:
+        model = _build_rtdetrv4(name, **overrides)
+    if weights is not None:  # before the adapters: the file holds the plain model's keys
+        model.weights_report = load_student_weights(model, weights, name, class_map=class_map)
+    if method != "none":
+        model.peft_report = apply_backbone_peft(model, method, **peft)
+    return model
+
+
+def _build_rtdetrv4(name: str, **overrides) -> RTDETRv4:
     if name not in STUDENT_SPECS:
         raise KeyError(f"unknown student {name!r}; expected one of {sorted(STUDENT_SPECS)}")
     fields = {f.name for f in dataclasses.fields(StudentSpec)}

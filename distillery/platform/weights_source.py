@@ -1,0 +1,174 @@
+"""Where a weights file comes from: a local path, an ``hf-hub:<repo>`` id or an ``https://`` URL.
+
+Config validation calls :func:`check_weights_source` (on the driver, before Ray starts): a hub id
+or URL on a machine that cannot reach its host fails there, with a message that says to download
+the file and pass its path. The process that builds the model calls :func:`resolve_weights_source`,
+which returns a local file: hub files through ``huggingface_hub`` (timm's own hub loading, same
+file names and cache), URLs downloaded once into a cache directory (atomic rename; the sha256 is
+kept next to the file and returned, for the fingerprint / MLflow). ``models:/<name>@<alias>``
+(or ``/<version>``) is a registered Distillery model: its run's ``export/`` directory (weights
+and meta) is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+__all__ = ["HUB_PREFIX", "check_weights_source", "fetch_registry_export", "is_remote_source",
+           "resolve_weights_source", "sha256_of", "student_weight_kwargs"]
+
+HUB_PREFIX = "hf-hub:"
+HUB_HOST = "huggingface.co"
+CONNECT_TIMEOUT_S = 2.0
+# timm's hub weight files, in the order timm tries them.
+HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_remote_source(source: str | os.PathLike | None) -> bool:
+    return isinstance(source, str) and (source.startswith(HUB_PREFIX) or source.startswith(("https://", "http://")))
+
+
+def _host(source: str) -> str:
+    if source.startswith(HUB_PREFIX):
+        return HUB_HOST
+    return urllib.parse.urlparse(source).hostname or ""
+
+
+def _offline_reason(source: str) -> str | None:
+    """Why ``source`` cannot be fetched from here, or None when its host answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    host = _host(source)
+    port = 80 if source.startswith("http://") else 443
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{host}:{port} is not reachable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def check_weights_source(source: str | None, field: str) -> str | None:
+    """Config-time check of a weights source (``field`` names the config key in the message)."""
+    if not is_remote_source(source):
+        return source
+    if source.startswith("http://"):
+        raise ValueError(f"{field}={source!r}: plain http is refused for weights; use https:// or a local path")
+    if source.startswith(HUB_PREFIX) and not source[len(HUB_PREFIX):].strip("/"):
+        raise ValueError(f"{field}={source!r}: a hub id needs a repository, e.g. hf-hub:timm/hgnetv2_b0.ssld_stage2_ft_in1k")
+    reason = _offline_reason(source)
+    if reason is not None:
+        raise ValueError(f"{field}={source!r} cannot be fetched: this machine is offline ({reason}). "
+                         f"Download the file on a machine with internet access and pass its path "
+                         f"({field}: /path/to/weights.pth or .safetensors)")
+    return source
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DISTILLERY_WEIGHTS_CACHE", Path.home() / ".cache" / "distillery" / "weights"))
+
+
+def _download_url(url: str, cache_dir: Path) -> tuple[str, str]:
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "weights"
+    target = cache_dir / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    sha_file = target.with_name(target.name + ".sha256")
+    if target.is_file() and sha_file.is_file():  # downloaded before: once per URL
+        return str(target), sha_file.read_text().strip()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    sha_file.write_text(digest.hexdigest() + "\n")
+    return str(target), digest.hexdigest()
+
+
+def _download_hub(repo: str) -> str:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for filename in HUB_FILENAMES:
+        try:
+            return hf_hub_download(repo, filename)
+        except EntryNotFoundError:
+            continue
+    raise FileNotFoundError(f"hf-hub:{repo} has none of {list(HUB_FILENAMES)}")
+
+
+def fetch_registry_export(uri: str, dest: str | os.PathLike, tracking_uri: str | None = None) -> Path:
+    """The ``export/`` artifacts (weights.safetensors, meta.json) of the run behind a registered
+    model ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, downloaded into ``dest``."""
+    from mlflow.tracking import MlflowClient
+
+    name, sep, ref = uri[len("models:/"):].partition("@")
+    client = MlflowClient(tracking_uri)
+    if sep:
+        version = client.get_model_version_by_alias(name, ref)
+    else:
+        name, _, number = uri[len("models:/"):].rpartition("/")
+        if not name or not number.isdigit():
+            raise ValueError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        version = client.get_model_version(name, number)
+    local = client.download_artifacts(version.run_id, "export", str(dest))
+    if not (Path(local) / "weights.safetensors").is_file():
+        raise FileNotFoundError(f"{uri} (run {version.run_id}) has no export/weights.safetensors: logged with "
+                                "tracking.log_model: false?")
+    return Path(local)
+
+
+def resolve_weights_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(local path, sha256) for a local path, ``hf-hub:<repo>``, ``https://`` URL or ``models:/`` URI
+    (a directory then, and no sha256)."""
+    source = os.fspath(source)
+    if source.startswith("models:/"):
+        return str(fetch_registry_export(source, tempfile.mkdtemp(prefix="distillery-model-"))), ""
+    if source.startswith(HUB_PREFIX):
+        path = _download_hub(source[len(HUB_PREFIX):].strip("/"))
+        return path, sha256_of(path)
+    if source.startswith(("https://", "http://")):
+        return _download_url(source, Path(cache_dir) if cache_dir else default_cache_dir())
+    if not Path(source).exists():
+        raise FileNotFoundError(f"weights file not found: {source}")
+    return source, sha256_of(source) if Path(source).is_file() else ""
+
+
+def student_weight_kwargs(student, category_names: list[str]) -> dict:
+    """``build_student`` keywords for a job's ``student`` settings (weights, class_map,
+    backbone_weights): remote sources fetched to local files, the class map as class indices."""
+    from distillery.students.weights import class_map_from_names
+
+    out: dict = {}
+    if student.backbone_weights:
+        out["backbone_weights"] = resolve_weights_source(student.backbone_weights)[0]
+    if not student.weights:
+        return out
+    out["weights"] = resolve_weights_source(student.weights)[0]
+    if student.class_map == "coco":
+        out["class_map"] = class_map_from_names(category_names)
+    elif isinstance(student.class_map, dict):
+        unknown = sorted(set(student.class_map) - set(category_names))
+        if unknown:
+            raise ValueError(f"student.class_map names categories the dataset does not have: {unknown}; "
+                             f"its categories: {list(category_names)}")
+        out["class_map"] = {category_names.index(n): int(i) for n, i in student.class_map.items()}
+    return out

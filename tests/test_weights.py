@@ -1,0 +1,154 @@
+"""Whole-student weights (distillery.students.weights via build_student(weights=...)): release
+checkpoint layouts (ema vs model), Distillery checkpoints, safetensors, strict errors with a summary
+line, class-dependent re-initialisation with its report, class_map rows, config-time refusal of hub
+ids when offline."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import save_file
+
+from distillery.students import WeightsError, build_student
+from distillery.students.weights import COCO_CLASS_NAMES, class_map_from_names, is_class_dependent
+
+SMALL = dict(eval_spatial_size=64, num_queries=10, num_denoising=4, dsi=False)
+LAYERS = 2  # rtdetrv4_tiny's decoder layers
+
+
+def _seeded_state(num_classes: int, seed: int, **overrides) -> dict[str, torch.Tensor]:
+    """A tiny student's state dict with every float tensor randomised (so "loaded" is checkable)."""
+    model = build_student("rtdetrv4_tiny", num_classes=num_classes, **{**SMALL, **overrides})
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone())
+            for k, v in model.state_dict().items()}
+
+
+def _assert_loaded(model, state: dict[str, torch.Tensor], skip=lambda key: False) -> None:
+    own = model.state_dict()
+    for key, value in state.items():
+        if not skip(key):
+            assert torch.equal(own[key], value), key
+
+
+def test_official_release_layout_prefers_ema_over_model(tmp_path):
+    raw, ema = _seeded_state(6, 0), _seeded_state(6, 1)
+    # What the official solvers save: model, ema {module, updates}, optimizer state, epoch counters.
+    both = tmp_path / "release.pth"
+    torch.save({"model": raw, "ema": {"module": {f"module.{k}": v for k, v in ema.items()}, "updates": 1234},
+                "last_epoch": 71, "date": "2025-10-01"}, both)
+    model = build_student("rtdetrv4_tiny", weights=both, num_classes=6, **SMALL)
+    _assert_loaded(model, ema)
+    assert model.weights_report.layout.endswith("ema")
+    assert model.weights_report.loaded == len(ema) and not model.weights_report.reinitialised
+
+    only_model = tmp_path / "model_only.pth"
+    torch.save({"model": raw}, only_model)
+    model = build_student("rtdetrv4_tiny", only_model, 6, **SMALL)
+    _assert_loaded(model, raw)
+    assert model.weights_report.layout.endswith("model")
+
+
+def test_plain_state_dict_safetensors_and_distillery_checkpoint(tmp_path):
+    state = _seeded_state(6, 2)
+    save_file({f"_orig_mod.{k}": v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    model = build_student("rtdetrv4_tiny", weights=tmp_path / "w.safetensors", num_classes=6, **SMALL)
+    _assert_loaded(model, state)
+    assert model.weights_report.layout == "safetensors"
+
+    # A Distillery training checkpoint: the EMA module, trained with a DSI projector.
+    with_dsi = _seeded_state(6, 3, dsi=True, teacher_dim=16)
+    ckpt = tmp_path / "checkpoint_000003"
+    ckpt.mkdir()
+    torch.save({"ema": {"module": with_dsi, "updates": 9}, "gam": None, "epoch": 3, "global_step": 30},
+               ckpt / "distillery_state.pt")
+    inference = build_student("rtdetrv4_tiny", weights=ckpt, num_classes=6, **SMALL)  # no DSI: dropped
+    _assert_loaded(inference, with_dsi, skip=lambda k: k.startswith("dsi."))
+    assert inference.weights_report.layout == "distillery-checkpoint"
+    assert inference.weights_report.dropped == ["dsi.bias", "dsi.weight"]
+    # An official release has no projector: a student trained with DSI keeps its fresh one.
+    torch.save(state, tmp_path / "plain.pth")
+    student = build_student("rtdetrv4_tiny", weights=tmp_path / "plain.pth", num_classes=6,
+                            **{**SMALL, "dsi": True, "teacher_dim": 16})
+    assert student.weights_report.kept_init == ["dsi.bias", "dsi.weight"]
+
+
+def test_strict_errors_start_with_a_summary_line(tmp_path):
+    state = _seeded_state(6, 4)
+    keys = sorted(k for k in state if not is_class_dependent(k))
+    for key in keys[:3]:
+        del state[key]
+    state["decoder.extra.weight"] = torch.zeros(2)
+    state["neck.unknown"] = torch.zeros(1)
+    state[keys[-1]] = torch.zeros(3, 3)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError) as err:
+        build_student("rtdetrv4_tiny", weights=path, num_classes=6, **SMALL)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"3 missing, 2 unexpected, 1 mis-shaped keys in {path} for rtdetrv4_tiny"
+    assert keys[0] in lines[1] and "neck.unknown" in lines[2] and f"{keys[-1]} (file (3, 3)" in lines[3]
+
+    torch.save({"epoch": 3}, tmp_path / "no_weights.pth")
+    with pytest.raises(WeightsError, match="no_weights.pth holds no state dict"):
+        build_student("rtdetrv4_tiny", weights=tmp_path / "no_weights.pth", **SMALL)
+    (tmp_path / "truncated.pth").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WeightsError, match="could not read weights file .*truncated.pth"):
+        build_student("rtdetrv4_tiny", weights=tmp_path / "truncated.pth", **SMALL)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_student("rtdetrv4_tiny", weights=tmp_path / "nowhere.pth", **SMALL)
+
+
+def test_other_class_count_reinitialises_only_class_tensors(tmp_path):
+    state = _seeded_state(6, 5)
+    torch.save({"model": state}, tmp_path / "six.pth")
+    model = build_student("rtdetrv4_tiny", weights=tmp_path / "six.pth", num_classes=3, **SMALL)
+    report = model.weights_report
+    # Encoder score head (weight, bias), one class head per decoder layer (layer 0's is also the
+    # pre-head), the denoising label embedding.
+    expected = {"decoder.enc_score_head.weight", "decoder.enc_score_head.bias", "decoder.denoising_class_embed.weight",
+                *(f"decoder.dec_score_head.{i}.{p}" for i in range(LAYERS) for p in ("weight", "bias"))}
+    assert set(report.reinitialised) == expected and len(report.reinitialised) == 2 + 2 * LAYERS + 1
+    assert (report.checkpoint_num_classes, report.model_num_classes) == (6, 3)
+    assert report.loaded == len(state) - len(expected)
+    _assert_loaded(model, state, skip=is_class_dependent)
+    own = model.state_dict()
+    prior = -math.log((1 - 0.01) / 0.01)
+    assert torch.allclose(own["decoder.enc_score_head.bias"], torch.full((3,), prior))
+    assert torch.allclose(own["decoder.dec_score_head.1.bias"], torch.full((3,), prior))
+    assert own["decoder.denoising_class_embed.weight"].shape == (4, 64)
+    assert torch.count_nonzero(own["decoder.denoising_class_embed.weight"][-1]) == 0  # padding row
+    assert "re-initialised" in report.summary()
+
+
+def test_class_map_keeps_the_mapped_rows(tmp_path):
+    state = _seeded_state(6, 6)
+    torch.save(state, tmp_path / "six.pth")
+    model = build_student("rtdetrv4_tiny", weights=tmp_path / "six.pth", num_classes=3,
+                          class_map={0: 4, 2: 1}, **SMALL)
+    own = model.state_dict()
+    for key in ("decoder.enc_score_head.weight", "decoder.dec_score_head.0.bias", "decoder.denoising_class_embed.weight"):
+        assert torch.equal(own[key][0], state[key][4]) and torch.equal(own[key][2], state[key][1])
+        assert not torch.equal(own[key][1], state[key][1])  # unmapped: fresh
+    assert model.weights_report.class_rows_copied == {0: 4, 2: 1}
+    with pytest.raises(WeightsError, match="class_map entries out of range"):
+        build_student("rtdetrv4_tiny", weights=tmp_path / "six.pth", num_classes=3, class_map={0: 6}, **SMALL)
+
+    names = ["Dog", "traffic_light", "unicorn"]
+    assert class_map_from_names(names) == {0: COCO_CLASS_NAMES.index("dog"), 1: 9}
+
+
+def test_hub_ids_fail_at_config_time_when_offline(monkeypatch):
+    from distillery.platform.distill_config import DistillConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for section in ({"student": {"backbone_weights": "hf-hub:timm/hgnetv2_b0.ssld_stage2_ft_in1k"}},
+                    {"teacher": {"weights": "https://example.com/dinov3_vitb16.pth", "input_size": 256}},
+                    {"student": {"weights": "hf-hub:someone/rtdetrv4-s"}}):
+        with pytest.raises(ValidationError, match="(?i)offline.*download the file.*pass its path"):
+            DistillConfig.model_validate(section)
+    cfg = DistillConfig.model_validate({"student": {"weights": "/data/rtv4_s.pth", "class_map": "coco"}})
+    assert cfg.student.weights == "/data/rtv4_s.pth"
