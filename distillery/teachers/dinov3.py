@@ -17,32 +17,9 @@ output is an operand of the student's cosine loss.)
 
 Weights
 -------
-:func:`load_teacher_weights` reads one file, ``torch.load(..., weights_only=True)`` or
-safetensors (by the ``.safetensors`` suffix), and detects its key layout:
-
-* **Meta's official layout** (``dinov3_vitb16_pretrain_lvd1689m-*.pth``) iff it has a
-  ``storage_tokens`` key: the same marker timm's own converter keys on. Those keys are converted
-  by calling timm's ``timm.models.eva.checkpoint_filter_fn`` (storage_tokens -> reg_token,
-  ``ls1.gamma`` -> ``gamma_1``, ``ls2.gamma`` -> ``gamma_2``, ``qkv.bias`` -> ``q_bias``/``v_bias``
-  on ``_qkvb`` models; ``rope_embed.periods``, ``qkv.bias_mask`` and ``mask_token`` dropped).
-  Before calling it, :func:`check_meta_checkpoint` verifies what the converter drops silently:
-  the RoPE periods must equal the ones timm computes (up to the bf16 rounding Meta stored them
-  in), the k-bias mask must keep q and v, and on a model without qkv bias (the plain
-  ``vit_base_patch16_dinov3``) the q and v biases must be zero (Meta's B/L/H distilled models
-  have all-zero qkv biases; a non-zero one needs the ``_qkvb`` variant).
-  One thing we do *not* drop: Meta's model, loaded from its own file, runs with the file's
-  bf16-rounded ``rope_embed.periods`` (a persistent buffer there), while timm recomputes them in
-  float32. On a ViT-B with random weights that difference alone moves the output grid by up to
-  0.3 (cosine 0.9985), so :func:`load_teacher_weights` copies the file's periods into timm's RoPE;
-  the teacher then matches Meta's code (and RT-DETRv4's teacher) exactly. The fingerprint records
-  it as ``rope_periods: "checkpoint"`` (``"computed"`` for files without periods).
-* **timm layout** otherwise (a ``model.state_dict()`` saved with ``torch.save`` or safetensors):
-  loaded as is.
-
-A file that has Meta's block names (``ls1.gamma``, ``rope_embed.periods``) but no
-``storage_tokens`` is refused rather than guessed at. After conversion the key set must equal the
-model's exactly: missing or unexpected keys (and shape mismatches) raise
-:class:`TeacherWeightsError` naming the keys, the layout and the file.
+:func:`~distillery.teachers.dinov3_weights.load_teacher_weights` reads Meta's official ``.pth``
+(converted with timm's checkpoint filter after checking everything it would drop or resample) or a
+timm state dict / safetensors file, strictly: see :mod:`distillery.teachers.dinov3_weights`.
 
 Random initialisation is only for tests and plumbing: it must be asked for
 (``allow_random_init=True``), warns loudly, and the fingerprint says ``random-init:seed=<seed>``
@@ -60,9 +37,7 @@ by another teacher and say which fields differ.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import warnings
@@ -73,8 +48,18 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.eva import checkpoint_filter_fn as timm_eva_checkpoint_filter
 from torch import nn
+
+from distillery.teachers.dinov3_weights import (
+    TeacherWeightsError,
+    check_meta_checkpoint,
+    convert_meta_state_dict,
+    detect_checkpoint_layout,
+    load_teacher_weights,
+    read_state_dict,
+    set_rope_periods,
+    sha256_file,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -99,25 +84,10 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 LAYER_NAME = "final_norm_patch_tokens"
 
-# Containers that training checkpoints wrap a state dict in; unwrapped in timm's order (EMA first).
-_CONTAINER_KEYS = ("model_ema", "model", "module", "state_dict")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TeacherWeightsError(ValueError):
-    """A teacher weights file that cannot be loaded; the message names the file and the keys."""
-
-
 # --------------------------------------------------------------------------- hashing / fingerprint
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks (checkpoints are hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def fingerprint_digest(fp: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON form (sorted keys, no spaces) of a teacher fingerprint."""
@@ -150,158 +120,6 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     if name not in _DTYPES:
         raise ValueError(f"teacher dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return name
-
-
-# --------------------------------------------------------------------------- reading checkpoints
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a flat ``{name: tensor}`` dict from a ``.safetensors`` file or a torch file.
-
-    torch files are read with ``weights_only=True`` (no pickled code from storage). A state dict
-    wrapped in a training-checkpoint container (``model_ema``, ``model``, ``module``,
-    ``state_dict``) is unwrapped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise TeacherWeightsError(f"could not read teacher weights file {path}: {exc}") from exc
-
-    for key in _CONTAINER_KEYS:
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise TeacherWeightsError(f"teacher weights file {path} holds a {type(obj).__name__}, not a state dict")
-    not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise TeacherWeightsError(f"teacher weights file {path}: entries that are not tensors: {not_tensors[:10]}")
-    return dict(obj)
-
-
-def detect_checkpoint_layout(state_dict: Mapping[str, torch.Tensor], path: str | Path = "<state dict>") -> str:
-    """``"meta"`` (Meta's official DINOv3 key names) or ``"timm"``.
-
-    Rule: Meta's layout iff ``storage_tokens`` is a key (the marker timm's converter uses, so the
-    two agree). A file with other Meta-only names (``*.ls1.gamma``, ``rope_embed.periods``) but no
-    ``storage_tokens`` is refused: timm's converter would leave it half-converted.
-    """
-    if "storage_tokens" in state_dict:
-        return "meta"
-    meta_only = sorted(k for k in state_dict if k.endswith((".ls1.gamma", ".ls2.gamma")) or k == "rope_embed.periods")
-    if meta_only:
-        raise TeacherWeightsError(
-            f"teacher weights file {path} has Meta's DINOv3 key names ({meta_only[:3]}...) but no "
-            "'storage_tokens' key, so its layout cannot be converted to timm's with confidence")
-    return "timm"
-
-
-def check_meta_checkpoint(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
-                          path: str | Path = "<state dict>") -> None:
-    """Check what timm's converter drops without looking, so that dropping it loses nothing.
-
-    * ``rope_embed.periods``: timm recomputes the RoPE periods instead of loading them; they must
-      agree with the checkpoint's (Meta stores them rounded to bf16, hence the 1% tolerance).
-    * ``blocks.N.attn.qkv.bias_mask``: Meta multiplies the qkv bias by this mask (it zeroes the k
-      part). The converter drops it and keeps the raw q and v biases, right only if the mask is 1
-      on q and v. (The k bias adds, per query, the same constant to every key's logit, which the
-      softmax cancels: dropping it is exact.)
-    * ``blocks.N.attn.qkv.bias`` on a model without qkv bias: the converter skips it, right only if
-      its q and v parts are zero.
-    """
-    periods = state_dict.get("rope_embed.periods")
-    rope = getattr(model, "rope", None)
-    if periods is not None:
-        if rope is None or not hasattr(rope, "periods"):
-            raise TeacherWeightsError(f"teacher weights file {path} has rope_embed.periods but the timm model "
-                                      "has no DINOv3 RoPE")
-        ours = rope.periods.detach().float().cpu()
-        if periods.shape != ours.shape or not torch.allclose(periods.float(), ours, rtol=1e-2, atol=0.0):
-            raise TeacherWeightsError(
-                f"teacher weights file {path}: rope_embed.periods {periods.float().tolist()} differ from the "
-                f"periods timm computes for this model {ours.tolist()}; the RoPE base does not match")
-
-    for key, bias in state_dict.items():
-        if not key.endswith(".attn.qkv.bias"):
-            continue
-        q, _, v = bias.float().chunk(3, dim=-1)
-        mask = state_dict.get(key + "_mask")
-        if mask is not None:
-            mq, _, mv = mask.float().chunk(3, dim=-1)
-            if not (torch.all(mq == 1) and torch.all(mv == 1)):
-                raise TeacherWeightsError(f"teacher weights file {path}: {key}_mask does not keep the q and v "
-                                          "biases (expected ones there); timm's converter cannot express it")
-        block = key[: -len(".attn.qkv.bias")]
-        has_qv_bias = isinstance(getattr(model.get_submodule(block + ".attn"), "q_bias", None), torch.Tensor)
-        if not has_qv_bias and (q.abs().max() > 0 or v.abs().max() > 0):
-            raise TeacherWeightsError(
-                f"teacher weights file {path}: {key} has non-zero q/v biases but the model has no qkv bias; "
-                "use the '_qkvb' variant of the timm model (e.g. vit_base_patch16_dinov3_qkvb)")
-
-
-def convert_meta_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
-                            path: str | Path = "<state dict>") -> dict[str, torch.Tensor]:
-    """Meta's official DINOv3 keys -> timm's, by timm's own converter (after :func:`check_meta_checkpoint`)."""
-    check_meta_checkpoint(state_dict, model, path)
-    # timm's converter prints one line per block when it skips a qkv bias the model does not have;
-    # we have just checked those biases are zero, so the lines are noise.
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        converted = timm_eva_checkpoint_filter(dict(state_dict), model)
-    if printed.getvalue().strip():
-        log.debug("timm checkpoint_filter_fn printed: %s", printed.getvalue().strip())
-    return converted
-
-
-def set_rope_periods(model: nn.Module, periods: torch.Tensor) -> None:
-    """Make timm's DINOv3 RoPE use the given periods (Meta's file values) instead of its own."""
-    rope = model.rope
-    with torch.no_grad():
-        rope.periods.copy_(periods.to(rope.periods.dtype))
-        # Fixed-size models (dynamic_img_size=False) cache sin/cos at build time: rebuild it.
-        if getattr(rope, "pos_embed_cached", None) is not None:
-            rope.pos_embed_cached.copy_(rope._create_embed(rope.feat_shape, no_aug=True))
-
-
-def load_teacher_weights(model: nn.Module, path: str | Path) -> tuple[str, str]:
-    """Load a Meta-layout or timm-layout DINOv3 checkpoint into a timm model, strictly.
-
-    Returns ``(layout, rope_periods)``: layout ``"meta"`` or ``"timm"``; rope_periods
-    ``"checkpoint"`` when the file's RoPE periods were loaded (Meta files), else ``"computed"``.
-    Raises :class:`TeacherWeightsError` naming the file and the keys when the key sets or shapes
-    differ.
-    """
-    state_dict = read_state_dict(path)
-    layout = detect_checkpoint_layout(state_dict, path)
-    periods = state_dict.get("rope_embed.periods") if layout == "meta" else None
-    if layout == "meta":
-        state_dict = convert_meta_state_dict(state_dict, model, path)
-
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    converted = ", key names after conversion to timm's" if layout == "meta" else ""
-    where = f"teacher weights file {path} ({layout} layout{converted})"
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        raise TeacherWeightsError(f"{where}: " + "; ".join(parts))
-    bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                  for k, v in state_dict.items() if v.shape != expected[k].shape]
-    if bad_shapes:
-        raise TeacherWeightsError(f"{where}: shape mismatch: {bad_shapes}")
-    model.load_state_dict(state_dict, strict=True)
-    if periods is not None:  # checked against timm's by check_meta_checkpoint
-        set_rope_periods(model, periods)
-    return layout, ("checkpoint" if periods is not None else "computed")
 
 
 # --------------------------------------------------------------------------- the teacher
