@@ -163,3 +163,23 @@ def test_ddf_zero_when_layers_agree():
     assert losses["loss_ddf_aux_0"] == 0
     torch.testing.assert_close(F.softmax(out["aux_outputs"][0]["pred_corners"], -1),
                                F.softmax(out["pred_corners"], -1))
+
+
+def test_negative_predicted_size_is_clamped_to_zero_as_officially():
+    """The official box_cxcywh_to_xyxy clamps w/h to >= 0 before IoU/GIoU: a box of size (-0.2, 0.3)
+    scores as the zero-width box at its centre, not as the box with its x corners swapped."""
+    criterion = build_criterion(2)
+    target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}
+    negative = torch.tensor([[[0.5, 0.5, -0.2, 0.3]]])
+    zero_width = torch.tensor([[[0.5, 0.5, 0.0, 0.3]]])
+    match = [(torch.tensor([0]), torch.tensor([0]))]
+    got = criterion.loss_boxes({"pred_boxes": negative}, [target], match, num_boxes=1.0)
+    clamped = criterion.loss_boxes({"pred_boxes": zero_width}, [target], match, num_boxes=1.0)
+    # GIoU of the zero-width 0 x 0.3 box in the 0.4 x 0.4 target: IoU 0, hull = union = 0.16 -> GIoU 0.
+    torch.testing.assert_close(got["loss_giou"], torch.tensor(1.0))
+    torch.testing.assert_close(got["loss_giou"], clamped["loss_giou"])
+    torch.testing.assert_close(got["loss_bbox"], torch.tensor(0.6 + 0.1))  # L1 on the raw cxcywh
+    logits = torch.tensor([[[1.0, -1.0]]])
+    mal = criterion.loss_mal({"pred_logits": logits, "pred_boxes": negative}, [target], match, 1.0, 2)
+    mal_zero = criterion.loss_mal({"pred_logits": logits, "pred_boxes": zero_width}, [target], match, 1.0, 2)
+    torch.testing.assert_close(mal, mal_zero)

@@ -10,11 +10,12 @@ Atto 320: the sizes the paper's GFLOPs are quoted at). Two conventions are print
   and without the training-only denoising embedding). The paper's numbers are the deployed ones
   (S: 9.71 M, Atto 0.49 M); ``deployed`` must be within 5 % of the paper. ``total`` must equal
   the official code's count (measured once from Intellindust-AI-Lab/DEIMv2 with its recipes)
-  minus the documented differences: the frozen scalars ``up`` / ``reg_scale`` (2), and for the
-  ViTs the parameters timm leaves out because they cannot change the output: the key bias of
-  every block (the softmax cancels it) and, for DINOv3 ViT-S / S+, also the query / value biases
-  (zero in the released weights; timm's ``_qkvb`` variants keep them) and the pretraining-only
-  mask token.
+  minus the documented differences: the frozen scalars ``up`` / ``reg_scale`` (2), and for
+  DINOv3 ViT-S / S+ (L / X) the parameters timm leaves out: the key bias of every block (masked
+  to zero there by the official ``mask_k_bias``), the query / value biases (zero in the released
+  weights; timm's ``_qkvb`` variants keep them) and the pretraining-only mask token. The
+  distilled ViT of S / M keeps its key bias as a parameter, as the official code: with RoPE
+  rotating the biased keys, the softmax does not cancel it.
 * GFLOPs: ``all`` (every matmul) and ``paper`` (without the ViT's attention matmuls, QK^T and
   AV: the paper's counter does not see ``scaled_dot_product_attention``; subtracting them gives
   its numbers, e.g. S 26.0 vs 25.6). ``paper`` must be within 15 %.
@@ -35,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from distillery.students import build_criterion, build_student
 from distillery.students.decoder import DFINEDecoder, RMSNorm, SwiGLUFFN
 from distillery.students.deimv2 import (
+    DEIMV2_SPECS,
     DEIMv2,
     DINOv3ViTBackbone,
     PrunedHGNetv2,
@@ -68,12 +70,12 @@ OFFICIAL_PARAMS = {  # sum(p.numel()) of the official model built from its recip
     "deimv2_femto": 983_945,
     "deimv2_atto": 508_985,
 }
-# up + reg_scale (2); per-block k bias (timm drops it, exactly); ViT-S/S+: also q/v bias + mask token.
+# up + reg_scale (2); ViT-S/S+: per-block q/k/v bias + mask token (masked k bias, zero q/v bias).
 EXPECTED_DIFFERENCE = {
     "deimv2_x": 2 + 12 * 3 * 384 + 384,
     "deimv2_l": 2 + 12 * 3 * 384 + 384,
-    "deimv2_m": 2 + 12 * 256,
-    "deimv2_s": 2 + 12 * 192,
+    "deimv2_m": 2,
+    "deimv2_s": 2,
     "deimv2_n": 2, "deimv2_pico": 2, "deimv2_femto": 2, "deimv2_atto": 2,
 }
 SIZE = 128
@@ -345,25 +347,34 @@ def test_vit_weights_timm_and_official_distilled_layouts(tmp_path):
         DINOv3ViTBackbone(embed_dim=64, depth=3, num_heads=2, layers=(0, 1, 2))
     images = torch.rand(1, 3, 64, 64)
 
+    with torch.no_grad():  # a learnt key bias, as in the released S/M weights
+        for block in source.vit.blocks:
+            block.attn.k_bias.normal_()
     torch.save(source.vit.state_dict(), tmp_path / "timm.pth")
     loaded = build_deimv2("deimv2_tiny", backbone_weights=tmp_path / "timm.pth").backbone
     for a, b in zip(loaded(images), source(images)):
         torch.testing.assert_close(a, b)
 
-    # The official distilled-ViT layout: fused qkv bias (with a key bias), RoPE periods, '_model.' prefix.
+    # The official distilled-ViT layout: fused qkv bias (with the key bias), RoPE periods, '_model.' prefix.
+    state = source.vit.state_dict()
     official = {}
-    for key, value in source.vit.state_dict().items():
+    for key, value in state.items():
         if key.endswith("attn.q_bias"):
-            v_bias = source.vit.state_dict()[key.replace("q_bias", "v_bias")]
             official["_model." + key.replace("q_bias", "qkv.bias")] = torch.cat(
-                [value, torch.randn_like(value), v_bias])  # any key bias: the softmax cancels it
-        elif not key.endswith("attn.v_bias"):
+                [value, state[key.replace("q_bias", "k_bias")], state[key.replace("q_bias", "v_bias")]])
+        elif not key.endswith(("attn.k_bias", "attn.v_bias")):
             official["_model." + key] = value
     official["_model.rope_embed.periods"] = torch.ones(8)
     torch.save(official, tmp_path / "vitt_distill.pt")
     loaded = build_deimv2("deimv2_tiny", backbone_weights=tmp_path / "vitt_distill.pt").backbone
     for a, b in zip(loaded(images), source(images)):
         torch.testing.assert_close(a, b)
+
+    # A timm-layout file from before the key bias was a parameter (no k_bias): a zero key bias.
+    old_layout = {k: v for k, v in state.items() if not k.endswith("attn.k_bias")}
+    torch.save(old_layout, tmp_path / "old.pth")
+    loaded = build_deimv2("deimv2_tiny", backbone_weights=tmp_path / "old.pth").backbone
+    assert all(not block.attn.k_bias.any() for block in loaded.vit.blocks)
 
     broken = {k: v for k, v in source.vit.state_dict().items() if "blocks.1.mlp.fc1" not in k}
     torch.save(broken, tmp_path / "broken.pth")
@@ -372,6 +383,36 @@ def test_vit_weights_timm_and_official_distilled_layouts(tmp_path):
     assert "blocks.1.mlp.fc1.weight" in str(info.value) and "broken.pth" in str(info.value)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_deimv2("deimv2_tiny", backbone_weights=tmp_path / "nowhere.pth")
+
+
+def test_distilled_vit_key_bias_is_a_trainable_parameter_that_matters():
+    """With RoPE rotating the biased keys, the key bias changes the output (the softmax does not cancel it)."""
+    backbone = _tiny(seed=0).backbone
+    names = [n for n, _ in backbone.vit.named_parameters() if n.endswith("attn.k_bias")]
+    assert len(names) == len(backbone.vit.blocks)
+    images = torch.rand(1, 3, 64, 64)
+    before = backbone(images)[-1]
+    with torch.no_grad():
+        backbone.vit.blocks[0].attn.k_bias.normal_()
+    after = backbone(images)[-1]
+    assert (after - before).abs().max() > 1e-3
+    after.sum().backward()
+    assert backbone.vit.blocks[0].attn.k_bias.grad is not None
+    assert backbone.vit.blocks[0].attn.k_bias.grad.abs().sum() > 0
+
+
+def test_rope_coordinate_rescaling_in_training_only():
+    """L / X: the official pos_embed_rope_rescale_coords = 2; S / M (distilled ViT): none."""
+    assert DEIMV2_SPECS["deimv2_l"].vit_rope_rescale_coords == 2.0
+    assert DEIMV2_SPECS["deimv2_x"].vit_rope_rescale_coords == 2.0
+    assert DEIMV2_SPECS["deimv2_s"].vit_rope_rescale_coords is None
+    torch.manual_seed(0)
+    backbone = DINOv3ViTBackbone(embed_dim=64, depth=2, num_heads=2, layers=(0, 1), rope_rescale_coords=2.0)
+    images = torch.rand(1, 3, 64, 64)
+    backbone.eval()
+    torch.testing.assert_close(backbone(images)[-1], backbone(images)[-1])
+    backbone.train()
+    assert (backbone(images)[-1] - backbone(images)[-1]).abs().max() > 1e-4
 
 
 def test_vit_weights_official_dinov3_layout(tmp_path):

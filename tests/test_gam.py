@@ -191,6 +191,44 @@ def test_zero_share_and_stop_epoch_reset_to_default():
     assert [h["epoch"] for h in gam.history] == [0, 1, 3]
 
 
+def test_weight_at_or_below_1e6_is_no_longer_adapted():
+    """As the official update block (``if current_weight > 1e-6``): a tiny weight stays, up or down."""
+    gam = GAMController(1e-6, RHO, DELTA, default_weight=20.0, stop_epoch=5)
+    for epoch, share in enumerate((0.30, 0.01, 0.30)):
+        gam.accumulate(step_pairs(share))
+        assert gam.end_epoch(epoch) == 1e-6
+        assert "no longer adapted" in gam.history[-1]["decision"]
+    gam.accumulate(step_pairs(0.30))
+    assert gam.end_epoch(5) == 20.0  # stop_epoch still resets it to the default weight
+    just_above = GAMController(2e-6, RHO, DELTA, default_weight=20.0, stop_epoch=5)
+    just_above.accumulate(step_pairs(0.30))
+    assert just_above.end_epoch(0) == pytest.approx(2e-6 * odds_factor(0.10, 0.30))
+
+
+def test_shares_are_summed_in_float64_near_a_band_edge():
+    """Many float32 norms summing to a share a hair above the band: float64 keeps it above, as officially."""
+    upper = RHO + DELTA
+    aifi = torch.full((1,), upper * (1 + 3e-8), dtype=torch.float32)
+    rest = [(f"backbone.w{i}", torch.full((1,), (1 - float(aifi)) / 1000, dtype=torch.float32)) for i in range(1000)]
+    aifi_l1, rest_l1 = float(aifi), sum(float(g) for _, g in rest)  # the official Python-float sum
+    official_share = aifi_l1 / (aifi_l1 + rest_l1)
+    gam = GAMController(5.0, RHO, DELTA, default_weight=20.0, stop_epoch=10)
+    gam.accumulate([("encoder.aifi.w", aifi)] + rest)
+    gam.end_epoch(0)
+    assert gam.history[-1]["ratio"] == pytest.approx(official_share, rel=1e-12, abs=0)
+    assert (gam.history[-1]["ratio"] > upper) == (official_share > upper)
+
+
+def test_float64_model_is_measured_in_float64():
+    model = nn.ModuleDict({"backbone": nn.Linear(3, 3), "encoder": nn.ModuleDict({"aifi": nn.Linear(3, 3)})}).double()
+    for name, p in model.named_parameters():
+        p.grad = torch.full_like(p, 1.0 if "aifi" in name else 3.0)
+    gam = GAMController(5.0, RHO, DELTA, default_weight=20.0, stop_epoch=10)
+    gam.accumulate_model(model)
+    gam.end_epoch(0)
+    assert gam.history[-1]["ratio"] == pytest.approx(0.25, rel=1e-15)
+
+
 def test_overflowed_steps_are_left_out_and_none_grads_skipped():
     gam = GAMController(5.0, RHO, DELTA, default_weight=20.0, stop_epoch=10)
     gam.accumulate(step_pairs(0.11))

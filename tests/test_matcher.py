@@ -114,3 +114,13 @@ def test_union_matching():
     aux2 = [(t([3, 5]), t([1, 0])), (t([], dtype=torch.long), t([], dtype=torch.long))]
     union = union_matching([final, aux2, enc])  # now query 3 -> 1 twice
     assert union[0][0].tolist() == [0, 3, 4, 5] and union[0][1].tolist() == [1, 1, 0, 0]
+
+
+def test_negative_predicted_size_costs_as_a_zero_size_box():
+    """As the official matcher (box_cxcywh_to_xyxy clamps w/h to >= 0 before GIoU)."""
+    logits = torch.zeros(2, 1)
+    boxes = torch.tensor([[0.5, 0.5, -0.2, -0.1], [0.5, 0.5, 0.0, 0.0]])
+    targets = torch.tensor([[0.4, 0.5, 0.2, 0.2]])
+    cost = matching_cost(logits, boxes, torch.tensor([0]), targets)
+    l1_difference = 5 * (0.2 + 0.1)
+    assert cost[0, 0].item() == pytest.approx(cost[1, 0].item() + l1_difference, abs=1e-6)

@@ -314,14 +314,26 @@ def test_deformable_module_sampling_pattern():
     torch.testing.assert_close(out.detach().double(), slow, atol=1e-5, rtol=1e-5)
 
 
-def test_position_embedding_is_row_major_x_then_y():
+def test_position_embedding_is_the_official_table():
+    """The official ``build_2d_sincos_position_embedding(w, h)``: meshgrid(arange(w), arange(h), 'ij')
+    flattened, bands [sin a, cos a, sin b, cos b] with (a, b) = divmod(k, H); [sin y, cos y, sin x, cos x]
+    on square maps."""
+    omega = 1.0 / 10000 ** (torch.arange(2) / 2)
+
+    def bands(a, b):
+        return torch.cat([torch.sin(a * omega), torch.cos(a * omega), torch.sin(b * omega), torch.cos(b * omega)])
+
     h, w, dim = 3, 5, 8
     pos = sincos_position_embedding_2d(h, w, dim)[0]
-    omega = 1.0 / 10000 ** (torch.arange(2) / 2)
+    assert pos.shape == (h * w, dim)
     for k in range(h * w):
-        y, x = divmod(k, w)
-        expected = torch.cat([torch.sin(x * omega), torch.cos(x * omega), torch.sin(y * omega), torch.cos(y * omega)])
-        torch.testing.assert_close(pos[k], expected)
+        a, b = divmod(k, h)
+        torch.testing.assert_close(pos[k], bands(a, b))
+    square = sincos_position_embedding_2d(4, 4, dim)[0]
+    for k in range(16):
+        y, x = divmod(k, 4)
+        torch.testing.assert_close(square[k], bands(y, x))
+    assert not torch.allclose(square[1], bands(0, 1).roll(4))  # y first, not x first
 
 
 def test_weighting_function_and_edge_distances():

@@ -18,11 +18,24 @@ from torchvision.ops import box_convert
 
 __all__ = [
     "box_to_edge_distances",
+    "cxcywh_to_xyxy",
     "edge_distance_bins",
     "edge_distances_to_box",
     "inverse_sigmoid",
     "weighting_function",
 ]
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """``cxcywh`` -> ``xyxy`` with negative widths/heights clamped to 0, as the official ``box_cxcywh_to_xyxy``.
+
+    The losses and the matcher use this (not torchvision's ``box_convert``) so that a predicted
+    box with a negative size is scored as the official code scores it: as a zero-size box at its
+    centre rather than a box with swapped corners.
+    """
+    cx, cy, w, h = boxes.unbind(-1)
+    half_w, half_h = 0.5 * w.clamp(min=0.0), 0.5 * h.clamp(min=0.0)
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1)
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -46,9 +46,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, box_iou, generalized_box_iou
+from torchvision.ops import box_iou, generalized_box_iou
 
-from .box_ops import edge_distance_bins
+from .box_ops import cxcywh_to_xyxy, edge_distance_bins
 from .denoising import DenoisingMeta
 from .matcher import HungarianMatcher
 
@@ -141,8 +141,8 @@ class RTDETRv4Criterion(nn.Module):
         idx = self._batch_index(indices, logits.device)
         pred_boxes = outputs["pred_boxes"][idx].float()
         target_boxes = self._matched_targets(targets, indices, "boxes", logits.device).to(pred_boxes.dtype)
-        ious = torch.diag(box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
-                                  box_convert(target_boxes, "cxcywh", "xyxy"))).detach()
+        ious = torch.diag(box_iou(cxcywh_to_xyxy(pred_boxes),
+                                  cxcywh_to_xyxy(target_boxes))).detach()
         classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device)
         classes[idx] = self._matched_targets(targets, indices, "labels", logits.device).long()
         onehot = F.one_hot(classes, num_classes + 1)[..., :-1].to(logits.dtype)
@@ -163,7 +163,7 @@ class RTDETRv4Criterion(nn.Module):
         src = boxes[idx]
         tgt = self._matched_targets(targets, indices, "boxes", boxes.device).to(src.dtype)
         l1 = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")))
+        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt)))
         return {"loss_bbox": l1, "loss_giou": (1 - giou).sum() / num_boxes}
 
     def loss_local(self, outputs: dict, targets, indices: Indices, num_boxes: float, reg_scale: float, up: float,
@@ -176,11 +176,11 @@ class RTDETRv4Criterion(nn.Module):
         reg_max = bins - 1
         idx = self._batch_index(indices, corners.device)
         target_boxes = self._matched_targets(targets, indices, "boxes", corners.device).to(corners.dtype)
-        target_xyxy = box_convert(target_boxes, "cxcywh", "xyxy")
+        target_xyxy = cxcywh_to_xyxy(target_boxes)
         matched_corners = corners[idx].reshape(-1, bins)
         ref = outputs["ref_points"][idx].detach().float()
         left_bin, weight_right, weight_left = edge_distance_bins(ref, target_xyxy, reg_max, reg_scale, up)
-        pred_xyxy = box_convert(outputs["pred_boxes"][idx].float(), "cxcywh", "xyxy")
+        pred_xyxy = cxcywh_to_xyxy(outputs["pred_boxes"][idx].float())
         ious = torch.diag(box_iou(pred_xyxy, target_xyxy)).detach()
         iou_per_edge = ious.repeat_interleave(4)
 

@@ -50,6 +50,14 @@ initialised and a warning says so; nothing is ever downloaded. For HGNetv2-B0 (N
 :class:`~.backbone.HGNetv2Backbone` rules apply; the pruned Pico/Femto/Atto load the tensors
 of a B0 checkpoint that fit (the official code does the same) and report what did not.
 
+Training details that follow the official code: the distilled ViT of S/M learns its attention
+key bias (a parameter, loaded from official weights; timm's ``Eva`` would hold a fixed zero);
+L/X rescale the RoPE coordinates in training (``vit_rope_rescale_coords=2``, the official
+``pos_embed_rope_rescale_coords``). The official STA and runtime (``sync_bn: True``) use
+SyncBatchNorm for multi-GPU training: here the modules hold BatchNorm2d (same state-dict keys)
+and :mod:`distillery.platform.norm_sync` converts them to SyncBatchNorm on NCCL runs (CPU/gloo
+runs average the running statistics instead). Backbones live in :mod:`.deimv2_backbone`.
+
 Not here: the ``wide`` decoder layers (``layer_scale`` > 1; every DEIMv2 recipe has 1), the
 ``discrete`` cross-attention and ``agnostic`` query selection options, and DEIMv2's
 extra-level input projections (no recipe uses them). The criterion is RT-DETRv4's (DEIM's);
@@ -59,24 +67,23 @@ the ultra-light recipes leave out the FGL/DDF losses, which is a criterion setti
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-import re
-import warnings
 from dataclasses import dataclass
-from functools import partial
 from typing import Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models.eva import Eva
-from timm.models.eva import checkpoint_filter_fn as timm_eva_checkpoint_filter
-from timm.models.hgnet import HighPerfGpuStage, StemV2
 from torch import nn
 
-from .backbone import HGNetv2Backbone, load_state_dict_file
 from .decoder import DFINEDecoder
+from .deimv2_backbone import (
+    DISTILLED_VIT,
+    PRUNED_HGNETV2,
+    TIMM_DINOV3_VITS,
+    DINOv3ViTBackbone,
+    HGNetv2Levels,
+    PrunedHGNetv2,
+)
 from .encoder import ConvNormAct, HybridEncoder, RepVGGBlock
 from .sta import SpatialTuningAdapter
 
@@ -96,30 +103,11 @@ __all__ = [
     "build_deimv2",
 ]
 
-log = logging.getLogger(__name__)
 
 DEIMV2_COMPONENTS = ("backbone", "sta", "aifi", "ccff", "decoder", "dsi")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# ViT backbones. "dinov3_distilled" is the official ViT-Tiny / Tiny+ architecture (distilled from
-# DINOv3 ViT-S): a plain pre-norm ViT with a class token, no registers, no layer scale, qkv bias,
-# 2-D RoPE (base 100) on the patch tokens, LayerNorm eps 1e-6; its width/depth/heads come from
-# the spec. The other names are timm's DINOv3 models, created with pretrained=False.
-DISTILLED_VIT = "dinov3_distilled"
-TIMM_DINOV3_VITS = ("vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb", "vit_small_plus_patch16_dinov3",
-                    "vit_small_plus_patch16_dinov3_qkvb")
-
-# Pruned HGNetv2-B0 (paper Sec. 2; official engine/backbone/hgnetv2.py 'Pico'/'Femto'/'Atto'):
-# stage = (in, mid, out, blocks, downsample, light block, kernel, layers per block).
-_B0_STAGE1 = (16, 16, 64, 1, False, False, 3, 3)
-_B0_STAGE2 = (64, 32, 256, 1, True, False, 3, 3)
-PRUNED_HGNETV2: dict[str, tuple[tuple, ...]] = {
-    "hgnetv2_pico": (_B0_STAGE1, _B0_STAGE2, (256, 64, 512, 2, True, True, 5, 3)),  # B0 minus stage 4
-    "hgnetv2_femto": (_B0_STAGE1, _B0_STAGE2, (256, 64, 512, 1, True, True, 5, 3)),  # one block in stage 3
-    "hgnetv2_atto": (_B0_STAGE1, _B0_STAGE2, (256, 64, 256, 1, True, True, 3, 3)),  # 256 channels, 3x3
-}
 
 
 # ------------------------------------------------------------------------------------------ spec
@@ -135,6 +123,8 @@ class DEIMv2Spec:
     vit_mlp_ratio: float = 4.0
     vit_layers: tuple[int, ...] = (3, 7, 11)  # blocks whose outputs feed the pyramid (shallow first)
     vit_norm: bool = False  # apply the ViT's final norm to those outputs (official DINOv3 S/S+: yes)
+    # train-time RoPE coordinate rescaling factor R (log-uniform in [1/R, R]); official L/X: 2
+    vit_rope_rescale_coords: float | None = None
     sta_channels: int = 16  # detail CNN width c (0: no detail branch)
     sta_dim: int | None = None  # STA output channels; None = ViT width
     normalize_input: bool = True  # ImageNet mean/std inside the model (DINOv3 sizes)
@@ -184,7 +174,7 @@ class DEIMv2Spec:
     mlp_act: str = "silu"
 
 
-_DINOV3_L_X = dict(vit_layers=(5, 8, 11), vit_norm=True)
+_DINOV3_L_X = dict(vit_layers=(5, 8, 11), vit_norm=True, vit_rope_rescale_coords=2.0)
 _LITE = dict(normalize_input=False, encoder="lite", ccff_block="elan4", expansion=0.34, depth_mult=0.5,
              num_decoder_layers=3, num_points=(4, 2), use_gateway=False, share_bbox_head=True)
 
@@ -218,200 +208,6 @@ DEIMV2_SPECS: dict[str, DEIMv2Spec] = {
                               decoder_heads=4, num_decoder_layers=2, num_queries=30, num_denoising=20,
                               eval_spatial_size=(256, 256)),
 }
-
-
-# ------------------------------------------------------------------------------------------ ViT backbone
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the ViT's tensors of a checkpoint that may hold a whole detector or a wrapper."""
-    for prefix in ("module.backbone.dinov3._model.", "backbone.dinov3._model.", "module.backbone.dinov3.",
-                   "backbone.dinov3.", "dinov3._model.", "dinov3.", "_model.", "backbone.vit.", "vit.", "module."):
-        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if picked:
-            return picked
-    return state
-
-
-def _convert_vit_state(state: dict[str, torch.Tensor], vit: nn.Module,
-                       path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Official DINOv3 / distilled-ViT / timm layouts -> this timm Eva's names."""
-    state = _strip_prefix(state)
-    has_qv_bias = getattr(vit.blocks[0].attn, "q_bias", None) is not None
-    if not has_qv_bias:
-        # timm's plain DINOv3 models have no q/v bias (the released ViT-S/S+ biases are zero); a
-        # checkpoint with non-zero ones needs the ``_qkvb`` variant, dropping them would change it.
-        for key in [k for k in state if k.endswith("attn.qkv.bias")]:
-            q, _, v = state.pop(key).chunk(3, dim=0)
-            if bool(q.any()) or bool(v.any()):
-                raise ValueError(f"backbone weights {path}: {key} has non-zero query/value biases but the "
-                                 f"backbone has none; use the '_qkvb' timm variant (e.g. backbone="
-                                 f"'vit_small_patch16_dinov3_qkvb')")
-    if "storage_tokens" in state or any(".ls1.gamma" in k for k in state):
-        # Official DINOv3 layout: timm's own converter (storage tokens, layer scale, q/v bias split).
-        return timm_eva_checkpoint_filter(state, vit)
-    out = {}
-    for key, value in state.items():
-        if key.startswith("rope_embed.") or key.endswith(".bias_mask") or key == "mask_token":
-            continue  # fixed RoPE periods are recomputed; masks are pretraining-only
-        if key.endswith("attn.qkv.bias"):
-            # Fused q/k/v bias -> timm's q_bias and v_bias. The key bias is dropped: it adds
-            # q . b_k to every logit of a query alike, which the softmax cancels exactly.
-            q, _, v = value.chunk(3, dim=0)
-            out[key.replace("qkv.bias", "q_bias")] = q
-            out[key.replace("qkv.bias", "v_bias")] = v
-            continue
-        out[key] = value
-    return out
-
-
-class DINOv3ViTBackbone(nn.Module):
-    """A DINOv3-family ViT (timm ``Eva``) returning the stride-16 maps of chosen blocks.
-
-    ``vit`` is the bare timm model (the module :func:`~.peft.apply_peft` adapts); blocks after the
-    last chosen one are removed, and so is the final norm when ``norm_outputs`` is off, so that
-    every parameter is used. ``forward(images)`` gives ``len(layers)`` maps ``(B, D, H/16, W/16)``.
-    """
-
-    def __init__(self, variant: str = DISTILLED_VIT, *, layers: Sequence[int] = (3, 7, 11),
-                 norm_outputs: bool = False, embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
-                 mlp_ratio: float = 4.0, weights: str | os.PathLike | None = None):
-        super().__init__()
-        if variant == DISTILLED_VIT:
-            if embed_dim % num_heads or (embed_dim // num_heads) % 4:
-                raise ValueError(f"DINOv3ViTBackbone: embed_dim {embed_dim} / num_heads {num_heads} must give a head "
-                                 "width divisible by 4 (2-D RoPE)")
-            self.vit = Eva(patch_size=16, num_classes=0, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                           mlp_ratio=mlp_ratio, qkv_bias=True, init_values=None, class_token=True,
-                           num_reg_tokens=0, use_abs_pos_emb=False, use_rot_pos_emb=True, rope_type="dinov3",
-                           rope_temperature=100, rope_rotate_half=True, use_fc_norm=False,
-                           norm_layer=partial(nn.LayerNorm, eps=1e-6), dynamic_img_size=True)
-        elif variant in TIMM_DINOV3_VITS:
-            # pretrained=False always: weights only ever come from an explicit local file.
-            self.vit = timm.create_model(variant, pretrained=False, num_classes=0, dynamic_img_size=True)
-        else:
-            raise ValueError(f"unknown ViT backbone {variant!r}; expected {DISTILLED_VIT!r} or one of "
-                             f"{TIMM_DINOV3_VITS}")
-        self.variant = variant
-        self.layers = tuple(int(i) for i in layers)
-        depth_now = len(self.vit.blocks)
-        if not self.layers or any(not 0 <= i < depth_now for i in self.layers) or list(self.layers) != sorted(
-                set(self.layers)):
-            raise ValueError(f"DINOv3ViTBackbone: vit_layers {self.layers} must be increasing block indices in "
-                             f"[0, {depth_now})")
-        self.norm_outputs = bool(norm_outputs)
-        self.vit.prune_intermediate_layers(list(self.layers), prune_norm=not self.norm_outputs, prune_head=True)
-        self.embed_dim = int(self.vit.embed_dim)
-        self.patch_size = 16
-        if weights is not None:
-            self.load_weights(weights)
-        else:
-            warnings.warn(f"DEIMv2 backbone {variant} (width {self.embed_dim}): no backbone_weights given, the ViT "
-                          "is randomly initialised (nothing is downloaded); pass a local DINOv3 checkpoint for "
-                          "real training", UserWarning, stacklevel=3)
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.vit.forward_intermediates(images, indices=list(self.layers), norm=self.norm_outputs,
-                                              output_fmt="NCHW", intermediates_only=True)
-
-    def load_weights(self, path: str | os.PathLike) -> None:
-        """Load a ViT checkpoint (timm, official DINOv3 or official distilled-ViT layout); mismatches raise."""
-        state = _convert_vit_state(load_state_dict_file(path), self.vit, path)
-        depth = len(self.vit.blocks)
-        dropped = re.compile(r"^(head|fc_norm|head_drop)\.")
-        state = {k: v for k, v in state.items() if not dropped.match(k)}
-        if not self.norm_outputs:
-            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-        state = {k: v for k, v in state.items()  # blocks after the last used one were pruned
-                 if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
-        own = dict(self.vit.named_parameters())
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(k for k in set(state) - set(own) if k not in dict(self.vit.named_buffers()))
-        if missing or unexpected:
-            raise KeyError(f"backbone weights {path} do not fit {self.variant} (width {self.embed_dim}): "
-                           f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
-                           f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} "
-                           f"({len(unexpected)})")
-        wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(p.shape)}" for k, p in own.items()
-                 if tuple(state[k].shape) != tuple(p.shape)]
-        if wrong:
-            raise ValueError(f"backbone weights {path} have wrong shapes for {self.variant}: {wrong[:20]}")
-        self.vit.load_state_dict({k: state[k] for k in own}, strict=False)
-
-
-# ------------------------------------------------------------------------------------------ HGNetv2 backbones
-class HGNetv2Levels(HGNetv2Backbone):
-    """:class:`~.backbone.HGNetv2Backbone` returning only some of its levels (DEIMv2-N: strides 16, 32)."""
-
-    def __init__(self, variant: str = "hgnetv2_b0", *, levels: Sequence[int] = (2, 3), **kwargs):
-        super().__init__(variant, **kwargs)
-        all_levels = (1, 2, 3)
-        if not levels or any(level not in all_levels for level in levels) or list(levels) != sorted(set(levels)):
-            raise ValueError(f"HGNetv2Levels: backbone_levels {tuple(levels)} must be increasing stage indices "
-                             f"from {all_levels}")
-        self.keep = [all_levels.index(level) for level in levels]
-        self.out_channels = [self.out_channels[i] for i in self.keep]
-        self.strides = [self.strides[i] for i in self.keep]
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        features = super().forward(images)
-        return [features[i] for i in self.keep]
-
-
-class PrunedHGNetv2(nn.Module):
-    """HGNetv2-B0 cut down for DEIMv2 Pico / Femto / Atto, from timm's HGNetv2 parts.
-
-    The v2 stem and the first three B0 stages (the last one pruned per :data:`PRUNED_HGNETV2`),
-    learnable affine blocks on (as B0). One output, the last stage at stride 16. Parameter names
-    are those of timm's / the reference's classification model (``stem.*``, ``stages.N.*``).
-    """
-
-    def __init__(self, variant: str = "hgnetv2_pico", *, weights: str | os.PathLike | None = None):
-        super().__init__()
-        if variant not in PRUNED_HGNETV2:
-            raise ValueError(f"unknown pruned backbone {variant!r}; expected one of {sorted(PRUNED_HGNETV2)}")
-        self.variant = variant
-        self.stem = StemV2(3, 16, 16, use_lab=True)
-        stages = []
-        stride = 4
-        for in_ch, mid, out, blocks, down, light, kernel, layers in PRUNED_HGNETV2[variant]:
-            stages.append(HighPerfGpuStage(in_ch, mid, out, block_num=blocks, layer_num=layers, downsample=down,
-                                           light_block=light, kernel_size=kernel, use_lab=True, agg="se"))
-            stride *= 2 if down else 1
-        self.stages = nn.Sequential(*stages)
-        self.out_channels = [PRUNED_HGNETV2[variant][-1][2]]
-        self.strides = [stride]
-        for module in self.modules():  # timm's HGNetv2 initialisation
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        if weights is not None:
-            self.load_weights(weights)
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.stages(self.stem(images))]
-
-    def load_weights(self, path: str | os.PathLike) -> dict[str, list[str]]:
-        """Load every tensor of an HGNetv2 (B0) checkpoint that fits by name and shape.
-
-        The pruned networks are initialised from B0 as in the official code: the stem and the
-        first two stages fit entirely, the pruned stage partly. Returns and logs what was skipped;
-        raises when nothing fits (a wrong file).
-        """
-        raw = load_state_dict_file(path)
-        state = {re.sub(r"^stages_(\d+)\.", r"stages.\1.", k): v for k, v in raw.items()}
-        own = self.state_dict()
-        fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-        if not fitting:
-            raise KeyError(f"backbone weights {path}: no tensor fits {self.variant} by name and shape "
-                           f"(expected HGNetv2-B0 keys such as 'stem.stem1.conv.weight')")
-        self.load_state_dict(fitting, strict=False)
-        report = {"not_in_file": sorted(set(own) - set(fitting)),
-                  "skipped_from_file": sorted(set(state) - set(fitting))}
-        log.info("%s: loaded %d tensors from %s; %d model tensors keep their initialisation, %d file tensors "
-                 "unused", self.variant, len(fitting), path, len(report["not_in_file"]),
-                 len(report["skipped_from_file"]))
-        return report
 
 
 # ------------------------------------------------------------------------------------------ encoder blocks
@@ -656,7 +452,8 @@ def _build_backbone(spec: DEIMv2Spec) -> tuple[nn.Module, SpatialTuningAdapter |
     if spec.backbone == DISTILLED_VIT or spec.backbone in TIMM_DINOV3_VITS:
         backbone = DINOv3ViTBackbone(spec.backbone, layers=spec.vit_layers, norm_outputs=spec.vit_norm,
                                      embed_dim=spec.vit_dim, depth=spec.vit_depth, num_heads=spec.vit_heads,
-                                     mlp_ratio=spec.vit_mlp_ratio, weights=spec.backbone_weights)
+                                     mlp_ratio=spec.vit_mlp_ratio, weights=spec.backbone_weights,
+                                     rope_rescale_coords=spec.vit_rope_rescale_coords)
         sta = SpatialTuningAdapter(backbone.embed_dim, spec.sta_dim, spec.sta_channels)
         return backbone, sta, sta.out_channels, sta.strides
     if spec.backbone in PRUNED_HGNETV2:

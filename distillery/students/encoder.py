@@ -133,20 +133,25 @@ class SCDown(nn.Module):
 def sincos_position_embedding_2d(height: int, width: int, dim: int, temperature: float = 10000.0,
                                  device: torch.device | None = None,
                                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(1, H * W, dim) fixed embedding of a row-major H x W grid: [sin x, cos x, sin y, cos y] bands.
+    """(1, H * W, dim) fixed sin-cos embedding of the tokens of ``feature.flatten(2)``, the official table.
 
-    Token ``k`` is at ``(y, x) = divmod(k, W)``, the order of ``feature.flatten(2)``. (The
-    reference code builds the grid transposed, which only agrees for square maps.)
+    The official ``HybridEncoder.build_2d_sincos_position_embedding(w, h)`` builds its grid with
+    ``meshgrid(arange(w), arange(h), indexing="ij")``, so token ``k`` gets the coordinates
+    ``(a, b) = divmod(k, H)`` and the bands ``[sin a, cos a, sin b, cos b]``. On a square map that
+    is ``[sin y, cos y, sin x, cos x]`` with ``(y, x) = divmod(k, W)``; on a non-square map it is
+    not a plain (y, x) table, but it is what official checkpoints were trained with, so it is
+    reproduced exactly (the official code also computes it from the actual map size in training).
     """
     if dim % 4:
         raise ValueError(f"sincos_position_embedding_2d: dim must be divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
-                            torch.arange(width, dtype=torch.float32, device=device), indexing="ij")
-    x_angles = xs.reshape(-1, 1) * omega[None]
-    y_angles = ys.reshape(-1, 1) * omega[None]
-    pos = torch.cat([x_angles.sin(), x_angles.cos(), y_angles.sin(), y_angles.cos()], dim=1)
+    tokens = torch.arange(height * width, device=device)
+    first = torch.div(tokens, height, rounding_mode="floor").to(torch.float32)
+    second = (tokens % height).to(torch.float32)
+    first_angles = first[:, None] * omega[None]
+    second_angles = second[:, None] * omega[None]
+    pos = torch.cat([first_angles.sin(), first_angles.cos(), second_angles.sin(), second_angles.cos()], dim=1)
     return pos[None].to(dtype)
 
 

@@ -48,6 +48,11 @@ What this module does differently from the official code, and why:
    every step. Here a step costs one fused ``torch._foreach_norm`` per group and the sums stay
    on the device until the end of the epoch.
 
+As in the official update block, a weight that has fallen to 1e-6 or below is no longer adapted
+(it stays until ``stop_epoch`` or a zero share resets it to the default weight), and the shares
+are summed in float64 (the official loop sums Python floats), so a share near a band edge is
+classed the same way; float64 models are measured in float64.
+
 Timing, as in the official loop: the share measured during epoch e sets the weight used in epoch
 e + 1; ``end_epoch(e)`` with ``e >= stop_epoch`` returns the default weight.
 
@@ -108,6 +113,8 @@ _AIFI = "aifi"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The official zero-share test is "< 1e-6" on a percentage.
 _ZERO_SHARE = 1e-8
+# The official update block adapts the weight only while it is above this ("if current_weight > 1e-6").
+_MIN_ADAPTED_WEIGHT = 1e-6
 
 RULES = ("odds", "linear")
 
@@ -212,6 +219,24 @@ def classify_parameter(name: str, prefixes: Mapping[str, Sequence[str]] = GAM_GR
     return _OTHER
 
 
+def _group_l1(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Float64 sum of the per-tensor L1 norms, like the official loop's Python-float sum of ``.item()``s.
+
+    Each norm is taken in float32 for half/float32 gradients (fp16 sums overflow) and in float64
+    for float64 gradients; the sum over tensors is float64, so a share within ~1e-7 of a band edge
+    is classed as the official float64 arithmetic classes it.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for dtype, same in by_dtype.items():
+        norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        norms = torch._foreach_norm(same, 1, dtype=norm_dtype)
+        total = total + torch.stack([n.to(device, torch.float64, non_blocking=True) for n in norms]).sum()
+    return total
+
+
 class GAMController:
     """Stateful GAM: accumulates per-step gradient L1 norms, updates lambda once per epoch.
 
@@ -244,6 +269,7 @@ class GAMController:
         group_prefixes: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.rho, self.delta = _check_band(rho, delta)
+        self.lower_bound, self.upper_bound = self.rho - self.delta, self.rho + self.delta
         if rule not in RULES:
             raise ValueError(f"gam: rule must be one of {RULES}, got {rule!r}")
         self.rule = rule
@@ -314,14 +340,7 @@ class GAMController:
                 device = grad.device
         if device is None:
             device = self._rows[-1].device if self._rows else torch.device("cpu")
-        sums = []
-        for grads in per_group:
-            if grads:
-                # L1 norms accumulated in fp32 whatever the gradient dtype (fp16 sums overflow).
-                norms = torch._foreach_norm(grads, 1, dtype=torch.float32)
-                sums.append(torch.stack([n.to(device, non_blocking=True) for n in norms]).sum())
-            else:
-                sums.append(torch.zeros((), dtype=torch.float32, device=device))
+        sums = [_group_l1(grads, device) for grads in per_group]
         self._rows.append(torch.stack(sums))
 
     def accumulate_model(self, model: nn.Module) -> None:
@@ -330,7 +349,7 @@ class GAMController:
 
     # ------------------------------------------------------------------ per epoch
     def _collect_rows(self) -> torch.Tensor:
-        """All of this epoch's rows as one (T, G) float32 tensor (on the device of the last row)."""
+        """All of this epoch's rows as one (T, G) float64 tensor (on the device of the last row)."""
         blocks = []
         device = self._rows[-1].device if self._rows else torch.device("cpu")
         if self._restored_rows is not None:
@@ -338,7 +357,7 @@ class GAMController:
         if self._rows:
             blocks.append(torch.stack(self._rows))
         if not blocks:
-            return torch.zeros((0, len(self.group_names)), dtype=torch.float32, device=device)
+            return torch.zeros((0, len(self.group_names)), dtype=torch.float64, device=device)
         return torch.cat(blocks)
 
     def end_epoch(self, epoch: int, all_reduce: Callable[[torch.Tensor], object] | None = None) -> float:
@@ -378,6 +397,10 @@ class GAMController:
             lam_after, decision = self.default_weight, "zero share: reset to default weight"
         elif epoch >= self.stop_epoch:
             lam_after, decision = self.default_weight, "stopped: default weight from stop_epoch on"
+        elif lam_before <= _MIN_ADAPTED_WEIGHT and not self.lower_bound <= ratio <= self.upper_bound:
+            # The official update block only adapts a weight above 1e-6: once lambda has shrunk
+            # that far it stays there (until stop_epoch or a zero share reset it).
+            lam_after, decision = lam_before, "weight <= 1e-6: no longer adapted"
         else:
             lam_after, decision = gam_update_explained(
                 lam_before, ratio, self.rho, self.delta, self.rule, self.clamp
@@ -428,4 +451,4 @@ class GAMController:
         self.history = [dict(h) for h in state["history"]]
         self.last_shares = dict(state.get("last_shares", {}))
         self._rows = []
-        self._restored_rows = rows.detach().to(torch.float32).cpu().clone() if rows.shape[0] else None
+        self._restored_rows = rows.detach().to(torch.float64).cpu().clone() if rows.shape[0] else None

@@ -6,7 +6,8 @@ Cost of assigning prediction ``q`` to object ``j`` (the reference's ``HungarianM
     C = w_class * (pos(p) - neg(p)) + w_bbox * |b_q - b_j|_1 - w_giou * GIoU(b_q, b_j)
     pos(p) = alpha (1 - p)^gamma (-log(p + 1e-8)),  neg(p) = (1 - alpha) p^gamma (-log(1 - p + 1e-8))
 
-with ``p = sigmoid(logit_q[class_j])``, boxes normalised ``cxcywh`` for L1 and ``xyxy`` for GIoU.
+with ``p = sigmoid(logit_q[class_j])``, boxes normalised ``cxcywh`` for L1 and ``xyxy`` for GIoU
+(negative predicted widths/heights clamped to 0 first, as the official ``box_cxcywh_to_xyxy``).
 Defaults are the reference's (class 2, bbox 5, giou 2, alpha 0.25, gamma 2). Each image is
 solved with ``scipy.optimize.linear_sum_assignment``; NaN costs are replaced by 1 as there.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import generalized_box_iou
+
+from .box_ops import cxcywh_to_xyxy
 
 __all__ = ["HungarianMatcher", "matching_cost"]
 
@@ -31,8 +34,8 @@ def matching_cost(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tenso
     pos = alpha * (1 - prob).pow(gamma) * (-(prob + 1e-8).log())
     class_cost = pos - neg
     l1 = torch.cdist(boxes.float(), target_boxes.float(), p=1)
-    giou = generalized_box_iou(box_convert(boxes.float(), "cxcywh", "xyxy"),
-                               box_convert(target_boxes.float(), "cxcywh", "xyxy"))
+    giou = generalized_box_iou(cxcywh_to_xyxy(boxes.float()),
+                               cxcywh_to_xyxy(target_boxes.float()))
     return cost_bbox * l1 + cost_class * class_cost - cost_giou * giou
 
 
