@@ -13,6 +13,7 @@ and meta) is downloaded.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 __all__ = ["HUB_PREFIX", "check_weights_source", "fetch_registry_export", "is_remote_source",
            "resolve_weights_source", "sha256_of", "student_weight_kwargs"]
 
+log = logging.getLogger(__name__)
 HUB_PREFIX = "hf-hub:"
 HUB_HOST = "huggingface.co"
 CONNECT_TIMEOUT_S = 2.0
@@ -130,6 +132,10 @@ def fetch_registry_export(uri: str, dest: str | os.PathLike, tracking_uri: str |
             raise ValueError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
         version = client.get_model_version(name, number)
     local = client.download_artifacts(version.run_id, "export", str(dest))
+    try:  # the run's config: architecture overrides (num_queries, ...) the weights were trained with
+        client.download_artifacts(version.run_id, "config.yaml", str(dest))
+    except Exception as exc:  # noqa: BLE001 - older runs: the plain architecture
+        log.warning("%s: no config.yaml in run %s (%s); building the plain architecture", uri, version.run_id, exc)
     if not (Path(local) / "weights.safetensors").is_file():
         raise FileNotFoundError(f"{uri} (run {version.run_id}) has no export/weights.safetensors: logged with "
                                 "tracking.log_model: false?")

@@ -172,7 +172,7 @@ def read_student_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
     return strip_wrapper_prefixes(state), layout
 
 
-def _to_model_layout(student_name: str, state: dict[str, torch.Tensor], layout: str
+def to_model_layout(student_name: str, state: dict[str, torch.Tensor], layout: str
                      ) -> tuple[dict[str, torch.Tensor], str]:
     """Official key names translated (when the file has them) by the parity helper's converter."""
     try:
@@ -225,7 +225,7 @@ def load_student_weights(model: nn.Module, path: str | os.PathLike, student_name
     class-dependent tensors are copied from the file when the class counts differ.
     """
     state, layout = read_student_checkpoint(path)
-    state, layout = _to_model_layout(student_name, state, layout)
+    state, layout = to_model_layout(student_name, state, layout)
     own = model.state_dict()
     report = WeightsReport(path=str(path), layout=layout, checkpoint_num_classes=_checkpoint_num_classes(state),
                            model_num_classes=getattr(model, "num_classes", None))
