@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import Field, PositiveInt, model_validator
 
 from distillery.platform import storage
-from distillery.platform.coco import CocoDataset, CorruptImageError, decode_image, load_coco, load_image_resized
+from distillery.platform.coco import CocoDataset, CorruptImageError, decode_image, load_image_resized
 from distillery.platform.config import (DataConfig, RayConfig, StorageConfig, StrictModel,
                                         TeacherConfig, absolute_uri)
 from distillery.platform.feature_cache import FeatureCacheWriter, ShardInfo, plan_shards
@@ -110,7 +110,9 @@ class CacheInterrupted(RuntimeError):
 # --------------------------------------------------------------------------- helpers
 
 def ensure_dataset(data: DataConfig) -> None:
-    """Generate the synthetic dataset if it is configured and absent."""
+    """Generate the synthetic dataset if it is configured and absent (COCO format only)."""
+    if data.format != "coco":
+        return
     ann, _ = data.split_paths("train")
     if storage.exists(ann) or data.synthetic is None:
         return
@@ -325,10 +327,10 @@ def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
     ensure_dataset(cfg.data)
     datasets = {}
     for split in cfg.cache.splits:
-        ann, images = cfg.data.split_paths(split)
+        from distillery.platform.formats import load_split  # data.format: coco, yolo or voc
+
         report = storage.join(cfg.cache.uri, split, "bad_records.jsonl")
-        datasets[split] = load_coco(ann, images, bad_records=cfg.data.bad_records,
-                                    check_images=cfg.data.check_images, report_uri=report)
+        datasets[split] = load_split(cfg.data, split, report_uri=report)
     with ray_session(cfg.ray, cfg.storage):
         use_gpu = cluster_has_gpus() and cfg.compute.gpus_per_actor != 0
         dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)

@@ -191,7 +191,14 @@ class SyntheticDataConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """A COCO-format dataset; relative paths are resolved against ``root``."""
+    """A dataset; relative paths are resolved against ``root``.
+
+    ``format: coco`` (default): the ``*_annotations`` / ``*_images`` paths below; ``synthetic``
+    generates one at ``root`` when absent. ``yolo``: ``root`` is the dataset YAML (or a directory
+    holding ``data.yaml``); ``voc``: ``root`` is the VOC root (``Annotations/``, ``JPEGImages/``,
+    ``ImageSets/Main/``). For both, ``train_split`` / ``val_split`` name the splits the jobs train
+    and evaluate on: YAML keys, or ``ImageSets/Main/<name>.txt`` files (VOC2007: trainval / test).
+    ``classes`` (VOC only) fixes the class table; else it is discovered from the XML files."""
 
     root: str = "runs/data/synthetic"
     train_annotations: str = "annotations/instances_train.json"
@@ -201,6 +208,10 @@ class DataConfig(StrictModel):
     bad_records: Literal["error", "skip"] = "error"
     check_images: Literal["none", "exists", "header", "decode"] = "header"
     synthetic: SyntheticDataConfig | None = SyntheticDataConfig()
+    format: Literal["coco", "yolo", "voc"] = "coco"
+    train_split: str = Field("train", min_length=1)
+    val_split: str = Field("val", min_length=1)
+    classes: list[str] | None = Field(None, min_length=1)
 
     def resolve(self, rel: str) -> str:
         if "://" in rel or rel.startswith("/"):
@@ -210,7 +221,10 @@ class DataConfig(StrictModel):
         return storage.join(self.root, rel)
 
     def split_paths(self, split: Literal["train", "val"]) -> tuple[str, str]:
-        """(annotation URI, image root URI) of a split."""
+        """(annotation URI, image root URI) of a COCO split (other formats: formats.load_split)."""
+        if self.format != "coco":
+            raise ValueError(f"data.format is {self.format!r}: its splits have no COCO annotation paths; "
+                             "load them with distillery.platform.formats.load_split")
         if split == "train":
             return self.resolve(self.train_annotations), self.resolve(self.train_images)
         return self.resolve(self.val_annotations), self.resolve(self.val_images)

@@ -19,7 +19,7 @@ from typing import Any
 from distillery.platform import storage
 from distillery.platform.cache_job import (CacheComputeConfig, CacheFeaturesConfig, CacheSettings, ViewRecipe,
                                            build_teacher, ensure_dataset, resolve_teacher_dtype)
-from distillery.platform.coco import CocoDataset, load_coco
+from distillery.platform.coco import CocoDataset
 from distillery.platform.config import absolute_uri, config_hash, flatten_config
 from distillery.platform.distill_config import DistillConfig
 from distillery.platform.feature_cache import MANIFEST, FeatureCache, manifest_sha256
@@ -121,9 +121,9 @@ def load_train_val(data, report_dir: str) -> tuple[CocoDataset, CocoDataset]:
     records reported under ``report_dir``); refuses splits whose category tables differ."""
     splits = {}
     for split in ("train", "val"):
-        ann, images = data.split_paths(split)
-        splits[split] = load_coco(ann, images, bad_records=data.bad_records, check_images=data.check_images,
-                                  report_uri=storage.join(report_dir, f"{split}.jsonl"))
+        from distillery.platform.formats import load_split  # data.format: coco, yolo or voc
+
+        splits[split] = load_split(data, split, report_uri=storage.join(report_dir, f"{split}.jsonl"))
     train, val = splits["train"], splits["val"]
     if val.categories != train.categories:
         raise ValueError(f"train and val category tables differ: {train.annotation_uri} vs {val.annotation_uri}")
@@ -179,8 +179,9 @@ def prepare_inputs(cfg: DistillConfig) -> None:
     ensure_dataset(cfg.data)
     if cfg.teacher_mode != "cached":
         return
-    ann, images = cfg.data.split_paths("train")
-    train = load_coco(ann, images, bad_records=cfg.data.bad_records, check_images="none")
+    from distillery.platform.formats import load_split
+
+    train = load_split(cfg.data, "train", check_images="none")
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=3):
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)
@@ -256,7 +257,9 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
         steps_per_epoch = max(1, len(train) // per_step)
         if cfg.debug.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.debug.max_steps_per_epoch)
-        val_ann, val_images = cfg.data.split_paths("val")
+        from distillery.platform.formats import coco_split_paths  # workers evaluate on a COCO file
+
+        val_ann, val_images = coco_split_paths(cfg.data, "val", val, storage.join(run_storage, "data"))
         run_info = {"num_classes": train.categories.num_classes, "categories": train.categories.to_dict(),
                     "teacher_dim": teacher_dim, "teacher_dtype": teacher_dtype, "cache_meta": cache_meta,
                     "gam": gam, "steps_per_epoch": steps_per_epoch, "val_annotations": val_ann,

@@ -507,7 +507,9 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
         steps_per_epoch = max(1, len(train) // per_step)
         if cfg.train.steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
-        val_ann, val_images = cfg.data.split_paths("val")
+        from distillery.platform.formats import coco_split_paths  # workers evaluate on a COCO file
+
+        val_ann, val_images = coco_split_paths(cfg.data, "val", val, storage.join(run_storage, "data"))
         run_info = {"phrases": phrases, "text_embeddings": text.tolist(),
                     "category_ids": list(train.categories.category_ids), "build_options": build_options,
                     "moe_meta": moe_meta, "base_uri": base_uri,
