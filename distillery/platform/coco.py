@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
 import numpy as np
+import orjson
 from PIL import Image, UnidentifiedImageError
 
 from distillery.platform import storage
@@ -216,6 +217,16 @@ def _require(cond: bool, file: str, what: str) -> None:
         raise AnnotationError(f"{file}: {what}")
 
 
+def _parse_json(raw: bytes) -> Any:
+    """orjson (twice as fast as the standard parser on a COCO-train-sized file); the standard
+    parser for what orjson refuses (NaN/Infinity literals, which json accepts and the bbox check
+    then names), which also raises the error for a file that is not JSON at all."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def _annotation_problem(ann: Any, i: int, images: dict[int, dict[str, Any]],
                         id_to_label: dict[int, int]) -> tuple[Any, str | None]:
     """(record id, reason) for annotation ``i``; reason None when it is valid."""
@@ -341,7 +352,7 @@ def load_coco(annotation_uri: str, image_root: str, *, bad_records: BadRecordPol
         raise AnnotationError(f"annotation file not found: {annotation_uri}") from None
     sha = hashlib.sha256(raw).hexdigest()
     try:
-        doc = json.loads(raw)
+        doc = _parse_json(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"{annotation_uri}: malformed JSON: {exc}") from None
     f = annotation_uri
