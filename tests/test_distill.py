@@ -56,7 +56,7 @@ def test_ranks_agree_and_training_learns(two_worker_run):
 
 
 def test_mlflow_run_contents(two_worker_run):
-    cfg, summary, _ = two_worker_run
+    cfg, summary, tmp = two_worker_run
     client = MlflowClient(summary["tracking_uri"])
     run = client.get_run(summary["run_id"])
     assert run.data.params["student.name"] == "rtdetrv4_tiny"
@@ -69,7 +69,11 @@ def test_mlflow_run_contents(two_worker_run):
     assert {"config.yaml", "plots", "export"} <= names
     exported = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
     assert {"export/model.onnx", "export/weights.safetensors", "export/meta.json"} <= exported
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/gam.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/gam.png",
+                                                                                "plots/augment_preview.png"}
+    assert Path(summary["run_storage"], "plots", "augment_preview.png").stat().st_size > 1000
+    # Artifacts live beside the sqlite store, not in ./mlruns of the directory the job started in.
+    assert run.info.artifact_uri.startswith((tmp / "local" / "mlflow-artifacts").as_uri()), run.info.artifact_uri
     # The logged model is a runnable predictor: image in, boxes/scores/labels out.
     mlflow.set_tracking_uri(summary["tracking_uri"])
     model = mlflow.pyfunc.load_model(summary["model_uri"])
@@ -79,13 +83,54 @@ def test_mlflow_run_contents(two_worker_run):
     assert out["boxes"].shape[:1] == (2,) and out["boxes"].shape[-1] == 4
     assert out["scores"].shape == out["labels"].shape == out["boxes"].shape[:2]
     assert set(np.unique(out["labels"])) <= {1, 3, 4, 7, 9, 12}
+    names = dict(zip(cfg_categories(cfg)["category_ids"], cfg_categories(cfg)["names"]))
+    assert [names[i] for i in out["labels"][0]] == out["names"][0].tolist()
 
 
-def test_resume_from_continues_the_run(two_worker_run, synthetic_data, tiny_cache):
+def cfg_categories(cfg) -> dict:
+    from distillery.platform.coco import load_coco
+
+    ann, images = cfg.data.split_paths("train")
+    return load_coco(ann, images, check_images="none").categories.to_dict()
+
+
+def test_readme_model_load_snippet_runs(two_worker_run, tmp_path, monkeypatch, capsys):
+    """The README's model-load block, as written, from a directory whose runs/mlflow.db is the
+    store the job logged to, once the run's model is champion."""
+    import re
+
+    from distillery.platform.registry import promote_run
+
     cfg, summary, tmp = two_worker_run
-    resumed = run_distill(tiny_config(tmp, synthetic_data, "train.epochs=3", "output.name=resumed",
-                                      f"output.resume_from={summary['run_storage']}", "tracking.log_model=false",
-                                      cache=tiny_cache))
+    (tmp_path / "runs").symlink_to(tmp / "local")
+    monkeypatch.chdir(tmp_path)
+    promote_run(summary["tracking_uri"], "rtdetrv4-s", summary["run_id"])
+    readme = (REPO / "README.md").read_text()
+    snippet = re.search(r"<!-- model-load snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(snippet, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert any(f"'{name}'" in printed for name in cfg_categories(cfg)["names"]), printed
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_resume_from_continues_the_run(two_worker_run, synthetic_data, tiny_cache, caplog):
+    """Resume a copy of the run whose newest checkpoint has a truncated DeepSpeed file: the driver
+    skips it, naming the file, and the run continues from the intact one before it."""
+    import logging
+    import shutil
+
+    cfg, summary, tmp = two_worker_run
+    copy = tmp / "copy-with-corrupt-newest"
+    shutil.copytree(summary["run_storage"], copy)
+    newest = Path(find_latest_checkpoint(str(copy)))
+    assert json.loads((newest / "distillery_state.json").read_text())["epoch"] == 1
+    model_file = newest / "ds" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="distillery.platform.checkpoints"):
+        resumed = run_distill(tiny_config(tmp, synthetic_data, "train.epochs=3", "output.name=resumed",
+                                          f"output.resume_from={copy}", "tracking.log_model=false",
+                                          cache=tiny_cache))
+    assert any(str(model_file) in r.getMessage() for r in caplog.records), caplog.text
     state = last_state(resumed["run_storage"])
     assert state["epoch"] == 2
     history = state["gam_history"]

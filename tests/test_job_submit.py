@@ -116,6 +116,9 @@ def test_ray_job_submit_distill(ray_head, synthetic_data, tiny_cache, tmp_path):
     assert summary["run_storage"] == str(out / "train" / "submitted")
     assert (out / "train" / "submitted").is_dir() and summary["best_checkpoint"]
     assert Path(summary["best_checkpoint"], "distillery_state.json").is_file()
+    # Rank 0's progress and epoch-summary lines reach the job's log, once each.
+    assert re.search(r"\[train\] epoch 1/1 step 1/2 \| loss [\d.]+ \(mal ", logs), logs[-4000:]
+    assert logs.count("[train] epoch 1/1 done in ") == 1, logs[-4000:]
 
     from mlflow.tracking import MlflowClient
 

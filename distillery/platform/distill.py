@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.platform import storage
+from distillery.platform.checkpoints import find_latest_checkpoint
 from distillery.platform.cache_job import (CacheComputeConfig, CacheFeaturesConfig, CacheSettings, ViewRecipe,
                                            build_teacher, ensure_dataset, resolve_teacher_dtype)
 from distillery.platform.coco import CocoDataset
@@ -46,30 +47,6 @@ def resolve_gam(cfg: DistillConfig) -> dict[str, Any]:
         raise ValueError(f"gam.delta ({out['delta']}) must be smaller than gam.rho ({out['rho']})")
     out.update(rule=g.rule, enabled=g.enabled)
     return out
-
-
-def find_latest_checkpoint(run_path: str) -> str:
-    """The newest Distillery checkpoint directory under a Ray Train run path (local or URI)."""
-    from distillery.platform.train_loop import STATE_JSON
-
-    if not storage.exists(run_path):
-        raise FileNotFoundError(f"resume_from: run path {run_path} does not exist")
-    best: tuple[int, str] | None = None
-    for name in storage.listdir(run_path):
-        if not name.startswith("checkpoint_"):
-            continue
-        state_uri = storage.join(run_path, name, STATE_JSON)
-        if not storage.exists(state_uri):
-            continue
-        try:
-            epoch = int(json.loads(storage.read_text(state_uri))["epoch"])
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"resume_from: {state_uri} is unreadable: {exc}") from None
-        if best is None or epoch > best[0]:
-            best = (epoch, storage.join(run_path, name))
-    if best is None:
-        raise FileNotFoundError(f"resume_from: no checkpoint with {STATE_JSON} under {run_path}")
-    return best[1]
 
 
 def _git_commit() -> str:
@@ -140,6 +117,8 @@ def fit_on_ray_train(worker, cfg, run_info: dict[str, Any], train_ds, *, name: s
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from distillery.platform.progress import WORKER_ENV
+
     run_config = ray.train.RunConfig(
         name=name, storage_path=storage_path if "://" not in storage_path else None,
         storage_filesystem=_storage_filesystem(storage_path),
@@ -147,7 +126,11 @@ def fit_on_ray_train(worker, cfg, run_info: dict[str, Any], train_ds, *, name: s
                                                      checkpoint_score_attribute="AP",
                                                      checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-        callbacks=list(callbacks or []))
+        callbacks=list(callbacks or []),
+        # Ray Train's INFO lines (each rank's whole metrics dict per report, every checkpoint
+        # path) drown the progress lines rank 0 prints; its warnings and errors still show.
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        worker_runtime_env={"env_vars": dict(WORKER_ENV)})
     if "://" in storage_path:
         run_config.storage_path = storage.filesystem(storage_path)[1]
     trainer = TorchTrainer(
@@ -155,12 +138,25 @@ def fit_on_ray_train(worker, cfg, run_info: dict[str, Any], train_ds, *, name: s
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=run_config, datasets={"train": train_ds})
+    _install_failure_policy()
     result = trainer.fit()
     # Ray keeps the top checkpoints by AP, listed in report order: pick the best one.
     scored = [(c, m.get("AP", float("-inf"))) for c, m in (result.best_checkpoints or [])]
     scored = [(c, ap if ap == ap else float("-inf")) for c, ap in scored]  # NaN -> lowest
     best = max(scored, key=lambda cm: cm[1])[0] if scored else result.checkpoint
     return result, best
+
+
+def _install_failure_policy() -> None:
+    """Make Ray Train raise at once when a worker fails with a :class:`DeterministicError` (a
+    corrupt checkpoint, bad data, an unknown model): a retry would fail the same way, so it must
+    not consume ``train.max_failures``. Ray Train V2 builds its failure policy in
+    ``create_failure_policy`` with no public hook to choose another; ours wraps the default."""
+    from ray.train.v2.api import data_parallel_trainer
+
+    from distillery.platform.failure_policy import create_failure_policy
+
+    data_parallel_trainer.create_failure_policy = create_failure_policy
 
 
 def _grid_of(fp: dict[str, Any]) -> tuple[int, int]:
@@ -200,6 +196,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
 
     from distillery.platform.cluster import cluster_has_gpus, ray_session
     from distillery.platform.ingest import build_train_dataset
+    from distillery.platform.progress import filter_ray_log_noise
     from distillery.platform.tracking import create_run, resolve_tracking_uri, tracking_reachable
     from distillery.platform.train_loop import train_worker
 
@@ -221,6 +218,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     # Training workers hold their CPUs for the whole run; ingest (parquet read, join, decode)
     # needs a couple more logical CPUs beside them.
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
+        filter_ray_log_noise()
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         teacher_dim, cache_meta, fingerprint, teacher_dtype = None, None, None, None
         dataset_cache = None
@@ -233,9 +231,11 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
             dataset_cache = _prepare_cache(cfg, train, fingerprint, teacher_dtype, use_gpu)
             cache_meta = {"dtype": dataset_cache.dtype, "grid": list(dataset_cache.grid),
                           "views": dataset_cache.views, "uri": dataset_cache.uri}
-        # Per-operator progress bars of a dataset streamed for hours only flood the job log;
-        # throughput is logged per epoch instead.
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        # Per-operator progress bars of a dataset streamed for hours only flood the job log, and
+        # so does its execution plan, printed again every epoch: rank 0 prints progress instead.
+        data_context = ray.data.DataContext.get_current()
+        data_context.enable_progress_bars = False
+        data_context.print_on_execution_start = False
         train_ds = build_train_dataset(train, dataset_cache, bad_records=cfg.data.bad_records,
                                        report_uri=storage.join(run_storage, "bad_records"))
 

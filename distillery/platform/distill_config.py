@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from distillery.platform.config import (DataConfig, RayConfig, StorageConfig, StrictModel,
                                         SyntheticDataConfig, TeacherConfig)
@@ -47,12 +47,29 @@ class PeftSettings(StrictModel):
         return out if self.method != "none" else {"method": "none"}
 
 
+def known_student_names() -> list[str]:
+    """Every name ``build_student`` accepts: the RT-DETRv4 sizes and the DEIMv2 ones."""
+    from distillery.students.deimv2 import DEIMV2_SPECS
+    from distillery.students.rtdetrv4 import STUDENT_SPECS
+
+    return sorted({*STUDENT_SPECS, *DEIMV2_SPECS})
+
+
 class StudentSettings(StrictModel):
     name: str = "rtdetrv4_tiny"
     input_size: int = Field(256, ge=64, multiple_of=32)
     # Keyword overrides passed to build_student (e.g. num_queries, num_decoder_layers).
     overrides: dict[str, Any] = Field(default_factory=dict)
     peft: PeftSettings = Field(default_factory=PeftSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _known_student(cls, name: str) -> str:
+        # Checked here, before Ray starts, rather than by build_student in every worker.
+        valid = known_student_names()
+        if name not in valid:
+            raise ValueError(f"unknown student {name!r}; valid names: {', '.join(valid)}")
+        return name
 
     @model_validator(mode="after")
     def _peft_needs_a_vit(self) -> "StudentSettings":
@@ -152,6 +169,10 @@ class TrainSettings(StrictModel):
     seed: int = 0
     log_every: PositiveInt = 5
     shuffle_buffer: int = Field(16, ge=0)
+    # Rank 0 prints a progress line every `progress_every` steps or `progress_seconds`,
+    # whichever comes first (and one summary line per epoch).
+    progress_every: PositiveInt = 10
+    progress_seconds: float = Field(30.0, gt=0)
 
 
 class TrackingSettings(StrictModel):
@@ -160,6 +181,9 @@ class TrackingSettings(StrictModel):
     log_model: bool = True
     system_metrics: bool = True
     num_val_images: int = Field(4, ge=0)
+    # At the start of a run: this many augmented training samples with their boxes beside a PCA
+    # colouring of their teacher grids (plots/augment_preview.png; 0 = off).
+    augment_preview: int = Field(4, ge=0, le=16)
 
 
 class OutputSettings(StrictModel):

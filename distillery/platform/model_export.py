@@ -24,7 +24,7 @@ import yaml
 
 from distillery.platform.distill_config import DistillConfig
 
-__all__ = ["load_inference_model", "log_final_model", "plot_gam"]
+__all__ = ["load_inference_model", "log_final_model", "log_pyfunc_model", "plot_gam"]
 
 log = logging.getLogger(__name__)
 PREDICTOR_CODE = Path(__file__).with_name("predictor.py")
@@ -105,7 +105,6 @@ def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run_info: dict
 def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[str, Any], best) -> dict[str, Any]:
     """Export and log the best checkpoint; return paths for the job's summary."""
     import mlflow
-    from mlflow.models import infer_signature
     from safetensors.torch import save_file
 
     from distillery.platform.train_loop import STATE_JSON
@@ -143,28 +142,33 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[
             if cfg.tracking.log_model:
                 mlflow.log_artifact(str(onnx_path), artifact_path="export")
                 mlflow.log_artifact(str(tmp / "weights.safetensors"), artifact_path="export")
-                from mlflow.models import ModelSignature
-                from mlflow.types import Schema, TensorSpec
-
-                example = np.zeros((1, 64, 64, 3), dtype=np.uint8)
-                predictor = _load_predictor(onnx_path, tmp / "meta.json")
-                # Any batch of any image size: (B, H, W, 3) uint8 in; the outputs as inferred.
-                outputs = infer_signature(example, predictor.predict(None, example)).outputs
-                signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                                           outputs=outputs)
-                info = mlflow.pyfunc.log_model(name="model", python_model=str(PREDICTOR_CODE),
-                                               artifacts={"onnx": str(onnx_path), "meta": str(tmp / "meta.json")},
-                                               input_example=example, signature=signature,
-                                               pip_requirements=_predictor_requirements())
-                out["model_uri"] = info.model_uri
+                out["model_uri"] = log_pyfunc_model(onnx_path, tmp / "meta.json")
                 # What the registry needs to find this run's model and judge it.
-                mlflow.set_tag("distillery.model_uri", info.model_uri)
+                mlflow.set_tag("distillery.model_uri", out["model_uri"])
             best_metrics = {f"best/{k}": float(v) for k, v in state["metrics"].items()
                             if isinstance(v, (int, float)) and v == v}
             mlflow.log_metrics(best_metrics)
         out["checkpoint_epoch"] = state["epoch"]
         out["best_metrics"] = state["metrics"]
     return out
+
+
+def log_pyfunc_model(onnx_path: Path, meta_path: Path) -> str:
+    """Log the pyfunc model (predictor.py as code, the ONNX file and its metadata) into the
+    active MLflow run; return its model URI."""
+    import mlflow
+    from mlflow.models import ModelSignature, infer_signature
+
+    example = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    predictor = _load_predictor(onnx_path, meta_path)
+    # Outputs as inferred; no input schema: MLflow would cast a JSON request to its dtype (floats
+    # in [0, 1] to a black uint8 image) before the predictor could refuse it (see predictor.py).
+    signature = ModelSignature(outputs=infer_signature(example, predictor.predict(None, example)).outputs)
+    info = mlflow.pyfunc.log_model(name="model", python_model=str(PREDICTOR_CODE),
+                                   artifacts={"onnx": str(onnx_path), "meta": str(meta_path)},
+                                   input_example=example, signature=signature,
+                                   pip_requirements=_predictor_requirements())
+    return info.model_uri
 
 
 def _predictor_requirements() -> list[str]:

@@ -61,6 +61,7 @@ import torch.distributed as dist
 from distillery.platform import storage
 from distillery.platform.config import absolute_uri, config_hash, flatten_config
 from distillery.platform.moe_config import MoETuneConfig
+from distillery.platform.progress import ProgressPrinter, filter_ray_log_noise, loss_terms, quiet_worker_noise
 from distillery.platform.train_loop import DS_TAG, EXTRA_STATE, STATE_JSON
 
 __all__ = [
@@ -499,7 +500,9 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
 
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
+        filter_ray_log_noise()
         ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.data.DataContext.get_current().print_on_execution_start = False
         train_ds = build_train_dataset(train, None, bad_records=cfg.data.bad_records,
                                        report_uri=storage.join(run_storage, "bad_records"))
         run_id = create_run(tracking_uri, cfg.tracking.experiment, name, params, tags, parent_run_id=parent_run_id)
@@ -775,6 +778,7 @@ def moe_tune_worker(config: dict[str, Any]) -> None:
     cfg = MoETuneConfig.model_validate(config["cfg"])
     run: dict[str, Any] = config["run"]
     rank, world, device, use_gpu = setup_worker(cfg)
+    quiet_worker_noise()
     # DeepSpeed's communication layer over the process group Ray Train created (needed before
     # the MoE layers are built: they ask for their expert-parallel group).
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", dist_init_required=False, verbose=False)
@@ -877,13 +881,22 @@ def moe_tune_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed from %s at epoch %d (step %d)", rank, checkpoint.path, start_epoch, global_step)
 
     # --- 3. training epochs
+    micro_steps = steps_per_epoch * cfg.deepspeed.gradient_accumulation_steps
+    progress = ProgressPrinter(cfg.train.epochs, micro_steps, every_steps=cfg.train.progress_every,
+                               every_seconds=cfg.train.progress_seconds, world_size=world) if rank == 0 else None
     for epoch in range(start_epoch, cfg.train.epochs):
         engine.train()
         t_epoch, steps = time.perf_counter(), 0
-        for batch in stream.epoch(epoch, steps_per_epoch * cfg.deepspeed.gradient_accumulation_steps):
+        if progress is not None:
+            progress.start_epoch_timer()
+        for batch in stream.epoch(epoch, micro_steps):
             parts = _step(engine, criterion, batch)
             steps += 1
             global_step += 1
+            if progress is not None and progress.due(steps):
+                floats = dict(zip(parts, torch.stack(list(parts.values())).float().tolist()))
+                progress.step(epoch, steps, steps * cfg.train.batch_size, sum(loss_terms(floats).values()), floats,
+                              None)
             if logger is not None and global_step % cfg.train.log_every == 0:
                 values = torch.stack(list(parts.values())).float().tolist()
                 metrics = {f"train/{k}": v for k, v in zip(parts, values)}
@@ -917,6 +930,8 @@ def moe_tune_worker(config: dict[str, Any]) -> None:
                 if cfg.analysis.enabled and rank == 0:
                     analysis = expert_analysis(traces, m.num_experts, cfg.analysis.stable_threshold)
                     metrics.update(analysis_metrics(analysis))
+        if progress is not None:
+            progress.epoch_end(epoch, metrics, None)
         probe = _probe(engine.module, probe_images)
         ranks = {"shared_checksum": [c[0] for c in _all_gather_floats([_shared_checksum(engine.module)], device)],
                  "probe_checksum": [c[0] for c in _all_gather_floats([float(probe["pred_logits"].double().sum())],

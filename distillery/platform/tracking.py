@@ -1,7 +1,8 @@
 """MLflow tracking: where runs go, what is logged, and a small logger for the training worker.
 
 The tracking URI comes from the config, else ``MLFLOW_TRACKING_URI``, else a sqlite file under
-the local run directory (the embedded default). The driver creates the run and logs the
+the local run directory (the embedded default). A sqlite store keeps its artifacts beside it
+(:func:`experiment_artifact_location`). The driver creates the run and logs the
 flattened config (secrets masked by :func:`flatten_config`); rank 0 of the training workers
 logs per-step and per-epoch metrics into that run by id; the driver logs the final artefacts.
 """
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "create_run", "resolve_tracking_uri", "tracking_reachable"]
+__all__ = ["MetricsLogger", "create_run", "experiment_artifact_location", "resolve_tracking_uri",
+           "tracking_reachable"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,19 @@ def resolve_tracking_uri(configured: str | None, local_dir: str | os.PathLike) -
     path = Path(local_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def experiment_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go. For a sqlite store: a folder beside the database,
+    named after it (``runs/mlflow.db`` -> ``runs/mlflow-artifacts/<experiment>``), so that models
+    live with the store that lists them; MLflow's own default would be ``./mlruns`` of whatever
+    directory the job started in, shared by every sqlite store used from there. None (the
+    server's default artifact root) for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (db.parent / f"{db.stem}-artifacts" / folder).as_uri()
 
 
 def tracking_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -56,7 +72,11 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[s
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
+    if exp is None:
+        location = artifact_location or experiment_artifact_location(tracking_uri, experiment)
+        exp_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

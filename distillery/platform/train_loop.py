@@ -28,16 +28,17 @@ import torch.distributed as dist
 
 from distillery.platform import storage
 from distillery.platform.augment import AugmentConfig, Augmenter, collate, view_recipe
+from distillery.platform.checkpoints import DS_TAG, EXTRA_STATE, STATE_JSON, CheckpointError
 from distillery.platform.distill_config import DistillConfig
 from distillery.platform.ingest import rows_to_samples
+from distillery.platform.preview import log_augment_preview
+from distillery.platform.progress import ProgressPrinter, quiet_worker_noise
 
 __all__ = ["build_deepspeed_config", "load_extra_state", "train_worker"]
 
 log = logging.getLogger(__name__)
 
-EXTRA_STATE = "distillery_state.pt"
-STATE_JSON = "distillery_state.json"
-DS_TAG = "ds"
+# (File names of a checkpoint directory: distillery.platform.checkpoints checks them on the driver.)
 
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -88,10 +89,10 @@ def _safe_checkpoint_engine():
                 try:
                     return torch.load(path, map_location=map_location, weights_only=True)
                 except FileNotFoundError:
-                    raise FileNotFoundError(f"checkpoint file missing: {path}") from None
+                    raise CheckpointError(f"checkpoint file {path} is missing") from None
                 except Exception as exc:
-                    raise RuntimeError(f"checkpoint file {path} cannot be loaded (truncated or corrupt?): "
-                                       f"{type(exc).__name__}: {exc}") from None
+                    raise CheckpointError(f"checkpoint file {path} cannot be loaded (truncated or corrupt?): "
+                                          f"{type(exc).__name__}: {exc}") from None
 
     return SafeTorchCheckpointEngine()
 
@@ -139,12 +140,18 @@ def load_extra_state(directory: str | Path, rank: int) -> tuple[dict[str, Any], 
     directory = Path(directory)
     shared_path = directory / EXTRA_STATE
     if not shared_path.is_file():
-        raise FileNotFoundError(f"checkpoint {directory} has no {EXTRA_STATE}: not a Distillery checkpoint, "
-                                "or it was truncated")
-    shared = torch.load(shared_path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"checkpoint {directory} has no {EXTRA_STATE}: not a Distillery checkpoint, "
+                              "or it was truncated")
     rng_path = directory / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
-    return shared, rng
+    return _load_state_file(shared_path), _load_state_file(rng_path) if rng_path.is_file() else None
+
+
+def _load_state_file(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, garbage, a pickle outside the allow-list
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from None
 
 
 def _all_ranks(flag: bool, device: torch.device) -> bool:
@@ -239,6 +246,7 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = DistillConfig.model_validate(config["cfg"])
     run: dict[str, Any] = config["run"]
     rank, world, device, use_gpu = setup_worker(cfg)
+    quiet_worker_noise()
 
     # --- model, loss, optimizer, engine
     teacher_dim = run["teacher_dim"]
@@ -271,6 +279,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # --- restore (after a worker failure, or resume_from)
     start_epoch, global_step = 0, 0
+    best: tuple[float, int] | None = None  # (best val AP so far, its epoch): "best" means best-epoch AP
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and run.get("resume_checkpoint"):
         checkpoint = ray.train.Checkpoint(run["resume_checkpoint"])
@@ -278,8 +287,9 @@ def train_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             load_path, _ = engine.load_checkpoint(directory, tag=DS_TAG)
             if load_path is None:
-                raise FileNotFoundError(f"checkpoint {checkpoint.path} has no DeepSpeed checkpoint '{DS_TAG}'")
+                raise CheckpointError(f"checkpoint {checkpoint.path} has no DeepSpeed checkpoint '{DS_TAG}'")
             shared, rng = load_extra_state(directory, rank)
+            best = _restored_best(directory)
         ema.load_state_dict(shared["ema"])
         if gam is not None and shared.get("gam") is not None:
             gam.load_state_dict(shared["gam"])
@@ -321,11 +331,17 @@ def train_worker(config: dict[str, Any]) -> None:
                         "model/params_inference": float(module.num_inference_parameters())}, step=0)
     kill = cfg.debug.kill
     shard = ray.train.get_dataset_shard("train")
+    progress = ProgressPrinter(cfg.train.epochs, steps_per_epoch, every_steps=cfg.train.progress_every,
+                               every_seconds=cfg.train.progress_seconds, world_size=world) if rank == 0 else None
+    preview_due = rank == 0 and start_epoch == 0 and cfg.tracking.augment_preview > 0 and cfg.teacher_mode == "cached"
 
     for epoch in range(start_epoch, cfg.train.epochs):
         engine.train()
         t_epoch = time.perf_counter()
+        if progress is not None:
+            progress.start_epoch_timer()
         images_seen, steps_in_epoch, view_samples = 0, 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step sync
         batches = shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
                                      local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
@@ -343,6 +359,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 if cache_views > 1 and augmenter.strong(epoch) else None
             plain_or_views = rows_to_samples(batch, cache_meta, view_epoch=view_epoch, seed=cfg.train.seed)
             view_samples += sum(s.view > 0 for s in plain_or_views)
+            if preview_due:
+                preview_due = False
+                log_augment_preview(plain_or_views, augmenter, cfg.tracking.augment_preview, cfg.train.seed,
+                                    run, logger)
             samples = augmenter.batch(plain_or_views, epoch)
             b = collate(samples, f5_hw=None)
             images = b["images"].to(device)
@@ -362,6 +382,10 @@ def train_worker(config: dict[str, Any]) -> None:
                                 at_boundary=engine.is_gradient_accumulation_boundary)
             steps_in_epoch += 1
             images_seen += len(images)
+            loss_sum += result.total.detach().double()
+            if progress is not None and progress.due(steps_in_epoch):
+                progress.step(epoch, steps_in_epoch, images_seen, float(result.total.detach()),
+                              result.as_floats(), gam.current_lambda if gam is not None else None)
             if engine.is_gradient_accumulation_boundary() or cfg.deepspeed.gradient_accumulation_steps == 1:
                 ema.update(engine.module)
             global_step += 1
@@ -393,6 +417,11 @@ def train_worker(config: dict[str, Any]) -> None:
             ap = evaluate_on_ranks(ema.module, run["val_annotations"], run["val_images"], cfg.student.input_size,
                                    cfg.train.eval_batch_size, rank, world, device)
             metrics.update(ap)
+        best = _best_ap(best, metrics, epoch)
+        if best is not None:
+            metrics["best_AP"], metrics["best_epoch"] = best
+        if progress is not None:
+            progress.epoch_end(epoch, metrics, float(loss_sum) / max(steps_in_epoch, 1))
         consistency = _rank_consistency(engine.module, lam, device)
         if logger is not None:
             logger.log({k if k in ("epoch",) else f"epoch/{k}": v for k, v in metrics.items()
@@ -402,6 +431,23 @@ def train_worker(config: dict[str, Any]) -> None:
 
     if monitor is not None:
         monitor.finish()
+
+
+def _best_ap(best: tuple[float, int] | None, metrics: dict[str, Any], epoch: int) -> tuple[float, int] | None:
+    """The best val AP so far and its epoch, after this epoch's ``metrics`` (NaN and absent APs
+    do not count)."""
+    ap = metrics.get("AP")
+    if isinstance(ap, float) and ap == ap and (best is None or ap > best[0]):
+        return ap, epoch
+    return best
+
+
+def _restored_best(directory: str | Path) -> tuple[float, int] | None:
+    state_file = Path(directory) / STATE_JSON
+    metrics = json.loads(state_file.read_text()).get("metrics", {}) if state_file.is_file() else {}
+    if "best_AP" in metrics and "best_epoch" in metrics:
+        return float(metrics["best_AP"]), int(metrics["best_epoch"])
+    return None
 
 
 def _check_cache_views(cfg: DistillConfig, augment_cfg: AugmentConfig) -> int:

@@ -115,7 +115,6 @@ def _trial_params(params: dict[str, Any]) -> dict[str, Any]:
 def _run_trial(params: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     """Tune's trainable: one job run with this trial's values, reporting every epoch to Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = SweepConfig.model_validate(sweep["config"])
     trial_id = tune.get_context().get_trial_id()
@@ -124,7 +123,8 @@ def _run_trial(params: dict[str, Any], *, sweep: dict[str, Any]) -> None:
         # The trial's job ran to its end before an interruption reached Tune: report that run's
         # final epoch instead of training again (and opening a second MLflow run for the trial).
         log.info("trial %s already finished as MLflow run %s: not run again", trial_id, finished["run_id"])
-        tune.report(finished["metrics"])
+        tune.report({**finished["metrics"], **_best_of_run(sweep["tracking_uri"], finished["run_id"],
+                                                           cfg.sweep.metric, cfg.sweep.mode)})
         return
     model, run = job_entry(cfg.trial.job)
     overrides = [*cfg.trial.overrides, *trial_overrides(_trial_params(params)),
@@ -133,9 +133,48 @@ def _run_trial(params: dict[str, Any], *, sweep: dict[str, Any]) -> None:
                  f"output.name=trial-{trial_id}-{uuid.uuid4().hex[:6]}",
                  f"output.storage_path={sweep['trials_storage']}"]
     job_cfg = load_config(model, cfg.trial.config, overrides)
-    run(job_cfg, callbacks=[TuneReportCallback()], parent_run_id=sweep["parent_run_id"],
+    run(job_cfg, callbacks=[_BestSoFarReport(cfg.sweep.metric, cfg.sweep.mode)], parent_run_id=sweep["parent_run_id"],
         extra_tags={"distillery.sweep_id": sweep["sweep_id"], "distillery.trial_id": trial_id,
                     "distillery.sweep_role": "trial"})
+
+
+def best_metric_name(metric: str) -> str:
+    """What Tune ranks trials by: a metric's best value over the epochs so far (``best_AP``), so
+    that Tune, the results table and the registry all judge a trial by its best epoch (the
+    checkpoint it exports), never by its last one."""
+    return f"best_{metric}"
+
+
+def _best_of_run(tracking_uri: str, run_id: str, metric: str, mode: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    values = [m.value for m in MlflowClient(tracking_uri).get_metric_history(run_id, f"epoch/{metric}")
+              if m.value == m.value]
+    return {best_metric_name(metric): (max if mode == "max" else min)(values)} if values else {}
+
+
+class _BestSoFarReport:
+    """Ray Train callback forwarding every epoch's report to Tune (``TuneReportCallback``) with
+    ``best_<metric>`` added: the best value of the metric reported so far in this trial."""
+
+    def __new__(cls, metric: str, mode: str):
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        class BestSoFarReport(TuneReportCallback):
+            def __init__(self):
+                super().__init__()
+                self.best: float | None = None
+
+            def after_report(self, run_context, metrics, checkpoint):
+                value = metrics[0].get(metric) if metrics else None
+                if isinstance(value, (int, float)) and value == value and (
+                        self.best is None or (value > self.best if mode == "max" else value < self.best)):
+                    self.best = float(value)
+                if self.best is not None:
+                    metrics = [{**metrics[0], best_metric_name(metric): self.best}, *metrics[1:]]
+                super().after_report(run_context, metrics, checkpoint)
+
+        return BestSoFarReport()
 
 
 def _finished_trial_run(sweep: dict[str, Any], trial_id: str) -> dict[str, Any] | None:
@@ -341,7 +380,8 @@ def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=True, storage_filesystem=run_config.storage_filesystem)
     return tune.Tuner(trainable, param_space=to_tune_space(space),
-                      tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+                      tune_config=tune.TuneConfig(metric=best_metric_name(s.metric), mode=s.mode,
+                                                  num_samples=s.num_samples,
                                                   scheduler=scheduler, search_alg=search_alg,
                                                   max_concurrent_trials=concurrent,
                                                   # A trial's driver process is reused by the next

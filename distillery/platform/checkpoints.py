@@ -1,0 +1,127 @@
+"""Which checkpoint a job resumes from, checked on the driver before any worker starts.
+
+A Distillery checkpoint directory (written by the training workers every epoch) holds
+``distillery_state.json`` (epoch, metrics), ``distillery_state.pt`` (EMA, GAM, step), one
+``rng_rank<i>.pt`` per rank and DeepSpeed's checkpoint under ``ds/``. Every ``.pt`` file is a
+zip archive (``torch.save``) whose members carry a CRC-32: reading each member back verifies a
+file end to end without unpickling anything, so a truncated or overwritten file is found here,
+in seconds, instead of in the workers after a group restart.
+
+``output.resume_from`` may name a run (the newest intact checkpoint under it is used; corrupt
+newer ones are skipped with a warning naming the bad file) or one checkpoint directory (used
+as given, or refused naming the bad file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+
+from distillery.platform import storage
+from distillery.platform.errors import DeterministicError
+
+__all__ = ["CheckpointError", "find_latest_checkpoint", "verify_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+# Names shared with the training loop (which writes them).
+EXTRA_STATE = "distillery_state.pt"
+STATE_JSON = "distillery_state.json"
+DS_TAG = "ds"
+# DeepSpeed's model file, present in every checkpoint whatever the ZeRO stage.
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(RuntimeError, DeterministicError):
+    """A checkpoint file that is missing, truncated or corrupt (names the file)."""
+
+
+def _verify_torch_file(uri: str) -> None:
+    """Read every member of a ``torch.save`` zip archive back, checking its CRC-32."""
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {uri} is missing") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {uri} is truncated or corrupt "
+                              f"(not a complete torch.save archive: {exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint file {uri} is corrupt (member {bad} fails its CRC check)")
+
+
+def _checkpoint_epoch(directory: str) -> int:
+    state_uri = storage.join(directory, STATE_JSON)
+    try:
+        return int(json.loads(storage.read_text(state_uri))["epoch"])
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {state_uri} is missing") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {state_uri} is unreadable: {type(exc).__name__}: {exc}") from None
+
+
+def verify_checkpoint(directory: str) -> int:
+    """Check every file of a Distillery checkpoint directory; return its epoch, or raise
+    :class:`CheckpointError` naming the first bad file."""
+    epoch = _checkpoint_epoch(directory)
+    _verify_torch_file(storage.join(directory, EXTRA_STATE))
+    ds_dir = storage.join(directory, DS_TAG)
+    ds_files = [n for n in storage.listdir(ds_dir) if n.endswith(".pt")]
+    if DS_MODEL_FILE not in ds_files:
+        raise CheckpointError(f"checkpoint {directory} has no DeepSpeed checkpoint "
+                              f"({storage.join(ds_dir, DS_MODEL_FILE)} is missing)")
+    for name in ds_files:
+        _verify_torch_file(storage.join(ds_dir, name))
+    for name in storage.listdir(directory):
+        if name.startswith("rng_rank") and name.endswith(".pt"):
+            _verify_torch_file(storage.join(directory, name))
+    return epoch
+
+
+def _checkpoints_newest_first(run_path: str) -> tuple[list[str], list[str]]:
+    """(checkpoint directories under a run path, newest epoch first; the problems of those whose
+    state file cannot be read), both listed newest directory first."""
+    found: list[tuple[int, str]] = []
+    problems: list[str] = []
+    for name in sorted(storage.listdir(run_path), reverse=True):
+        directory = storage.join(run_path, name)
+        if not name.startswith("checkpoint_") or not storage.exists(storage.join(directory, STATE_JSON)):
+            continue
+        try:
+            found.append((_checkpoint_epoch(directory), directory))
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    return [d for _, d in sorted(found, key=lambda e: e[0], reverse=True)], problems
+
+
+def find_latest_checkpoint(path: str) -> str:
+    """The checkpoint to resume from: ``path`` itself if it is a checkpoint directory, else the
+    newest intact checkpoint under the run path ``path`` (corrupt newer ones are skipped with a
+    warning naming the bad file). Raises :class:`CheckpointError` or ``FileNotFoundError``."""
+    if not storage.exists(path):
+        raise FileNotFoundError(f"resume_from: run path {path} does not exist")
+    if storage.exists(storage.join(path, STATE_JSON)):  # one checkpoint, chosen by the user
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"resume_from: {exc}") from None
+        return path
+    candidates, problems = _checkpoints_newest_first(path)
+    if not candidates and not problems:
+        raise FileNotFoundError(f"resume_from: no checkpoint with {STATE_JSON} under {path}")
+    for problem in problems:
+        log.warning("resume_from: skipping a corrupt checkpoint: %s", problem)
+    for directory in candidates:
+        try:
+            verify_checkpoint(directory)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("resume_from: skipping a corrupt checkpoint: %s", exc)
+            continue
+        if problems:
+            log.warning("resume_from: resuming from %s, the newest intact checkpoint", directory)
+        return directory
+    raise CheckpointError(f"resume_from: {problems[0]}; and no older intact checkpoint under {path} "
+                          f"({len(problems)} checked, all corrupt)")
