@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def model_for(path: Path):
     if path.name.startswith("cache_features"):
         return CacheFeaturesConfig
-    if path.name.startswith(("distill", "rtdetrv4", "deimv2")):
+    if path.name.startswith(("distill", "rtdetrv4", "deimv2", "finetune")):
         from distillery.platform.distill_config import DistillConfig
 
         return DistillConfig

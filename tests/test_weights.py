@@ -5,7 +5,9 @@ ids when offline."""
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +21,17 @@ SMALL = dict(eval_spatial_size=64, num_queries=10, num_denoising=4, dsi=False)
 LAYERS = 2  # rtdetrv4_tiny's decoder layers
 
 
-def _seeded_state(num_classes: int, seed: int, **overrides) -> dict[str, torch.Tensor]:
+@functools.lru_cache(maxsize=None)
+def _template(num_classes: int, dsi: bool) -> dict[str, torch.Tensor]:
+    overrides = {"dsi": True, "teacher_dim": 16} if dsi else {}
+    return build_student("rtdetrv4_tiny", num_classes=num_classes, **{**SMALL, **overrides}).state_dict()
+
+
+def _seeded_state(num_classes: int, seed: int, dsi: bool = False) -> dict[str, torch.Tensor]:
     """A tiny student's state dict with every float tensor randomised (so "loaded" is checkable)."""
-    model = build_student("rtdetrv4_tiny", num_classes=num_classes, **{**SMALL, **overrides})
     gen = torch.Generator().manual_seed(seed)
     return {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone())
-            for k, v in model.state_dict().items()}
+            for k, v in _template(num_classes, dsi).items()}
 
 
 def _assert_loaded(model, state: dict[str, torch.Tensor], skip=lambda key: False) -> None:
@@ -60,7 +67,7 @@ def test_plain_state_dict_safetensors_and_distillery_checkpoint(tmp_path):
     assert model.weights_report.layout == "safetensors"
 
     # A Distillery training checkpoint: the EMA module, trained with a DSI projector.
-    with_dsi = _seeded_state(6, 3, dsi=True, teacher_dim=16)
+    with_dsi = _seeded_state(6, 3, dsi=True)
     ckpt = tmp_path / "checkpoint_000003"
     ckpt.mkdir()
     torch.save({"ema": {"module": with_dsi, "updates": 9}, "gam": None, "epoch": 3, "global_step": 30},
@@ -152,3 +159,77 @@ def test_hub_ids_fail_at_config_time_when_offline(monkeypatch):
             DistillConfig.model_validate(section)
     cfg = DistillConfig.model_validate({"student": {"weights": "/data/rtv4_s.pth", "class_map": "coco"}})
     assert cfg.student.weights == "/data/rtv4_s.pth"
+
+
+def test_job_settings_become_build_student_arguments(tmp_path):
+    from distillery.platform.distill_config import StudentSettings
+    from distillery.platform.weights_source import student_weight_kwargs
+
+    path = tmp_path / "release.pth"
+    path.write_bytes(b"not read here")
+    names = ["dog", "widget", "Person"]
+    coco = student_weight_kwargs(StudentSettings(weights=str(path), class_map="coco"), names)
+    assert coco == {"weights": str(path), "class_map": {0: COCO_CLASS_NAMES.index("dog"), 2: 0}}
+    by_name = student_weight_kwargs(StudentSettings(weights=str(path), class_map={"widget": 41}), names)
+    assert by_name["class_map"] == {1: 41}
+    with pytest.raises(ValueError, match="gizmo"):
+        student_weight_kwargs(StudentSettings(weights=str(path), class_map={"gizmo": 1}), names)
+    with pytest.raises(ValidationError, match="class_map needs student.weights"):
+        StudentSettings(class_map="coco")
+
+
+def test_https_sources_are_downloaded_once_with_their_sha256(tmp_path):
+    import hashlib
+    import http.server
+    import threading
+
+    from distillery.platform.weights_source import resolve_weights_source
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "backbone.pth").write_bytes(b"weights" * 1000)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/backbone.pth"
+    try:
+        path, sha = resolve_weights_source(url, cache_dir=tmp_path / "cache")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sha == hashlib.sha256(b"weights" * 1000).hexdigest() and Path(path).read_bytes() == b"weights" * 1000
+    assert resolve_weights_source(url, cache_dir=tmp_path / "cache") == (path, sha)  # server gone: the cache
+
+
+def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tiny RT-DETRv4's state dict under the official repository's key names (the reverse of
+    distillery.students.official's renaming), with the buffers the official model also saves."""
+    import re
+
+    rules = ((r"^backbone\.body\.stem\.", "backbone.stem."), (r"^backbone\.body\.stages_(\d+)\.", r"backbone.stages.\1."),
+             (r"^encoder\.aifi\.", "encoder.encoder.0.layers.0."),
+             (r"^encoder\.downsample_convs\.(\d+)\.", r"encoder.downsample_convs.\1.0."),
+             (r"^decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."), (r"^dsi\.", "encoder.feature_projector.0."))
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key, hit = re.subn(pattern, replacement, key)
+            if hit:
+                break
+        out[key] = value
+    out.update({"decoder.anchors": torch.zeros(1, 84, 4), "decoder.valid_mask": torch.ones(1, 84, 1, dtype=torch.bool),
+                "decoder.decoder.up": torch.tensor([0.5]), "decoder.decoder.reg_scale": torch.tensor([4.0]),
+                "decoder.decoder.layers.0.cross_attn.num_points_scale": torch.ones(12)})
+    return out
+
+
+def test_official_key_layout_is_translated(tmp_path):
+    ema = _seeded_state(80, 7, dsi=True)
+    path = tmp_path / "rtv4_tiny_coco.pth"
+    torch.save({"model": _official_names(_seeded_state(80, 8, dsi=True)),
+                "ema": {"module": _official_names(ema), "updates": 10}}, path)
+    model = build_student("rtdetrv4_tiny", weights=path, **{**SMALL, "dsi": True, "teacher_dim": 16})
+    _assert_loaded(model, ema)
+    assert model.weights_report.layout == "official-ema"
+    fewer = build_student("rtdetrv4_tiny", weights=path, num_classes=2, class_map={0: 0, 1: 2}, **SMALL)
+    assert fewer.weights_report.dropped == ["dsi.bias", "dsi.weight"] and len(fewer.weights_report.reinitialised) == 7

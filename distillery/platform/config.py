@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
 
 from distillery.platform.errors import DeterministicError
 
@@ -241,6 +241,14 @@ class TeacherConfig(StrictModel):
     pool: int = Field(2, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     model_kwargs: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_reachable(cls, weights: str | None) -> str | None:
+        # hf-hub: ids and https:// URLs are fetched where the teacher is built; offline, say so now.
+        from distillery.platform.weights_source import check_weights_source
+
+        return check_weights_source(weights, "teacher.weights")
 
 
 class RayConfig(StrictModel):
