@@ -15,6 +15,10 @@ __all__ = ["cluster_has_gpus", "ray_session"]
 
 log = logging.getLogger(__name__)
 
+# The S3 variables that may be written into a runtime env (and so into Ray's logs): none of them
+# is a secret. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN are not among them.
+SHAREABLE_S3_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
 
 @contextlib.contextmanager
 def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
@@ -24,8 +28,13 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
     A local instance gets ``ray.num_cpus`` logical CPUs, else at least ``min_local_cpus`` (a job
     that pins CPUs to training workers still needs some for its Ray Data tasks: on a 2-core
     laptop, 2 workers + ingest need more *logical* CPUs than there are cores). Only an instance
-    started here is shut down on exit. S3 settings travel to the workers as environment
-    variables of the job's runtime env (values are not logged).
+    started here is shut down on exit.
+
+    S3 *settings* (endpoint, region) travel to the workers in the job's runtime env. Credentials
+    never do: Ray writes a runtime env's variables to its agents' logs (world-readable files
+    under the session directory). Workers read credentials from their own environment: a local
+    instance's processes inherit this driver's; a cluster's nodes have them from their own
+    environment, an instance role or a credentials file.
     """
     import ray
 
@@ -36,6 +45,7 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
         return
     env = storage.storage_env(storage_cfg.s3_endpoint_url if storage_cfg else None,
                               storage_cfg.s3_region if storage_cfg else None)
+    env = {name: value for name, value in env.items() if name in SHAREABLE_S3_VARIABLES}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"log_to_driver": True}
     # A driver under `ray job submit` already carries the job's runtime env; adding ours would

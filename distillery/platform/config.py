@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
@@ -151,13 +153,54 @@ def parse_job_args(model: type[M], argv: Sequence[str] | None = None, descriptio
         parser.exit(2, f"error: {exc}\n")
 
 
+# Ray unpacks a submitted job's --working-dir under <ray temp dir>/session_*/runtime_resources/
+# and deletes it when the job or the cluster ends: whatever a job writes there is lost.
+_RAY_EPHEMERAL_DIR = re.compile(r"/session_[^/]+/runtime_resources/")
+HOME_VARIABLE = "DISTILLERY_HOME"
+
+
 def absolute_uri(path: str) -> str:
-    """A local path made absolute (workers may run in another directory); URIs unchanged."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    """A local path made absolute (workers may run in another directory); URIs unchanged.
+
+    A relative path resolves against ``$DISTILLERY_HOME`` when it is set, else against the
+    current directory. Under ``ray job submit --working-dir`` the current directory is Ray's
+    temporary copy of the working dir, which Ray deletes: a relative path there is refused,
+    naming where it would have gone and the way out, instead of losing the job's outputs.
+    """
+    if "://" in path:
+        return path
+    local = Path(path).expanduser()
+    if not local.is_absolute():
+        home = os.environ.get(HOME_VARIABLE)
+        if home:
+            local = Path(home).expanduser() / local
+        elif _RAY_EPHEMERAL_DIR.search(str(Path.cwd()) + "/"):
+            raise ConfigError(
+                f"relative path {path!r} would resolve to {Path.cwd() / local}, inside Ray's temporary "
+                f"working directory of this job, which Ray deletes: set {HOME_VARIABLE} to a directory "
+                "on the cluster (ray job submit --runtime-env-json '{\"env_vars\": {\"" + HOME_VARIABLE
+                + "\": \"/abs/dir\"}}'), or give absolute paths or s3:// URIs")
+    return str(local.resolve())
+
+
+# Config keys whose values are secrets by name, and credentials written into a URI
+# (scheme://user:password@host): masked in tracking params and hashes.
+_SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials", "apikey"}
+_SECRET_PAIRS = ("api_key", "access_key", "secret_key", "private_key")
+_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+
+def _mask_secrets(key: str, text: str) -> str:
+    name = key.rsplit(".", 1)[-1].lower()
+    if text and (_SECRET_WORDS & set(name.split("_")) or any(pair in name for pair in _SECRET_PAIRS)):
+        return "**********"
+    return _URI_USERINFO.sub(lambda m: m.group("scheme") + "**********@", text)
 
 
 def flatten_config(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
-    """Flatten to ``{"a.b": "value"}`` for tracking; secrets are masked, never revealed."""
+    """Flatten to ``{"a.b": "value"}`` for tracking; secrets are masked, never revealed: SecretStr
+    fields, fields named like a secret (``*token*``, ``*password*``, ...) and the user:password
+    part of URIs."""
     out: dict[str, str] = {}
     for name in type(cfg).model_fields:
         value = getattr(cfg, name)
@@ -167,7 +210,8 @@ def flatten_config(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
         elif isinstance(value, SecretStr):
             out[key] = "**********" if value.get_secret_value() else ""
         else:
-            out[key] = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+            text = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+            out[key] = _mask_secrets(key, text)
     return out
 
 
