@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 from pydantic import Field  # noqa: E402
 
-from distillery.platform.config import ConfigError, StrictModel, load_config  # noqa: E402
+from distillery.platform.config import ConfigError, StrictModel, absolute_uri, load_config  # noqa: E402
 from distillery.platform.registry import RegistryError, describe, promote_run, rollback  # noqa: E402
 from distillery.platform.tracking import resolve_tracking_uri  # noqa: E402
 
@@ -70,7 +70,10 @@ def main(argv=None) -> dict:
         cfg = load_config(PromoteConfig, args.config, args.overrides)
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
-    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.tracking.local_dir)
+    try:  # (relative to DISTILLERY_HOME when set, as in every job)
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri, absolute_uri(cfg.tracking.local_dir))
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")
     name = cfg.registry.model_name
     try:
         if args.rollback:
