@@ -173,6 +173,7 @@ def test_bad_resume_paths(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         find_latest_checkpoint(str(tmp_path / "nope"))
     assert first_line(err.value) == f"resume_from: run path {tmp_path / 'nope'} does not exist"
+    assert is_deterministic(err.value)  # jobs print it as one "error: ..." line, exit status 2
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError) as err:
         find_latest_checkpoint(str(tmp_path / "empty"))
@@ -375,3 +376,34 @@ def test_served_json_requests(served_model):
     assert status == 400 and body["message"].startswith("image input has floating-point pixels"), body
     status, body = post(np.zeros((16, 16)))
     assert status == 400 and body["message"].startswith("image input has shape (16, 16)"), body
+
+
+# --------------------------------------------------------------------------- the command line
+CLI_CASES = [
+    # (id, overrides given a fresh tmp dir and a run with a corrupt newest-and-only checkpoint, first line)
+    ("corrupt checkpoint to resume", lambda run: [f"output.resume_from={run}"],
+     lambda run: f"error: resume_from: checkpoint file {run / 'checkpoint_000000' / 'distillery_state.pt'} is truncated"),
+    ("resume path missing", lambda run: [f"output.resume_from={run / 'nope'}"],
+     lambda run: f"error: resume_from: run path {run / 'nope'} does not exist"),
+    ("unknown student", lambda run: ["student.name=rtdetrv9_huge"],
+     lambda run: "error: invalid configuration (embedded default + overrides student.name=rtdetrv9_huge "),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_distill_job_prints_one_error_line_before_ray_starts(tmp_path, overrides, expected):
+    import subprocess
+    import sys
+
+    run = tmp_path / "train" / "run"
+    truncate(make_checkpoint(run, 0, epoch=0) / "distillery_state.pt")
+    before = snapshot(tmp_path)
+    args = [*overrides(run), f"output.local_dir={tmp_path / 'local'}", f"data.root={tmp_path / 'data'}",
+            f"output.storage_path={tmp_path / 'train'}"]
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "distill.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines and lines[0].startswith(expected(run)), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr
+    assert snapshot(tmp_path) == before  # no dataset generated, nothing written

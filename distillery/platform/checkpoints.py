@@ -21,7 +21,7 @@ import zipfile
 from distillery.platform import storage
 from distillery.platform.errors import DeterministicError
 
-__all__ = ["CheckpointError", "find_latest_checkpoint", "verify_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "find_latest_checkpoint", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ DS_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 class CheckpointError(RuntimeError, DeterministicError):
     """A checkpoint file that is missing, truncated or corrupt (names the file)."""
+
+
+class CheckpointNotFoundError(FileNotFoundError, DeterministicError):
+    """``resume_from`` names a path that does not exist or holds no checkpoint."""
 
 
 def _verify_torch_file(uri: str) -> None:
@@ -99,9 +103,9 @@ def _checkpoints_newest_first(run_path: str) -> tuple[list[str], list[str]]:
 def find_latest_checkpoint(path: str) -> str:
     """The checkpoint to resume from: ``path`` itself if it is a checkpoint directory, else the
     newest intact checkpoint under the run path ``path`` (corrupt newer ones are skipped with a
-    warning naming the bad file). Raises :class:`CheckpointError` or ``FileNotFoundError``."""
+    warning naming the bad file). Raises :class:`CheckpointError` or :class:`CheckpointNotFoundError`."""
     if not storage.exists(path):
-        raise FileNotFoundError(f"resume_from: run path {path} does not exist")
+        raise CheckpointNotFoundError(f"resume_from: run path {path} does not exist")
     if storage.exists(storage.join(path, STATE_JSON)):  # one checkpoint, chosen by the user
         try:
             verify_checkpoint(path)
@@ -110,7 +114,7 @@ def find_latest_checkpoint(path: str) -> str:
         return path
     candidates, problems = _checkpoints_newest_first(path)
     if not candidates and not problems:
-        raise FileNotFoundError(f"resume_from: no checkpoint with {STATE_JSON} under {path}")
+        raise CheckpointNotFoundError(f"resume_from: no checkpoint with {STATE_JSON} under {path}")
     for problem in problems:
         log.warning("resume_from: skipping a corrupt checkpoint: %s", problem)
     for directory in candidates:

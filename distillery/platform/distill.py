@@ -196,7 +196,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
 
     from distillery.platform.cluster import cluster_has_gpus, ray_session
     from distillery.platform.ingest import build_train_dataset
-    from distillery.platform.progress import filter_ray_log_noise
+    from distillery.platform.progress import filter_ray_log_noise, quiet_driver_noise
     from distillery.platform.tracking import create_run, resolve_tracking_uri, tracking_reachable
     from distillery.platform.train_loop import train_worker
 
@@ -208,9 +208,10 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     run_storage = storage.join(storage_path, name)
 
     # --- inputs, checked before anything runs
+    # (the checkpoint to resume first: checking its files takes seconds, building a dataset minutes)
+    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
     ensure_dataset(cfg.data)
     train, val = load_train_val(cfg.data, storage.join(str(local_dir), "bad_records", name))
-    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
     tracking_reachable(tracking_uri)
     gam = resolve_gam(cfg)
@@ -219,6 +220,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     # needs a couple more logical CPUs beside them.
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
         filter_ray_log_noise()
+        quiet_driver_noise()
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         teacher_dim, cache_meta, fingerprint, teacher_dtype = None, None, None, None
         dataset_cache = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,10 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[
         if cfg.tracking.log_model:
             from distillery.students.export import export_onnx
 
-            export_onnx(model, onnx_path, cfg.student.input_size)
+            with warnings.catch_warnings():  # the tracer's notes on shapes it records as constants
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+                export_onnx(model, onnx_path, cfg.student.input_size)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "weights.safetensors"))
         meta = {"input_size": cfg.student.input_size, "category_ids": run_info["categories"]["category_ids"],
                 "category_names": run_info["categories"]["names"], "student": cfg.student.name,

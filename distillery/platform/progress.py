@@ -17,7 +17,8 @@ import time
 import warnings
 from typing import Any
 
-__all__ = ["ProgressPrinter", "filter_ray_log_noise", "loss_terms", "quiet_worker_noise", "WORKER_ENV"]
+__all__ = ["ProgressPrinter", "filter_ray_log_noise", "loss_terms", "quiet_driver_noise", "quiet_worker_noise",
+           "WORKER_ENV"]
 
 # Environment of the training workers: Ray Train's print patch off. It turns every print into a
 # root-logger record *and* tees it to stdout (each line shown twice), and it leaks what a library
@@ -141,31 +142,49 @@ def quiet_worker_noise() -> None:
         pass
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "timm", "distillery.platform.evaluation"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # each rank's whole metrics dict per report, logged at INFO by a logger named after its file
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # pragma: no cover - another Ray layout
+        pass
+
+
+def quiet_driver_noise() -> None:
+    """The driver's share of :func:`quiet_worker_noise`: Ray's deprecation notices and Ray
+    Data's hint to write filters as expressions (ours filter by image id set: no expression)."""
+    try:
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    except ImportError:  # pragma: no cover - older Ray
+        pass
+    warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn' when possible")
 
 
 def filter_ray_log_noise() -> None:
-    """Drop :data:`_RAY_NOISE` lines (and a dropped warning's source line) from the worker
-    output Ray prints on this driver. Ray has no public filter for it: its print handler is
-    wrapped in place, once per process."""
+    """Drop :data:`_RAY_NOISE` lines (and a dropped warning's source line) from what Ray prints
+    on this driver: the workers' output and the raylet's notices both go through Ray's
+    ``print_worker_logs``, which is wrapped in place, once per process (Ray has no public
+    filter for it)."""
     try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private import worker as ray_worker
     except ImportError:  # pragma: no cover - another Ray layout: nothing filtered
         return
-    for name, handler in list(dispatcher.handlers):
-        if name != "ray_print_logs" or getattr(handler, "filters_noise", False):
-            continue
+    original = ray_worker.print_worker_logs
+    if getattr(original, "filters_noise", False):
+        return
 
-        def filtered(data, _print=handler):
-            kept, dropped_previous = [], False
-            for line in data.get("lines", []):
-                # A warning's second line is its source line, indented: it goes with its warning.
-                drop = bool(_RAY_NOISE.search(line)) or (dropped_previous and line.startswith("  "))
-                if not drop:
-                    kept.append(line)
-                dropped_previous = drop
-            if kept:
-                _print({**data, "lines": kept})
+    def print_worker_logs(data, *args, **kwargs):
+        kept, dropped_previous = [], False
+        for line in data.get("lines", []):
+            # A warning's second line is its source line, indented: it goes with its warning.
+            drop = bool(_RAY_NOISE.search(line)) or (dropped_previous and line.startswith("  "))
+            if not drop:
+                kept.append(line)
+            dropped_previous = drop
+        if kept:
+            original({**data, "lines": kept}, *args, **kwargs)
 
-        filtered.filters_noise = True
-        dispatcher.remove_handler(name)
-        dispatcher.add_handler(name, filtered)
+    print_worker_logs.filters_noise = True
+    ray_worker.print_worker_logs = print_worker_logs
