@@ -56,6 +56,7 @@ def test_predict_from_a_run_directory_writes_coco_results_and_drawings(tmp_path,
     summary = main(["--model", str(run), "--images", str(images), "--out", str(out), "--draw",
                     "--score-threshold", "0.001", "--batch-size", "2", "--device", "cpu"])
     assert summary["images"] == 5 and summary["detections"] > 0
+    assert Path(summary["weights"]).name == "checkpoint_000001"  # the best val AP, not the latest
 
     gt = COCO(str(annotations))
     results = gt.loadRes(str(out / "detections.json"))  # pycocotools' own validation of the records

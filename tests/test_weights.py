@@ -137,7 +137,8 @@ def test_class_map_keeps_the_mapped_rows(tmp_path):
     model = build_student("rtdetrv4_tiny", weights=tmp_path / "six.pth", num_classes=3,
                           class_map={0: 4, 2: 1}, **SMALL)
     own = model.state_dict()
-    for key in ("decoder.enc_score_head.weight", "decoder.dec_score_head.0.bias", "decoder.denoising_class_embed.weight"):
+    for key in ("decoder.enc_score_head.weight", "decoder.dec_score_head.0.bias",
+                "decoder.denoising_class_embed.weight"):
         assert torch.equal(own[key][0], state[key][4]) and torch.equal(own[key][2], state[key][1])
         assert not torch.equal(own[key][1], state[key][1])  # unmapped: fresh
     assert model.weights_report.class_rows_copied == {0: 4, 2: 1}
@@ -206,7 +207,8 @@ def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     distillery.students.official's renaming), with the buffers the official model also saves."""
     import re
 
-    rules = ((r"^backbone\.body\.stem\.", "backbone.stem."), (r"^backbone\.body\.stages_(\d+)\.", r"backbone.stages.\1."),
+    rules = ((r"^backbone\.body\.stem\.", "backbone.stem."),
+             (r"^backbone\.body\.stages_(\d+)\.", r"backbone.stages.\1."),
              (r"^encoder\.aifi\.", "encoder.encoder.0.layers.0."),
              (r"^encoder\.downsample_convs\.(\d+)\.", r"encoder.downsample_convs.\1.0."),
              (r"^decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."), (r"^dsi\.", "encoder.feature_projector.0."))

@@ -59,6 +59,7 @@ class Detector:
     category_ids: list[int]
     category_names: list[str]
     source: str
+    weights: str  # the file or checkpoint directory the weights came from
 
 
 # --------------------------------------------------------------------------- loading the model
@@ -159,7 +160,7 @@ def load_detector(model: str, *, student: str | None = None, input_size: int | N
                             **desc.get("overrides", {}))
     log.info("model: %s", net.weights_report.summary())
     return Detector(net.eval().to(device), desc["student"], size, [int(i) for i in categories["category_ids"]],
-                    [str(n) for n in categories["names"]], model)
+                    [str(n) for n in categories["names"]], model, str(weights))
 
 
 # --------------------------------------------------------------------------- images in, detections out
@@ -331,7 +332,7 @@ def run_predict(model: str, images: str, out: str | Path, *, student: str | None
     categories = [{"id": i, "name": n} for i, n in zip(detector.category_ids, detector.category_names)]
     _write_json(out / "dataset.json", {"images": coco_images, "annotations": [], "categories": categories})
     _write_json(out / "detections.json", detections)
-    summary = {"model": model, "student": detector.student, "images": len(coco_images),
+    summary = {"model": model, "weights": detector.weights, "student": detector.student, "images": len(coco_images),
                "detections": len(detections), "detections_json": str(out / "detections.json"),
                "dataset_json": str(out / "dataset.json")}
     if draw:

@@ -12,6 +12,7 @@ and meta) is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -21,8 +22,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from distillery.platform.errors import DeterministicError
+
 __all__ = ["HUB_PREFIX", "check_weights_source", "fetch_registry_export", "is_remote_source",
-           "resolve_weights_source", "sha256_of", "student_weight_kwargs"]
+           "resolve_weights_source", "sha256_of", "student_weight_kwargs", "StudentWeightsError",
+           "weights_file_errors"]
 
 log = logging.getLogger(__name__)
 HUB_PREFIX = "hf-hub:"
@@ -62,7 +66,8 @@ def check_weights_source(source: str | None, field: str) -> str | None:
     if source.startswith("http://"):
         raise ValueError(f"{field}={source!r}: plain http is refused for weights; use https:// or a local path")
     if source.startswith(HUB_PREFIX) and not source[len(HUB_PREFIX):].strip("/"):
-        raise ValueError(f"{field}={source!r}: a hub id needs a repository, e.g. hf-hub:timm/hgnetv2_b0.ssld_stage2_ft_in1k")
+        raise ValueError(f"{field}={source!r}: a hub id needs a repository, "
+                         "e.g. hf-hub:timm/hgnetv2_b0.ssld_stage2_ft_in1k")
     reason = _offline_reason(source)
     if reason is not None:
         raise ValueError(f"{field}={source!r} cannot be fetched: this machine is offline ({reason}). "
@@ -178,3 +183,18 @@ def student_weight_kwargs(student, category_names: list[str]) -> dict:
                              f"its categories: {list(category_names)}")
         out["class_map"] = {category_names.index(n): int(i) for n, i in student.class_map.items()}
     return out
+
+
+class StudentWeightsError(ValueError, DeterministicError):
+    """A student weights file that is missing or does not fit the model; the message names it."""
+
+
+@contextlib.contextmanager
+def weights_file_errors():
+    """Weights-file errors (missing, unreadable, not fitting) as a user error: no retry, no traceback."""
+    from distillery.students.weights import WeightsError
+
+    try:
+        yield
+    except (WeightsError, FileNotFoundError) as exc:
+        raise StudentWeightsError(str(exc)) from exc
