@@ -110,7 +110,8 @@ class RTDETRv4Criterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
                  weight_dict: Mapping[str, float] | None = None, mal_gamma: float = 1.5,
-                 mal_alpha: float | None = None, ddf_temperature: float = 5.0, use_union_set: bool = True):
+                 mal_alpha: float | None = None, ddf_temperature: float = 5.0, use_union_set: bool = True,
+                 local_losses: bool = True):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher if matcher is not None else HungarianMatcher()
@@ -124,6 +125,8 @@ class RTDETRv4Criterion(nn.Module):
         self.mal_alpha = mal_alpha
         self.ddf_temperature = ddf_temperature
         self.use_union_set = use_union_set
+        # FGL / DDF; the official DEIMv2 Pico/Femto/Atto recipes leave them out (losses: [mal, boxes]).
+        self.local_losses = local_losses
 
     # ------------------------------------------------------------------------------------ losses
     @staticmethod
@@ -219,7 +222,7 @@ class RTDETRv4Criterion(nn.Module):
                     ddf_balance: dict, num_classes: int, with_local: bool = True) -> dict[str, torch.Tensor]:
         raw = {"loss_mal": self.loss_mal(outputs, targets, class_indices, num_boxes_class, num_classes)}
         raw.update(self.loss_boxes(outputs, targets, box_indices, num_boxes_box))
-        if with_local:
+        if with_local and self.local_losses:
             raw.update(self.loss_local(outputs, targets, box_indices, num_boxes_box, reg_scale, up, ddf_balance))
         return {k: v * self.weight_dict[k] for k, v in raw.items()}
 
@@ -300,13 +303,14 @@ def build_criterion(num_classes: int = 80, **overrides) -> RTDETRv4Criterion:
     """The RT-DETRv4 criterion with the official weights; keyword overrides, unknown ones refused.
 
     Overrides: ``weight_dict`` (partial, merged into :data:`DEFAULT_LOSS_WEIGHTS`), ``mal_gamma``
-    (1.5), ``mal_alpha`` (None), ``ddf_temperature`` (5), ``use_union_set`` (True), and the
+    (1.5), ``mal_alpha`` (None), ``ddf_temperature`` (5), ``use_union_set`` (True), ``local_losses``
+    (True; False drops FGL/DDF as the official DEIMv2 ultra-light recipes do), and the
     matcher's ``cost_class`` (2), ``cost_bbox`` (5), ``cost_giou`` (2), ``matcher_alpha`` (0.25),
     ``matcher_gamma`` (2).
     """
     matcher_keys = {"cost_class": "cost_class", "cost_bbox": "cost_bbox", "cost_giou": "cost_giou",
                     "matcher_alpha": "alpha", "matcher_gamma": "gamma"}
-    criterion_keys = {"weight_dict", "mal_gamma", "mal_alpha", "ddf_temperature", "use_union_set"}
+    criterion_keys = {"weight_dict", "mal_gamma", "mal_alpha", "ddf_temperature", "use_union_set", "local_losses"}
     unknown = sorted(set(overrides) - set(matcher_keys) - criterion_keys)
     if unknown:
         raise TypeError(f"build_criterion: unknown option(s) {unknown}; known: "
