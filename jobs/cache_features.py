@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 from distillery.platform.cache_job import CacheFeaturesConfig, run_cache_job  # noqa: E402
 from distillery.platform.config import parse_job_args  # noqa: E402
+from distillery.platform.errors import exit_on_user_error  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -33,4 +34,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)  # a user error: one "error: ..." block, exit status 2

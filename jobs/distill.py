@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
 from distillery.platform.config import parse_job_args  # noqa: E402
+from distillery.platform.errors import exit_on_user_error  # noqa: E402
 from distillery.platform.distill import run_distill  # noqa: E402
 from distillery.platform.distill_config import DistillConfig  # noqa: E402
 
@@ -38,4 +39,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)  # a user error: one "error: ..." block, exit status 2

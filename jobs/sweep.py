@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
 from distillery.platform.config import ConfigError, load_config  # noqa: E402
+from distillery.platform.errors import exit_on_user_error  # noqa: E402
 from distillery.tuning.space import SpaceError  # noqa: E402
 from distillery.tuning.sweep import run_sweep  # noqa: E402
 from distillery.tuning.sweep_config import SweepConfig  # noqa: E402
@@ -54,4 +55,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)  # a user error: one "error: ..." block, exit status 2

@@ -92,3 +92,35 @@ def test_cli_rejects_unknown_key_before_starting_ray(tmp_path):
     assert proc.returncode == 2
     assert "cache.dtyp: unknown key" in proc.stderr
     assert "Ray" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def _cache_recipe(cfg) -> dict:
+    """What decides a cache's bytes: the data it reads, the teacher, the storage settings."""
+    data = cfg.data
+    synthetic = data.synthetic.model_dump() if data.synthetic else None
+    return {"data": [data.root, *data.split_paths("train"), synthetic],
+            "teacher": cfg.teacher.model_dump(), "dtype": cfg.cache.dtype, "shard_size": cfg.cache.shard_size,
+            "views": cfg.cache.views}
+
+
+def test_recipes_sharing_a_cache_uri_agree():
+    """The shipped recipes (and the embedded defaults) that name one cache.uri describe one cache:
+    the README's day (cache_features -> distill -> sweep) never meets a FingerprintMismatchError
+    or a foreign plan. Sweep recipes train through their trial config (a distill recipe)."""
+    from test_recipes import CONFIGS, model_for
+
+    from distillery.platform.distill_config import DistillConfig
+
+    by_uri: dict[str, list[tuple[str, dict]]] = {}
+    configs = [("embedded cache_features", CacheFeaturesConfig()), ("embedded distill", DistillConfig())]
+    configs += [(p.name, load_config(model_for(p), p)) for p in sorted(CONFIGS.glob("*.yaml"))
+                if model_for(p) in (CacheFeaturesConfig, DistillConfig)]
+    for name, cfg in configs:
+        if getattr(cfg, "teacher_mode", "cached") == "cached":
+            by_uri.setdefault(cfg.cache.uri, []).append((name, _cache_recipe(cfg)))
+    assert by_uri["runs/cache/synthetic-tiny-128"][0][0] == "cache_features_tiny.yaml"
+    for uri, users in by_uri.items():
+        (first, expected), *others = users
+        for name, recipe in others:
+            differ = sorted(k for k in expected if recipe[k] != expected[k])
+            assert not differ, f"{name} and {first} share cache.uri {uri} but differ in {differ}"

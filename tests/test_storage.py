@@ -60,3 +60,72 @@ def test_storage_env_never_invents_credentials(monkeypatch):
     env = storage.storage_env("http://127.0.0.1:9")
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
     assert "AWS_SECRET_ACCESS_KEY" not in env
+
+
+def test_streamed_checksum_and_sizes(tmp_path):
+    data = os.urandom(3000)
+    storage.write_bytes(str(tmp_path / "d" / "x.bin"), data)
+    got, digest = storage.read_bytes_sha256(str(tmp_path / "d" / "x.bin"), chunk_size=1024)  # 3 chunks
+    assert got == data and digest == __import__("hashlib").sha256(data).hexdigest()
+    assert storage.file_sizes(str(tmp_path / "d")) == {"x.bin": 3000}
+    assert storage.file_sizes(str(tmp_path / "none")) == {}
+
+
+def test_configured_endpoint_is_used_for_every_uri_kind(moto_s3, tmp_path, monkeypatch):
+    """``storage.s3_endpoint_url`` alone (no AWS_ENDPOINT_URL in the environment) reaches the
+    dataset (the cache job's prologue, before Ray), the cache, Ray Train's run storage and
+    MLflow's artifacts; a wrong endpoint fails naming it instead of going to AWS."""
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from distillery.platform.cache_job import CacheFeaturesConfig, load_cache_inputs
+    from distillery.platform.config import load_config
+    from distillery.platform.distill import _storage_filesystem
+    from distillery.platform.feature_cache import FeatureCache, FeatureCacheWriter, plan_shards
+    from distillery.platform.synthetic import generate_synthetic_coco
+
+    endpoint, bucket = moto_s3["endpoint"], moto_s3["bucket"]
+    base = f"s3://{bucket}/endpoint-test"
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    objects = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+    def keys(prefix: str) -> list[str]:
+        return [o["Key"] for o in objects.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+    try:
+        storage.configure_s3(endpoint)
+        generate_synthetic_coco(f"{base}/data", train=2, val=1, size=64, seed=0)
+        storage.configure_s3(None)
+        job = [f"data.root={base}/data", "data.synthetic=null", f"cache.uri={base}/cache"]
+        # data: read with the job's setting, configured before the first access
+        cfg, datasets = load_cache_inputs(load_config(CacheFeaturesConfig, None,
+                                                      [*job, f"storage.s3_endpoint_url={endpoint}"]))
+        assert len(datasets["train"]) == 2
+        # cache: written and read back
+        writer = FeatureCacheWriter(f"{base}/cache/train", {"m": 1}, [2, 1, 1], "fp16", 2, {})
+        writer.begin(plan_shards([1, 2], 2))
+        writer.finalize(1, [writer.write_shard(0, [1, 2], __import__("numpy").ones((2, 2, 1, 1)))])
+        FeatureCache(f"{base}/cache/train").verify()
+        assert f"endpoint-test/cache/train/manifest.json" in keys("endpoint-test/cache/")
+        # runs: the pyarrow filesystem Ray Train writes checkpoints through
+        fs = _storage_filesystem(f"{base}/runs")
+        with fs.open_output_stream(f"{bucket}/endpoint-test/runs/checkpoint_000000/state.json") as out:
+            out.write(b"{}")
+        assert keys("endpoint-test/runs/") == ["endpoint-test/runs/checkpoint_000000/state.json"]
+        # artifacts: MLflow's own S3 client (boto3)
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        experiment = client.create_experiment("endpoint-test", artifact_location=f"{base}/mlflow")
+        run = client.create_run(experiment)
+        client.log_text(run.info.run_id, "model card", "card.txt")
+        assert keys("endpoint-test/mlflow/") == [f"endpoint-test/mlflow/{run.info.run_id}/artifacts/card.txt"]
+        # a wrong endpoint is named, and never replaced by AWS's
+        with pytest.raises(storage.StorageError) as info:
+            load_cache_inputs(load_config(CacheFeaturesConfig, None,
+                                          [*job, "storage.s3_endpoint_url=http://127.0.0.1:9"]))
+        first = str(info.value).splitlines()[0]
+        assert first.startswith(f"cannot reach {base}/data/annotations/instances_train.json "
+                                "(S3 endpoint http://127.0.0.1:9)")
+        assert "amazonaws.com" not in str(info.value)
+    finally:
+        storage.configure_s3(None)
+    assert "MLFLOW_S3_ENDPOINT_URL" not in os.environ  # configure_s3(None) restored the environment

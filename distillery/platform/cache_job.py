@@ -36,10 +36,11 @@ from distillery.platform import storage
 from distillery.platform.coco import CocoDataset, CorruptImageError, decode_image, load_image_resized
 from distillery.platform.config import (DataConfig, RayConfig, StorageConfig, StrictModel,
                                         TeacherConfig, absolute_uri)
-from distillery.platform.feature_cache import FeatureCacheWriter, ShardInfo, plan_shards
+from distillery.platform.feature_cache import (MANIFEST, CacheError, FeatureCache, FeatureCacheWriter,
+                                               FingerprintMismatchError, ShardInfo, plan_shards)
 
-__all__ = ["CacheFeaturesConfig", "ViewRecipe", "build_teacher", "ensure_dataset", "resolve_teacher_dtype",
-           "run_cache_job", "view_augment_config"]
+__all__ = ["CacheFeaturesConfig", "ViewRecipe", "build_teacher", "ensure_dataset", "load_cache_inputs",
+           "open_training_cache", "resolve_teacher_dtype", "run_cache_job", "view_augment_config"]
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,11 @@ def build_teacher(cfg: dict[str, Any], dtype: str):
     """Build the frozen teacher from a TeacherConfig dict (runs in actors and on the driver)."""
     import torch
 
+    from distillery.platform.weights_source import resolve_weights_source
     from distillery.teachers import DinoV3Teacher
 
-    return DinoV3Teacher(model_name=cfg["model_name"], weights=cfg["weights"],
+    weights = resolve_weights_source(cfg["weights"])[0] if cfg["weights"] else None  # hf-hub: / https: too
+    return DinoV3Teacher(model_name=cfg["model_name"], weights=weights,
                          allow_random_init=cfg["allow_random_init"], seed=cfg["seed"],
                          input_size=cfg["input_size"], pool=cfg["pool"], dtype=getattr(torch, dtype),
                          model_kwargs=cfg["model_kwargs"] or None)
@@ -150,15 +153,34 @@ def view_augment_config(recipe: ViewRecipe, size: int):
                          flip_prob=recipe.flip_prob)
 
 
-def _decode_shard(row: dict[str, Any], size: int) -> dict[str, Any]:
-    uris = [str(u) for u in row["uris"]]
-    images = np.stack([load_image_resized(u, size) for u in uris])
-    return {"shard": int(row["shard"]), "image_ids": np.asarray(row["image_ids"], dtype=np.int64),
-            "images": images}
+def _decode_or_skip(decode, uri: str, image_id: int, bad_records: str, skipped: list[dict[str, Any]]):
+    """``decode()``, or None with the image recorded in ``skipped`` when it is corrupt or missing
+    and the policy is ``skip`` (the header check at load cannot see a truncated JPEG body)."""
+    try:
+        return decode()
+    except CorruptImageError as exc:
+        if bad_records != "skip":
+            raise
+        log.warning("skipping image %s (%s): %s", image_id, uri, exc)
+        skipped.append({"image_id": int(image_id), "uri": uri, "reason": str(exc)})
+        return None
+
+
+def _decode_shard(row: dict[str, Any], size: int, bad_records: str = "error") -> dict[str, Any]:
+    images, ids, skipped = [], [], []
+    for uri, image_id in zip(row["uris"], row["image_ids"]):
+        uri = str(uri)
+        image = _decode_or_skip(lambda: load_image_resized(uri, size), uri, image_id, bad_records, skipped)
+        if image is not None:
+            images.append(image)
+            ids.append(int(image_id))
+    return {"shard": int(row["shard"]), "image_ids": np.asarray(ids, dtype=np.int64),
+            "images": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
+            "skipped": json.dumps(skipped)}
 
 
 def _decode_shard_views(row: dict[str, Any], size: int, views: int, view_seed: int,
-                        recipe: dict[str, Any]) -> dict[str, Any]:
+                        recipe: dict[str, Any], bad_records: str = "error") -> dict[str, Any]:
     """Decode a shard's images and render K teacher inputs per image (view 0 = plain).
 
     Views are rendered from the full-size decoded image, as the training worker replays them,
@@ -168,15 +190,21 @@ def _decode_shard_views(row: dict[str, Any], size: int, views: int, view_seed: i
     from distillery.platform.augment import make_views
 
     cfg = view_augment_config(ViewRecipe(**recipe), size)
-    images, ids, view_ids, params = [], [], [], []
-    for uri, image_id, boxes in zip(row["uris"], row["image_ids"], row["boxes"]):
-        uri, image_id = str(uri), int(image_id)
+    def decode(uri: str) -> np.ndarray:
         try:
             data = storage.read_bytes(uri)
         except FileNotFoundError:
             raise CorruptImageError(f"image file is missing: {uri}") from None
+        return decode_image(data, uri)
+
+    images, ids, view_ids, params, skipped = [], [], [], [], []
+    for uri, image_id, boxes in zip(row["uris"], row["image_ids"], row["boxes"]):
+        uri, image_id = str(uri), int(image_id)
+        decoded = _decode_or_skip(lambda: decode(uri), uri, image_id, bad_records, skipped)
+        if decoded is None:
+            continue
         # The same layout as the training ingest's decoded image (HWC array, CHW view of it).
-        image = torch.from_numpy(np.ascontiguousarray(decode_image(data, uri))).permute(2, 0, 1)
+        image = torch.from_numpy(np.ascontiguousarray(decoded)).permute(2, 0, 1)
         box_t = torch.from_numpy(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
         for v, (view_image, view_params) in enumerate(make_views(image, box_t, image_id, views, view_seed, cfg)):
             images.append(view_image.numpy())
@@ -184,8 +212,10 @@ def _decode_shard_views(row: dict[str, Any], size: int, views: int, view_seed: i
             view_ids.append(v)
             params.append(json.dumps(view_params, sort_keys=True))
     # params travel as one JSON list per shard: a plain string column for Ray Data's Arrow blocks.
-    return {"shard": int(row["shard"]), "image_ids": np.asarray(ids, dtype=np.int64), "images": np.stack(images),
-            "views": np.asarray(view_ids, dtype=np.int32), "params": json.dumps(params)}
+    return {"shard": int(row["shard"]), "image_ids": np.asarray(ids, dtype=np.int64),
+            "images": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
+            "views": np.asarray(view_ids, dtype=np.int32), "params": json.dumps(params),
+            "skipped": json.dumps(skipped)}
 
 
 class _TeacherActor:
@@ -210,12 +240,14 @@ class _TeacherActor:
                 x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).to(
                     self.device, non_blocking=True)
                 feats.append(self.teacher(x.float().div_(255.0)).float().cpu().numpy())
-            out_feats.append(np.concatenate(feats))
+            # A shard whose every image was skipped (bad_records=skip) still gets its (empty) file.
+            out_feats.append(np.concatenate(feats) if feats else
+                             np.zeros((0, self.teacher.embed_dim, *self.teacher.grid_size), np.float32))
         # "forwards" counts images through the teacher: tests use it to prove resume skips work.
         out = {"shard": batch["shard"], "image_ids": batch["image_ids"],
                "features": np.stack(out_feats), "forwards": np.asarray([len(f) for f in out_feats]),
                "started": np.full(len(out_feats), started)}
-        for key in ("views", "params"):  # a view cache's rows: passed through to the writer
+        for key in ("views", "params", "skipped"):  # passed through to the writer
             if key in batch:
                 out[key] = batch[key]
         return out
@@ -227,7 +259,8 @@ def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, 
     params = [str(p) for p in json.loads(row["params"])] if "params" in row else None
     info = writer.write_shard(int(row["shard"]), [int(i) for i in row["image_ids"]], row["features"],
                               views=views, params=params)
-    return {**info.to_dict(), "forwards": int(row["forwards"]), "started": float(row["started"])}
+    return {**info.to_dict(), "forwards": int(row["forwards"]), "started": float(row["started"]),
+            "skipped": str(row["skipped"])}
 
 
 # --------------------------------------------------------------------------- the job
@@ -275,10 +308,12 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
         # the actor stage when their resources match; a remote-args function opts out of fusion.
         if views > 1:
             ds = ds.map(_decode_shard_views, fn_kwargs={"size": cfg.teacher.input_size, "views": views,
-                                                        "view_seed": cfg.cache.view_seed, "recipe": recipe},
+                                                        "view_seed": cfg.cache.view_seed, "recipe": recipe,
+                                                        "bad_records": cfg.data.bad_records},
                         ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
         else:
-            ds = ds.map(_decode_shard, fn_kwargs={"size": cfg.teacher.input_size},
+            ds = ds.map(_decode_shard, fn_kwargs={"size": cfg.teacher.input_size,
+                                                  "bad_records": cfg.data.bad_records},
                         ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
         ds = ds.map_batches(
             _TeacherActor, batch_size=1, batch_format="numpy",
@@ -295,8 +330,10 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
         raise CacheInterrupted(f"debug.stop_after_shards={stop}: stopped after {len(results)} shards")
     elapsed = time.perf_counter() - t0
 
-    written = [ShardInfo(**{k: v for k, v in r.items() if k not in ("forwards", "started")}) for r in results]
-    manifest = writer.finalize(len(shards), written)
+    written = [ShardInfo(**{k: v for k, v in r.items() if k not in ("forwards", "started", "skipped")})
+               for r in results]
+    skipped = [item for r in results for item in json.loads(r["skipped"])]
+    manifest = writer.finalize(len(shards), written, skipped)
     forwards = sum(int(r["forwards"]) for r in results)
     n_computed = sum(int(r["count"]) for r in results)
     # Steady state: from the first teacher forward to the last shard written (pipeline and actor
@@ -311,15 +348,47 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
             "images_per_second": round(n_computed / elapsed, 2) if results and elapsed > 0 else None,
             "steady_images_per_second": steady,
             "bytes": sum(s["bytes"] for s in manifest["shards"]),
-            "bytes_per_image": round(sum(s["bytes"] for s in manifest["shards"]) / manifest["count"], 1),
+            "bytes_per_image": round(sum(s["bytes"] for s in manifest["shards"]) / max(1, manifest["count"]), 1),
             "grid": grid, "dtype": cfg.cache.dtype, "views": views,
+            "skipped_images": len(manifest.get("skipped", [])),
             "fingerprint_digest": manifest["fingerprint_digest"]}
 
 
-def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
-    """Build (or resume) the feature cache of every configured split; return a summary per split."""
-    from distillery.platform.cluster import cluster_has_gpus, ray_session
+def open_training_cache(uri: str, fingerprint: dict[str, Any], image_ids, build=None) -> FeatureCache:
+    """Open the finished cache at ``uri`` for training, with every check on the driver before a
+    worker starts: the teacher fingerprint, the manifest's fields, each shard present with its
+    recorded size, the dataset's images covered (this reads every shard once, verifying its
+    sha256 as it streams in).
 
+    ``build`` (given when ``cache.build_if_missing`` is true) builds the cache when it is
+    missing and repairs it when a shard is damaged: the cache job keeps the intact shards and
+    recomputes exactly the damaged ones. Without it, the error says how to repair."""
+    for attempt in (1, 2):
+        try:
+            if not storage.exists(storage.join(uri, MANIFEST)):
+                raise CacheError(f"no feature cache at {uri} ({storage.join(uri, MANIFEST)} not found): build it "
+                                 "with jobs/cache_features.py (the same data, teacher and cache.uri), or set "
+                                 "cache.build_if_missing=true")
+            cache = FeatureCache(uri, expected_fingerprint=fingerprint)
+            cache.check_shards()
+            cache.check_covers(image_ids)
+            return cache
+        except FingerprintMismatchError:
+            raise  # another teacher's cache: never overwritten
+        except CacheError as exc:
+            if build is None or attempt == 2:
+                raise
+            log.warning("%s: cache.build_if_missing=true, building it", str(exc).splitlines()[0])
+            build()
+    raise AssertionError("unreachable")
+
+
+def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, dict[str, CocoDataset]]:
+    """The job's driver-side prologue: S3 settings first (every later access, the dataset's
+    included, uses them), local paths made absolute, then each split loaded and validated."""
+    from distillery.platform.formats import load_split  # data.format: coco, yolo or voc
+
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     cfg = cfg.model_copy(deep=True)  # relative local paths resolved here: Ray workers run elsewhere
     cfg.data.root, cfg.cache.uri = absolute_uri(cfg.data.root), absolute_uri(cfg.cache.uri)
     if cfg.teacher.weights:
@@ -327,10 +396,16 @@ def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
     ensure_dataset(cfg.data)
     datasets = {}
     for split in cfg.cache.splits:
-        from distillery.platform.formats import load_split  # data.format: coco, yolo or voc
-
         report = storage.join(cfg.cache.uri, split, "bad_records.jsonl")
         datasets[split] = load_split(cfg.data, split, report_uri=report)
+    return cfg, datasets
+
+
+def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
+    """Build (or resume) the feature cache of every configured split; return a summary per split."""
+    from distillery.platform.cluster import cluster_has_gpus, ray_session
+
+    cfg, datasets = load_cache_inputs(cfg)
     with ray_session(cfg.ray, cfg.storage):
         use_gpu = cluster_has_gpus() and cfg.compute.gpus_per_actor != 0
         dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)

@@ -19,11 +19,12 @@ from typing import Any
 from distillery.platform import storage
 from distillery.platform.checkpoints import find_latest_checkpoint
 from distillery.platform.cache_job import (CacheComputeConfig, CacheFeaturesConfig, CacheSettings, ViewRecipe,
-                                           build_teacher, ensure_dataset, resolve_teacher_dtype)
+                                           build_teacher, ensure_dataset, open_training_cache,
+                                           resolve_teacher_dtype)
 from distillery.platform.coco import CocoDataset
 from distillery.platform.config import absolute_uri, config_hash, flatten_config
 from distillery.platform.distill_config import DistillConfig
-from distillery.platform.feature_cache import MANIFEST, FeatureCache, manifest_sha256
+from distillery.platform.feature_cache import FeatureCache, manifest_sha256
 
 __all__ = ["find_latest_checkpoint", "resolve_gam", "run_distill"]
 
@@ -61,10 +62,8 @@ def _prepare_cache(cfg: DistillConfig, train: CocoDataset, fingerprint: dict[str
                    use_gpu: bool) -> FeatureCache:
     """Open the train-split cache (building it first when allowed); refuse a foreign teacher."""
     uri = storage.join(cfg.cache.uri, "train")
-    if not storage.exists(storage.join(uri, MANIFEST)):
-        if not cfg.cache.build_if_missing:
-            raise FileNotFoundError(f"feature cache {uri} not found (run jobs/cache_features.py first, "
-                                    "or set cache.build_if_missing=true)")
+
+    def build() -> None:  # builds a missing cache, repairs a damaged one (cache.build_if_missing)
         from distillery.platform.cache_job import _cache_split
 
         log.info("building the feature cache at %s", uri)
@@ -75,7 +74,8 @@ def _prepare_cache(cfg: DistillConfig, train: CocoDataset, fingerprint: dict[str
                                         compute=CacheComputeConfig())
         grid = [fingerprint["embed_dim"], *_grid_of(fingerprint)]
         _cache_split(cache_cfg, "train", train, fingerprint, grid, dtype, use_gpu)
-    cache = FeatureCache(uri, expected_fingerprint=fingerprint)
+
+    cache = open_training_cache(uri, fingerprint, train.image_ids, build if cfg.cache.build_if_missing else None)
     from distillery.platform.augment import AugmentConfig, view_recipe
 
     # Views replayed in training must be the ones the cache drew: same K, same probabilities.
@@ -172,6 +172,7 @@ def prepare_inputs(cfg: DistillConfig) -> None:
     from distillery.platform.cluster import cluster_has_gpus, ray_session
 
     cfg = _with_absolute_paths(cfg)
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
     ensure_dataset(cfg.data)
     if cfg.teacher_mode != "cached":
         return
@@ -202,6 +203,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
 
     t0 = time.time()
     cfg = _with_absolute_paths(cfg)
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
     local_dir = Path(cfg.output.local_dir)
     name = cfg.output.name or time.strftime("distill-%Y%m%d-%H%M%S")
     storage_path = cfg.output.storage_path

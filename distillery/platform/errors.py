@@ -21,13 +21,18 @@ from __future__ import annotations
 import sys
 from typing import Callable, Iterator, TypeVar
 
-__all__ = ["DeterministicError", "exit_on_user_error", "find_deterministic_error", "is_deterministic",
-           "user_error_message"]
+__all__ = ["DeterministicError", "UserFacingError", "exit_on_user_error", "find_deterministic_error",
+           "is_deterministic", "user_error_message"]
 
 T = TypeVar("T")
 
 
-class DeterministicError(Exception):
+class UserFacingError(Exception):
+    """An error whose message is all a user needs (it names the file, field or URI): the command
+    line prints it without a traceback. It may still succeed on retry (storage out of reach)."""
+
+
+class DeterministicError(UserFacingError):
     """An error that fails the same way on every retry; its message names the file or field."""
 
 
@@ -64,21 +69,28 @@ def is_deterministic(exc: BaseException) -> bool:
     return find_deterministic_error(exc) is not None
 
 
-def user_error_message(exc: DeterministicError) -> str:
+def user_error_message(exc: UserFacingError) -> str:
     """The error's own message, without the text Ray prepends when it re-raises a worker's
     exception on the driver (a traceback of the remote process)."""
     text = str(exc.args[0]) if exc.args else str(exc)
     return text.strip() or type(exc).__name__
 
 
+def _find_user_facing(exc: BaseException) -> UserFacingError | None:
+    found = find_deterministic_error(exc)
+    if found is not None:
+        return found
+    return next((item for item in _causes(exc) if isinstance(item, UserFacingError)), None)
+
+
 def exit_on_user_error(run: Callable[[], T]) -> T:
-    """Call ``run()``; if it fails with a :class:`DeterministicError` (anywhere in the chain,
-    e.g. raised in a Ray worker), print ``error: <message>`` to stderr and exit with status 2.
-    Any other exception propagates with its traceback (a bug or an outage, not a user error)."""
+    """Call ``run()``; if it fails with a :class:`UserFacingError` (a deterministic error first,
+    anywhere in the chain, e.g. raised in a Ray worker), print ``error: <message>`` to stderr and
+    exit with status 2. Any other exception propagates with its traceback (a bug)."""
     try:
         return run()
     except Exception as exc:
-        found = find_deterministic_error(exc)
+        found = _find_user_facing(exc)
         if found is None:
             raise
         sys.stderr.write(f"error: {user_error_message(found)}\n")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
@@ -44,10 +45,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillery.platform import storage
-from distillery.platform.errors import DeterministicError
+from distillery.platform.cache_checks import (REPAIR_HINT, CacheError, CacheShardError, FingerprintMismatchError,
+                                              manifest_problems, parse_shard, read_verified_shard, shard_name)
 
 __all__ = [
     "CacheError",
+    "CacheShardError",
     "FeatureCache",
     "FeatureCacheWriter",
     "FingerprintMismatchError",
@@ -56,7 +59,10 @@ __all__ = [
     "dequantize_int8",
     "encode_features",
     "fingerprint_digest",
+    "manifest_problems",
+    "parse_shard",
     "plan_shards",
+    "read_verified_shard",
     "quantize_int8",
     "shard_name",
 ]
@@ -76,22 +82,12 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return diff(a, b)
 
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 StorageDtype = Literal["fp16", "int8"]
-
-
-class CacheError(RuntimeError, DeterministicError):
-    """A cache that cannot be used as asked; the message names the URI and the reason."""
-
-
-class FingerprintMismatchError(CacheError):
-    """The cache was produced by another teacher than the one expected."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
 
 
 def plan_shards(image_ids: Iterable[int], shard_size: int) -> list[list[int]]:
@@ -185,8 +181,8 @@ class ShardInfo:
     count: int
     sha256: str
     bytes: int
-    first_image_id: int
-    last_image_id: int
+    first_image_id: int | None  # None: a shard whose every image was skipped (bad_records=skip)
+    last_image_id: int | None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -213,6 +209,8 @@ class FeatureCacheWriter:
             raise ValueError("a cache with views > 1 needs the view_recipe its views were drawn with")
         self.view_seed = int(view_seed)
         self.view_recipe = dict(view_recipe) if view_recipe is not None else None
+        self._reused: dict[int, ShardInfo] = {}  # shards of an earlier run kept by begin()
+        self._reused_skipped: list[dict[str, Any]] = []  # their images skipped as bad records
 
     def _view_fields(self) -> dict[str, Any]:
         # Only caches with views carry these keys: a K=1 plan/manifest stays byte-identical to
@@ -242,8 +240,54 @@ class FeatureCacheWriter:
             storage.makedirs(self.uri)
             storage.write_text(plan_uri, json.dumps(plan, indent=1, sort_keys=True))
         self.remove_stale_temporaries()
-        present = set(storage.listdir(self.uri))
-        return [i for i in range(len(shards)) if shard_name(i) not in present]
+        self._reused = self._check_reused_shards(shards)
+        return [i for i in range(len(shards)) if i not in self._reused]
+
+    def _earlier_manifest(self) -> tuple[dict[str, str], dict[int, dict[str, Any]]]:
+        """(shard name -> sha256, image id -> skip record) from an earlier run's manifest (empty
+        when there is none or it is unreadable)."""
+        try:
+            manifest = json.loads(storage.read_text(storage.join(self.uri, MANIFEST)))
+            return ({s["name"]: s["sha256"] for s in manifest["shards"]},
+                    {int(r["image_id"]): r for r in manifest.get("skipped", [])})
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            return {}, {}
+
+    def _check_reused_shards(self, shards: list[list[int]]) -> dict[int, ShardInfo]:
+        """The shards an earlier run finished that can be kept. Each is read once (hashed as it
+        streams in; these bytes also give the manifest its entry) and kept only if it parses,
+        holds the planned image ids and matches the checksum an earlier manifest recorded; any
+        other is deleted, with a warning naming it, and recomputed: this is how a rerun repairs
+        a truncated, corrupted or deleted shard."""
+        sizes = storage.file_sizes(self.uri)
+        recorded, earlier_skips = self._earlier_manifest()
+        kept: dict[int, ShardInfo] = {}
+        self._reused_skipped = []
+        for i, planned in enumerate(shards):
+            name = shard_name(i)
+            if name not in sizes:
+                continue
+            uri = storage.join(self.uri, name)
+            data, digest = storage.read_bytes_sha256(uri)
+            problem, ids = None, []
+            if name in recorded and recorded[name] != digest:
+                problem = "does not match its checksum in the earlier manifest"
+            else:
+                try:
+                    ids = parse_shard(data, uri, ["image_id"]).column("image_id").to_pylist()
+                except CacheShardError:
+                    problem = "is not a readable Parquet file (truncated?)"
+                else:
+                    if not set(ids) <= set(planned):  # fewer: images skipped as bad records
+                        problem = "holds other images than the plan assigns to it"
+            if problem is not None:
+                log.warning("cache shard %s %s: recomputing it", uri, problem)
+                storage.remove(uri)
+                continue
+            kept[i] = ShardInfo(i, name, len(set(ids)), digest, len(data), *_id_range(ids))
+            self._reused_skipped.extend(earlier_skips.get(iid, {"image_id": iid, "reason": "skipped by an earlier run"})
+                                        for iid in sorted(set(planned) - set(ids)))
+        return kept
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files of an interrupted local write (never visible as shards)."""
@@ -264,19 +308,21 @@ class FeatureCacheWriter:
         storage.write_bytes(storage.join(self.uri, name), data)
         # count = images (a view cache has `views` rows per image).
         return ShardInfo(index, name, len(set(image_ids)), hashlib.sha256(data).hexdigest(), len(data),
-                         int(min(image_ids)), int(max(image_ids)))
+                         *_id_range(image_ids))
 
     def shard_info_from_file(self, index: int) -> ShardInfo:
         """Re-derive a shard's info from its file (for shards written by an earlier run)."""
         name = shard_name(index)
         data = storage.read_bytes(storage.join(self.uri, name))
         ids = pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist()
-        return ShardInfo(index, name, len(set(ids)), hashlib.sha256(data).hexdigest(), len(data),
-                         int(min(ids)), int(max(ids)))
+        return ShardInfo(index, name, len(set(ids)), hashlib.sha256(data).hexdigest(), len(data), *_id_range(ids))
 
-    def finalize(self, num_shards: int, written: list[ShardInfo]) -> dict[str, Any]:
+    def finalize(self, num_shards: int, written: list[ShardInfo],
+                 skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Write the manifest last. Shards not in ``written`` (finished by an earlier, interrupted
-        run) are described from their files."""
+        run) are described from their files. ``skipped``: the images left out of the written
+        shards as bad records (``bad_records: skip``); the manifest lists them (with those of
+        earlier runs' shards), so that training does not expect features for them."""
         by_index = {s.index: s for s in written}
         unknown = sorted(set(by_index) - set(range(num_shards)))
         if unknown:
@@ -285,6 +331,8 @@ class FeatureCacheWriter:
         for i in range(num_shards):
             if i in by_index:
                 shards.append(by_index[i])
+            elif i in self._reused:
+                shards.append(self._reused[i])
             else:
                 try:
                     shards.append(self.shard_info_from_file(i))
@@ -303,6 +351,9 @@ class FeatureCacheWriter:
             "shards": [s.to_dict() for s in shards],
             **self._view_fields(),
         }
+        all_skipped = sorted([*(skipped or []), *self._reused_skipped], key=lambda r: int(r["image_id"]))
+        if all_skipped:  # only then: a clean cache's manifest stays byte-identical to earlier ones
+            manifest["skipped"] = all_skipped
         storage.write_text(storage.join(self.uri, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
         return manifest
 
@@ -310,11 +361,15 @@ class FeatureCacheWriter:
 # --------------------------------------------------------------------------- reader
 
 class FeatureCache:
-    """A finished cache: the manifest, fingerprint check, and per-image feature lookup."""
+    """A finished cache: the manifest, fingerprint check, and per-image feature lookup.
+
+    Opening it checks the manifest's fields (cheap: the JSON only); :meth:`check_shards` checks
+    every shard file is there with its recorded size (one listing); every shard read through it
+    is verified against the manifest's sha256 as its bytes stream in."""
 
     def __init__(self, uri: str, expected_fingerprint: dict[str, Any] | None = None):
         self.uri = str(uri)
-        manifest_uri = storage.join(self.uri, MANIFEST)
+        self.manifest_uri = manifest_uri = storage.join(self.uri, MANIFEST)
         try:
             text = storage.read_text(manifest_uri)
         except FileNotFoundError:
@@ -324,10 +379,17 @@ class FeatureCache:
         try:
             self.manifest: dict[str, Any] = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CacheError(f"{manifest_uri} is not valid JSON: {exc}") from None
+            raise CacheError(f"{manifest_uri} is not valid JSON ({exc}): {REPAIR_HINT}") from None
+        if not isinstance(self.manifest, dict):
+            raise CacheError(f"{manifest_uri} is not a cache manifest (a JSON object): {REPAIR_HINT}")
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{manifest_uri}: format_version {self.manifest.get('format_version')} "
                              f"is not {FORMAT_VERSION}")
+        problems = manifest_problems(self.manifest)
+        if problems:
+            raise CacheError(f"{manifest_uri}: {problems[0]}" + "".join(f"\n  {p}" for p in problems[1:])
+                             + f"\n{REPAIR_HINT}")
+        self._shard_info = {s["name"]: s for s in self.manifest["shards"]}
         if expected_fingerprint is not None:
             self.check_fingerprint(expected_fingerprint)
         self._rows: dict[tuple[int, int], tuple[str, int]] | None = None
@@ -361,6 +423,11 @@ class FeatureCache:
         return self.manifest.get("view_recipe")
 
     @property
+    def skipped_image_ids(self) -> set[int]:
+        """Images the cache job skipped as bad records (``data.bad_records: skip``)."""
+        return {int(r["image_id"]) for r in self.manifest.get("skipped", [])}
+
+    @property
     def shard_uris(self) -> list[str]:
         return [storage.join(self.uri, s["name"]) for s in self.manifest["shards"]]
 
@@ -371,11 +438,19 @@ class FeatureCache:
             raise FingerprintMismatchError(
                 f"feature cache {self.uri} was made by another teacher (fields differ: {', '.join(diff)})\n"
                 f"  expected: {json.dumps(expected, sort_keys=True)}\n"
-                f"  cache:    {json.dumps(found, sort_keys=True)}")
+                f"  cache:    {json.dumps(found, sort_keys=True)}\n"
+                "Either point cache.uri at a cache built with this teacher, or build one into a new "
+                "cache.uri (jobs/cache_features.py with this teacher), or set the teacher.* fields that "
+                "differ to the cache's values.")
 
     def check_covers(self, image_ids: Iterable[int]) -> None:
         """Raise naming the missing ids if the cache lacks any of ``image_ids`` (or any of their views)."""
         wanted = set(int(i) for i in image_ids)
+        skipped = wanted & self.skipped_image_ids
+        if skipped:
+            log.warning("feature cache %s: %d images of the dataset were skipped as bad records when it was "
+                        "built (its manifest lists them): training leaves them out", self.uri, len(skipped))
+            wanted -= skipped
         missing = sorted(wanted - set(self.index))
         if missing:
             shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -403,21 +478,35 @@ class FeatureCache:
                 f"(fields differ: {', '.join(diff)}): cache {json.dumps(self.view_recipe, sort_keys=True)}, "
                 f"training {json.dumps(dict(recipe), sort_keys=True)}")
 
-    def verify(self) -> None:
-        """Check every shard's checksum against the manifest (reads every byte)."""
+    def check_shards(self) -> None:
+        """Every shard the manifest lists is present with its recorded size (one listing, no
+        reads): a deleted or truncated shard fails here, on the driver, named."""
+        sizes = storage.file_sizes(self.uri)
         for s in self.manifest["shards"]:
             uri = storage.join(self.uri, s["name"])
-            try:
-                data = storage.read_bytes(uri)
-            except FileNotFoundError:
-                raise CacheError(f"cache shard missing: {uri}") from None
-            if hashlib.sha256(data).hexdigest() != s["sha256"]:
-                raise CacheError(f"cache shard {uri} does not match its checksum in the manifest")
+            if s["name"] not in sizes:
+                raise CacheShardError(f"cache shard {uri} is missing (listed in {self.manifest_uri}): "
+                                      f"{REPAIR_HINT}", uri, self.manifest_uri)
+            if sizes[s["name"]] != s["bytes"]:
+                raise CacheShardError(f"cache shard {uri} has {sizes[s['name']]} bytes, {self.manifest_uri} "
+                                      f"records {s['bytes']} (truncated or overwritten): {REPAIR_HINT}",
+                                      uri, self.manifest_uri)
+
+    def read_shard(self, name: str) -> bytes:
+        """A shard's bytes, verified against the manifest's sha256 as they are read."""
+        return read_verified_shard(storage.join(self.uri, name), self._shard_info[name]["sha256"],
+                                   self.manifest_uri)
+
+    def verify(self) -> None:
+        """Check every shard's presence, size and checksum against the manifest (reads every byte)."""
+        self.check_shards()
+        for s in self.manifest["shards"]:
+            self.read_shard(s["name"])
 
     def _table(self, name: str) -> pa.Table:
         if name not in self._tables:
-            data = storage.read_bytes(storage.join(self.uri, name))
-            self._tables[name] = pq.read_table(io.BytesIO(data))
+            uri = storage.join(self.uri, name)
+            self._tables[name] = parse_shard(self.read_shard(name), uri)
         return self._tables[name]
 
     def _row_index(self) -> dict[tuple[int, int], tuple[str, int]]:
@@ -464,6 +553,10 @@ class FeatureCache:
         name, row = self._locate(image_id, view)
         text = self._table(name).column("params")[row].as_py()
         return json.loads(text) if text is not None else None
+
+
+def _id_range(image_ids: Sequence[int]) -> tuple[int | None, int | None]:
+    return (int(min(image_ids)), int(max(image_ids))) if len(image_ids) else (None, None)
 
 
 def manifest_sha256(uri: str) -> str:

@@ -451,6 +451,7 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
     cfg = with_absolute_paths(cfg)
     local_dir = Path(cfg.output.local_dir)
     name = cfg.output.name or time.strftime("moe-tune-%Y%m%d-%H%M%S")
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
     storage_path = cfg.output.storage_path
     run_storage = storage.join(storage_path, name)
 

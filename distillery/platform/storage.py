@@ -18,6 +18,7 @@ S3 endpoint and credentials come from the standard AWS environment variables
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import uuid
@@ -27,10 +28,13 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
+from distillery.platform.errors import UserFacingError
+
 __all__ = [
     "StorageError",
     "configure_s3",
     "exists",
+    "file_sizes",
     "filesystem",
     "is_remote",
     "join",
@@ -38,8 +42,10 @@ __all__ = [
     "makedirs",
     "open_atomic",
     "read_bytes",
+    "read_bytes_sha256",
     "read_text",
     "remove",
+    "s3_endpoint",
     "storage_env",
     "write_bytes",
     "write_text",
@@ -48,14 +54,44 @@ __all__ = [
 _S3_OPTIONS: dict[str, Any] = {}
 
 
-class StorageError(OSError):
+class StorageError(OSError, UserFacingError):
     """A storage operation failed; the message names the URI (never credentials)."""
+
+
+# The S3 clients that are not ours (MLflow's artifact store: boto3; pyarrow) read the endpoint
+# from these environment variables: configure_s3 sets them for this process, so that every URI
+# kind (data, cache, runs, artifacts) goes to the configured endpoint, and restores them after.
+_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
+_SAVED_ENV: dict[str, str | None] = {}
+
+
+def _export_endpoint(endpoint_url: str | None) -> None:
+    for name, value in _SAVED_ENV.items():  # undo an earlier configure_s3 first
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _SAVED_ENV.clear()
+    if endpoint_url:
+        for name in _ENDPOINT_ENV:
+            _SAVED_ENV[name] = os.environ.get(name)
+            os.environ[name] = endpoint_url
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint this process uses (None: the AWS default)."""
+    configured = _S3_OPTIONS.get("client_kwargs", {}).get("endpoint_url")
+    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def configure_s3(endpoint_url: str | None = None, region: str | None = None,
                  access_key_id: str | None = None, secret_access_key: str | None = None) -> None:
-    """Set S3 options for this process (None leaves the AWS environment variables in charge)."""
+    """Set S3 options for this process (None leaves the AWS environment variables in charge).
+
+    Jobs call it first, before any storage access: the dataset, the cache, run storage and
+    MLflow artifacts then all use the configured endpoint."""
     _S3_OPTIONS.clear()
+    _export_endpoint(endpoint_url)
     client_kwargs: dict[str, Any] = {}
     if endpoint_url:
         client_kwargs["endpoint_url"] = endpoint_url
@@ -84,6 +120,13 @@ def storage_env(endpoint_url: str | None = None, region: str | None = None) -> d
     if region:
         env["AWS_DEFAULT_REGION"] = region
     return env
+
+
+def _where(uri: str) -> str:
+    """Where an S3 URI went (the endpoint is not a secret; it is what a user must check)."""
+    if _protocol(uri) not in ("s3", "s3a"):
+        return ""
+    return f" (S3 endpoint {s3_endpoint() or 'AWS default'})"
 
 
 def _protocol(uri: str) -> str:
@@ -123,7 +166,7 @@ def exists(uri: str | Path) -> bool:
     try:
         return fs.exists(path)
     except Exception as exc:
-        raise StorageError(f"cannot reach {uri}: {type(exc).__name__}: {exc}") from None
+        raise StorageError(f"cannot reach {uri}{_where(str(uri))}: {type(exc).__name__}: {exc}") from None
 
 
 def makedirs(uri: str | Path) -> None:
@@ -144,7 +187,7 @@ def listdir(uri: str | Path) -> list[str]:
     except FileNotFoundError:
         return []
     except Exception as exc:
-        raise StorageError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from None
+        raise StorageError(f"cannot list {uri}{_where(str(uri))}: {type(exc).__name__}: {exc}") from None
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
 
@@ -156,7 +199,41 @@ def read_bytes(uri: str | Path) -> bytes:
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {uri}") from None
     except Exception as exc:
-        raise StorageError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from None
+        raise StorageError(f"cannot read {uri}{_where(str(uri))}: {type(exc).__name__}: {exc}") from None
+
+
+def read_bytes_sha256(uri: str | Path, chunk_size: int = 8 << 20) -> tuple[bytes, str]:
+    """(the bytes of ``uri``, their sha256 hex digest), hashed chunk by chunk as they are read:
+    verifying a file costs no second pass over it."""
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    chunks = []
+    try:
+        with fs.open(path, "rb") as fh:
+            while chunk := fh.read(chunk_size):
+                digest.update(chunk)
+                chunks.append(chunk)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {uri}") from None
+    except Exception as exc:
+        raise StorageError(f"cannot read {uri}{_where(str(uri))}: {type(exc).__name__}: {exc}") from None
+    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), digest.hexdigest()
+
+
+def file_sizes(uri: str | Path) -> dict[str, int]:
+    """Name -> size in bytes of the files directly under ``uri`` (one listing; empty if absent)."""
+    fs, path = filesystem(uri)
+    try:
+        if not fs.exists(path):
+            return {}
+        fs.invalidate_cache(path)
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:
+        raise StorageError(f"cannot list {uri}{_where(str(uri))}: {type(exc).__name__}: {exc}") from None
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+            for e in entries if e.get("type") != "directory"}
 
 
 def read_text(uri: str | Path) -> str:
@@ -178,7 +255,7 @@ def open_atomic(uri: str | Path) -> Iterator[Any]:
         try:
             fs.pipe_file(path, buf.getvalue())
         except Exception as exc:
-            raise StorageError(f"cannot write {uri}: {type(exc).__name__}: {exc}") from None
+            raise StorageError(f"cannot write {uri}{_where(uri)}: {type(exc).__name__}: {exc}") from None
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

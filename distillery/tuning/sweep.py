@@ -238,6 +238,8 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
                                               tracking_reachable)
 
     t0 = time.time()
+    if cfg is not None:
+        storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
     if resume:
         state_uri = storage.join(absolute_uri(resume), SWEEP_STATE)
         if not storage.exists(state_uri):
