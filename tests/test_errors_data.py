@@ -199,6 +199,11 @@ CASES = [
          CacheShardError, r"cache shard .*shard-00001\.parquet has 300 bytes, .*manifest\.json records \d+"),
     Case("shard truncated, size edited too", _truncated_shard_with_edited_size, _open_and_read, CacheShardError,
          r"cache shard .*shard-00001\.parquet does not match its checksum"),
+    Case("shard damaged under a training ingest task", lambda r: _flip_byte(r / "cache/shard-00001.parquet"),
+         lambda r: lambda: __import__("distillery.platform.ingest", fromlist=["x"])._image_views_of_shard(
+             {"uri": str(r / "cache/shard-00001.parquet"), "manifest": str(_manifest(r)),
+              "sha256": json.loads(_manifest(r).read_text())["shards"][1]["sha256"]}, 1), CacheShardError,
+         r"cache shard .*shard-00001\.parquet does not match its checksum in .*manifest\.json"),
     Case("shard bytes not Parquet", lambda r: None,
          lambda r: lambda: parse_shard(b"PAR1 garbage", str(r / "cache/shard-00000.parquet")), CacheShardError,
          r"cache shard .*shard-00000\.parquet is not a readable Parquet file"),

@@ -23,7 +23,6 @@ cost: K grids per image cross the object store each epoch (images are still deco
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import random
@@ -33,7 +32,8 @@ import numpy as np
 
 from distillery.platform import storage
 from distillery.platform.coco import CocoDataset, CorruptImageError, decode_image
-from distillery.platform.feature_cache import CacheError, FeatureCache, decode_features
+from distillery.platform.feature_cache import (CacheError, FeatureCache, decode_features, parse_shard,
+                                               read_verified_shard)
 
 __all__ = ["build_train_dataset", "rows_to_samples", "select_view"]
 
@@ -105,11 +105,10 @@ def _pyarrow_filesystem(uri: str):
 
 def _image_views_of_shard(row: dict[str, Any], views: int) -> list[dict[str, Any]]:
     """Ray Data flat_map: one shard of a view cache -> one row per image with all its views."""
-    import pyarrow.parquet as pq
-
     uri = str(row["uri"])
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)),
-                          columns=["image_id", "view", "features", "scale", "params"]).to_pydict()
+    # Verified against the manifest's sha256 as the bytes stream in (a damaged shard is named).
+    table = parse_shard(read_verified_shard(uri, str(row["sha256"]), str(row["manifest"])), uri,
+                        columns=["image_id", "view", "features", "scale", "params"]).to_pydict()
     by_image: dict[int, dict[int, int]] = {}
     for r, (image_id, view) in enumerate(zip(table["image_id"], table["view"])):
         by_image.setdefault(int(image_id), {})[int(view)] = r
@@ -139,7 +138,8 @@ def build_train_dataset(dataset: CocoDataset, cache: FeatureCache | None, *,
     if cache is not None and cache.views > 1:
         cache.check_covers(table)
         uris = cache.shard_uris
-        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
+        ds = ray.data.from_items([{"uri": u, "sha256": s["sha256"], "manifest": cache.manifest_uri}
+                                  for u, s in zip(uris, cache.manifest["shards"])], override_num_blocks=len(uris))
         ds = ds.flat_map(_image_views_of_shard, fn_kwargs={"views": cache.views})
     elif cache is not None:
         cache.check_covers(table)
