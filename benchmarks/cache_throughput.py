@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--input-size", type=int, default=640)
@@ -41,8 +41,11 @@ def main() -> None:
     parser.add_argument("--teacher-kwargs", default="{}")
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=None)
-    args = parser.parse_args()
+    return parser
 
+
+def run(args) -> dict:
+    """The measurement (see the module docstring) as a dict; starts and stops its own Ray."""
     import numpy as np
     import ray
     import torch
@@ -123,7 +126,11 @@ def main() -> None:
         }
     finally:
         ray.shutdown()
-    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    print(json.dumps(run(parser().parse_args())))
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ def train_step(model, criterion, optimizer, images, targets) -> float:
     sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    losses = criterion(model(images, targets), targets)
-    loss = torch.stack(list(losses.values())).sum()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):  # bf16 on GPU
+        losses = criterion(model(images, targets), targets)
+        loss = torch.stack(list(losses.values())).sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -299,6 +300,8 @@ def main() -> None:
     parser.add_argument("--ap-steps", type=int, default=300)
     parser.add_argument("--ap-train", type=int, default=64)
     parser.add_argument("--ap-val", type=int, default=16)
+    parser.add_argument("--no-cpu-memory", action="store_true",
+                        help="on CPU, skip the per-method memory probes (a fresh process each)")
     parser.add_argument("--memory-probe", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--lora-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -340,7 +343,7 @@ def main() -> None:
             "backbone_trainable_fraction": reports[m].trainable_params / reports[m].original_params}
         for m, model in models.items()}
     result.update(speed_and_memory(args, models, criterion))
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.no_cpu_memory:
         growth = cpu_memory(args)
         how = growth.pop("how")
         result["memory_method"] = (f"cpu, fresh process per method: peak resident-set growth ({how}) from after "

@@ -11,7 +11,7 @@ Prints one JSON line with two measurements taken in one run:
    2-core CPU both share the same cores, so expect far less).
 
     python benchmarks/train_throughput.py [--student rtdetrv4_s] [--input-size 640] [--batch 4]
-        [--rounds 3] [--job-input-size 320] [--job-images 48] [--skip-job]
+        [--rounds 3] [--job-input-size 320] [--job-images 48] [--skip-job] [--teacher-kwargs JSON]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def step_throughput(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     size, b = args.input_size, args.batch
-    teacher = DinoV3Teacher(allow_random_init=True, input_size=size,
+    teacher = DinoV3Teacher(allow_random_init=True, input_size=size, model_kwargs=json.loads(args.teacher_kwargs),
                             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
     student = build_student(args.student, num_classes=80, eval_spatial_size=size,
                             teacher_dim=teacher.embed_dim).to(device).train()
@@ -48,14 +48,16 @@ def step_throughput(args) -> dict:
     targets = [{"labels": torch.randint(0, 80, (6,), device=device),
                 "boxes": torch.rand(6, 4, device=device) * 0.5 + 0.25} for _ in range(b)]
     cached_grid = teacher(images)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(online: bool) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         grid = teacher(images) if online else cached_grid
-        train_step(student, criterion, {"images": images, "targets": targets, "teacher_grid": grid},
-                   backward=lambda loss: loss.backward(), step=lambda: (opt.step(), opt.zero_grad()))
+        with autocast:  # bf16 on CUDA, as the distillation job's DeepSpeed engine
+            train_step(student, criterion, {"images": images, "targets": targets, "teacher_grid": grid},
+                       backward=lambda loss: loss.backward(), step=lambda: (opt.step(), opt.zero_grad()))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return b / (time.perf_counter() - t)
@@ -67,7 +69,7 @@ def step_throughput(args) -> dict:
         online.append(step(True))
     c, o = statistics.median(cached), statistics.median(online)
     return {"student": args.student, "input_size": size, "batch": b, "device": str(device),
-            "cached_img_s": round(c, 3), "online_img_s": round(o, 3), "ratio": round(c / o, 3)}
+            "autocast": "bfloat16" if device.type == "cuda" else "none", "cached_img_s": round(c, 3), "online_img_s": round(o, 3), "ratio": round(c / o, 3)}
 
 
 def job_throughput(args, workers: int) -> float:
@@ -99,12 +101,14 @@ def main() -> None:
     parser.add_argument("--job-input-size", type=int, default=320)
     parser.add_argument("--job-images", type=int, default=48)
     parser.add_argument("--skip-job", action="store_true")
+    parser.add_argument("--teacher-kwargs", default="{}", help="timm overrides of the ViT-B/16 teacher (CI: a tiny one)")
     args = parser.parse_args()
 
     import logging
 
     logging.disable(logging.INFO)
     result = {"benchmark": "train_throughput", "teacher": "vit_base_patch16_dinov3 (random init)",
+              "teacher_kwargs": json.loads(args.teacher_kwargs),
               "cpus": os.cpu_count(), "cached_vs_online": step_throughput(args)}
     if not args.skip_job:
         from distillery.platform.synthetic import generate_synthetic_coco

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from distillery.platform import storage
 from distillery.platform.augment import AugmentConfig, Augmenter, collate, view_recipe
+from distillery.platform.batchnorm import batchnorm_for_backend
 from distillery.platform.checkpoints import DS_TAG, EXTRA_STATE, STATE_JSON, CheckpointError
 from distillery.platform.distill_config import DistillConfig
 from distillery.platform.ingest import rows_to_samples
@@ -254,6 +255,7 @@ def train_worker(config: dict[str, Any]) -> None:
                           eval_spatial_size=cfg.student.input_size,
                           dsi=teacher_dim is not None, teacher_dim=teacher_dim, peft=cfg.student.peft.kwargs(),
                           **cfg.student.overrides)
+    model = batchnorm_for_backend(model, "nccl" if use_gpu else "gloo")  # the recipes' sync_bn
     criterion = build_criterion(num_classes=run["num_classes"])
     optimizer = build_optimizer(model, lr=cfg.optim.lr, backbone_lr=cfg.optim.backbone_lr,
                                 weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
