@@ -232,3 +232,34 @@ def test_kept_k_bias_is_loaded_as_meta_computes_it(tmp_path):
     torch.testing.assert_close(kept, reference_grid(reference, x, pool=2, n_prefix=5), rtol=0, atol=0)
     masked = load(masked_path, "vit_base_patch16_dinov3_qkvb")(x)
     assert (kept - masked).abs().max() > 1e-3  # the k bias is not cancelled
+
+
+# --------------------------------------------------------------------------- student weights files
+# (tests/test_weights.py covers the key summary, a truncated file, no state dict and a missing file;
+# these are the file-kind cases, which share the teacher's reader: distillery.torch_files)
+
+def load_student(path: Path):
+    from distillery.students import build_student
+
+    return build_student("rtdetrv4_tiny", weights=path, num_classes=6, eval_spatial_size=64, num_queries=10,
+                         num_denoising=4, dsi=False)
+
+
+STUDENT_CASES = [
+    ("empty", empty, r"is empty \(0 bytes\)"),
+    ("text named .pth", text_named_pth, r"is not a PyTorch checkpoint or safetensors"),
+    ("pickled objects", pickled_object, r"Python objects .* refused by weights_only"),
+    ("directory without a checkpoint", directory, r"holds neither a Distillery checkpoint"),
+]
+
+
+@pytest.mark.parametrize("case,make,first_line", STUDENT_CASES, ids=[c[0] for c in STUDENT_CASES])
+def test_student_weights_first_line_names_file_and_problem(tmp_path, case, make, first_line):
+    from distillery.students import WeightsError
+
+    path = make(tmp_path)
+    with pytest.raises((WeightsError, FileNotFoundError)) as err:
+        load_student(path)
+    first = str(err.value).splitlines()[0]
+    assert str(path) in first and re.search(first_line, first), first
+    assert "weights_only=False" not in str(err.value)

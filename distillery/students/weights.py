@@ -33,6 +33,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from distillery.torch_files import load_torch_file
+
 __all__ = ["COCO_CLASS_NAMES", "WeightsError", "WeightsReport", "class_map_from_names", "is_class_dependent",
            "load_student_weights", "read_student_checkpoint", "strip_wrapper_prefixes"]
 
@@ -115,11 +117,8 @@ def is_class_dependent(key: str) -> bool:
 
 
 def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong
-        raise WeightsError(f"could not read weights file {path} (weights_only=True; truncated, or not a "
-                           f"torch file?): {type(exc).__name__}: {exc}") from None
+    # (an empty or non-torch file is named as such; never PyTorch's weights_only=False advice)
+    return load_torch_file(path, "weights file", WeightsError)
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:

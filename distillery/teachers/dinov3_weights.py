@@ -55,6 +55,8 @@ import torch
 from timm.models.eva import checkpoint_filter_fn as timm_eva_checkpoint_filter
 from torch import nn
 
+from distillery.torch_files import is_safetensors_file, load_torch_file
+
 __all__ = [
     "TeacherWeightsError",
     "check_meta_checkpoint",
@@ -92,38 +94,6 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
 
 # --------------------------------------------------------------------------- reading a file
 
-def _sniff_format(path: Path) -> str:
-    """``"torch"`` (zip or legacy pickle), ``"safetensors"``, or a refusal naming the file."""
-    size = path.stat().st_size
-    if size == 0:
-        raise TeacherWeightsError(f"teacher weights file {path} is empty (0 bytes): not a PyTorch checkpoint "
-                                  "or safetensors file (an interrupted download or copy?)")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch's zip format / a legacy pickle
-        return "torch"
-    header_len = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
-    if head[8:9] == b"{" and 0 < header_len < size:  # 8-byte header length, then the JSON header
-        return "safetensors"
-    raise TeacherWeightsError(f"teacher weights file {path} is not a PyTorch checkpoint or safetensors file "
-                              f"({size} bytes starting {head[:12]!r})")
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        text = str(exc)
-        refused = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-        if refused:  # not PyTorch's "re-run with weights_only=False": that would run the file's code
-            raise TeacherWeightsError(f"teacher weights file {path} holds Python objects that are not tensors, "
-                                      f"refused by weights_only=True: {refused.group(1).strip()}") from exc
-        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-        first = first.split(". ")[0]  # (PyTorch's reader appends paragraphs of advice)
-        raise TeacherWeightsError(f"could not read teacher weights file {path} (truncated or corrupt?): "
-                                  f"{first}") from exc
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat ``{name: tensor}`` dict from a ``.safetensors`` file or a torch file.
 
@@ -139,8 +109,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise TeacherWeightsError(f"teacher weights file {path} is a directory, not a file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file not found: {path}")
-    kind = _sniff_format(path)
-    if kind == "safetensors" or path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_safetensors_file(path):
         from safetensors.torch import load_file
 
         try:
@@ -149,7 +118,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise TeacherWeightsError(f"teacher weights file {path} is not a readable safetensors file: "
                                       f"{exc}") from exc
     else:
-        obj = _torch_load(path)
+        obj = load_torch_file(path, "teacher weights file", TeacherWeightsError)
 
     for key in _CONTAINER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
