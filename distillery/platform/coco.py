@@ -105,12 +105,6 @@ class ImageRecord:
     labels: np.ndarray  # (n,) int64, contiguous labels
     iscrowd: np.ndarray  # (n,) bool
 
-    def to_row(self) -> dict[str, Any]:
-        """A flat row for Ray Data (numpy arrays, plain scalars)."""
-        return {"image_id": self.image_id, "uri": self.uri, "width": self.width,
-                "height": self.height, "boxes": self.boxes.reshape(-1).astype(np.float32),
-                "labels": self.labels, "iscrowd": self.iscrowd.astype(np.int8)}
-
 
 @dataclass(frozen=True)
 class SkippedRecord:
@@ -135,9 +129,6 @@ class CocoDataset:
     @property
     def image_ids(self) -> list[int]:
         return [r.image_id for r in self.records]
-
-    def by_id(self) -> dict[int, ImageRecord]:
-        return {r.image_id: r for r in self.records}
 
     def coco_gt_dict(self) -> dict[str, Any]:
         """A COCO ground-truth dict of the *validated* records (original category ids)."""

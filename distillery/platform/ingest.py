@@ -128,8 +128,7 @@ def _image_views_of_shard(row: dict[str, Any], views: int) -> list[dict[str, Any
 
 
 def build_train_dataset(dataset: CocoDataset, cache: FeatureCache | None, *,
-                        bad_records: Literal["error", "skip"] = "error", report_uri: str | None = None,
-                        decode_cpus: float = 1.0):
+                        bad_records: Literal["error", "skip"] = "error", report_uri: str | None = None):
     """The training dataset: one row per image, with its cached grid when ``cache`` is given
     (all of its views, when the cache has more than one)."""
     import ray
@@ -152,7 +151,7 @@ def build_train_dataset(dataset: CocoDataset, cache: FeatureCache | None, *,
         ds = ray.data.from_items([{"image_id": iid} for iid in sorted(table)])
     return ds.map_batches(_JoinAndDecode, fn_constructor_kwargs={
         "table": table, "bad_records": bad_records, "report_uri": report_uri},
-        batch_size=16, num_cpus=decode_cpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+        batch_size=16, num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         batch_format="numpy")
 
 

@@ -90,10 +90,6 @@ class FitResult:
     optimizer: torch.optim.Optimizer | None = None
     seconds: float = 0.0
 
-    @property
-    def final_loss(self) -> float:
-        return self.history[-1]["loss"] if self.history else float("nan")
-
 
 def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, steps: int, lr: float = 1e-3,
         backbone_lr: float | None = None, weight_decay: float = 1e-4, warmup_steps: int = 0,

@@ -406,9 +406,6 @@ class PhraseEmbeddingCache:
         key = self.key(encoder, phrases)
         return self.directory / f"{key}.safetensors", self.directory / f"{key}.json"
 
-    def clear_memory(self) -> None:
-        self._memory.clear()
-
     def get(self, encoder: PhraseEncoder, phrases: Sequence[str]) -> torch.Tensor:
         """(P, encoder.dim) float32 L2-normalised embeddings of ``phrases``, encoded at most once."""
         phrases = _check_phrases(phrases, "PhraseEmbeddingCache.get")

@@ -262,9 +262,7 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
 
     model, _ = job_entry(cfg.trial.job)
     base = load_config(model, cfg.trial.config, cfg.trial.overrides)
-    if cfg.sweep.gam == "space":
-        check_space(cfg.sweep.space, model, cfg.trial.config, cfg.trial.overrides)
-    elif cfg.sweep.space:
+    if cfg.sweep.gam == "space" or cfg.sweep.space:
         check_space(cfg.sweep.space, model, cfg.trial.config, cfg.trial.overrides)
     if cfg.sweep.gam == "auto" and base.teacher_mode == "none":
         raise ValueError("sweep.gam=auto needs a teacher: the trial job has teacher_mode=none")
