@@ -79,6 +79,11 @@ def test_eval_outputs_and_detections_match_the_official_code(case):
         assert torch.equal(det["labels"], tensors[f"detections/{i}/labels"])
         torch.testing.assert_close(det["boxes"], tensors[f"detections/{i}/boxes"], atol=0, rtol=0)
         torch.testing.assert_close(det["scores"], tensors[f"detections/{i}/scores"], atol=0, rtol=0)
+    # And from our own outputs: the same (query, class) pairs in the same order.
+    ours = postprocess(out["pred_logits"], out["pred_boxes"], tensors["orig_sizes"], num_top=meta["num_top_queries"])
+    for i, det in enumerate(ours):
+        assert torch.equal(det["labels"], tensors[f"detections/{i}/labels"])
+        torch.testing.assert_close(det["boxes"], tensors[f"detections/{i}/boxes"], atol=1e-3, rtol=0)  # pixels
 
 
 @pytest.mark.parametrize("case", CASES)
