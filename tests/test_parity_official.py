@@ -110,3 +110,26 @@ def test_converter_names_what_it_cannot_map():
         convert_official_state_dict("rtdetrv4_s", state)
     with pytest.raises(KeyError, match="not an RT-DETRv4"):
         convert_official_state_dict("yolo", state)
+
+
+def test_dinov3_vit_layout_of_deimv2_l_converts_as_the_backbone_loader_does():
+    """DEIMv2-L/X checkpoints hold Meta's DINOv3 layout under ``backbone.dinov3.``."""
+    from distillery.students.deimv2 import DINOv3ViTBackbone
+
+    torch.manual_seed(0)
+    source = DINOv3ViTBackbone("vit_small_patch16_dinov3", layers=(5, 8, 11), norm_outputs=True)
+    meta_layout = {"backbone.dinov3.mask_token": torch.zeros(1, 384),
+                   "backbone.dinov3.rope_embed.periods": torch.ones(16)}
+    for key, value in source.vit.state_dict().items():
+        key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        meta_layout[f"backbone.dinov3.{key}"] = value
+        if key.endswith("attn.qkv.weight"):
+            meta_layout[f"backbone.dinov3.{key.replace('weight', 'bias')}"] = torch.zeros(3 * 384)
+    converted = convert_official_state_dict("deimv2_l", meta_layout)
+    expected = {f"backbone.vit.{k}": v for k, v in source.vit.state_dict().items()}
+    assert sorted(converted) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(converted[key], value), key
+    meta_layout["backbone.dinov3.blocks.2.attn.qkv.bias"] = torch.ones(3 * 384)  # a real q/v bias cannot be dropped
+    with pytest.raises(ValueError, match="_qkvb"):
+        convert_official_state_dict("deimv2_l", meta_layout)

@@ -34,6 +34,7 @@ here) and the ViT's ``rope_embed.periods``.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -128,16 +129,30 @@ def _split_qkv_bias(vit_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _convert_dinov3_vit(student_name: str, vit_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Meta's DINOv3 ViT-S/S+ layout -> timm Eva, with timm's own converter on a meta-device copy of our ViT."""
-    import timm
-    from timm.models.eva import checkpoint_filter_fn
+    """Meta's DINOv3 ViT-S/S+ layout (L/X) -> our timm Eva, as the backbone loader converts it.
 
+    Our ViT is built on the meta device (no memory) so that timm's own converter sees the
+    architecture; zero query/value biases are dropped (non-zero ones raise, naming the ``_qkvb``
+    variant), and what our backbone prunes (blocks after the last used one, the unused final norm,
+    the classification head) is left out.
+    """
     from .deimv2 import DEIMV2_SPECS
+    from .deimv2_backbone import DINOv3ViTBackbone, _convert_vit_state
 
-    with torch.device("meta"):  # only the architecture is needed, no memory
-        vit = timm.create_model(DEIMV2_SPECS[student_name].backbone, pretrained=False, num_classes=0,
-                                dynamic_img_size=True)
-    return checkpoint_filter_fn(vit_state, vit)
+    spec = DEIMV2_SPECS[student_name]
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "randomly initialised": this copy only describes the architecture
+        backbone = DINOv3ViTBackbone(spec.backbone, layers=spec.vit_layers, norm_outputs=spec.vit_norm)
+    converted = _convert_vit_state(vit_state, backbone.vit, f"official {student_name} state dict")
+    depth = len(backbone.vit.blocks)
+    keep = []
+    for key in converted:
+        block = re.match(r"^blocks\.(\d+)\.", key)
+        if (block and int(block.group(1)) >= depth) or re.match(r"^(head|fc_norm|head_drop)\.", key) or (
+                key.startswith("norm.") and not spec.vit_norm) or key == "mask_token":
+            continue
+        keep.append(key)
+    return {k: converted[k] for k in keep}
 
 
 def convert_official_state_dict(student_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
