@@ -94,22 +94,27 @@ def cfg_categories(cfg) -> dict:
     return load_coco(ann, images, check_images="none").categories.to_dict()
 
 
-def test_readme_model_load_snippet_runs(two_worker_run, tmp_path, monkeypatch, capsys):
-    """The README's model-load block, as written, from a directory whose runs/mlflow.db is the
-    store the job logged to, once the run's model is champion."""
+def test_readme_model_load_snippet_runs(two_worker_run, tmp_path):
+    """The README's day, steps 5 and after: `python jobs/promote.py --run-id <run>` and then the
+    README's model-load block, each as written, in a fresh process, from a directory whose
+    runs/mlflow.db is the store the job logged to."""
+    import os
     import re
-
-    from distillery.platform.registry import promote_run
+    import subprocess
+    import sys
 
     cfg, summary, tmp = two_worker_run
     (tmp_path / "runs").symlink_to(tmp / "local")
-    monkeypatch.chdir(tmp_path)
-    promote_run(summary["tracking_uri"], "rtdetrv4-s", summary["run_id"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    promote = subprocess.run([sys.executable, str(REPO / "jobs" / "promote.py"), "--run-id", summary["run_id"]],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert promote.returncode == 0, promote.stderr[-3000:]
     readme = (REPO / "README.md").read_text()
     snippet = re.search(r"<!-- model-load snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(snippet, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    assert any(f"'{name}'" in printed for name in cfg_categories(cfg)["names"]), printed
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert any(f"'{name}'" in run.stdout for name in cfg_categories(cfg)["names"]), run.stdout
     assert not (tmp_path / "mlruns").exists()
 
 

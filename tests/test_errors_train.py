@@ -24,6 +24,21 @@ from distillery.platform.errors import DeterministicError, is_deterministic
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_globals_restored(monkeypatch):
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ: keep it from leaking
+    into later tests (a job without tracking.tracking_uri would log there)."""
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0]
 
@@ -95,7 +110,10 @@ def make_checkpoint(run: Path, index: int, epoch: int) -> Path:
                                                             "metrics": {"AP": 0.1 * epoch}}))
     torch.save({"ema": {"module": {"w": torch.ones(3)}}, "gam": None, "epoch": epoch, "global_step": 4},
                ckpt / "distillery_state.pt")
-    torch.save({"module": {"w": torch.full((64,), float(epoch))}}, ckpt / "ds" / "mp_rank_00_model_states.pt")
+    # DeepSpeed's model file in torch's legacy (non-zip) format, as DeepSpeed writes by default;
+    # the others are zip archives (torch.save's default, and our DeepSpeed checkpoint engine's).
+    torch.save({"module": {"w": torch.full((64,), float(epoch))}}, ckpt / "ds" / "mp_rank_00_model_states.pt",
+               _use_new_zipfile_serialization=False)
     torch.save({"optimizer_state_dict": {"state": torch.zeros(64)}}, ckpt / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     for rank in range(2):
         torch.save({"torch": torch.get_rng_state()}, ckpt / f"rng_rank{rank}.pt")
@@ -126,7 +144,8 @@ def test_intact_run_resumes_from_the_newest(run_dir):
 
 # (id, file to damage in the newest checkpoint, damage)
 FALLBACK_CASES = [
-    ("truncated DeepSpeed model file", "ds/mp_rank_00_model_states.pt", truncate),
+    ("truncated DeepSpeed model file (legacy format)", "ds/mp_rank_00_model_states.pt", truncate),
+    ("garbage DeepSpeed model file (legacy format)", "ds/mp_rank_00_model_states.pt", garble),
     ("garbage DeepSpeed optimizer file", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", garble),
     ("truncated distillery_state.pt", "distillery_state.pt", truncate),
     ("truncated rank RNG state", "rng_rank1.pt", truncate),
@@ -285,6 +304,17 @@ def test_sqlite_stores_keep_their_artifacts_beside_them(tmp_path, monkeypatch):
     assert roots[1].startswith((tmp_path / "b" / "store-artifacts" / "distillery").as_uri())
     assert (tmp_path / "a" / "mlflow-artifacts").is_dir() and (tmp_path / "b" / "store-artifacts").is_dir()
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_relative_sqlite_tracking_uri_is_made_absolute(tmp_path, monkeypatch):
+    """Workers run in other directories: a relative sqlite path must not reach them as given."""
+    from distillery.platform.tracking import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///runs/mlflow.db", "ignored") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
+    assert resolve_tracking_uri(None, "ignored") == f"sqlite:///{tmp_path / 'other.db'}"
+    assert resolve_tracking_uri("http://mlflow:5000", "ignored") == "http://mlflow:5000"
 
 
 # --------------------------------------------------------------------------- the served predictor

@@ -3,9 +3,11 @@
 A Distillery checkpoint directory (written by the training workers every epoch) holds
 ``distillery_state.json`` (epoch, metrics), ``distillery_state.pt`` (EMA, GAM, step), one
 ``rng_rank<i>.pt`` per rank and DeepSpeed's checkpoint under ``ds/``. Every ``.pt`` file is a
-zip archive (``torch.save``) whose members carry a CRC-32: reading each member back verifies a
-file end to end without unpickling anything, so a truncated or overwritten file is found here,
-in seconds, instead of in the workers after a group restart.
+zip archive (``torch.save``; DeepSpeed's files too, with the training loop's checkpoint engine)
+whose members carry a CRC-32: reading each member back verifies a file end to end without
+unpickling anything, so a truncated or overwritten file is found here, in seconds, instead of in
+the workers after a group restart. (A file in torch's legacy format, DeepSpeed's default, gets a
+restricted ``weights_only`` load instead.)
 
 ``output.resume_from`` may name a run (the newest intact checkpoint under it is used; corrupt
 newer ones are skipped with a warning naming the bad file) or one checkpoint directory (used
@@ -41,19 +43,55 @@ class CheckpointNotFoundError(FileNotFoundError, DeterministicError):
     """``resume_from`` names a path that does not exist or holds no checkpoint."""
 
 
+def deepspeed_safe_globals() -> list[type]:
+    """The few DeepSpeed types its checkpoints hold: the allow-list for ``torch.load(...,
+    weights_only=True)`` of a DeepSpeed checkpoint file."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    safe: list[type] = [LossScaler, DynamicLossScaler, fragment_address]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        safe.append(ZeroStageEnum)
+    except ImportError:  # pragma: no cover - older layouts
+        pass
+    return safe
+
+
 def _verify_torch_file(uri: str) -> None:
-    """Read every member of a ``torch.save`` zip archive back, checking its CRC-32."""
+    """Read a ``torch.save`` file back: a zip archive (torch's format, and DeepSpeed's with our
+    checkpoint engine) member by member against its CRC-32s; a legacy-format file (DeepSpeed's
+    default, written by older runs) by a restricted ``weights_only`` load."""
     fs, path = storage.filesystem(uri)
     try:
-        with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as archive:
-            bad = archive.testzip()
+        with fs.open(path, "rb") as fh:
+            if fh.read(4) == b"PK\x03\x04":
+                fh.seek(0)
+                with zipfile.ZipFile(fh) as archive:
+                    bad = archive.testzip()
+            else:
+                fh.seek(0)
+                _load_legacy(fh)
+                bad = None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {uri} is missing") from None
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # a truncated archive, garbage, a pickle outside the allow-list
         raise CheckpointError(f"checkpoint file {uri} is truncated or corrupt "
-                              f"(not a complete torch.save archive: {exc})") from None
+                              f"(not a complete torch.save file: {type(exc).__name__}: {exc})") from None
     if bad is not None:
         raise CheckpointError(f"checkpoint file {uri} is corrupt (member {bad} fails its CRC check)")
+
+
+def _load_legacy(fh) -> None:
+    import torch
+
+    try:
+        safe = deepspeed_safe_globals()
+    except ImportError:  # no DeepSpeed here: plain tensors and containers only
+        safe = []
+    with torch.serialization.safe_globals(safe):
+        torch.load(fh, map_location="cpu", weights_only=True)
 
 
 def _checkpoint_epoch(directory: str) -> int:

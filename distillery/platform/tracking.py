@@ -26,15 +26,22 @@ _PARAM_MAX = 6000
 
 
 def resolve_tracking_uri(configured: str | None, local_dir: str | os.PathLike) -> str:
-    """Config > MLFLOW_TRACKING_URI > sqlite file in ``local_dir``."""
+    """Config > MLFLOW_TRACKING_URI > sqlite file in ``local_dir``. A relative sqlite path
+    (``sqlite:///runs/mlflow.db``) is made absolute here: the workers run in other directories."""
     if configured:
-        return configured
+        return _absolute_sqlite(configured)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return _absolute_sqlite(env)
     path = Path(local_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def _absolute_sqlite(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
+    return uri
 
 
 def experiment_artifact_location(tracking_uri: str, experiment: str) -> str | None:

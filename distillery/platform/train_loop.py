@@ -29,7 +29,8 @@ import torch.distributed as dist
 from distillery.platform import storage
 from distillery.platform.augment import AugmentConfig, Augmenter, collate, view_recipe
 from distillery.platform.batchnorm import batchnorm_for_backend
-from distillery.platform.checkpoints import DS_TAG, EXTRA_STATE, STATE_JSON, CheckpointError
+from distillery.platform.checkpoints import (DS_TAG, EXTRA_STATE, STATE_JSON, CheckpointError,
+                                            deepspeed_safe_globals)
 from distillery.platform.distill_config import DistillConfig
 from distillery.platform.ingest import rows_to_samples
 from distillery.platform.preview import log_augment_preview
@@ -75,18 +76,14 @@ def _safe_checkpoint_engine():
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self):
+            super().__init__()
+            # Zip archives (DeepSpeed's default is torch's legacy format): every record carries a
+            # CRC-32, so the driver verifies a checkpoint end to end before resuming from it.
+            self.zipfile_serialization = True
+
         def load(self, path: str, map_location=None):
-            from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-            from deepspeed.utils.tensor_fragment import fragment_address
-
-            safe = [LossScaler, DynamicLossScaler, fragment_address]
-            try:
-                from deepspeed.runtime.zero.config import ZeroStageEnum
-
-                safe.append(ZeroStageEnum)
-            except ImportError:  # pragma: no cover - older layouts
-                pass
-            with torch.serialization.safe_globals(safe):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
                 try:
                     return torch.load(path, map_location=map_location, weights_only=True)
                 except FileNotFoundError:
