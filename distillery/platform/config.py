@@ -159,17 +159,21 @@ _RAY_EPHEMERAL_DIR = re.compile(r"/session_[^/]+/runtime_resources/")
 HOME_VARIABLE = "DISTILLERY_HOME"
 
 
-def absolute_uri(path: str) -> str:
+def absolute_uri(path: str, ships_with_code: bool = False) -> str:
     """A local path made absolute (workers may run in another directory); URIs unchanged.
 
     A relative path resolves against ``$DISTILLERY_HOME`` when it is set, else against the
     current directory. Under ``ray job submit --working-dir`` the current directory is Ray's
     temporary copy of the working dir, which Ray deletes: a relative path there is refused,
     naming where it would have gone and the way out, instead of losing the job's outputs.
+    ``ships_with_code``: a file that travels with the working dir (a recipe under ``configs/``)
+    resolves against the current directory, where Ray put it.
     """
     if "://" in path:
         return path
     local = Path(path).expanduser()
+    if ships_with_code:
+        return str(local.resolve())
     if not local.is_absolute():
         home = os.environ.get(HOME_VARIABLE)
         if home:

@@ -254,7 +254,7 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
         cfg.sweep.storage_path = absolute_uri(cfg.sweep.storage_path)
         cfg.output.local_dir = absolute_uri(cfg.output.local_dir)
         if cfg.trial.config:
-            cfg.trial.config = absolute_uri(cfg.trial.config)
+            cfg.trial.config = absolute_uri(cfg.trial.config, ships_with_code=True)
         model, _ = job_entry(cfg.trial.job)
         cfg.trial.overrides += _absolute_path_overrides(
             cfg.trial.job, load_config(model, cfg.trial.config, cfg.trial.overrides))
