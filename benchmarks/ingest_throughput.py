@@ -24,6 +24,8 @@ In one run, interleaved rounds over the same JPEGs (``--images`` synthetic 640x6
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -105,8 +107,9 @@ def baseline_pass(annotation_file: str, image_dir: str, args, epoch: int) -> int
         T.ToDtype(torch.float32, scale=True),
         T.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.CXCYWH),
     ])
-    dataset = wrap_dataset_for_transforms_v2(CocoDetection(image_dir, annotation_file, transforms=transforms),
-                                             target_keys=("image_id", "boxes", "labels"))
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' loading messages: stdout is the JSON line
+        coco = CocoDetection(image_dir, annotation_file, transforms=transforms)
+    dataset = wrap_dataset_for_transforms_v2(coco, target_keys=("image_id", "boxes", "labels"))
     n = 0
     for i in range(0, len(dataset), args.batch):
         items = [dataset[j] for j in range(i, min(i + args.batch, len(dataset)))]
@@ -151,7 +154,7 @@ def main() -> None:
     if args.profile:
         import cProfile
 
-        cProfile.runctx("distillery_pass(ds, cache, args, 99)", globals(), {"ds": ds, "cache": cache, "args": args},
+        cProfile.runctx("distillery_pass(ds, cache, args, 1)", globals(), {"ds": ds, "cache": cache, "args": args},
                         args.profile)
     o, b = statistics.median(ours), statistics.median(base)
     print(json.dumps({
