@@ -377,3 +377,20 @@ def test_jobs_load_yolo_and_voc_through_data_format(yolo_clean, voc_clean, tmp_p
     bad = load_config(DistillConfig, overrides=["data.format=yolo", f"data.root={yolo_clean}", "data.classes=[a]"])
     with pytest.raises(AnnotationError, match="data.classes applies to VOC"):
         load_train_val(bad.data, str(tmp_path / "r"))
+
+
+def test_yolo_and_voc_read_from_s3(moto_s3, yolo_clean, voc_clean):
+    """Listing (recursive image search, label directories) and reads go through fsspec: the same
+    records from S3 as from local disk."""
+    from distillery.platform import storage
+
+    base = f"s3://{moto_s3['bucket']}/formats"
+    fs, _ = storage.filesystem(base)
+    fs.put(str(yolo_clean.parent), f"{moto_s3['bucket']}/formats/yolo", recursive=True)
+    fs.put(str(voc_clean), f"{moto_s3['bucket']}/formats/voc", recursive=True)
+    for remote, local in ((load_yolo(f"{base}/yolo/data.yaml", "val"), load_yolo(str(yolo_clean), "val")),
+                          (load_voc(f"{base}/voc", "val"), load_voc(str(voc_clean), "val"))):
+        assert remote.records[0].uri.startswith(f"{base}/")
+        assert [r.file_name for r in remote.records] == [r.file_name for r in local.records]
+        assert remote.annotation_sha256 == local.annotation_sha256  # names in the dataset, not its location
+        _same_records(remote, local)
