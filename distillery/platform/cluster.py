@@ -6,12 +6,15 @@ import contextlib
 import logging
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Iterator
 
 from distillery.platform import storage
 from distillery.platform.config import RayConfig, StorageConfig
 
-__all__ = ["cluster_has_gpus", "ray_session"]
+__all__ = ["cluster_has_gpus", "ray_session", "runtime_env_vars"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,7 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
     if ray.is_initialized():
         yield
         return
-    env = storage.storage_env(storage_cfg.s3_endpoint_url if storage_cfg else None,
-                              storage_cfg.s3_region if storage_cfg else None)
-    env = {name: value for name, value in env.items() if name in SHAREABLE_S3_VARIABLES}
+    env = runtime_env_vars(storage_cfg)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"log_to_driver": True}
     # A driver under `ray job submit` already carries the job's runtime env; adding ours would
@@ -63,10 +64,38 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
         # (without it, it logs a warning every few seconds); bound to 127.0.0.1, any free port.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=None, **kwargs)
+    watchdog = None if address else _start_watchdog()
     try:
         yield
     finally:
         ray.shutdown()
+        if watchdog is not None:
+            watchdog.stdin.close()  # (what a killed driver's exit does too)
+            watchdog.wait(timeout=30)
+
+
+def _start_watchdog() -> subprocess.Popen | None:
+    """A process that ends this local instance's agents the moment this driver dies, even by
+    SIGKILL (they would linger ~60-100 s otherwise: see :mod:`distillery.platform.ray_watchdog`)."""
+    import ray
+    from ray._private import ray_constants
+
+    node = ray._private.worker._global_node
+    raylets = (node.all_processes or {}).get(ray_constants.PROCESS_TYPE_RAYLET) if node else None
+    if not raylets:
+        return None
+    # Its own session: a signal to the driver's process group (Ctrl+C) must not end it first.
+    return subprocess.Popen([sys.executable, "-m", "distillery.platform.ray_watchdog", str(raylets[0].process.pid)],
+                            stdin=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                                str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))})
+
+
+def runtime_env_vars(storage_cfg: StorageConfig | None) -> dict[str, str]:
+    """The S3 settings a job's runtime env carries to its workers: endpoint and region only."""
+    env = storage.storage_env(storage_cfg.s3_endpoint_url if storage_cfg else None,
+                              storage_cfg.s3_region if storage_cfg else None)
+    return {name: value for name, value in env.items() if name in SHAREABLE_S3_VARIABLES}
 
 
 def cluster_has_gpus() -> bool:
