@@ -32,7 +32,7 @@ def tiny_student(**kw) -> nn.Module:
                          eval_spatial_size=64, **kw)
 
 
-def batch(device: torch.device, b: int = 2, size: int = 64) -> dict:
+def batch(device: torch.device, b: int = 1, size: int = 64) -> dict:
     g = torch.Generator().manual_seed(1)
     targets = [{"labels": torch.randint(0, 3, (3,), generator=g).to(device),
                 "boxes": (torch.rand(3, 4, generator=g) * 0.3 + 0.3).to(device)} for _ in range(b)]
