@@ -61,6 +61,27 @@ class StudentSettings(StrictModel):
     # Keyword overrides passed to build_student (e.g. num_queries, num_decoder_layers).
     overrides: dict[str, Any] = Field(default_factory=dict)
     peft: PeftSettings = Field(default_factory=PeftSettings)
+    # Whole-model weights loaded after the build (build_student(weights=...)): an official
+    # RT-DETRv4 / DEIMv2 release .pth, a Distillery checkpoint or export, a state dict or
+    # .safetensors; a local path, hf-hub:<repo> or https:// URL.
+    weights: str | None = None
+    # Checkpoint trained on other classes: "coco" keeps the class rows of the dataset categories
+    # named like COCO's; {category name: checkpoint class index} keeps those; None re-initialises.
+    class_map: Literal["coco"] | dict[str, int] | None = None
+    # HGNetv2 ImageNet weights (timm layout or the official stage-1 .pth; path, hf-hub:, https://).
+    backbone_weights: str | None = None
+
+    @model_validator(mode="after")
+    def _weights_reachable(self) -> "StudentSettings":
+        from distillery.platform.weights_source import check_weights_source
+
+        check_weights_source(self.weights, "student.weights")
+        check_weights_source(self.backbone_weights, "student.backbone_weights")
+        if self.backbone_weights is not None and "backbone_weights" in self.overrides:
+            raise ValueError("student.backbone_weights and student.overrides.backbone_weights are both set; keep one")
+        if self.class_map is not None and self.weights is None:
+            raise ValueError("student.class_map needs student.weights (the checkpoint whose class rows it keeps)")
+        return self
 
     @field_validator("name")
     @classmethod
