@@ -31,7 +31,8 @@ def canary_credentials() -> dict[str, str]:
 
 
 def files_containing(roots: list[Path], needles: list[str]) -> dict[str, list[str]]:
-    """{needle: [files under roots that contain it]} (binary files included: sqlite, parquet, logs)."""
+    """{needle: [files under roots that contain it, with the text around it]} (binary files
+    included: sqlite, parquet, logs); the needle itself is shown as <CANARY>."""
     encoded = {n: n.encode() for n in needles}
     hits: dict[str, list[str]] = {n: [] for n in needles}
     for root in roots:
@@ -43,8 +44,10 @@ def files_containing(roots: list[Path], needles: list[str]) -> dict[str, list[st
             except OSError:  # a socket, or a file removed while we looked
                 continue
             for needle, raw in encoded.items():
-                if raw in data:
-                    hits[needle].append(str(path))
+                at = data.find(raw)
+                if at >= 0:
+                    around = data[max(0, at - 150): at + len(raw) + 50].replace(raw, b"<CANARY>")
+                    hits[needle].append(f"{path}: ...{around.decode(errors='replace')}...")
     return {n: files for n, files in hits.items() if files}
 
 
@@ -83,3 +86,25 @@ def test_runtime_env_never_carries_credentials(name, monkeypatch):
     env = runtime_env_vars(StorageConfig(s3_endpoint_url="http://127.0.0.1:9", s3_region="eu-west-1"))
     assert name not in env and os.environ[name] not in env.values()
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["AWS_DEFAULT_REGION"] == "eu-west-1"
+
+
+def test_sweeps_keep_credentials_out_of_tunes_trial_runtime_env(monkeypatch):
+    """Ray Tune copies AWS credentials from the driver into every trial's runtime env (and so into
+    runtime_env_agent.log); ray_session stops that for sweeps."""
+    from ray.tune.execution import class_cache
+
+    from distillery.platform.cluster import keep_credentials_out_of_tune
+
+    secret = "canary-" + uuid.uuid4().hex
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+
+    class Before:
+        pass
+
+    class After:
+        pass
+
+    assert secret in str(class_cache._ActorClassCache().get(Before)._default_options)  # Ray's own behaviour
+    keep_credentials_out_of_tune()
+    assert secret not in str(class_cache._ActorClassCache().get(After)._default_options)

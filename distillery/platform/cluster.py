@@ -41,6 +41,8 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
     """
     import ray
 
+    if "ray.tune" in sys.modules:  # a sweep: Tune would otherwise copy the credentials itself
+        keep_credentials_out_of_tune()
     if storage_cfg is not None:
         storage.configure_s3(storage_cfg.s3_endpoint_url, storage_cfg.s3_region)
     if ray.is_initialized():
@@ -89,6 +91,19 @@ def _start_watchdog() -> subprocess.Popen | None:
                             stdin=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                                 str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))})
+
+
+# Names Ray Tune copies from the driver's environment into every trial's runtime env, and so into
+# Ray's runtime-env agent log (ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE).
+_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Stop Ray Tune from putting AWS credentials into its trials' runtime env. The trial
+    processes still have them: like every Ray worker they inherit the node's environment."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(_CREDENTIAL_VARIABLES)
 
 
 def runtime_env_vars(storage_cfg: StorageConfig | None) -> dict[str, str]:
