@@ -96,9 +96,7 @@ def test_cli_rejects_unknown_key_before_starting_ray(tmp_path):
 
 def _cache_recipe(cfg) -> dict:
     """What decides a cache's bytes: the data it reads, the teacher, the storage settings."""
-    data = cfg.data
-    synthetic = data.synthetic.model_dump() if data.synthetic else None
-    return {"data": [data.root, *data.split_paths("train"), synthetic],
+    return {"data": cfg.data.model_dump(exclude={"check_images"}),
             "teacher": cfg.teacher.model_dump(), "dtype": cfg.cache.dtype, "shard_size": cfg.cache.shard_size,
             "views": cfg.cache.views}
 
