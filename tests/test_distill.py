@@ -35,13 +35,30 @@ def two_worker_run(ray_local, synthetic_data, tiny_cache, tmp_path_factory):
     return cfg, run_distill(cfg), tmp
 
 
-def test_ranks_agree_and_training_learns(two_worker_run):
+def checkpoint_ap(cfg, checkpoint: str) -> float:
+    """COCO AP on the val split of a checkpoint's EMA weights (the exported model), scored in this
+    process, on one rank, by the job's own eval code."""
+    import torch
+
+    from distillery.platform.model_export import load_inference_model
+    from distillery.platform.train_loop import evaluate_on_ranks
+
+    model = load_inference_model(cfg, {"num_classes": 6}, checkpoint)
+    val_annotations, val_images = cfg.data.split_paths("val")
+    return evaluate_on_ranks(model, val_annotations, val_images, cfg.student.input_size, cfg.train.eval_batch_size,
+                             rank=0, world=1, device=torch.device("cpu"))["AP"]
+
+
+def test_ranks_agree_and_gam_adapts(two_worker_run):
     cfg, summary, tmp = two_worker_run
     state = last_state(summary["run_storage"])
     assert state["epoch"] == cfg.train.epochs - 1
     ranks = state["ranks"]
     assert len(ranks["lambda"]) == 2 and ranks["lambda"][0] == ranks["lambda"][1]
-    assert ranks["weights_checksum"][0] == ranks["weights_checksum"][1]
+    # Data parallel: weights, buffers (BatchNorm running statistics) and the EMA copy that is
+    # evaluated and exported are the same on both ranks.
+    for key in ("weights_checksum", "buffers_checksum", "ema_weights_checksum", "ema_buffers_checksum"):
+        assert ranks[key][0] == ranks[key][1], (key, ranks[key])
     # GAM ran every epoch, on every rank alike, and moved lambda by its rule.
     from distillery.platform.distill import resolve_gam
     from distillery.students.gam import gam_update
@@ -52,7 +69,13 @@ def test_ranks_agree_and_training_learns(two_worker_run):
     for h in history:
         assert 0 < h["ratio"] < 1
         assert h["lambda_after"] == pytest.approx(gam_update(h["lambda_before"], h["ratio"], g["rho"], g["delta"]))
-    assert 0.0 <= summary["metrics"]["AP"] <= 1.0
+    # The AP the job reports is the AP of the model it checkpointed (every rank scored its val
+    # shard with the same EMA model, BatchNorm statistics included). Learning itself is shown by
+    # test_fit.py: this run's 12 steps leave AP at chance level (measured in 3 runs: 0.0002-0.0004,
+    # AP50 0.002; untrained, same val split and eval code: 0.0001, AP50 0.0007), too close to compare.
+    reported = state["metrics"]["AP"]
+    assert checkpoint_ap(cfg, find_latest_checkpoint(summary["run_storage"])) == pytest.approx(reported, rel=1e-3,
+                                                                                               abs=1e-6)
 
 
 def test_mlflow_run_contents(two_worker_run):
@@ -167,11 +190,11 @@ def test_zero2_s3_checkpoints_and_worker_failure(ray_local, moto_s3, synthetic_d
     shares = state["gam_history"][-1]["shares"]
     assert 0 < shares["aifi"] < 1 and abs(sum(shares.values()) - 1) < 1e-6
     assert state["ranks"]["lambda"][0] == state["ranks"]["lambda"][1]
-    assert state["ranks"]["weights_checksum"][0] == state["ranks"]["weights_checksum"][1]
+    for key in ("weights_checksum", "buffers_checksum", "ema_weights_checksum", "ema_buffers_checksum"):
+        assert state["ranks"][key][0] == state["ranks"][key][1], (key, state["ranks"][key])
 
 
 def test_bad_inputs_fail_before_training(ray_local, synthetic_data, tmp_path):
-    cfg = tiny_config(tmp_path, synthetic_data)
     with pytest.raises(FileNotFoundError, match="resume_from: run path .*nope does not exist"):
         run_distill(tiny_config(tmp_path, synthetic_data, f"output.resume_from={tmp_path / 'nope'}"))
     # A cache made by another teacher is refused with both fingerprints.
@@ -184,4 +207,3 @@ def test_bad_inputs_fail_before_training(ray_local, synthetic_data, tmp_path):
     with pytest.raises(FingerprintMismatchError, match="random-init:seed=7"):
         run_distill(run_cfg)
     assert not (tmp_path / "train" / "run").exists()  # nothing was started
-    assert cfg.teacher.seed == 0

@@ -1,49 +1,64 @@
-"""Cached vs online teacher: on an unaugmented batch the DSI loss from the cache equals the DSI
-loss from running the teacher on the training batch (up to fp16 storage)."""
+"""Cached vs online teacher, through the distillation job's own path: the cache job wrote the
+teacher's features (the ``tiny_cache`` fixture runs it), the training ingest reads, joins and
+decodes them (``build_train_dataset`` on Ray Data, then ``rows_to_samples``), the worker's
+augmenter, collate and renderer shape them (``Augmenter.batch``, ``collate``, ``_render_teacher``)
+and the step's loss code scores them (``compute_losses``). On an unaugmented batch the DSI loss
+from the cache equals the DSI loss of running the teacher online on the training batch, as the
+``teacher_mode: online`` worker does (up to fp16 storage)."""
 
-import numpy as np
+from pathlib import Path
+
 import torch
 
-from distillery.platform import augment as A
 from distillery.platform import storage
-from distillery.platform.coco import decode_image, load_coco, load_image_resized
-from distillery.platform.feature_cache import FeatureCache, FeatureCacheWriter, plan_shards
-from distillery.students import build_student, dsi_loss
-from distillery.teachers import DinoV3Teacher
+from distillery.platform.augment import AugmentConfig, Augmenter, collate
+from distillery.platform.cache_job import build_teacher, resolve_teacher_dtype
+from distillery.platform.config import load_config
+from distillery.platform.distill import load_train_val
+from distillery.platform.distill_config import DistillConfig
+from distillery.platform.feature_cache import FeatureCache
+from distillery.platform.ingest import build_train_dataset, rows_to_samples
+from distillery.platform.train_loop import _render_teacher
+from distillery.students import build_criterion, build_student
+from distillery.students.training import compute_losses
+
+REPO = Path(__file__).resolve().parent.parent
 
 
-def test_cached_and_online_dsi_loss_agree(synthetic_data, tmp_path):
-    size = 128
-    teacher = DinoV3Teacher(allow_random_init=True, input_size=size,
-                            model_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
-    ds = load_coco(str(synthetic_data / "annotations" / "instances_train.json"),
-                   str(synthetic_data / "images" / "train"))
-    records = ds.records[:4]
-    # The cache side, as the cache job writes it: resized image -> teacher -> fp16 shard.
-    writer = FeatureCacheWriter(str(tmp_path / "c"), teacher.fingerprint, [32, 4, 4], "fp16", 8, {})
-    ids = [r.image_id for r in records]
-    writer.begin(plan_shards(ids, 8))
-    images = torch.stack([torch.from_numpy(load_image_resized(r.uri, size)) for r in records]).float() / 255
-    info = writer.write_shard(0, ids, teacher(images).numpy())
-    writer.finalize(1, [info])
-    cache = FeatureCache(str(tmp_path / "c"), expected_fingerprint=teacher.fingerprint)
+def test_cached_and_online_dsi_loss_agree(tiny_cache, synthetic_data, tmp_path):
+    cfg = load_config(DistillConfig, REPO / "configs" / "distill_tiny.yaml",
+                      [f"data.root={synthetic_data}", f"cache.uri={tiny_cache}"])
+    size = cfg.student.input_size
+    teacher = build_teacher(cfg.teacher.model_dump(), resolve_teacher_dtype(cfg.teacher, on_gpu=False))
+    train, _ = load_train_val(cfg.data, report_dir=str(tmp_path / "reports"))
+    cache = FeatureCache(storage.join(cfg.cache.uri, "train"), expected_fingerprint=teacher.fingerprint)
+    cache_meta = {"dtype": cache.dtype, "grid": list(cache.grid), "views": cache.views, "uri": cache.uri}
 
-    # The training side: full-size decode -> Sample with the cached grid -> resize -> collate.
-    samples = []
-    for r in records:
-        img = torch.from_numpy(decode_image(storage.read_bytes(r.uri), r.uri)).permute(2, 0, 1)
-        samples.append(A.resize(A.Sample.create(img, torch.from_numpy(r.boxes), torch.from_numpy(r.labels),
-                                                grid=torch.from_numpy(cache.get(r.image_id))), (size, size)))
-    batch = A.collate(samples, f5_hw=(size // 32, size // 32))
-    assert torch.equal(batch["images"], images)  # the student sees exactly what the teacher saw
-    online = teacher(batch["images"])
+    # The worker's side: a Ray Data batch -> samples with their cached grids -> epoch 0 of a
+    # schedule whose strong ops start later, with no flip and no multi-scale: only the resize.
+    rows = next(iter(build_train_dataset(train, cache).iter_batches(batch_size=4, batch_format="numpy")))
+    augmenter = Augmenter(AugmentConfig(size=size, policy_epochs=(1, 2, 3), mixup_epochs=(1, 2), flip_prob=0.0,
+                                        multiscale_stop_epoch=0), seed=0)
+    samples = augmenter.batch(rows_to_samples(rows, cache_meta), epoch=0)
+    batch = collate(samples, f5_hw=None)
+    images, targets = batch["images"], [{k: v for k, v in t.items() if k != "image_id"} for t in batch["targets"]]
+    f5_hw = (images.shape[-2] // 32, images.shape[-1] // 32)
+    cached = _render_teacher(samples, f5_hw, torch.device("cpu"))
+    assert cached["teacher_mask"].all()  # no canvas fill: every F5 position has a teacher feature
+    with torch.no_grad():
+        online = teacher(images)  # the online worker's teacher input: the collated batch at teacher size
 
-    student = build_student("rtdetrv4_tiny", num_classes=6, eval_spatial_size=size, teacher_dim=32).train()
-    f5 = student(batch["images"], [{"labels": t["labels"], "boxes": t["boxes"]} for t in batch["targets"]])["f5"]
-    cached_loss = dsi_loss(f5, batch["teacher_grid"], student.dsi, mask=batch["teacher_mask"])
-    online_loss = dsi_loss(f5, online, student.dsi)
-    assert batch["teacher_mask"].all()
-    assert abs(cached_loss.item() - online_loss.item()) < 1e-3, (cached_loss.item(), online_loss.item())
-    cos = torch.nn.functional.cosine_similarity(batch["teacher_grid"], online, dim=1)
-    assert cos.min() > 0.999
-    assert np.isfinite(cached_loss.item())
+    student = build_student(cfg.student.name, num_classes=train.categories.num_classes, eval_spatial_size=size,
+                            teacher_dim=teacher.embed_dim).train()
+    criterion = build_criterion(num_classes=train.categories.num_classes)
+    losses = {}
+    for name, teacher_batch in (("cached", cached), ("online", {"teacher_grid": online})):
+        torch.manual_seed(0)  # the same train-mode forward for both
+        losses[name] = compute_losses(student, criterion, images, targets, **teacher_batch,
+                                      dsi_weight=1.0).parts["loss_dsi"].item()
+    assert 0.1 < losses["online"] < 2.0  # a real, untrained DSI loss, not a degenerate zero
+    assert abs(losses["cached"] - losses["online"]) < 1e-3, losses
+    # The cached grid, rendered to F5, is the online grid resized to F5.
+    resized = torch.nn.functional.interpolate(online, size=f5_hw, mode="bilinear", align_corners=False)
+    cos = torch.nn.functional.cosine_similarity(cached["teacher_grid"], resized, dim=1)
+    assert cos.min() > 0.999, cos.min()

@@ -33,6 +33,16 @@ def last_state(run_path: str) -> tuple[dict, Path]:
     return json.loads((ckpt / "distillery_state.json").read_text()), ckpt
 
 
+def val_ap(model_file: Path, cfg: MoETuneConfig) -> float:
+    """COCO AP on the val split of a model file of the job, scored in this process, on one rank,
+    by the job's own eval code."""
+    from distillery.platform.train_loop import evaluate_on_ranks
+
+    val_annotations, val_images = cfg.data.split_paths("val")
+    return evaluate_on_ranks(load_tuned_model(model_file), val_annotations, val_images, cfg.model.input_size,
+                             cfg.train.eval_batch_size, rank=0, world=1, device=torch.device("cpu"))["AP"]
+
+
 @pytest.fixture(scope="module")
 def tuned(ray_local, synthetic_data, tmp_path_factory):
     """A 3-step dense phase (the embedded default's path, tiny), then 2 epochs of MoE-tuning with
@@ -43,14 +53,19 @@ def tuned(ray_local, synthetic_data, tmp_path_factory):
                                     "train.max_failures=1")), tmp
 
 
-def test_expert_parallel_run_starts_from_the_dense_model_and_trains(tuned):
-    summary, _ = tuned
+def test_expert_parallel_run_starts_from_the_dense_model_and_trains(tuned, synthetic_data):
+    summary, tmp = tuned
     state, ckpt = last_state(summary["run_storage"])
     assert state["epoch"] == 1 and state["global_step"] == 4
     # Step 0: the whole detector through DeepSpeed's MoE layers (4 experts per rank, all-to-all
     # over 2 ranks) gives the dense detector's outputs.
     assert state["step0"]["max_abs_diff"] < 1e-5 and len(state["step0"]["per_rank"]) == 2
-    assert 0.0 <= state["metrics"]["AP"] <= 1.0 and "AP" in state["base_metrics"]
+    # The APs the job reports are those of the models it saved: the dense base and, after
+    # MoE-tuning, the consolidated model (every rank scored its val shard with the same model).
+    cfg = tiny_config(tmp, synthetic_data)
+    assert val_ap(Path(summary["run_storage"]) / "dense_base" / MODEL_FILE, cfg) == pytest.approx(
+        state["base_metrics"]["AP"], rel=1e-3, abs=1e-6)
+    assert val_ap(ckpt / MODEL_FILE, cfg) == pytest.approx(state["metrics"]["AP"], rel=1e-3, abs=1e-6)
     # Data parallel outside the experts: every rank holds the same non-expert weights and computes
     # the same outputs.
     ranks = state["ranks"]

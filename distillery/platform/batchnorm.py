@@ -4,8 +4,9 @@ The reference recipes (D-FINE/DEIM/RT-DETRv4, ``sync_bn: True``) train with Sync
 4-8 images per GPU, per-rank batch statistics are noisy, and synchronising them gives every rank
 the statistics of the global batch. PyTorch's SyncBatchNorm has CUDA kernels only, so on CPU
 workers (gloo) the model keeps ordinary BatchNorm, and the workers average the running statistics
-over ranks before each evaluation and checkpoint (:mod:`distillery.platform.norm_sync`). The conversion keeps parameter and buffer names,
-so checkpoints load into either form and the exported model is the same.
+over ranks before each evaluation and checkpoint (:mod:`distillery.platform.norm_sync`). The
+conversion keeps parameter and buffer names, so checkpoints load into either form and the exported
+model is the same.
 """
 
 from __future__ import annotations

@@ -61,6 +61,8 @@ import torch.distributed as dist
 from distillery.platform import storage
 from distillery.platform.config import absolute_uri, config_hash, flatten_config
 from distillery.platform.moe_config import MoETuneConfig
+from distillery.platform.batchnorm import batchnorm_for_backend
+from distillery.platform.norm_sync import average_norm_statistics
 from distillery.platform.progress import ProgressPrinter, filter_ray_log_noise, loss_terms, quiet_worker_noise
 from distillery.platform.train_loop import DS_TAG, EXTRA_STATE, STATE_JSON
 
@@ -665,6 +667,7 @@ def _ds_engine(model, cfg: MoETuneConfig, use_gpu: bool, *, lr: float, backbone_
     from distillery.platform.train_loop import _safe_checkpoint_engine, build_deepspeed_config
     from distillery.students.optim import build_lr_scheduler, build_param_groups
 
+    model = batchnorm_for_backend(model, "nccl" if use_gpu else "gloo")  # the recipes' sync_bn
     groups = build_param_groups(model, lr, backbone_lr, cfg.optim.weight_decay)
     for g in groups:
         g.pop("param_names")
@@ -731,27 +734,6 @@ def _shared_checksum(module: torch.nn.Module) -> float:
         values = [p.detach().double().sum() for p in module.parameters() if not is_moe_param(p)]
         values += [b.detach().double().sum() for b in module.buffers() if b.is_floating_point()]
     return float(torch.stack(values).sum())
-
-
-def _average_buffers(module: torch.nn.Module) -> None:
-    """Average the floating-point buffers (BatchNorm running statistics) over all ranks.
-
-    DeepSpeed keeps parameters in sync but not buffers: each rank's BatchNorm statistics follow
-    its own batches, so without this the ranks would evaluate (and checkpoint) different models.
-    """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    buffers = [b for b in module.buffers() if b.is_floating_point() and b.numel()]
-    if not buffers:
-        return
-    flat = torch.cat([b.detach().float().reshape(-1) for b in buffers])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    with torch.no_grad():
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
 
 
 def _all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
@@ -916,7 +898,7 @@ def moe_tune_worker(config: dict[str, Any]) -> None:
                                    "images_per_second": steps * cfg.train.batch_size * world / max(seconds, 1e-9)}
 
         # --- 4. evaluation on the gathered model, expert analysis, checkpoint
-        _average_buffers(engine.module)
+        average_norm_statistics(engine.module)
         evaluated = plain if m.enabled else engine.module
         if m.enabled:
             _consolidate(engine.module, plain)
@@ -986,7 +968,7 @@ def _dense_phase(model, dense_model, criterion, cfg: MoETuneConfig, run: dict[st
             raise RuntimeError("dense phase: no training batch (the train split is smaller than "
                                "train.batch_size x train.num_workers)")
         pass_id += 1
-    _average_buffers(engine.module)
+    average_norm_statistics(engine.module)
     fresh = dense_model()
     fresh.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
     if hasattr(engine, "destroy"):
