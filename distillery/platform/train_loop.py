@@ -42,6 +42,7 @@ __all__ = ["build_deepspeed_config", "load_extra_state", "train_worker"]
 log = logging.getLogger(__name__)
 
 # (File names of a checkpoint directory: distillery.platform.checkpoints checks them on the driver.)
+MODEL_JSON = "distillery_model.json"  # in the run storage: the student's name, input size, classes
 
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -228,6 +229,22 @@ def evaluate_on_ranks(model: torch.nn.Module, val_ann: str, val_images: str, siz
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _record_weights_report(report, run: dict[str, Any]) -> None:
+    """What loading student.weights did (re-initialised class tensors, kept rows): the log and
+    the MLflow run (tags for the counts, weights_report.json for the names)."""
+    log.info("student.weights: %s", report.summary())
+    if not run.get("run_id"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(run["tracking_uri"])
+    summary = report.as_dict()
+    for key in ("layout", "loaded", "num_reinitialised", "checkpoint_num_classes", "model_num_classes"):
+        client.set_tag(run["run_id"], f"distillery.weights.{key}", str(summary[key]))
+    client.set_tag(run["run_id"], "distillery.weights.class_rows_copied", str(len(report.class_rows_copied)))
+    client.log_dict(run["run_id"], summary, "weights_report.json")
+
+
 # --------------------------------------------------------------------------- the worker
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -236,6 +253,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from distillery.platform.weights_source import student_weight_kwargs, weights_file_errors
     from distillery.students import build_criterion, build_student
     from distillery.students.ema import ModelEMA
     from distillery.students.gam import GAMController
@@ -249,11 +267,19 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # --- model, loss, optimizer, engine
     teacher_dim = run["teacher_dim"]
-    model = build_student(cfg.student.name, num_classes=run["num_classes"],
-                          eval_spatial_size=cfg.student.input_size,
-                          dsi=teacher_dim is not None, teacher_dim=teacher_dim, peft=cfg.student.peft.kwargs(),
-                          **cfg.student.overrides)
+    with weights_file_errors():  # a weights file that does not fit fails the same on every retry
+        model = build_student(cfg.student.name, num_classes=run["num_classes"],
+                              eval_spatial_size=cfg.student.input_size,
+                              dsi=teacher_dim is not None, teacher_dim=teacher_dim, peft=cfg.student.peft.kwargs(),
+                              **student_weight_kwargs(cfg.student, run["categories"]["names"]),
+                              **cfg.student.overrides)
     model = batchnorm_for_backend(model, "nccl" if use_gpu else "gloo")  # the recipes' sync_bn
+    if rank == 0 and getattr(model, "weights_report", None) is not None:
+        _record_weights_report(model.weights_report, run)
+    if rank == 0 and run.get("run_storage"):  # what jobs/predict.py needs to rebuild it from a run dir
+        storage.write_text(storage.join(run["run_storage"], MODEL_JSON), json.dumps(
+            {"student": cfg.student.name, "input_size": cfg.student.input_size, "overrides": cfg.student.overrides,
+             "peft": cfg.student.peft.kwargs(), "categories": run["categories"]}, indent=1))
     criterion = build_criterion(num_classes=run["num_classes"])
     optimizer = build_optimizer(model, lr=cfg.optim.lr, backbone_lr=cfg.optim.backbone_lr,
                                 weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
