@@ -302,6 +302,9 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
             for item in items:
                 item["boxes"] = [boxes_of[iid] for iid in item["image_ids"]]
         gpus = (1.0 if use_gpu else 0.0) if cfg.compute.gpus_per_actor == "auto" else float(cfg.compute.gpus_per_actor)
+        # A corrupt image keeps its own class (CorruptImageError, deterministic: one error line at
+        # the CLI) instead of Ray Data's UserCodeException, whose cause does not reach the driver.
+        ray.data.DataContext.get_current().raise_original_map_exception = True
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         decode_cpus = cfg.compute.decode_cpus
         # Decode in CPU tasks, not inside the teacher actor: Ray Data would fuse this map into

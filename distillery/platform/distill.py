@@ -240,6 +240,9 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
         data_context = ray.data.DataContext.get_current()
         data_context.enable_progress_bars = False
         data_context.print_on_execution_start = False
+        # A data error raised in an ingest task (a corrupt image) keeps its own class instead of
+        # Ray Data's UserCodeException (whose cause is lost on the way): deterministic, no retry.
+        data_context.raise_original_map_exception = True
         train_ds = build_train_dataset(train, dataset_cache, bad_records=cfg.data.bad_records,
                                        report_uri=storage.join(run_storage, "bad_records"))
 

@@ -505,6 +505,8 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         filter_ray_log_noise()
         ray.data.DataContext.get_current().enable_progress_bars = False
+        # A corrupt image in an ingest task keeps its class (deterministic: no retry; see distill.py).
+        ray.data.DataContext.get_current().raise_original_map_exception = True
         ray.data.DataContext.get_current().print_on_execution_start = False
         train_ds = build_train_dataset(train, None, bad_records=cfg.data.bad_records,
                                        report_uri=storage.join(run_storage, "bad_records"))
