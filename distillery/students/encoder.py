@@ -146,11 +146,11 @@ def sincos_position_embedding_2d(height: int, width: int, dim: int, temperature:
         raise ValueError(f"sincos_position_embedding_2d: dim must be divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
-    tokens = torch.arange(height * width, device=device)
-    first = torch.div(tokens, height, rounding_mode="floor").to(torch.float32)
-    second = (tokens % height).to(torch.float32)
-    first_angles = first[:, None] * omega[None]
-    second_angles = second[:, None] * omega[None]
+    # The official grid as built there (meshgrid, no integer division: that also exports to ONNX).
+    first, second = torch.meshgrid(torch.arange(width, dtype=torch.float32, device=device),
+                                   torch.arange(height, dtype=torch.float32, device=device), indexing="ij")
+    first_angles = first.reshape(-1, 1) * omega[None]
+    second_angles = second.reshape(-1, 1) * omega[None]
     pos = torch.cat([first_angles.sin(), first_angles.cos(), second_angles.sin(), second_angles.cos()], dim=1)
     return pos[None].to(dtype)
 
