@@ -181,6 +181,26 @@ def test_first_line_names_file_and_problem(tmp_path, case, make, teacher, exc_ty
     assert "weights_only=False" not in str(err.value)  # never advise running a file's pickled code
 
 
+def test_bad_weights_files_are_deterministic_one_line_errors(tmp_path, capsys):
+    """A bad teacher or student weights file fails the same way on every retry: Ray Train must
+    not retry it, and the command line prints one ``error:`` line naming the file."""
+    from distillery.platform.errors import exit_on_user_error, find_deterministic_error
+    from distillery.students import build_student
+
+    (tmp_path / "s").mkdir()
+    teacher_file, student_file = empty(tmp_path), text_named_pth(tmp_path / "s")
+    for path, attempt in ((teacher_file, lambda: load(teacher_file)),
+                          (student_file, lambda: build_student("rtdetrv4_tiny", weights=student_file))):
+        with pytest.raises(Exception) as err:
+            attempt()
+        assert find_deterministic_error(err.value) is err.value
+        with pytest.raises(SystemExit) as exited:
+            exit_on_user_error(attempt)
+        assert exited.value.code == 2
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first.startswith("error: ") and str(path) in first, first
+
+
 def test_long_key_lists_are_cut_after_the_summary(tmp_path):
     path = vit_s_for_vit_b(tmp_path)
     with pytest.raises(TeacherWeightsError) as err:

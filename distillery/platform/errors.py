@@ -21,19 +21,12 @@ from __future__ import annotations
 import sys
 from typing import Callable, Iterator, TypeVar
 
+from distillery.errors import DeterministicError, UserFacingError  # plain Python: teachers and students raise them too
+
 __all__ = ["DeterministicError", "UserFacingError", "exit_on_user_error", "find_deterministic_error",
            "is_deterministic", "user_error_message"]
 
 T = TypeVar("T")
-
-
-class UserFacingError(Exception):
-    """An error whose message is all a user needs (it names the file, field or URI): the command
-    line prints it without a traceback. It may still succeed on retry (storage out of reach)."""
-
-
-class DeterministicError(UserFacingError):
-    """An error that fails the same way on every retry; its message names the file or field."""
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from distillery.errors import DeterministicError
 from distillery.torch_files import load_torch_file
 
 __all__ = ["COCO_CLASS_NAMES", "WeightsError", "WeightsReport", "class_map_from_names", "is_class_dependent",
@@ -58,8 +59,9 @@ COCO_CLASS_NAMES = (
 )
 
 
-class WeightsError(ValueError):
-    """A weights file that does not fit the student; the first line counts, then a few names."""
+class WeightsError(ValueError, DeterministicError):
+    """A weights file that does not fit the student; the first line counts, then a few names.
+    Deterministic: a Ray Train retry would read the same file again."""
 
 
 @dataclass

@@ -55,6 +55,7 @@ import torch
 from timm.models.eva import checkpoint_filter_fn as timm_eva_checkpoint_filter
 from torch import nn
 
+from distillery.errors import DeterministicError
 from distillery.torch_files import is_safetensors_file, load_torch_file
 
 __all__ = [
@@ -79,8 +80,9 @@ _DINOV3_SIZES = {384: ("ViT-S", "vit_small"), 768: ("ViT-B", "vit_base"), 1024: 
 _NAMES_SHOWN = 5
 
 
-class TeacherWeightsError(ValueError):
-    """A teacher weights file that cannot be loaded; the first line names the file and the problem."""
+class TeacherWeightsError(ValueError, DeterministicError):
+    """A teacher weights file that cannot be loaded; the first line names the file and the problem.
+    Deterministic: a Ray Train retry would read the same file again."""
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
