@@ -394,3 +394,27 @@ def test_yolo_and_voc_read_from_s3(moto_s3, yolo_clean, voc_clean):
         assert [r.file_name for r in remote.records] == [r.file_name for r in local.records]
         assert remote.annotation_sha256 == local.annotation_sha256  # names in the dataset, not its location
         _same_records(remote, local)
+
+
+def test_coco_val_with_skipped_records_is_evaluated_on_the_validated_records(synthetic_data, tmp_path):
+    """``bad_records: skip`` on a COCO val split: the workers must not reload the original file
+    (its bad record would fail there under the default policy); they get the validated records."""
+    from distillery.platform.distill import load_train_val
+    from distillery.platform.formats import coco_split_paths
+
+    root = tmp_path / "coco"
+    shutil.copytree(synthetic_data, root)
+    val_file = root / "annotations" / "instances_val.json"
+    doc = json.loads(val_file.read_text())
+    doc["annotations"][0]["category_id"] = 999  # unknown category: a bad record
+    val_file.write_text(json.dumps(doc))
+    cfg = load_config(DistillConfig, overrides=[f"data.root={root}", "data.bad_records=skip"])
+    _, val = load_train_val(cfg.data, str(tmp_path / "reports"))
+    assert len(val.skipped) == 1
+    ann, images = coco_split_paths(cfg.data, "val", val, str(tmp_path / "data"))
+    assert ann != str(val_file) and ann.endswith("instances_val.json")
+    again = load_coco(ann, images)  # the default policy 'error': nothing bad is left
+    _same_records(again, val)
+    clean = load_config(DistillConfig, overrides=[f"data.root={synthetic_data}"])
+    _, clean_val = load_train_val(clean.data, str(tmp_path / "clean-reports"))
+    assert coco_split_paths(clean.data, "val", clean_val, str(tmp_path / "d2")) == clean.data.split_paths("val")

@@ -178,7 +178,8 @@ def prepare_inputs(cfg: DistillConfig) -> None:
         return
     from distillery.platform.formats import load_split
 
-    train = load_split(cfg.data, "train", check_images="none")
+    train = load_split(cfg.data, "train", check_images="none",
+                       report_uri=storage.join(cfg.output.local_dir, "bad_records", "prepare_train.jsonl"))
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=3):
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)

@@ -82,8 +82,10 @@ def coco_split_paths(data: "DataConfig", split: Literal["train", "val"], dataset
                      out_dir: str) -> tuple[str, str]:
     """(annotation URI, image root URI) of a loaded split as a COCO file, for the training
     workers' evaluation: the configured files for COCO; for YOLO and VOC the validated records
-    written once as ``out_dir/instances_<split>.json`` (atomic write)."""
-    if data.format == "coco":
+    written once as ``out_dir/instances_<split>.json`` (atomic write). A COCO split with
+    skipped bad records is written the same way, so that the workers score exactly the records
+    the driver validated (reloading the original file would meet the bad records again)."""
+    if data.format == "coco" and not dataset.skipped:
         return data.split_paths(split)
     uri = storage.join(out_dir, f"instances_{split}.json")
     storage.write_text(uri, json.dumps(dataset.coco_gt_dict()))
