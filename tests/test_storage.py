@@ -55,11 +55,14 @@ def test_join_uses_slashes_for_uris():
     assert storage.is_remote("s3://b/p") and not storage.is_remote("/tmp/x")
 
 
-def test_storage_env_never_invents_credentials(monkeypatch):
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+def test_storage_env_carries_endpoint_and_region_never_credentials(monkeypatch):
+    for name in storage.SHAREABLE_S3_VARIABLES:  # other tests' moto settings
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("AWS_ACCESS_KEY_ID", "canary-id"), ("AWS_SECRET_ACCESS_KEY", "canary-secret"),
+                        ("AWS_SESSION_TOKEN", "canary-token"), ("AWS_REGION", "eu-west-3")):
+        monkeypatch.setenv(name, value)
     env = storage.storage_env("http://127.0.0.1:9")
-    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
-    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert env == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_REGION": "eu-west-3"}
 
 
 def test_streamed_checksum_and_sizes(tmp_path):

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 # The S3 variables that may be written into a runtime env (and so into Ray's logs): none of them
 # is a secret. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN are not among them.
-SHAREABLE_S3_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 @contextlib.contextmanager
@@ -108,9 +107,8 @@ def keep_credentials_out_of_tune() -> None:
 
 def runtime_env_vars(storage_cfg: StorageConfig | None) -> dict[str, str]:
     """The S3 settings a job's runtime env carries to its workers: endpoint and region only."""
-    env = storage.storage_env(storage_cfg.s3_endpoint_url if storage_cfg else None,
-                              storage_cfg.s3_region if storage_cfg else None)
-    return {name: value for name, value in env.items() if name in SHAREABLE_S3_VARIABLES}
+    return storage.storage_env(storage_cfg.s3_endpoint_url if storage_cfg else None,
+                               storage_cfg.s3_region if storage_cfg else None)
 
 
 def cluster_has_gpus() -> bool:

@@ -104,17 +104,16 @@ def configure_s3(endpoint_url: str | None = None, region: str | None = None,
         _S3_OPTIONS["secret"] = secret_access_key
 
 
-def storage_env(endpoint_url: str | None = None, region: str | None = None) -> dict[str, str]:
-    """Environment variables that carry this process's S3 settings to Ray workers.
+# S3 settings that may travel to Ray workers in a runtime env: where S3 is, never who you are.
+# Credentials stay out (a runtime env is written to Ray's logs); workers read them from their own
+# environment, which a local instance inherits and cluster nodes carry (env, instance role, file).
+SHAREABLE_S3_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
-    Credentials are passed on only if they are already in this process's environment (Ray copies
-    the runtime env to workers; it is not logged by us).
-    """
-    env: dict[str, str] = {}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
-        if os.environ.get(name):
-            env[name] = os.environ[name]
+
+def storage_env(endpoint_url: str | None = None, region: str | None = None) -> dict[str, str]:
+    """Environment variables that carry this process's S3 endpoint and region to Ray workers
+    (the configured ones over the environment's). Never credentials: see SHAREABLE_S3_VARIABLES."""
+    env = {name: os.environ[name] for name in SHAREABLE_S3_VARIABLES if os.environ.get(name)}
     if endpoint_url:
         env["AWS_ENDPOINT_URL"] = endpoint_url
     if region:
