@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distillery.platform.coco import load_coco, load_image_resized  # noqa: E402
+from distillery.platform.coco import load_coco, load_image_resized, training_target  # noqa: E402
 from distillery.platform.evaluation import coco_evaluate  # noqa: E402
 from distillery.platform.synthetic import generate_synthetic_coco  # noqa: E402
 from distillery.students import build_criterion, build_student  # noqa: E402
@@ -60,12 +60,7 @@ def load_split(annotations: Path, images: Path, size: int):
     """(images (N, 3, S, S) in [0, 1], targets with normalised cxcywh boxes, dataset)."""
     dataset = load_coco(str(annotations), str(images))
     pixels = torch.stack([torch.from_numpy(load_image_resized(r.uri, size)) for r in dataset.records])
-    targets = []
-    for r in dataset.records:
-        xywh = torch.from_numpy(r.boxes).float()
-        cxcywh = torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], dim=1)
-        scale = torch.tensor([r.width, r.height, r.width, r.height], dtype=torch.float32)
-        targets.append({"labels": torch.from_numpy(r.labels).long(), "boxes": cxcywh / scale})
+    targets = [training_target(r) for r in dataset.records]
     return pixels.float() / 255.0, targets, dataset
 
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from distillery.platform.coco import load_coco, load_image_resized
+from distillery.platform.coco import load_coco, load_image_resized, training_target
 from distillery.platform.evaluation import coco_evaluate
 from distillery.platform.synthetic import generate_synthetic_coco
 from distillery.students import build_criterion, build_student
@@ -28,12 +28,7 @@ def _load_images_and_targets(root, count: int):
     uris = generate_synthetic_coco(root, train=count, val=1, size=SIZE, seed=0)
     dataset = load_coco(uris["train"], str(root / "images" / "train"))
     images = torch.stack([torch.from_numpy(load_image_resized(r.uri, SIZE)) for r in dataset.records])
-    targets = []
-    for r in dataset.records:
-        xywh = torch.from_numpy(r.boxes).float()
-        cxcywh = torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], dim=1)
-        scale = torch.tensor([r.width, r.height, r.width, r.height], dtype=torch.float32)
-        targets.append({"labels": torch.from_numpy(r.labels).long(), "boxes": cxcywh / scale})
+    targets = [training_target(r) for r in dataset.records]
     return images.float() / 255.0, targets, dataset
 
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from distillery.platform.coco import load_coco, load_image_resized
+from distillery.platform.coco import load_coco, load_image_resized, training_target
 from distillery.platform.evaluation import coco_evaluate
 from distillery.platform.synthetic import generate_synthetic_coco
 from distillery.students import build_criterion, build_student
@@ -25,12 +25,7 @@ ADAROUTE_STEPS = 150
 def _split(root, split: str):
     dataset = load_coco(str(root / "annotations" / f"instances_{split}.json"), str(root / "images" / split))
     images = torch.stack([torch.from_numpy(load_image_resized(r.uri, SIZE)) for r in dataset.records]).float() / 255
-    targets = []
-    for r in dataset.records:
-        xywh = torch.from_numpy(r.boxes).float()
-        scale = torch.tensor([r.width, r.height, r.width, r.height], dtype=torch.float32)
-        targets.append({"labels": torch.from_numpy(r.labels).long(),
-                        "boxes": torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], dim=1) / scale})
+    targets = [training_target(r) for r in dataset.records]
     return images, targets, dataset
 
 

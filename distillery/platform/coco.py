@@ -31,6 +31,7 @@ from distillery.platform import storage
 from distillery.platform.errors import DeterministicError
 
 __all__ = [
+    "training_target",
     "AnnotationError",
     "CategoryMap",
     "CocoDataset",
@@ -154,6 +155,17 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
             return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CorruptImageError(f"image does not decode: {uri}: {exc}") from None
+
+
+def training_target(record: ImageRecord) -> dict[str, Any]:
+    """A record's boxes as the students' criterion takes them: ``labels`` (int64) and ``boxes``
+    in normalised cxcywh (float32), for single-process fitting and benchmarks."""
+    import torch  # here, not at the top: data-side processes import this module without torch
+
+    xywh = torch.from_numpy(record.boxes).float()
+    cxcywh = torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], dim=1)
+    scale = torch.tensor([record.width, record.height, record.width, record.height], dtype=torch.float32)
+    return {"labels": torch.from_numpy(record.labels).long(), "boxes": cxcywh / scale}
 
 
 def load_image_resized(uri: str, size: int) -> np.ndarray:
