@@ -3,7 +3,7 @@
 For each transform of the training recipe, and for the whole pipeline, compare two grids at
 the student's F5 resolution for the same augmented image:
 - *cached*: the teacher's grid of the unaugmented image, carried through the transform by
-  :mod:`distillery.platform.augment` (affine map + resampling; Mixup blends two grids);
+  :mod:`distillery.data.augment` (affine map + resampling; Mixup blends two grids);
 - *online*: the teacher run on the augmented image (what RT-DETRv4's own code does each step).
 Prints one JSON line with the mean (and 10th-percentile) per-position cosine similarity over the
 valid positions, per transform. Transforms below 0.9 are candidates for pre-augmented cached views.
@@ -55,10 +55,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from distillery.platform import augment as A
-    from distillery.platform.coco import decode_image, load_coco
-    from distillery.platform import storage
-    from distillery.platform.synthetic import generate_synthetic_coco
+    from distillery.data import augment as A
+    from distillery.platform.datasets.coco import decode_image, load_coco
+    from distillery.platform.io import storage
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
     from distillery.teachers import DinoV3Teacher
 
     torch.manual_seed(args.seed)
@@ -154,11 +154,11 @@ def views_tradeoff(ks, samples, ds, run_teacher, cfg, size, args, work: Path) ->
     import numpy as np
     import torch
 
-    from distillery.platform import augment as A
-    from distillery.platform.coco import decode_image
-    from distillery.platform import storage
-    from distillery.platform.feature_cache import FeatureCacheWriter, decode_features, encode_features, plan_shards
-    from distillery.platform.ingest import select_view
+    from distillery.data import augment as A
+    from distillery.platform.datasets.coco import decode_image
+    from distillery.platform.io import storage
+    from distillery.platform.cache.feature_cache import FeatureCacheWriter, decode_features, encode_features, plan_shards
+    from distillery.platform.datasets.ingest import select_view
 
     k_max = max(ks)
     records = {r.image_id: r for r in ds.records}

@@ -50,11 +50,11 @@ def run(args) -> dict:
     import ray
     import torch
 
-    from distillery.platform.cache_job import CacheFeaturesConfig, build_teacher, run_cache_job
-    from distillery.platform.coco import load_coco, load_image_resized
-    from distillery.platform.config import load_config
-    from distillery.platform.feature_cache import FeatureCache
-    from distillery.platform.synthetic import generate_synthetic_coco
+    from distillery.platform.cache.job import CacheFeaturesConfig, build_teacher, run_cache_job
+    from distillery.platform.datasets.coco import load_coco, load_image_resized
+    from distillery.platform.config.sections import load_config
+    from distillery.platform.cache.feature_cache import FeatureCache
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
 
     gpu = torch.cuda.is_available()
     cpus = os.cpu_count() or 2

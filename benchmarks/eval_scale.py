@@ -6,12 +6,12 @@ Prints one JSON line with two side-by-side measurements, taken in one run:
    ground truth generated around them): the evaluation path as the training job runs it
    (detections gathered from per-image model outputs, COCO result records built, AP computed)
    with pycocotools' ``COCOeval`` and with ``faster-coco-eval``
-   (:func:`distillery.platform.evaluation.coco_evaluate`, backend chosen by ``backend=``);
+   (:func:`distillery.evaluation.coco_eval.coco_evaluate`, backend chosen by ``backend=``);
    seconds each, ``speedup`` = pycocotools / faster, and the largest |AP difference| over the 12
    numbers (goal: equal to 1e-6).
 2. ``load``: a COCO-train-sized annotation file (``--train-images`` 118,287 images,
    ``--train-boxes`` 860,001 boxes; written under a temporary directory) read by
-   ``distillery.platform.coco.load_coco`` (every validation on, ``check_images="none"``) vs
+   ``distillery.platform.datasets.coco.load_coco`` (every validation on, ``check_images="none"``) vs
    pycocotools' own ``COCO(file)``; ``ratio`` = ours / pycocotools (goal <= 1.5).
 
     python benchmarks/eval_scale.py [--images 5000] [--dets 100] [--train-images 118287]
@@ -91,7 +91,7 @@ def gather(outputs: list[dict]) -> list[dict]:
 
 
 def evaluation(args) -> dict:
-    from distillery.platform.evaluation import coco_evaluate, load_coco_ground_truth
+    from distillery.evaluation.coco_eval import coco_evaluate, load_coco_ground_truth
 
     gt = synthetic_coco(args.images, args.images * 7, seed=0)  # COCO val: ~7.3 boxes per image
     outputs = model_outputs(gt, args.dets, seed=1)
@@ -115,7 +115,7 @@ def evaluation(args) -> dict:
 def load(args) -> dict:
     from pycocotools.coco import COCO
 
-    from distillery.platform.coco import load_coco
+    from distillery.platform.datasets.coco import load_coco
 
     work = Path(tempfile.mkdtemp(prefix="eval-scale-"))
     path = work / "instances_train.json"

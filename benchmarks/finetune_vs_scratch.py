@@ -1,6 +1,6 @@
 """Fine-tuning from a checkpoint vs training from scratch, same student, same budget, other classes.
 
-Prints one JSON line. On the synthetic shapes (``distillery.platform.synthetic``):
+Prints one JSON line. On the synthetic shapes (``distillery.platform.datasets.synthetic``):
 
 1. **base**: ``rtdetrv4_tiny`` trains ``--base-steps`` steps on set A (``--base-train`` images,
    seed 0) labelled with the 6 shape classes, and is saved in the official release layout
@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distillery.platform.coco import load_coco, load_image_resized, training_target  # noqa: E402
-from distillery.platform.evaluation import coco_evaluate  # noqa: E402
-from distillery.platform.synthetic import generate_synthetic_coco  # noqa: E402
+from distillery.platform.datasets.coco import load_coco, load_image_resized, training_target  # noqa: E402
+from distillery.evaluation.coco_eval import coco_evaluate  # noqa: E402
+from distillery.platform.datasets.synthetic import generate_synthetic_coco  # noqa: E402
 from distillery.students import build_criterion, build_student  # noqa: E402
 from distillery.students.fit import make_step, predict  # noqa: E402
 from distillery.students.optim import build_optimizer  # noqa: E402

@@ -44,9 +44,9 @@ GRID = [768, 20, 20]  # DINOv3 ViT-B/16 at 320 px (RT-DETRv4's teacher input: 64
 
 def build_inputs(work: Path, images: int, shard_size: int, seed: int = 0):
     """Synthetic COCO (640x640 JPEGs) and an fp16 feature cache of random grids for its train split."""
-    from distillery.platform.coco import load_coco
-    from distillery.platform.feature_cache import FeatureCache, FeatureCacheWriter, plan_shards
-    from distillery.platform.synthetic import generate_synthetic_coco
+    from distillery.platform.datasets.coco import load_coco
+    from distillery.platform.cache.feature_cache import FeatureCache, FeatureCacheWriter, plan_shards
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
 
     paths = generate_synthetic_coco(work / "data", train=images, val=1, size=640, seed=seed)
     ds = load_coco(paths["train"], str(work / "data" / "images" / "train"), check_images="none")
@@ -65,9 +65,9 @@ def build_inputs(work: Path, images: int, shard_size: int, seed: int = 0):
 def distillery_pass(ds, cache, args, epoch: int) -> int:
     import pyarrow.parquet as pq
 
-    from distillery.platform import storage
-    from distillery.platform.augment import AugmentConfig, Augmenter, collate
-    from distillery.platform.ingest import _annotation_table, _JoinAndDecode, rows_to_samples
+    from distillery.platform.io import storage
+    from distillery.data.augment import AugmentConfig, Augmenter, collate
+    from distillery.platform.datasets.ingest import _annotation_table, _JoinAndDecode, rows_to_samples
 
     join = _JoinAndDecode(_annotation_table(ds), "error", None)
     meta = {"dtype": cache.dtype, "grid": list(cache.grid), "views": cache.views, "uri": cache.uri}

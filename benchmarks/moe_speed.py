@@ -146,7 +146,7 @@ def speed(args, device: torch.device, dtype) -> dict:
 
 # ---------------------------------------------------------------------------------------------- quality
 def _load_split(root: Path, split: str, size: int):
-    from distillery.platform.coco import load_coco, load_image_resized
+    from distillery.platform.datasets.coco import load_coco, load_image_resized
 
     ds = load_coco(str(root / "annotations" / f"instances_{split}.json"), str(root / "images" / split),
                    check_images="none")
@@ -199,7 +199,7 @@ def _train(model, criterion, batches, lr: float, device: torch.device) -> float:
 
 
 def _ap(model, ds, images, device: torch.device) -> float:
-    from distillery.platform.evaluation import coco_evaluate
+    from distillery.evaluation.coco_eval import coco_evaluate
     from distillery.students.postprocess import postprocess, to_coco_detections
 
     model.eval()
@@ -215,7 +215,7 @@ def _ap(model, ds, images, device: torch.device) -> float:
 
 
 def quality(args, device: torch.device) -> dict:
-    from distillery.platform.synthetic import generate_synthetic_coco
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
     from distillery.students.criterion import build_criterion
 
     with tempfile.TemporaryDirectory() as tmp:

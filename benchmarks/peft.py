@@ -20,7 +20,7 @@ elsewhere the ``resource`` ``ru_maxrss`` growth); it covers activations, gradien
 state and allocator slack. ``memory_method`` in the output says which was used.
 
 ``--ap``: also train each copy for ``--ap-steps`` steps on the same batches of the synthetic
-shapes set (``distillery.platform.synthetic``) and report COCO AP on its val split. Without
+shapes set (``distillery.platform.datasets.synthetic``) and report COCO AP on its val split. Without
 ``--backbone-weights`` the ViT is random, so a frozen backbone (LoRA / AdaRoute) cannot match
 full fine-tuning: the AP comparison is only meaningful with pretrained DINOv3 weights.
 
@@ -230,9 +230,9 @@ def synthetic_ap(args, models: dict, criterion) -> dict:
 
     import torch
 
-    from distillery.platform.coco import load_coco, load_image_resized
-    from distillery.platform.evaluation import coco_evaluate
-    from distillery.platform.synthetic import generate_synthetic_coco
+    from distillery.platform.datasets.coco import load_coco, load_image_resized
+    from distillery.evaluation.coco_eval import coco_evaluate
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
     from distillery.students.postprocess import postprocess, to_coco_detections
 
     device = _device()
@@ -312,7 +312,7 @@ def main() -> None:
         print(json.dumps(memory_probe(args.memory_probe, args)))
         return
     if args.ap:
-        from distillery.platform.synthetic import SYNTHETIC_CATEGORIES
+        from distillery.platform.datasets.synthetic import SYNTHETIC_CATEGORIES
 
         args.num_classes = len(SYNTHETIC_CATEGORIES)  # the synthetic set's classes
 

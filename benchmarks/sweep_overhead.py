@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distillery.platform.config import load_config  # noqa: E402
+from distillery.platform.config.sections import load_config  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
 
     import ray
 
-    from distillery.platform.distill import prepare_inputs, run_distill
-    from distillery.platform.distill_config import DistillConfig
+    from distillery.platform.distill.driver import prepare_inputs, run_distill
+    from distillery.platform.config.distill import DistillConfig
     from distillery.tuning.sweep import run_sweep
     from distillery.tuning.sweep_config import SweepConfig
 

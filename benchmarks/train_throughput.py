@@ -73,9 +73,9 @@ def step_throughput(args) -> dict:
 
 
 def job_throughput(args, workers: int) -> float:
-    from distillery.platform.config import load_config
-    from distillery.platform.distill import run_distill
-    from distillery.platform.distill_config import DistillConfig
+    from distillery.platform.config.sections import load_config
+    from distillery.platform.distill.driver import run_distill
+    from distillery.platform.config.distill import DistillConfig
 
     cpus = os.cpu_count() or 2
     work = Path(tempfile.mkdtemp(prefix=f"train-bench-{workers}w-"))
@@ -111,7 +111,7 @@ def main() -> None:
               "teacher_kwargs": json.loads(args.teacher_kwargs),
               "cpus": os.cpu_count(), "cached_vs_online": step_throughput(args)}
     if not args.skip_job:
-        from distillery.platform.synthetic import generate_synthetic_coco
+        from distillery.platform.datasets.synthetic import generate_synthetic_coco
 
         args.data = str(Path(tempfile.mkdtemp(prefix="train-bench-data-")) / "data")
         generate_synthetic_coco(args.data, train=args.job_images, val=4, size=args.job_input_size, seed=0)

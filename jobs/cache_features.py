@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from distillery.platform.cache_job import CacheFeaturesConfig, run_cache_job  # noqa: E402
-from distillery.platform.config import parse_job_args  # noqa: E402
+from distillery.platform.cache.job import CacheFeaturesConfig, run_cache_job  # noqa: E402
+from distillery.platform.config.sections import parse_job_args  # noqa: E402
 from distillery.platform.errors import exit_on_user_error  # noqa: E402
 
 

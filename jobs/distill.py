@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from distillery.platform.config import parse_job_args  # noqa: E402
+from distillery.platform.config.sections import parse_job_args  # noqa: E402
 from distillery.platform.errors import exit_on_user_error  # noqa: E402
-from distillery.platform.distill import run_distill  # noqa: E402
-from distillery.platform.distill_config import DistillConfig  # noqa: E402
+from distillery.platform.distill.driver import run_distill  # noqa: E402
+from distillery.platform.config.distill import DistillConfig  # noqa: E402
 
 
 def main(argv=None) -> dict:

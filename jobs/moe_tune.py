@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from distillery.platform.config import parse_job_args  # noqa: E402
+from distillery.platform.config.sections import parse_job_args  # noqa: E402
 from distillery.platform.errors import exit_on_user_error  # noqa: E402
-from distillery.platform.moe_config import MoETuneConfig  # noqa: E402
-from distillery.platform.moe_tune import run_moe_tune  # noqa: E402
+from distillery.platform.config.moe import MoETuneConfig  # noqa: E402
+from distillery.platform.moe.driver import run_moe_tune  # noqa: E402
 
 
 def main(argv=None) -> dict:

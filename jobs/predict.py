@@ -5,7 +5,7 @@
     python jobs/predict.py --model models:/distillery-student@champion --images s3://bucket/imgs --out preds/
 
 Writes preds/detections.json (COCO results), preds/dataset.json and, with --draw, drawn images
-and a contact sheet (distillery/platform/predict.py).
+and a contact sheet (distillery/platform/serving/predict.py).
 """
 
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
 from distillery.platform.errors import exit_on_user_error  # noqa: E402
-from distillery.platform.predict import main  # noqa: E402
+from distillery.platform.serving.predict import main  # noqa: E402
 
 if __name__ == "__main__":
     exit_on_user_error(main)

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 from pydantic import Field  # noqa: E402
 
-from distillery.platform.config import ConfigError, StrictModel, absolute_uri, load_config  # noqa: E402
-from distillery.platform.registry import RegistryError, describe, promote_run, rollback  # noqa: E402
-from distillery.platform.tracking import resolve_tracking_uri  # noqa: E402
+from distillery.platform.config.sections import ConfigError, StrictModel, absolute_uri, load_config  # noqa: E402
+from distillery.platform.tracking.registry import RegistryError, describe, promote_run, rollback  # noqa: E402
+from distillery.platform.tracking.runs import resolve_tracking_uri  # noqa: E402
 
 
 class RegistrySettings(StrictModel):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from distillery.platform.config import ConfigError, load_config  # noqa: E402
+from distillery.platform.config.sections import ConfigError, load_config  # noqa: E402
 from distillery.platform.errors import exit_on_user_error  # noqa: E402
 from distillery.tuning.space import SpaceError  # noqa: E402
 from distillery.tuning.sweep import run_sweep  # noqa: E402

@@ -76,7 +76,7 @@ def moto_s3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     """A small synthetic COCO dataset (train 24, val 8, 128 px)."""
-    from distillery.platform.synthetic import generate_synthetic_coco
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
 
     root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic_coco(root, train=24, val=8, size=128, seed=0)
@@ -105,9 +105,9 @@ def tiny_cache(ray_local, synthetic_data, tmp_path_factory):
     """The feature cache of configs/distill_tiny.yaml's teacher over ``synthetic_data`` (train split),
     built once: the distillation, sweep and job-submit tests open it instead of each building its own
     (a job finds the manifest and skips the build; the fingerprint check still runs)."""
-    from distillery.platform.cache_job import CacheFeaturesConfig, CacheSettings, run_cache_job
-    from distillery.platform.config import load_config
-    from distillery.platform.distill_config import DistillConfig
+    from distillery.platform.cache.job import CacheFeaturesConfig, CacheSettings, run_cache_job
+    from distillery.platform.config.sections import load_config
+    from distillery.platform.config.distill import DistillConfig
 
     uri = tmp_path_factory.mktemp("tiny_cache") / "cache"
     cfg = load_config(DistillConfig, REPO / "configs" / "distill_tiny.yaml", [f"data.root={synthetic_data}"])

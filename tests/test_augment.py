@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.platform import augment as A
+from distillery.data import augment as A
 
 STRIDE = 16
 

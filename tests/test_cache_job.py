@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from distillery.platform import storage
-from distillery.platform.cache_job import CacheFeaturesConfig, CacheInterrupted, build_teacher, run_cache_job
-from distillery.platform.coco import load_coco, load_image_resized
-from distillery.platform.config import load_config
-from distillery.platform.feature_cache import CacheError, FeatureCache, FingerprintMismatchError
+from distillery.platform.io import storage
+from distillery.platform.cache.job import CacheFeaturesConfig, CacheInterrupted, build_teacher, run_cache_job
+from distillery.platform.datasets.coco import load_coco, load_image_resized
+from distillery.platform.config.sections import load_config
+from distillery.platform.cache.feature_cache import CacheError, FeatureCache, FingerprintMismatchError
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 TINY_TEACHER = ["teacher.input_size=128", "teacher.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]
@@ -107,7 +107,7 @@ def test_recipes_sharing_a_cache_uri_agree():
     or a foreign plan. Sweep recipes train through their trial config (a distill recipe)."""
     from test_recipes import CONFIGS, model_for
 
-    from distillery.platform.distill_config import DistillConfig
+    from distillery.platform.config.distill import DistillConfig
 
     by_uri: dict[str, list[tuple[str, dict]]] = {}
     configs = [("embedded cache_features", CacheFeaturesConfig()), ("embedded distill", DistillConfig())]

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from distillery.platform import augment as A
-from distillery.platform import storage
-from distillery.platform.cache_job import (CacheFeaturesConfig, ViewRecipe, build_teacher, run_cache_job,
+from distillery.data import augment as A
+from distillery.platform.io import storage
+from distillery.platform.cache.job import (CacheFeaturesConfig, ViewRecipe, build_teacher, run_cache_job,
                                            view_augment_config)
-from distillery.platform.coco import decode_image, load_coco, load_image_resized
-from distillery.platform.config import load_config
-from distillery.platform.distill_config import DistillConfig
-from distillery.platform.feature_cache import CacheError, FeatureCache, FeatureCacheWriter, plan_shards
-from distillery.platform.ingest import build_train_dataset, rows_to_samples, select_view
+from distillery.platform.datasets.coco import decode_image, load_coco, load_image_resized
+from distillery.platform.config.sections import load_config
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.cache.feature_cache import CacheError, FeatureCache, FeatureCacheWriter, plan_shards
+from distillery.platform.datasets.ingest import build_train_dataset, rows_to_samples, select_view
 
 TINY_TEACHER = ["teacher.input_size=128", "teacher.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]
 K = 3
@@ -235,7 +235,7 @@ def test_views_mismatch_is_a_clear_error(view_cache, synthetic_data):
     with pytest.raises(CacheError, match=f"cache {uri} was started with a different plan .*views"):
         run_cache_job(job_config(synthetic_data, cfg.cache.uri, "cache.views=2"))
     # The training worker checks cache.views (and the augment recipe) before its first step.
-    from distillery.platform.train_loop import _check_cache_views
+    from distillery.platform.engine.worker import _check_cache_views
 
     def distill_cfg(*extra):
         return load_config(DistillConfig, None, [f"cache.uri={cfg.cache.uri}", *extra])

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from distillery.platform.coco import (AnnotationError, CategoryMap, CorruptImageError, decode_image,
+from distillery.platform.datasets.coco import (AnnotationError, CategoryMap, CorruptImageError, decode_image,
                                       load_coco, load_image_resized)
 
 
@@ -118,7 +118,7 @@ def test_decode_and_resize(synthetic_data):
 
 
 def test_reads_from_s3(moto_s3, synthetic_data):
-    from distillery.platform import storage
+    from distillery.platform.io import storage
 
     base = f"s3://{moto_s3['bucket']}/coco"
     for p in (synthetic_data / "images" / "val").glob("*.jpg"):

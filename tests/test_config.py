@@ -3,8 +3,8 @@
 import pytest
 from pydantic import Field, SecretStr
 
-from distillery.platform.cache_job import CacheFeaturesConfig
-from distillery.platform.config import (ConfigError, StrictModel, apply_overrides, config_hash,
+from distillery.platform.cache.job import CacheFeaturesConfig
+from distillery.platform.config.sections import (ConfigError, StrictModel, apply_overrides, config_hash,
                                         flatten_config, load_config, parse_job_args)
 
 

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from distillery.platform.augment import Sample, collate, render_features
-from distillery.platform.copy_blend import copy_blend
+from distillery.data.augment import Sample, collate, render_features
+from distillery.data.copy_blend import copy_blend
 
 H, W = 96, 128
 
@@ -125,7 +125,7 @@ def test_empty_pool_small_objects_and_reproducibility():
 def test_augmenter_schedules_copy_blend_as_the_alternative_to_mixup():
     """In the window and without Mixup, a batch gets Copy-Blend (more boxes per image); with
     ``copyblend_prob=0`` (the RT-DETRv4 recipe) the augmenter draws exactly what it drew before."""
-    from distillery.platform.augment import AugmentConfig, Augmenter
+    from distillery.data.augment import AugmentConfig, Augmenter
 
     batch = [_sample(10, [[10, 10, 50, 40]], [1]), _sample(11, [[60, 30, 110, 80]], [2])]
     base = dict(size=96, policy_epochs=(100, 100, 100), mixup_prob=0.0, flip_prob=0.0, multiscale_stop_epoch=0)

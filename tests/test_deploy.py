@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from distillery.platform.config import load_config
+from distillery.platform.config.sections import load_config
 from distillery.tuning.sweep_config import SweepConfig
 
 REPO = Path(__file__).resolve().parent.parent

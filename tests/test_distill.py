@@ -8,11 +8,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from distillery.platform import storage
-from distillery.platform.config import load_config
-from distillery.platform.distill import find_latest_checkpoint, run_distill
-from distillery.platform.distill_config import DistillConfig
-from distillery.platform.feature_cache import FingerprintMismatchError
+from distillery.platform.io import storage
+from distillery.platform.config.sections import load_config
+from distillery.platform.distill.driver import find_latest_checkpoint, run_distill
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.cache.feature_cache import FingerprintMismatchError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,8 +40,8 @@ def checkpoint_ap(cfg, checkpoint: str) -> float:
     process, on one rank, by the job's own eval code."""
     import torch
 
-    from distillery.platform.model_export import load_inference_model
-    from distillery.platform.train_loop import evaluate_on_ranks
+    from distillery.platform.serving.export import load_inference_model
+    from distillery.platform.engine.worker import evaluate_on_ranks
 
     model = load_inference_model(cfg, {"num_classes": 6}, checkpoint)
     val_annotations, val_images = cfg.data.split_paths("val")
@@ -60,7 +60,7 @@ def test_ranks_agree_and_gam_adapts(two_worker_run):
     for key in ("weights_checksum", "buffers_checksum", "ema_weights_checksum", "ema_buffers_checksum"):
         assert ranks[key][0] == ranks[key][1], (key, ranks[key])
     # GAM ran every epoch, on every rank alike, and moved lambda by its rule.
-    from distillery.platform.distill import resolve_gam
+    from distillery.platform.distill.driver import resolve_gam
     from distillery.students.gam import gam_update
 
     g = resolve_gam(cfg)
@@ -111,7 +111,7 @@ def test_mlflow_run_contents(two_worker_run):
 
 
 def cfg_categories(cfg) -> dict:
-    from distillery.platform.coco import load_coco
+    from distillery.platform.datasets.coco import load_coco
 
     ann, images = cfg.data.split_paths("train")
     return load_coco(ann, images, check_images="none").categories.to_dict()
@@ -154,7 +154,7 @@ def test_resume_from_continues_the_run(two_worker_run, synthetic_data, tiny_cach
     assert json.loads((newest / "distillery_state.json").read_text())["epoch"] == 1
     model_file = newest / "ds" / "mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[:1000])
-    with caplog.at_level(logging.WARNING, logger="distillery.platform.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="distillery.platform.engine.checkpoints"):
         resumed = run_distill(tiny_config(tmp, synthetic_data, "train.epochs=3", "output.name=resumed",
                                           f"output.resume_from={copy}", "tracking.log_model=false",
                                           cache=tiny_cache))
@@ -199,7 +199,7 @@ def test_bad_inputs_fail_before_training(ray_local, synthetic_data, tmp_path):
         run_distill(tiny_config(tmp_path, synthetic_data, f"output.resume_from={tmp_path / 'nope'}"))
     # A cache made by another teacher is refused with both fingerprints.
     run_cfg = tiny_config(tmp_path, synthetic_data, "teacher.seed=7", "train.epochs=1")
-    from distillery.platform.cache_job import CacheFeaturesConfig, run_cache_job
+    from distillery.platform.cache.job import CacheFeaturesConfig, run_cache_job
 
     run_cache_job(load_config(CacheFeaturesConfig, None, [
         f"data.root={synthetic_data}", f"cache.uri={tmp_path / 'cache'}", "teacher.input_size=128",

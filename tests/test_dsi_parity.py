@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from distillery.platform import storage
-from distillery.platform.augment import AugmentConfig, Augmenter, collate
-from distillery.platform.cache_job import build_teacher, resolve_teacher_dtype
-from distillery.platform.config import load_config
-from distillery.platform.distill import load_train_val
-from distillery.platform.distill_config import DistillConfig
-from distillery.platform.feature_cache import FeatureCache
-from distillery.platform.ingest import build_train_dataset, rows_to_samples
-from distillery.platform.train_loop import _render_teacher
+from distillery.platform.io import storage
+from distillery.data.augment import AugmentConfig, Augmenter, collate
+from distillery.platform.cache.job import build_teacher, resolve_teacher_dtype
+from distillery.platform.config.sections import load_config
+from distillery.platform.distill.driver import load_train_val
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.cache.feature_cache import FeatureCache
+from distillery.platform.datasets.ingest import build_train_dataset, rows_to_samples
+from distillery.platform.engine.worker import _render_teacher
 from distillery.students import build_criterion, build_student
 from distillery.students.training import compute_losses
 

@@ -20,11 +20,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from distillery.platform import storage
-from distillery.platform.coco import AnnotationError, CorruptImageError, load_coco
-from distillery.platform.config import ConfigError, load_config
+from distillery.platform.datasets.coco import AnnotationError, CorruptImageError, load_coco
+from distillery.platform.config.sections import ConfigError, load_config
 from distillery.platform.errors import DeterministicError, exit_on_user_error, find_deterministic_error
-from distillery.platform.feature_cache import (CacheError, CacheShardError, FeatureCache, FeatureCacheWriter,
+from distillery.platform.cache.feature_cache import (CacheError, CacheShardError, FeatureCache, FeatureCacheWriter,
                                                FingerprintMismatchError, parse_shard, plan_shards)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +37,7 @@ IDS = [1, 2, 3, 4, 5]
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """A small valid COCO dataset (4 train images, 64 px) and a finished 2-shard cache of 5 ids."""
-    from distillery.platform.synthetic import generate_synthetic_coco
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
 
     root = tmp_path_factory.mktemp("pristine")
     generate_synthetic_coco(root / "data", train=4, val=1, size=64, seed=0)
@@ -186,7 +185,7 @@ CASES = [
          lambda r: _load(r, check_images="decode"), AnnotationError,
          r".*instances_train\.json: image 3: image does not decode: .*00000003\.jpg$"),
     Case("truncated JPEG at cache decode", lambda r: _truncate_jpeg(r / "data/images/train/00000003.jpg"),
-         lambda r: lambda: __import__("distillery.platform.cache_job", fromlist=["_decode_shard"])._decode_shard(
+         lambda r: lambda: __import__("distillery.platform.cache.job", fromlist=["_decode_shard"])._decode_shard(
              {"shard": 0, "image_ids": [3], "uris": [str(r / "data/images/train/00000003.jpg")]}, 32),
          CorruptImageError, r".*00000003\.jpg"),
     # --- the feature cache
@@ -200,7 +199,7 @@ CASES = [
     Case("shard truncated, size edited too", _truncated_shard_with_edited_size, _open_and_read, CacheShardError,
          r"cache shard .*shard-00001\.parquet does not match its checksum"),
     Case("shard damaged under a training ingest task", lambda r: _flip_byte(r / "cache/shard-00001.parquet"),
-         lambda r: lambda: __import__("distillery.platform.ingest", fromlist=["x"])._image_views_of_shard(
+         lambda r: lambda: __import__("distillery.platform.datasets.ingest", fromlist=["x"])._image_views_of_shard(
              {"uri": str(r / "cache/shard-00001.parquet"), "manifest": str(_manifest(r)),
               "sha256": json.loads(_manifest(r).read_text())["shards"][1]["sha256"]}, 1), CacheShardError,
          r"cache shard .*shard-00001\.parquet does not match its checksum in .*manifest\.json"),
@@ -238,12 +237,12 @@ CASES = [
          lambda r: lambda: FeatureCacheWriter(str(r / "cache"), FP, GRID, "int8", 3, {}).begin(plan_shards(IDS, 3)),
          CacheError, r"cache .*cache was started with a different plan \(fields differ: dataset, dtype\)"),
     Case("no cache and no build", lambda r: shutil.rmtree(r / "cache"),
-         lambda r: lambda: __import__("distillery.platform.cache_job", fromlist=["x"]).open_training_cache(
+         lambda r: lambda: __import__("distillery.platform.cache.job", fromlist=["x"]).open_training_cache(
              str(r / "cache"), FP, IDS), CacheError,
          r"no feature cache at .*cache \(.*manifest\.json not found\): build it with jobs/cache_features\.py"),
     # --- data settings
     Case("unknown bad_records policy", lambda r: None,
-         lambda r: lambda: load_config(__import__("distillery.platform.cache_job", fromlist=["x"]).CacheFeaturesConfig,
+         lambda r: lambda: load_config(__import__("distillery.platform.cache.job", fromlist=["x"]).CacheFeaturesConfig,
                                        None, ["data.bad_records=ignore"]),
          ConfigError, r"invalid configuration \(embedded default \+ overrides data\.bad_records=ignore\):$"),
 ]
@@ -349,7 +348,7 @@ def test_cache_job_cli_broken_annotations_error_line(pristine, tmp_path):
 # --------------------------------------------------------------------------- job level (Ray)
 
 def _tiny_job(data_root, cache_uri, *extra):
-    from distillery.platform.cache_job import CacheFeaturesConfig
+    from distillery.platform.cache.job import CacheFeaturesConfig
 
     return load_config(CacheFeaturesConfig, None, [
         f"data.root={data_root}", "data.synthetic=null", f"cache.uri={cache_uri}", "cache.shard_size=3",
@@ -359,7 +358,7 @@ def _tiny_job(data_root, cache_uri, *extra):
 def test_truncated_jpeg_skipped_at_cache_decode(ray_local, pristine, tmp_path):
     """``data.bad_records=skip``: the header check at load passes a truncated JPEG; the cache
     decode skips it, reports it, records it in the manifest; training does not expect it."""
-    from distillery.platform.cache_job import build_teacher, open_training_cache, run_cache_job
+    from distillery.platform.cache.job import build_teacher, open_training_cache, run_cache_job
 
     data = tmp_path / "data"
     shutil.copytree(pristine / "data", data)
@@ -384,7 +383,7 @@ def test_truncated_jpeg_skipped_at_cache_decode(ray_local, pristine, tmp_path):
 
 
 def test_damaged_cache_is_repaired_when_build_if_missing(ray_local, pristine, tmp_path):
-    from distillery.platform.cache_job import build_teacher, open_training_cache, run_cache_job
+    from distillery.platform.cache.job import build_teacher, open_training_cache, run_cache_job
 
     cfg = _tiny_job(pristine / "data", tmp_path / "cache")
     uri = run_cache_job(cfg)["train"]["uri"]

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from distillery.platform.checkpoints import CheckpointError, find_latest_checkpoint, verify_checkpoint
-from distillery.platform.config import ConfigError, load_config
-from distillery.platform.distill_config import DistillConfig
+from distillery.platform.engine.checkpoints import CheckpointError, find_latest_checkpoint, verify_checkpoint
+from distillery.platform.config.sections import ConfigError, load_config
+from distillery.platform.config.distill import DistillConfig
 from distillery.platform.errors import DeterministicError, is_deterministic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_config_file_errors_name_the_file(tmp_path):
 
 
 def test_every_valid_student_name_passes_validation():
-    from distillery.platform.distill_config import known_student_names
+    from distillery.platform.config.distill import known_student_names
 
     names = known_student_names()
     assert any(n.startswith("deimv2_") for n in names) and "rtdetrv4_s" in names
@@ -158,7 +158,7 @@ FALLBACK_CASES = [
 def test_corrupt_newest_checkpoint_falls_back_to_the_intact_one(run_dir, relative, damage, caplog):
     damage(run_dir / "checkpoint_000001" / relative)
     before = snapshot(run_dir)
-    with caplog.at_level(logging.WARNING, logger="distillery.platform.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="distillery.platform.engine.checkpoints"):
         chosen = find_latest_checkpoint(str(run_dir))
     assert chosen.endswith("checkpoint_000000")
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -200,7 +200,7 @@ def test_bad_resume_paths(tmp_path):
 
 
 def test_worker_side_state_load_names_the_file(run_dir):
-    from distillery.platform.train_loop import load_extra_state
+    from distillery.platform.engine.worker import load_extra_state
 
     ckpt = run_dir / "checkpoint_000001"
     shared, rng = load_extra_state(ckpt, rank=1)
@@ -225,7 +225,7 @@ def test_deterministic_worker_errors_are_not_retried():
     from ray.train import FailureConfig
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
-    from distillery.platform.failure_policy import create_failure_policy
+    from distillery.platform.engine.failure_policy import create_failure_policy
 
     policy = create_failure_policy(FailureConfig(max_failures=3))
     corrupt = CheckpointError("checkpoint file /x/ds/mp_rank_00_model_states.pt cannot be loaded")
@@ -251,8 +251,8 @@ def sqlite_uri(tmp_path):
 def test_registry_errors_name_model_run_and_alias(sqlite_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from distillery.platform.registry import RegistryError, load_champion, promote_run, rollback
-    from distillery.platform.tracking import create_run
+    from distillery.platform.tracking.registry import RegistryError, load_champion, promote_run, rollback
+    from distillery.platform.tracking.runs import create_run
 
     with pytest.raises(RegistryError) as err:
         load_champion(sqlite_uri, "no-such-model")
@@ -274,7 +274,7 @@ def test_registry_errors_name_model_run_and_alias(sqlite_uri, tmp_path):
 
 
 def test_unreachable_tracking_server_is_named():
-    from distillery.platform.tracking import tracking_reachable
+    from distillery.platform.tracking.runs import tracking_reachable
 
     with pytest.raises(ConnectionError) as err:
         tracking_reachable("http://127.0.0.1:9", timeout=2)
@@ -287,7 +287,7 @@ def test_sqlite_stores_keep_their_artifacts_beside_them(tmp_path, monkeypatch):
     nothing in the working directory's ./mlruns."""
     import mlflow
 
-    from distillery.platform.tracking import create_run
+    from distillery.platform.tracking.runs import create_run
 
     monkeypatch.chdir(tmp_path)
     uris = [f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "sqlite:///b/store.db"]  # absolute and relative
@@ -308,7 +308,7 @@ def test_sqlite_stores_keep_their_artifacts_beside_them(tmp_path, monkeypatch):
 
 def test_relative_sqlite_tracking_uri_is_made_absolute(tmp_path, monkeypatch):
     """Workers run in other directories: a relative sqlite path must not reach them as given."""
-    from distillery.platform.tracking import resolve_tracking_uri
+    from distillery.platform.tracking.runs import resolve_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert resolve_tracking_uri("sqlite:///runs/mlflow.db", "ignored") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
@@ -338,8 +338,8 @@ def served_model(tmp_path_factory):
     """The pyfunc model as the job logs it (predictor code + ONNX + meta), in a sqlite store."""
     import mlflow
 
-    from distillery.platform.model_export import log_pyfunc_model
-    from distillery.platform.tracking import create_run
+    from distillery.platform.serving.export import log_pyfunc_model
+    from distillery.platform.tracking.runs import create_run
 
     tmp = tmp_path_factory.mktemp("served")
     onnx_path, meta_path = tmp / "model.onnx", tmp / "meta.json"

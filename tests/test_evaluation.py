@@ -11,7 +11,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from distillery.platform.evaluation import (
+from distillery.evaluation.coco_eval import (
     coco_evaluate,
     coco_evaluate_with_summary,
     load_coco_ground_truth,
@@ -125,7 +125,7 @@ def test_unknown_ids_and_bad_records_are_refused():
 def test_ground_truth_from_path_and_broken_files(tmp_path, caplog):
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(ground_truth()))
-    with caplog.at_level(logging.INFO, logger="distillery.platform.evaluation"):
+    with caplog.at_level(logging.INFO, logger="distillery.evaluation.coco_eval"):
         assert coco_evaluate(str(path), perfect_detections())["AP"] == pytest.approx(1.0)
     assert "Average Precision" in caplog.text
     assert len(load_coco_ground_truth(path).getImgIds()) == 3

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distillery.platform.feature_cache import (CacheError, FeatureCache, FeatureCacheWriter,
+from distillery.platform.cache.feature_cache import (CacheError, FeatureCache, FeatureCacheWriter,
                                                FingerprintMismatchError, decode_features, dequantize_int8,
                                                encode_features, plan_shards, quantize_int8)
 

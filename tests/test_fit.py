@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from distillery.platform.coco import load_coco, load_image_resized, training_target
-from distillery.platform.evaluation import coco_evaluate
-from distillery.platform.synthetic import generate_synthetic_coco
+from distillery.platform.datasets.coco import load_coco, load_image_resized, training_target
+from distillery.evaluation.coco_eval import coco_evaluate
+from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.students import build_criterion, build_student
 from distillery.students.fit import fit, make_step, predict
 from distillery.students.gam import GAM_DEFAULTS, GAMController

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
-from distillery.platform.coco import AnnotationError, load_coco
-from distillery.platform.config import ConfigError, DataConfig, load_config
-from distillery.platform.distill_config import DistillConfig
-from distillery.platform.voc_format import load_voc
-from distillery.platform.yolo_format import label_uri_of, load_yolo
+from distillery.platform.datasets.coco import AnnotationError, load_coco
+from distillery.platform.config.sections import ConfigError, DataConfig, load_config
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.datasets.voc import load_voc
+from distillery.platform.datasets.yolo import label_uri_of, load_yolo
 
 SPLITS = ("train", "val")
 
@@ -318,10 +318,10 @@ def test_voc_split_file_and_duplicate_class_errors(voc):
 def test_convert_cli_round_trip(yolo_clean, voc_clean, synthetic_data, tmp_path):
     from pycocotools.coco import COCO
 
-    from distillery.platform.convert import main
+    from distillery.platform.datasets.convert import main
 
     out = tmp_path / "from_yolo"
-    proc = subprocess.run([sys.executable, "-m", "distillery.platform.convert", "--from", "yolo", str(yolo_clean),
+    proc = subprocess.run([sys.executable, "-m", "distillery.platform.datasets.convert", "--from", "yolo", str(yolo_clean),
                            "--out", str(out), "--copy-images"], capture_output=True, text=True, check=True)
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["splits"]["train"]["records"] == 24 and summary["splits"]["val"]["skipped"] == 0
@@ -355,9 +355,9 @@ def test_convert_cli_round_trip(yolo_clean, voc_clean, synthetic_data, tmp_path)
 def test_jobs_load_yolo_and_voc_through_data_format(yolo_clean, voc_clean, tmp_path):
     """The split loading the distillation and MoE jobs share, the cache job's synthetic-data step
     and the workers' COCO view of the val split, with ``data.format`` set (no Ray needed)."""
-    from distillery.platform.cache_job import CacheFeaturesConfig, ensure_dataset
-    from distillery.platform.distill import load_train_val
-    from distillery.platform.formats import coco_split_paths
+    from distillery.platform.cache.job import CacheFeaturesConfig, ensure_dataset
+    from distillery.platform.distill.driver import load_train_val
+    from distillery.platform.datasets.formats import coco_split_paths
 
     with pytest.raises(ConfigError, match=r"data.format: Input should be 'coco', 'yolo' or 'voc'"):
         load_config(DistillConfig, overrides=["data.format=csv"])
@@ -382,7 +382,7 @@ def test_jobs_load_yolo_and_voc_through_data_format(yolo_clean, voc_clean, tmp_p
 def test_yolo_and_voc_read_from_s3(moto_s3, yolo_clean, voc_clean):
     """Listing (recursive image search, label directories) and reads go through fsspec: the same
     records from S3 as from local disk."""
-    from distillery.platform import storage
+    from distillery.platform.io import storage
 
     base = f"s3://{moto_s3['bucket']}/formats"
     fs, _ = storage.filesystem(base)
@@ -399,8 +399,8 @@ def test_yolo_and_voc_read_from_s3(moto_s3, yolo_clean, voc_clean):
 def test_coco_val_with_skipped_records_is_evaluated_on_the_validated_records(synthetic_data, tmp_path):
     """``bad_records: skip`` on a COCO val split: the workers must not reload the original file
     (its bad record would fail there under the default policy); they get the validated records."""
-    from distillery.platform.distill import load_train_val
-    from distillery.platform.formats import coco_split_paths
+    from distillery.platform.distill.driver import load_train_val
+    from distillery.platform.datasets.formats import coco_split_paths
 
     root = tmp_path / "coco"
     shutil.copytree(synthetic_data, root)

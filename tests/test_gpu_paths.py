@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distillery.platform.batchnorm import batchnorm_for_backend
+from distillery.platform.engine.batchnorm import batchnorm_for_backend
 from distillery.students import build_criterion, build_student
 from distillery.students.training import compute_losses
 
@@ -134,7 +134,7 @@ def test_syncbatchnorm_under_nccl(nccl_group):
 @pytest.mark.gpu
 @needs_cuda
 def test_nccl_all_reduce_through_the_training_helpers(nccl_group):
-    from distillery.platform.train_loop import _all_ranks, _sum_across_ranks
+    from distillery.platform.engine.worker import _all_ranks, _sum_across_ranks
 
     device = torch.device("cuda")
     t = _sum_across_ranks(torch.tensor([1.5, 2.0], device=device))
@@ -150,9 +150,9 @@ def test_cache_job_places_the_teacher_actor_on_the_gpu(synthetic_data, tmp_path)
     import ray
     from ray.util.state import list_actors
 
-    from distillery.platform.cache_job import CacheFeaturesConfig, CacheSettings, run_cache_job
-    from distillery.platform.config import load_config
-    from distillery.platform.distill_config import DistillConfig
+    from distillery.platform.cache.job import CacheFeaturesConfig, CacheSettings, run_cache_job
+    from distillery.platform.config.sections import load_config
+    from distillery.platform.config.distill import DistillConfig
 
     cfg = load_config(DistillConfig, REPO / "configs" / "distill_tiny.yaml", [f"data.root={synthetic_data}"])
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=True, log_to_driver=False,

@@ -130,7 +130,7 @@ def test_ray_job_submit_distill(ray_head, synthetic_data, tiny_cache, tmp_path):
 # --------------------------------------------------------------------------- where outputs go
 
 def test_relative_paths_in_rays_temporary_working_dir_are_refused(tmp_path, monkeypatch):
-    from distillery.platform.config import ConfigError, absolute_uri
+    from distillery.platform.config.sections import ConfigError, absolute_uri
 
     ephemeral = tmp_path / "ray" / "session_2026-01-01_00-00-00_1_1" / "runtime_resources" / \
         "working_dir_files" / "_ray_pkg_0123abcd"
@@ -149,7 +149,7 @@ def test_relative_paths_in_rays_temporary_working_dir_are_refused(tmp_path, monk
 
 
 def test_relative_paths_elsewhere_resolve_against_the_current_directory(tmp_path, monkeypatch):
-    from distillery.platform.config import absolute_uri
+    from distillery.platform.config.sections import absolute_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DISTILLERY_HOME", raising=False)
@@ -157,7 +157,7 @@ def test_relative_paths_elsewhere_resolve_against_the_current_directory(tmp_path
 
 
 def test_tracking_params_mask_secrets_by_name_and_in_uris():
-    from distillery.platform.config import StrictModel, flatten_config
+    from distillery.platform.config.sections import StrictModel, flatten_config
 
     class Tracking(StrictModel):
         tracking_uri: str = "http://alice:hunter2@mlflow.internal:5000"

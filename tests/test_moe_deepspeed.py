@@ -17,7 +17,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from deepspeed.moe.sharded_moe import TopKGate  # noqa: E402
 
-from distillery.platform.moe_deepspeed import (  # noqa: E402
+from distillery.platform.moe.expert_parallel import (  # noqa: E402
     DeepSpeedMoEFFN,
     DynamicDinoGate,
     deepspeed_gate_is_exact,

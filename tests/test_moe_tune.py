@@ -11,12 +11,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from distillery.platform import storage
-from distillery.platform.config import ConfigError, load_config
-from distillery.platform.distill import find_latest_checkpoint
-from distillery.platform.moe_config import MoETuneConfig
-from distillery.platform.moe_tune import (MODEL_FILE, PROBE_FILE, load_base_state, load_tuned_model,
-                                          run_moe_tune, save_tuned_model)
+from distillery.platform.io import storage
+from distillery.platform.config.sections import ConfigError, load_config
+from distillery.platform.distill.driver import find_latest_checkpoint
+from distillery.platform.config.moe import MoETuneConfig
+from distillery.platform.moe.base_model import load_base_state
+from distillery.platform.moe.driver import run_moe_tune
+from distillery.platform.moe.model_files import MODEL_FILE, PROBE_FILE, load_tuned_model, save_tuned_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ def last_state(run_path: str) -> tuple[dict, Path]:
 def val_ap(model_file: Path, cfg: MoETuneConfig) -> float:
     """COCO AP on the val split of a model file of the job, scored in this process, on one rank,
     by the job's own eval code."""
-    from distillery.platform.train_loop import evaluate_on_ranks
+    from distillery.platform.engine.worker import evaluate_on_ranks
 
     val_annotations, val_images = cfg.data.split_paths("val")
     return evaluate_on_ranks(load_tuned_model(model_file), val_annotations, val_images, cfg.model.input_size,
@@ -168,7 +169,7 @@ def test_base_checkpoint_sources(tuned, tmp_path):
         load_base_state("models:/ov-dense@nope", tracking_uri=summary["tracking_uri"], local_dir=str(tmp_path))
 
     # A distillation-job checkpoint (closed-set RT-DETRv4): its EMA weights, the parts that fit.
-    from distillery.platform.moe_tune import _load_into
+    from distillery.platform.moe.base_model import _load_into
     from distillery.students import build_student
 
     student = build_student("rtdetrv4_tiny", num_classes=6, teacher_dim=32, eval_spatial_size=128)

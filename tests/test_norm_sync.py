@@ -1,4 +1,4 @@
-"""BatchNorm running statistics averaged over gloo ranks (the CPU side of distillery.platform.norm_sync):
+"""BatchNorm running statistics averaged over gloo ranks (the CPU side of distillery.platform.engine.norm_sync):
 two processes whose BatchNorm layers saw different batches end with the same, averaged statistics."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from distillery.platform.norm_sync import average_norm_statistics
+from distillery.platform.engine.norm_sync import average_norm_statistics
 
 
 def small_net() -> nn.Module:

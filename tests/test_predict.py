@@ -1,4 +1,4 @@
-"""jobs/predict.py (distillery.platform.predict): a run directory and a bare release-layout file
+"""jobs/predict.py (distillery.platform.serving.predict): a run directory and a bare release-layout file
 in, COCO detections out (checked with pycocotools' loadRes against the synthetic val set), drawn
 images and a contact sheet."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from distillery.platform.predict import PredictError, main
-from distillery.platform.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_coco
+from distillery.platform.serving.predict import PredictError, main
+from distillery.platform.datasets.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_coco
 from distillery.students import build_student
 
 ROOT = Path(__file__).resolve().parent.parent

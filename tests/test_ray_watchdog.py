@@ -43,7 +43,7 @@ def test_killed_drivers_agents_end_within_seconds():
         _wait_for(lambda: len(psutil.Process(raylet.pid).children()) == 2, timeout=30)
         agents = [c.pid for c in psutil.Process(raylet.pid).children()]
         driver = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
-                                   "w = subprocess.Popen([sys.executable, '-m', 'distillery.platform.ray_watchdog', "
+                                   "w = subprocess.Popen([sys.executable, '-m', 'distillery.platform.cluster.watchdog', "
                                    f"'{raylet.pid}'], stdin=subprocess.PIPE, start_new_session=True)\n"
                                    "print(w.pid, flush=True)\n"
                                    "time.sleep(300)"], cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from distillery.platform.cache_job import CacheFeaturesConfig
-from distillery.platform.config import load_config
+from distillery.platform.cache.job import CacheFeaturesConfig
+from distillery.platform.config.sections import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -14,11 +14,11 @@ def model_for(path: Path):
     if path.name.startswith("cache_features"):
         return CacheFeaturesConfig
     if path.name.startswith(("distill", "rtdetrv4", "deimv2", "finetune")):
-        from distillery.platform.distill_config import DistillConfig
+        from distillery.platform.config.distill import DistillConfig
 
         return DistillConfig
     if path.name.startswith("moe_tune"):
-        from distillery.platform.moe_config import MoETuneConfig
+        from distillery.platform.config.moe import MoETuneConfig
 
         return MoETuneConfig
     if path.name.startswith("sweep"):

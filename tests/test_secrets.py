@@ -79,8 +79,8 @@ def test_canary_credentials_appear_in_no_log_store_or_run_dir(tmp_path):
 
 @pytest.mark.parametrize("name", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"])
 def test_runtime_env_never_carries_credentials(name, monkeypatch):
-    from distillery.platform.cluster import runtime_env_vars
-    from distillery.platform.config import StorageConfig
+    from distillery.platform.cluster.runtime import runtime_env_vars
+    from distillery.platform.config.sections import StorageConfig
 
     monkeypatch.setenv(name, "canary-" + uuid.uuid4().hex)
     env = runtime_env_vars(StorageConfig(s3_endpoint_url="http://127.0.0.1:9", s3_region="eu-west-1"))
@@ -93,7 +93,7 @@ def test_sweeps_keep_credentials_out_of_tunes_trial_runtime_env(monkeypatch):
     runtime_env_agent.log); ray_session stops that for sweeps."""
     from ray.tune.execution import class_cache
 
-    from distillery.platform.cluster import keep_credentials_out_of_tune
+    from distillery.platform.cluster.runtime import keep_credentials_out_of_tune
 
     secret = "canary-" + uuid.uuid4().hex
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from distillery.platform.config import ConfigError, load_config
-from distillery.platform.distill_config import DistillConfig
+from distillery.platform.config.sections import ConfigError, load_config
+from distillery.platform.config.distill import DistillConfig
 from distillery.tuning.space import ParamSpec, SpaceError, check_space, to_tune_space, trial_overrides
 from distillery.tuning.sweep_config import SweepConfig
 
@@ -87,7 +87,7 @@ def test_optuna_search_takes_the_translated_space():
 def test_granularity_that_does_not_divide_the_ffn_is_refused_before_the_sweep():
     from pathlib import Path
 
-    from distillery.platform.moe_config import MoETuneConfig
+    from distillery.platform.config.moe import MoETuneConfig
 
     tiny = Path(__file__).resolve().parent.parent / "configs" / "moe_tune_tiny.yaml"
     check_space({"moe.granularity": spec(type="choice", values=[1, 2, 4])}, MoETuneConfig, tiny, [])

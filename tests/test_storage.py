@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from distillery.platform import storage
+from distillery.platform.io import storage
 
 
 def test_local_roundtrip_and_listing(tmp_path):
@@ -81,11 +81,11 @@ def test_configured_endpoint_is_used_for_every_uri_kind(moto_s3, tmp_path, monke
     import boto3
     from mlflow.tracking import MlflowClient
 
-    from distillery.platform.cache_job import CacheFeaturesConfig, load_cache_inputs
-    from distillery.platform.config import load_config
-    from distillery.platform.distill import _storage_filesystem
-    from distillery.platform.feature_cache import FeatureCache, FeatureCacheWriter, plan_shards
-    from distillery.platform.synthetic import generate_synthetic_coco
+    from distillery.platform.cache.job import CacheFeaturesConfig, load_cache_inputs
+    from distillery.platform.config.sections import load_config
+    from distillery.platform.distill.driver import _storage_filesystem
+    from distillery.platform.cache.feature_cache import FeatureCache, FeatureCacheWriter, plan_shards
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
 
     endpoint, bucket = moto_s3["endpoint"], moto_s3["bucket"]
     base = f"s3://{bucket}/endpoint-test"

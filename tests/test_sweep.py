@@ -121,7 +121,7 @@ def test_sweep_interrupted_and_resumed(sweep):
 
 
 def test_promotion_refusal_and_rollback(sweep):
-    from distillery.platform.registry import RegistryError, load_champion, promote_run, rollback
+    from distillery.platform.tracking.registry import RegistryError, load_champion, promote_run, rollback
 
     s, client, uri = sweep["summary"], sweep["client"], sweep["uri"]
     finished = sorted((c for c in _children(client, s["parent_run_id"])

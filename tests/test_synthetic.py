@@ -7,8 +7,8 @@ import sys
 
 from PIL import Image
 
-from distillery.platform.coco import load_coco
-from distillery.platform.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_coco
+from distillery.platform.datasets.coco import load_coco
+from distillery.platform.datasets.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_coco
 
 
 def _digest(root):
@@ -30,7 +30,7 @@ def test_deterministic_and_seed_sensitive(tmp_path):
 
 def test_cli_layout_and_validity(tmp_path):
     out = tmp_path / "ds"
-    subprocess.run([sys.executable, "-m", "distillery.platform.synthetic", "--out", str(out),
+    subprocess.run([sys.executable, "-m", "distillery.platform.datasets.synthetic", "--out", str(out),
                     "--train", "8", "--val", "4", "--size", "96", "--seed", "1"], check=True)
     for split, n in (("train", 8), ("val", 4)):
         files = sorted((out / "images" / split).glob("*.jpg"))

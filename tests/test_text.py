@@ -250,7 +250,7 @@ def test_coco_names_and_prompts():
     cats = [{"id": i, "name": n} for i, n in reversed(COCO_CATEGORY_NAMES.items())]
     prompts = prompts_from_categories(cats)
     assert prompts == COCO_PHRASES                     # ascending id, whatever the input order
-    from distillery.platform.coco import CategoryMap   # prompt index == the dataset's contiguous label
+    from distillery.platform.datasets.coco import CategoryMap   # prompt index == the dataset's contiguous label
     assert list(CategoryMap.from_categories(cats).names) == prompts
     assert prompts_from_categories(cats, template="a photo of a {name}")[9] == "a photo of a traffic light"
     with pytest.raises(ValueError, match="template"):

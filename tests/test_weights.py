@@ -150,7 +150,7 @@ def test_class_map_keeps_the_mapped_rows(tmp_path):
 
 
 def test_hub_ids_fail_at_config_time_when_offline(monkeypatch):
-    from distillery.platform.distill_config import DistillConfig
+    from distillery.platform.config.distill import DistillConfig
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for section in ({"student": {"backbone_weights": "hf-hub:timm/hgnetv2_b0.ssld_stage2_ft_in1k"}},
@@ -163,8 +163,8 @@ def test_hub_ids_fail_at_config_time_when_offline(monkeypatch):
 
 
 def test_job_settings_become_build_student_arguments(tmp_path):
-    from distillery.platform.distill_config import StudentSettings
-    from distillery.platform.weights_source import student_weight_kwargs
+    from distillery.platform.config.distill import StudentSettings
+    from distillery.platform.io.weights_source import student_weight_kwargs
 
     path = tmp_path / "release.pth"
     path.write_bytes(b"not read here")
@@ -184,7 +184,7 @@ def test_https_sources_are_downloaded_once_with_their_sha256(tmp_path):
     import http.server
     import threading
 
-    from distillery.platform.weights_source import resolve_weights_source
+    from distillery.platform.io.weights_source import resolve_weights_source
 
     served = tmp_path / "served"
     served.mkdir()

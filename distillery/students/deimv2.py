@@ -55,7 +55,7 @@ key bias (a parameter, loaded from official weights; timm's ``Eva`` would hold a
 L/X rescale the RoPE coordinates in training (``vit_rope_rescale_coords=2``, the official
 ``pos_embed_rope_rescale_coords``). The official STA and runtime (``sync_bn: True``) use
 SyncBatchNorm for multi-GPU training: here the modules hold BatchNorm2d (same state-dict keys)
-and :mod:`distillery.platform.norm_sync` converts them to SyncBatchNorm on NCCL runs (CPU/gloo
+and :mod:`distillery.platform.engine.norm_sync` converts them to SyncBatchNorm on NCCL runs (CPU/gloo
 runs average the running statistics instead). Backbones live in :mod:`.deimv2_backbone`.
 
 Not here: the ``wide`` decoder layers (``layer_scale`` > 1; every DEIMv2 recipe has 1), the

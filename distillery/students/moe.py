@@ -65,7 +65,7 @@ the dynamo exporter needs ``onnxscript``, which is not installed). While exporti
 ``torch.topk``, exported as ONNX ``TopK``, whose spec breaks ties by the lower index like the
 stable sort (the TorchScript exporter cannot export a stable sort).
 
-This module is plain PyTorch. ``distillery.platform.moe_deepspeed`` maps it onto DeepSpeed's MoE
+This module is plain PyTorch. ``distillery.platform.moe.expert_parallel`` maps it onto DeepSpeed's MoE
 layer for expert parallelism.
 """
 

@@ -42,7 +42,7 @@ Loss over the prompt vocabulary
 The classification loss (sigmoid focal / varifocal / MAL, as in the DETR family) is computed over
 these P columns, with the target of a matched query being the index of its category's phrase in the
 prompt list (:func:`prompts_from_categories` orders phrases like
-:class:`distillery.platform.coco.CategoryMap`, so prompt index == contiguous label). Nothing in the
+:class:`distillery.platform.datasets.coco.CategoryMap`, so prompt index == contiguous label). Nothing in the
 head's parameters depends on P, so at test time any other list of phrases, of any length, can be
 passed in.
 """
@@ -388,7 +388,7 @@ class PhraseEmbeddingCache:
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
         if directory is not None and "://" in str(directory):
             raise ValueError(f"PhraseEmbeddingCache: directory must be a local path, got {str(directory)!r}; "
-                             f"stage remote storage through distillery.platform.storage")
+                             f"stage remote storage through distillery.platform.io.storage")
         self.directory = Path(directory) if directory is not None else None
         self._memory: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
         self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded": 0}
@@ -539,7 +539,7 @@ def _check_unique(phrases: Iterable[str], where: Sequence[str], source: str) -> 
 def prompts_from_categories(categories: Sequence[Mapping[str, Any]], template: str | None = None) -> list[str]:
     """One prompt per category, in ascending category id (prompt index == contiguous label).
 
-    The order matches :class:`distillery.platform.coco.CategoryMap`, so the class-head column p
+    The order matches :class:`distillery.platform.datasets.coco.CategoryMap`, so the class-head column p
     and the dataset's label p are the same category. The prompt is the category name itself (the
     default, as T-Rex2 and the COCO open-vocabulary evaluations use bare names), or
     ``template.format(name=name)`` when a template such as ``"a photo of a {name}"`` is given.

@@ -109,7 +109,7 @@ def finish_sweep(cfg, results, state: dict[str, Any], tracking_uri: str, sweep_p
     """Close stopped trials' runs, log the table and plots to the parent run, mark it finished."""
     from mlflow.tracking import MlflowClient
 
-    from distillery.platform.tracking import child_runs, finish_sweep_runs
+    from distillery.platform.tracking.runs import child_runs, finish_sweep_runs
 
     parent = state["parent_run_id"]
     client = MlflowClient(tracking_uri)

@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, model_validator
 
-from distillery.platform.config import ConfigError, StrictModel, load_config
+from distillery.platform.config.sections import ConfigError, StrictModel, load_config
 
 __all__ = ["ParamSpec", "SpaceError", "check_space", "representative_values", "to_tune_space",
            "trial_overrides"]

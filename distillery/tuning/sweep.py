@@ -21,8 +21,8 @@ import time
 import uuid
 from typing import Any, Callable
 
-from distillery.platform import storage
-from distillery.platform.config import absolute_uri, flatten_config, load_config
+from distillery.platform.io import storage
+from distillery.platform.config.sections import absolute_uri, flatten_config, load_config
 from distillery.tuning.space import ParamSpec, check_space, to_tune_space, trial_overrides
 from distillery.tuning.sweep_config import SweepConfig
 
@@ -37,13 +37,13 @@ _DELTA_FRACTION = "gam.delta_fraction"  # a sweep-only key: gam.delta = fraction
 def job_entry(job: str) -> tuple[type, Callable[..., dict[str, Any]]]:
     """(config model, run function) of a job that can be swept."""
     if job == "distill":
-        from distillery.platform.distill import run_distill
-        from distillery.platform.distill_config import DistillConfig
+        from distillery.platform.distill.driver import run_distill
+        from distillery.platform.config.distill import DistillConfig
 
         return DistillConfig, run_distill
     if job == "moe_tune":
-        from distillery.platform.moe_config import MoETuneConfig
-        from distillery.platform.moe_tune import run_moe_tune
+        from distillery.platform.config.moe import MoETuneConfig
+        from distillery.platform.moe.driver import run_moe_tune
 
         return MoETuneConfig, run_moe_tune
     raise ValueError(f"trial.job: unknown job {job!r} (known: distill, moe_tune)")
@@ -53,9 +53,9 @@ def _absolute_path_overrides(job: str, job_cfg) -> list[str]:
     """Overrides pinning the job config's relative local paths to the driver's directory (Tune
     runs each trial in a directory of its own)."""
     if job == "distill":
-        from distillery.platform.distill import _with_absolute_paths as absolute
+        from distillery.platform.distill.driver import _with_absolute_paths as absolute
     else:
-        from distillery.platform.moe_tune import with_absolute_paths as absolute
+        from distillery.platform.moe.driver import with_absolute_paths as absolute
     before, after = flatten_config(job_cfg), flatten_config(absolute(job_cfg))
     return [f"{k}={v}" for k, v in after.items() if before.get(k) != v]
 
@@ -68,7 +68,7 @@ def calibrate_gam(cfg: SweepConfig, tracking_uri: str, parent_run_id: str, run_s
     default_weight`` GAM never moves lambda but still measures the share every epoch; the mean
     over the calibration epochs becomes the centre of the sweep's rho range.
     """
-    from distillery.platform.distill import resolve_gam
+    from distillery.platform.distill.driver import resolve_gam
 
     model, run = job_entry(cfg.trial.job)
     base = load_config(model, cfg.trial.config, cfg.trial.overrides)
@@ -232,9 +232,9 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
     """Run (or, with ``resume``=the sweep's path, continue) a sweep; return its summary."""
     from ray import tune
 
-    from distillery.platform.cluster import ray_session
-    from distillery.platform.distill import prepare_inputs
-    from distillery.platform.tracking import (create_run, finish_sweep_runs, resolve_tracking_uri,
+    from distillery.platform.cluster.runtime import ray_session
+    from distillery.platform.distill.driver import prepare_inputs
+    from distillery.platform.tracking.runs import (create_run, finish_sweep_runs, resolve_tracking_uri,
                                               tracking_reachable)
 
     t0 = time.time()
@@ -392,6 +392,6 @@ def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_
 
 
 def _pyarrow_fs(uri: str):
-    from distillery.platform.distill import _storage_filesystem
+    from distillery.platform.distill.driver import _storage_filesystem
 
     return _storage_filesystem(uri)

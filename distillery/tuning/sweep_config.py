@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from distillery.platform.config import RayConfig, StorageConfig, StrictModel
+from distillery.platform.config.sections import RayConfig, StorageConfig, StrictModel
 from distillery.tuning.space import ParamSpec
 
 __all__ = ["SweepConfig"]

@@ -1,0 +1,314 @@
+"""Typed job configuration: pydantic models loaded from YAML with ``key.sub=value`` overrides.
+
+Every job has one root model (a subclass of :class:`StrictModel`). Its field defaults are the
+job's *embedded default*, so ``python jobs/X.py`` with no arguments runs something sensible.
+Validation is pydantic's: unknown keys (``extra="forbid"``), wrong types and impossible values
+(``Field(gt=...)``, ``Literal``, validators) all fail in :func:`load_config`, before any Ray
+worker starts, with the dotted key path in the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
+
+from distillery.platform.errors import DeterministicError
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "absolute_uri",
+    "RayConfig",
+    "StorageConfig",
+    "SyntheticDataConfig",
+    "TeacherConfig",
+    "StrictModel",
+    "apply_overrides",
+    "config_hash",
+    "flatten_config",
+    "load_config",
+    "parse_job_args",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError, DeterministicError):
+    """A configuration that cannot be used; the message names the key path and the source."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {dotted!r}: {prefix!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        # A section-level check (model validator) names its fields itself; its input is the whole section.
+        quiet = err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+        detail = "" if quiet else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{detail}")
+    return "\n".join(lines)
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()) -> M:
+    """Load ``model`` from an optional YAML file plus dotted overrides; raise ConfigError if invalid.
+
+    The file and the overrides are merged onto the embedded default (``model()``), section by
+    section, then validated as a whole.
+    """
+    tree: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+        tree = apply_overrides(tree, overrides)
+    try:
+        # A recipe is a diff against the embedded default: a section given in part keeps the
+        # embedded default's other values (not merely the section class's field defaults).
+        tree = _deep_merge(model().model_dump(), tree)
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def parse_job_args(model: type[M], argv: Sequence[str] | None = None, description: str = "") -> M:
+    """The CLI every job shares: ``--config FILE`` and positional ``dotted.key=value`` overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML recipe (default: the embedded default)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(model, args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+
+# Ray unpacks a submitted job's --working-dir under <ray temp dir>/session_*/runtime_resources/
+# and deletes it when the job or the cluster ends: whatever a job writes there is lost.
+_RAY_EPHEMERAL_DIR = re.compile(r"/session_[^/]+/runtime_resources/")
+HOME_VARIABLE = "DISTILLERY_HOME"
+
+
+def absolute_uri(path: str, ships_with_code: bool = False) -> str:
+    """A local path made absolute (workers may run in another directory); URIs unchanged.
+
+    A relative path resolves against ``$DISTILLERY_HOME`` when it is set, else against the
+    current directory. Under ``ray job submit --working-dir`` the current directory is Ray's
+    temporary copy of the working dir, which Ray deletes: a relative path there is refused,
+    naming where it would have gone and the way out, instead of losing the job's outputs.
+    ``ships_with_code``: a file that travels with the working dir (a recipe under ``configs/``)
+    resolves against the current directory, where Ray put it.
+    """
+    if "://" in path:
+        return path
+    local = Path(path).expanduser()
+    if ships_with_code:
+        return str(local.resolve())
+    if not local.is_absolute():
+        home = os.environ.get(HOME_VARIABLE)
+        if home:
+            local = Path(home).expanduser() / local
+        elif _RAY_EPHEMERAL_DIR.search(str(Path.cwd()) + "/"):
+            raise ConfigError(
+                f"relative path {path!r} would resolve to {Path.cwd() / local}, inside Ray's temporary "
+                f"working directory of this job, which Ray deletes: set {HOME_VARIABLE} to a directory "
+                "on the cluster (ray job submit --runtime-env-json '{\"env_vars\": {\"" + HOME_VARIABLE
+                + "\": \"/abs/dir\"}}'), or give absolute paths or s3:// URIs")
+    return str(local.resolve())
+
+
+# Config keys whose values are secrets by name, and credentials written into a URI
+# (scheme://user:password@host): masked in tracking params and hashes.
+_SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials", "apikey"}
+_SECRET_PAIRS = ("api_key", "access_key", "secret_key", "private_key")
+_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+
+def _mask_secrets(key: str, text: str) -> str:
+    name = key.rsplit(".", 1)[-1].lower()
+    if text and (_SECRET_WORDS & set(name.split("_")) or any(pair in name for pair in _SECRET_PAIRS)):
+        return "**********"
+    return _URI_USERINFO.sub(lambda m: m.group("scheme") + "**********@", text)
+
+
+def flatten_config(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Flatten to ``{"a.b": "value"}`` for tracking; secrets are masked, never revealed: SecretStr
+    fields, fields named like a secret (``*token*``, ``*password*``, ...) and the user:password
+    part of URIs."""
+    out: dict[str, str] = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten_config(value, key + "."))
+        elif isinstance(value, SecretStr):
+            out[key] = "**********" if value.get_secret_value() else ""
+        else:
+            text = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+            out[key] = _mask_secrets(key, text)
+    return out
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """A stable short hash of the config (secrets masked), for lineage tags."""
+    blob = json.dumps(flatten_config(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- shared sections
+# Sections that several jobs share. Job-specific root models live next to their runner.
+
+
+class SyntheticDataConfig(StrictModel):
+    """Generate the synthetic dataset at ``data.root`` when it is not there yet."""
+
+    train: PositiveInt = 200
+    val: PositiveInt = 50
+    size: int = Field(320, ge=64)
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    """A dataset; relative paths are resolved against ``root``.
+
+    ``format: coco`` (default): the ``*_annotations`` / ``*_images`` paths below; ``synthetic``
+    generates one at ``root`` when absent. ``yolo``: ``root`` is the dataset YAML (or a directory
+    holding ``data.yaml``); ``voc``: ``root`` is the VOC root (``Annotations/``, ``JPEGImages/``,
+    ``ImageSets/Main/``). For both, ``train_split`` / ``val_split`` name the splits the jobs train
+    and evaluate on: YAML keys, or ``ImageSets/Main/<name>.txt`` files (VOC2007: trainval / test).
+    ``classes`` (VOC only) fixes the class table; else it is discovered from the XML files."""
+
+    root: str = "runs/data/synthetic"
+    train_annotations: str = "annotations/instances_train.json"
+    train_images: str = "images/train"
+    val_annotations: str = "annotations/instances_val.json"
+    val_images: str = "images/val"
+    bad_records: Literal["error", "skip"] = "error"
+    check_images: Literal["none", "exists", "header", "decode"] = "header"
+    synthetic: SyntheticDataConfig | None = SyntheticDataConfig()
+    format: Literal["coco", "yolo", "voc"] = "coco"
+    train_split: str = Field("train", min_length=1)
+    val_split: str = Field("val", min_length=1)
+    classes: list[str] | None = Field(None, min_length=1)
+
+    def resolve(self, rel: str) -> str:
+        if "://" in rel or rel.startswith("/"):
+            return rel
+        from distillery.platform.io import storage
+
+        return storage.join(self.root, rel)
+
+    def split_paths(self, split: Literal["train", "val"]) -> tuple[str, str]:
+        """(annotation URI, image root URI) of a COCO split (other formats: formats.load_split)."""
+        if self.format != "coco":
+            raise ValueError(f"data.format is {self.format!r}: its splits have no COCO annotation paths; "
+                             "load them with distillery.platform.datasets.formats.load_split")
+        if split == "train":
+            return self.resolve(self.train_annotations), self.resolve(self.train_images)
+        return self.resolve(self.val_annotations), self.resolve(self.val_images)
+
+
+class TeacherConfig(StrictModel):
+    """The frozen vision foundation model (DINOv3 through timm)."""
+
+    model_name: str = "vit_base_patch16_dinov3"
+    weights: str | None = None
+    allow_random_init: bool = False
+    seed: int = 0
+    input_size: int = Field(640, ge=32)
+    pool: int = Field(2, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    model_kwargs: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_reachable(cls, weights: str | None) -> str | None:
+        # hf-hub: ids and https:// URLs are fetched where the teacher is built; offline, say so now.
+        from distillery.platform.io.weights_source import check_weights_source
+
+        return check_weights_source(weights, "teacher.weights")
+
+
+class RayConfig(StrictModel):
+    """Where to run. ``address`` None: ``RAY_ADDRESS`` if set (``ray job submit`` sets it), else a
+    local instance with ``num_cpus`` CPUs."""
+
+    address: str | None = None
+    num_cpus: PositiveInt | None = None
+
+
+class StorageConfig(StrictModel):
+    """S3 settings; credentials come from the standard AWS environment variables."""
+
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
