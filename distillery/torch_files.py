@@ -1,7 +1,8 @@
-"""Reading a ``torch.save`` file from disk, safely, with errors a user can act on.
+"""Reading a ``torch.save`` file from disk, safely, with errors a user can act on; state-dict key names
+without the wrappers that DDP / DeepSpeed (``module.``) and ``torch.compile`` (``_orig_mod.``) add.
 
-Shared by the teacher and student weights loaders (``distillery.teachers``, ``distillery.students``):
-plain torch, no platform code. ``torch.load(..., weights_only=True)`` always; before it, the file
+Shared by the teacher and student weights loaders (``distillery.teachers``, ``distillery.students``)
+and the platform's model-file readers: plain torch, no platform code. ``torch.load(..., weights_only=True)`` always; before it, the file
 is checked to be a torch file at all, so that an empty file, an HTML error page saved as ``.pth``
 or a safetensors file under another name are named as such, instead of getting PyTorch's
 unpickling message, whose advice (re-run with ``weights_only=False``) would execute the file.
@@ -11,11 +12,32 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, TypeVar
 
 import torch
 
-__all__ = ["is_safetensors_file", "load_torch_file"]
+__all__ = ["WRAPPER_PREFIXES", "is_safetensors_file", "load_torch_file", "strip_wrapper_prefix",
+           "strip_wrapper_prefixes"]
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_Value = TypeVar("_Value")
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    """``name`` without any leading ``module.`` / ``_orig_mod.``, in any order and number
+    (``_orig_mod.module.decoder.x`` -> ``decoder.x``)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
+def strip_wrapper_prefixes(state: Mapping[str, _Value]) -> dict[str, _Value]:
+    """The same mapping with every key through :func:`strip_wrapper_prefix`."""
+    return {strip_wrapper_prefix(key): value for key, value in state.items()}
 
 
 def _head(path: Path) -> tuple[bytes, int]:

@@ -72,6 +72,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from distillery.torch_files import strip_wrapper_prefix
+
 __all__ = [
     "GAM_DEFAULTS",
     "GAM_GROUP_PREFIXES",
@@ -110,7 +112,6 @@ GAM_GROUP_PREFIXES: dict[str, tuple[str, ...]] = {
 _OTHER = "other"
 _AIFI = "aifi"
 # Prefixes that wrappers put in front of parameter names (DDP / DeepSpeed engine, torch.compile).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The official zero-share test is "< 1e-6" on a percentage.
 _ZERO_SHARE = 1e-8
 # The official update block adapts the weight only while it is above this ("if current_weight > 1e-6").
@@ -199,20 +200,9 @@ def gam_update(
     return gam_update_explained(lam, ratio, rho, delta, rule, clamp)[0]
 
 
-def _strip_wrappers(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                changed = True
-    return name
-
-
 def classify_parameter(name: str, prefixes: Mapping[str, Sequence[str]] = GAM_GROUP_PREFIXES) -> str:
     """The GAM group of a parameter name (wrapper prefixes ignored); ``"other"`` if none matches."""
-    bare = _strip_wrappers(name)
+    bare = strip_wrapper_prefix(name)
     for group, starts in prefixes.items():
         if any(bare.startswith(s) for s in starts):
             return group

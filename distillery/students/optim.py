@@ -47,6 +47,8 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
+from distillery.torch_files import strip_wrapper_prefix
+
 __all__ = [
     "NORM_LAYER_TYPES",
     "OPTIM_DEFAULTS",
@@ -88,19 +90,8 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.RMSNorm,
     nn.LocalResponseNorm,
 )
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _HEAD_COMPONENTS = ("encoder", "decoder")
 NormRule = Literal["all", "head"]
-
-
-def _strip_wrappers(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
 
 
 # Trainable PEFT adapter parameters inside a frozen backbone (distillery.students.peft):
@@ -125,7 +116,7 @@ def _classify(model: nn.Module) -> Iterable[tuple[str, nn.Parameter, str, bool, 
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            full = _strip_wrappers(f"{module_name}.{param_name}" if module_name else param_name)
+            full = strip_wrapper_prefix(f"{module_name}.{param_name}" if module_name else param_name)
             component = full.split(".", 1)[0] if "." in full else ""
             yield full, param, component, norm, param_name == "bias"
 

@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
+from distillery.torch_files import strip_wrapper_prefix
+
 from .backbone import HGNetv2Backbone
 from .decoder import DFINEDecoder
 from .encoder import HybridEncoder
-from .weights import load_student_weights, strip_wrapper_prefixes
+from .weights import load_student_weights
 
 if TYPE_CHECKING:
     from .deimv2 import DEIMv2
@@ -157,7 +159,7 @@ class RTDETRv4(nn.Module):
 
     def component_of(self, param_name: str) -> str:
         """``backbone`` / ``aifi`` / ``ccff`` / ``decoder`` / ``dsi`` for a parameter (or buffer) name."""
-        name = next(iter(strip_wrapper_prefixes({param_name: None})))
+        name = strip_wrapper_prefix(param_name)
         if name.startswith("encoder.aifi."):
             return "aifi"
         for prefix, component in (("backbone.", "backbone"), ("encoder.", "ccff"), ("decoder.", "decoder"),

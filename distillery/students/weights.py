@@ -34,12 +34,11 @@ import torch
 from torch import nn
 
 from distillery.errors import DeterministicError
-from distillery.torch_files import load_torch_file
+from distillery.torch_files import load_torch_file, strip_wrapper_prefixes
 
 __all__ = ["COCO_CLASS_NAMES", "WeightsError", "WeightsReport", "class_map_from_names", "is_class_dependent",
-           "load_student_weights", "read_student_checkpoint", "strip_wrapper_prefixes"]
+           "load_student_weights", "read_student_checkpoint"]
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CLASS_KEY = re.compile(r"^decoder\.(enc_score_head\.(weight|bias)|dec_score_head\.\d+\.(weight|bias)"
                         r"|denoising_class_embed\.weight)$")
 _NAMES_SHOWN = 5
@@ -97,20 +96,6 @@ class WeightsReport:
                 "reinitialised": list(self.reinitialised), "num_reinitialised": len(self.reinitialised),
                 "class_rows_copied": {str(k): v for k, v in self.class_rows_copied.items()},
                 "kept_init": list(self.kept_init), "dropped": list(self.dropped)}
-
-
-def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys without the ``module.`` (DDP / DeepSpeed) and ``_orig_mod.`` (torch.compile) wrappers."""
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
 
 
 def is_class_dependent(key: str) -> bool:

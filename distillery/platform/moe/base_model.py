@@ -12,18 +12,9 @@ import torch
 from distillery.platform.engine.worker import EXTRA_STATE
 from distillery.platform.io import storage
 from distillery.platform.moe.model_files import _TEXT_KEY, MODEL_FILE, _read_model_file
+from distillery.torch_files import strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 def _state_from_pt(path: Path) -> dict[str, torch.Tensor]:
@@ -75,7 +66,7 @@ def _state_from_registry(uri: str, tracking_uri: str, local_dir: str) -> tuple[d
         raise ValueError(f"base.checkpoint {uri!r} (version {version.version}) is already an MoE model; "
                          "MoE-tuning starts from a dense model")
     state.pop(_TEXT_KEY, None)
-    return _strip_prefixes(state), f"{uri} (version {version.version}, run {version.run_id})"
+    return strip_wrapper_prefixes(state), f"{uri} (version {version.version}, run {version.run_id})"
 
 
 def load_base_state(source: str, *, tracking_uri: str | None = None,
@@ -107,7 +98,7 @@ def load_base_state(source: str, *, tracking_uri: str | None = None,
         if (path / MODEL_FILE).is_file():
             path = path / MODEL_FILE
         elif (path / EXTRA_STATE).is_file():   # a distillation-job checkpoint: its EMA weights
-            return _strip_prefixes(_state_from_pt(path / EXTRA_STATE)), f"{path} (EMA weights)"
+            return strip_wrapper_prefixes(_state_from_pt(path / EXTRA_STATE)), f"{path} (EMA weights)"
         else:
             return load_base_state(find_latest_checkpoint(str(path)), tracking_uri=tracking_uri, local_dir=local_dir)
     if path.suffix == ".safetensors":
@@ -116,8 +107,8 @@ def load_base_state(source: str, *, tracking_uri: str | None = None,
             raise ValueError(f"base.checkpoint {path} is already an MoE model (copies={meta['moe']['copies']}, "
                              f"granularity={meta['moe']['granularity']}); MoE-tuning starts from a dense model")
         state.pop(_TEXT_KEY, None)
-        return _strip_prefixes(state), str(path)
-    return _strip_prefixes(_state_from_pt(path)), str(path)
+        return strip_wrapper_prefixes(state), str(path)
+    return strip_wrapper_prefixes(_state_from_pt(path)), str(path)
 
 
 def _load_into(model, state: dict[str, torch.Tensor], strict: bool, source: str) -> dict[str, list[str]]:
