@@ -43,7 +43,8 @@ import torch  # noqa: E402
 
 from distillery.students.moe import MoEFFN, collect_aux_loss  # noqa: E402
 from distillery.students.open_vocab import build_open_vocab, moe_tune_decoder  # noqa: E402
-from distillery.students.text import COCO_CATEGORY_NAMES, HashingPhraseEncoder  # noqa: E402
+from distillery.students.text import HashingPhraseEncoder  # noqa: E402
+from distillery.students.vocabulary import COCO_CATEGORY_NAMES  # noqa: E402
 from benchmarks.timing import timed  # noqa: E402
 
 

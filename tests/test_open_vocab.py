@@ -16,7 +16,8 @@ from distillery.students.open_vocab import (
     moe_layer_names,
     moe_tune_decoder,
 )
-from distillery.students.text import HashingPhraseEncoder, PhraseEmbeddingCache
+from distillery.students.phrase_cache import PhraseEmbeddingCache
+from distillery.students.text import HashingPhraseEncoder
 
 SHAPES = ["circle", "square", "triangle", "star", "ring", "cross"]
 UNSEEN = ["zebra crossing", "hexagon", "kite", "lighthouse"]

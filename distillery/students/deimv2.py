@@ -66,8 +66,6 @@ the ultra-light recipes leave out the FGL/DDF losses, which is a criterion setti
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,7 +82,9 @@ from .deimv2_backbone import (
     HGNetv2Levels,
     PrunedHGNetv2,
 )
-from .encoder import ConvNormAct, HybridEncoder, RepVGGBlock
+from .detector import Detector, DetectorSpec, build_decoder, build_dsi, check_eval_spatial_size, spec_from_overrides
+from .encoder import ConvNormAct, ELANBlock, HybridEncoder, RepVGGBlock
+from .peft import apply_peft
 from .sta import SpatialTuningAdapter
 
 __all__ = [
@@ -105,17 +105,19 @@ __all__ = [
 
 
 DEIMV2_COMPONENTS = ("backbone", "sta", "aifi", "ccff", "decoder", "dsi")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------------ spec
 @dataclass(frozen=True)
-class DEIMv2Spec:
-    """Every architectural number of a DEIMv2 student; ``build_deimv2`` overrides any of them by name."""
+class DEIMv2Spec(DetectorSpec):
+    """Every architectural number of a DEIMv2 student (its own below, the shared ones in
+    :class:`~.detector.DetectorSpec`); ``build_deimv2`` overrides any of them by name.
 
-    backbone: str  # "dinov3_distilled", a timm DINOv3 name, "hgnetv2_b0".."b6", "hgnetv2_pico|femto|atto"
+    ``backbone``: "dinov3_distilled", a timm DINOv3 name, "hgnetv2_b0".."b6", "hgnetv2_pico|femto|atto".
+    """
+
     # ViT backbones
     vit_dim: int = 192
     vit_depth: int = 12
@@ -133,24 +135,7 @@ class DEIMv2Spec:
     # encoder
     encoder: str = "hybrid"  # "hybrid" (AIFI + CCFF) or "lite"
     ccff_block: str = "elan5"  # "elan5" (official version deim) or "elan4" (version dfine)
-    encoder_hidden_dim: int = 256
-    encoder_ffn_dim: int = 1024
-    encoder_heads: int = 8
-    expansion: float = 1.0
-    depth_mult: float = 1.0
     # decoder
-    decoder_hidden_dim: int = 256
-    decoder_ffn_dim: int = 1024
-    decoder_heads: int = 8
-    num_decoder_layers: int = 6
-    num_queries: int = 300
-    num_points: tuple[int, ...] = (3, 6, 3)
-    num_denoising: int = 100
-    label_noise_ratio: float = 0.5
-    box_noise_scale: float = 1.0
-    reg_max: int = 32
-    reg_scale: float = 4.0
-    eval_idx: int = -1
     decoder_ffn: str = "swiglu"
     decoder_norm: str = "rmsnorm"
     share_query_pos: bool = True
@@ -159,19 +144,8 @@ class DEIMv2Spec:
     enc_output: bool = False
     use_gateway: bool = True
     share_bbox_head: bool = False
-    # task / training
-    num_classes: int = 80
-    eval_spatial_size: tuple[int, int] = (640, 640)
+    # training
     dsi: bool = False  # DEIMv2 has no DSI; the platform may switch RT-DETRv4's on
-    teacher_dim: int | None = 768
-    backbone_weights: str | None = None
-    freeze_at: int = -1  # HGNetv2-B* only, as in RT-DETRv4
-    freeze_stem_only: bool = True
-    freeze_norm: bool = False
-    aifi_act: str = "gelu"
-    ccff_act: str = "silu"
-    decoder_act: str = "silu"
-    mlp_act: str = "silu"
 
 
 _DINOV3_L_X = dict(vit_layers=(5, 8, 11), vit_norm=True, vit_rope_rescale_coords=2.0)
@@ -225,35 +199,22 @@ class RepC3(nn.Module):
         return a + self.bottlenecks(b)
 
 
-class GELANBlock(nn.Module):
-    """GELAN fusion block with :class:`RepC3` stages.
+class GELANBlock(ELANBlock):
+    """GELAN fusion block with :class:`RepC3` stages (:class:`~.encoder.ELANBlock`).
 
-    ``in -> 1x1 (split) -> halves a, b``; ``c = CSP(b) [-> 3x3]``; ``d = CSP(c) [-> 3x3]``;
-    ``out = 1x1(concat(a, b, c, d))``. ``post_conv=True`` is the reference's ``RepNCSPELAN4`` with
+    ``post_conv=True`` (a 3x3 conv after each stage) is the reference's ``RepNCSPELAN4`` with
     ``csp2`` stages (DEIMv2-N and the lite encoder), ``False`` its ``RepNCSPELAN5`` (S/M/L/X).
     """
 
     def __init__(self, in_channels: int, out_channels: int, split_channels: int, branch_channels: int,
                  num_blocks: int = 3, act: str | None = "silu", post_conv: bool = False):
-        super().__init__()
-        if split_channels % 2:
-            raise ValueError(f"GELANBlock: split_channels must be even, got {split_channels}")
-        self.half = split_channels // 2
-        self.cv1 = ConvNormAct(in_channels, split_channels, 1, act=act)
-        cv2 = [RepC3(self.half, branch_channels, num_blocks, act=act)]
-        cv3 = [RepC3(branch_channels, branch_channels, num_blocks, act=act)]
-        if post_conv:
-            cv2.append(ConvNormAct(branch_channels, branch_channels, 3, act=act))
-            cv3.append(ConvNormAct(branch_channels, branch_channels, 3, act=act))
-        self.cv2 = nn.Sequential(*cv2)
-        self.cv3 = nn.Sequential(*cv3)
-        self.cv4 = ConvNormAct(split_channels + 2 * branch_channels, out_channels, 1, act=act)
+        def stage(c_in: int, c_out: int) -> nn.Sequential:
+            layers = [RepC3(c_in, c_out, num_blocks, act=act)]
+            if post_conv:
+                layers.append(ConvNormAct(c_out, c_out, 3, act=act))
+            return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.cv1(x).split((self.half, self.half), dim=1)
-        c = self.cv2(b)
-        d = self.cv3(c)
-        return self.cv4(torch.cat([a, b, c, d], dim=1))
+        super().__init__(in_channels, out_channels, split_channels, branch_channels, stage, act)
 
 
 def _fusion_block(hidden: int, expansion: float, depth_mult: float, act: str, post_conv: bool) -> GELANBlock:
@@ -323,7 +284,7 @@ class LiteEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ detector
-class DEIMv2(nn.Module):
+class DEIMv2(Detector):
     """DEIMv2 detector: ``backbone`` [-> ``sta``] -> ``encoder`` -> ``decoder``; ``dsi`` optional, training-only.
 
     Same interface as :class:`~.rtdetrv4.RTDETRv4`: ``model(images)`` in eval mode (``images``
@@ -335,26 +296,20 @@ class DEIMv2(nn.Module):
     recipes do, and :func:`~.peft.apply_peft` on ``backbone.vit`` leaves the STA trainable.
     """
 
+    kind = "DEIMv2"
+    components = DEIMV2_COMPONENTS
+    component_prefixes = (("encoder.aifi.", "aifi"), ("backbone.", "backbone"), ("sta.", "sta"),
+                          ("encoder.", "ccff"), ("decoder.", "decoder"), ("dsi.", "dsi"))
+
     def __init__(self, backbone: nn.Module, sta: SpatialTuningAdapter | None, encoder: nn.Module,
                  decoder: DFINEDecoder, dsi: nn.Module | None = None, eval_spatial_size: tuple[int, int] = (640, 640),
                  spec: DEIMv2Spec | None = None, normalize_input: bool = False):
-        super().__init__()
-        self.backbone = backbone
-        self.sta = sta
-        self.encoder = encoder
-        self.decoder = decoder
-        self.dsi = dsi
-        self.eval_spatial_size = tuple(eval_spatial_size)
-        self.spec = spec
-        self.stride = 32
+        super().__init__({"backbone": backbone, "sta": sta, "encoder": encoder, "decoder": decoder, "dsi": dsi},
+                         eval_spatial_size, spec, stride=32)
         self.normalize_input = bool(normalize_input)
         # Constants, not state: recomputed on construction, never in a checkpoint.
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def num_classes(self) -> int:
-        return self.decoder.num_classes
 
     @property
     def vit(self) -> nn.Module:
@@ -364,44 +319,13 @@ class DEIMv2(nn.Module):
             raise AttributeError(f"this DEIMv2 model has a {type(self.backbone).__name__} backbone, not a ViT")
         return vit
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict:
-        if not torch.jit.is_tracing():  # shape checks; a trace would only record them as constants
-            if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"DEIMv2: images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-            if images.shape[2] % self.stride or images.shape[3] % self.stride:
-                raise ValueError(f"DEIMv2: image size {images.shape[2]}x{images.shape[3]} must be a multiple "
-                                 f"of {self.stride}")
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.normalize_input:
             images = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         features = self.backbone(images)
         if self.sta is not None:
             features = self.sta(images, features)
-        fused, f5 = self.encoder(features)
-        out = self.decoder(fused, targets)
-        if self.training:
-            out["f5"] = f5
-        return out
-
-    def component_of(self, param_name: str) -> str:
-        """``backbone`` / ``sta`` / ``aifi`` / ``ccff`` / ``decoder`` / ``dsi`` for a parameter (or buffer) name."""
-        name = param_name
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix):], True
-        if name.startswith("encoder.aifi."):
-            return "aifi"
-        for prefix, component in (("backbone.", "backbone"), ("sta.", "sta"), ("encoder.", "ccff"),
-                                  ("decoder.", "decoder"), ("dsi.", "dsi")):
-            if name.startswith(prefix):
-                return component
-        raise KeyError(f"DEIMv2.component_of: {param_name!r} belongs to no component {DEIMV2_COMPONENTS}")
-
-    def num_inference_parameters(self) -> int:
-        """Parameters of the deployed detector (everything but the training-only DSI projector)."""
-        return sum(p.numel() for n, p in self.named_parameters() if self.component_of(n) != "dsi")
+        return features
 
 
 def apply_backbone_peft(model: DEIMv2, method: str, **kwargs):
@@ -409,8 +333,6 @@ def apply_backbone_peft(model: DEIMv2, method: str, **kwargs):
 
     Returns the :class:`~.peft.PeftReport` of the ViT. HGNetv2 backbones have no ViT and raise.
     """
-    from .peft import apply_peft
-
     try:
         vit = model.vit
     except AttributeError as exc:
@@ -428,22 +350,8 @@ def build_deimv2(name: str, **overrides) -> DEIMv2:
     (int or (H, W)), ``dsi`` / ``teacher_dim``, ``num_queries``, ``num_decoder_layers``,
     ``backbone_weights`` (a local file; see the module docstring). Unknown names raise ``TypeError``.
     """
-    if name not in DEIMV2_SPECS:
-        raise KeyError(f"unknown DEIMv2 student {name!r}; expected one of {sorted(DEIMV2_SPECS)}")
-    fields = {f.name for f in dataclasses.fields(DEIMv2Spec)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"build_deimv2({name!r}): unknown option(s) {unknown}; known: {sorted(fields)}")
-    if "eval_spatial_size" in overrides:
-        size = overrides["eval_spatial_size"]
-        overrides["eval_spatial_size"] = ((int(size), int(size)) if isinstance(size, int)
-                                          else tuple(int(s) for s in size))
-    for key in ("num_points", "vit_layers", "backbone_levels"):
-        if key in overrides:
-            overrides[key] = tuple(int(p) for p in overrides[key])
-    if isinstance(overrides.get("backbone_weights"), os.PathLike):
-        overrides["backbone_weights"] = os.fspath(overrides["backbone_weights"])
-    spec = dataclasses.replace(DEIMV2_SPECS[name], **overrides)
+    spec = spec_from_overrides(DEIMV2_SPECS, name, overrides, who="build_deimv2", family="DEIMv2 student",
+                               tuple_fields=("num_points", "vit_layers", "backbone_levels"))
     return build_deimv2_from_spec(spec)
 
 
@@ -470,8 +378,7 @@ def _build_backbone(spec: DEIMv2Spec) -> tuple[nn.Module, SpatialTuningAdapter |
 
 def build_deimv2_from_spec(spec: DEIMv2Spec) -> DEIMv2:
     """Assemble the modules described by ``spec``."""
-    if len(spec.eval_spatial_size) != 2 or any(s <= 0 or s % 32 for s in spec.eval_spatial_size):
-        raise ValueError(f"eval_spatial_size must be (H, W) multiples of 32, got {spec.eval_spatial_size}")
+    check_eval_spatial_size(spec)
     backbone, sta, channels, strides = _build_backbone(spec)
     if spec.encoder == "hybrid":
         encoder = DEIMv2HybridEncoder(channels, spec.encoder_hidden_dim, spec.encoder_heads, spec.encoder_ffn_dim,
@@ -484,20 +391,10 @@ def build_deimv2_from_spec(spec: DEIMv2Spec) -> DEIMv2:
         raise ValueError(f"unknown DEIMv2 encoder {spec.encoder!r}; expected 'hybrid' or 'lite'")
     if levels[-1] != 32:
         raise ValueError(f"DEIMv2: the deepest encoder level must be at stride 32, got strides {levels}")
-    decoder = DFINEDecoder(num_classes=spec.num_classes, hidden_dim=spec.decoder_hidden_dim,
-                           num_queries=spec.num_queries, feat_channels=[spec.encoder_hidden_dim] * len(levels),
-                           feat_strides=levels, num_layers=spec.num_decoder_layers, num_heads=spec.decoder_heads,
-                           ffn_dim=spec.decoder_ffn_dim, num_points=spec.num_points, act=spec.decoder_act,
-                           mlp_act=spec.mlp_act, num_denoising=spec.num_denoising,
-                           label_noise_ratio=spec.label_noise_ratio, box_noise_scale=spec.box_noise_scale,
-                           reg_max=spec.reg_max, reg_scale=spec.reg_scale, eval_idx=spec.eval_idx,
-                           ffn=spec.decoder_ffn, norm=spec.decoder_norm, share_query_pos=spec.share_query_pos,
-                           query_pos_layers=spec.query_pos_layers,
-                           query_pos_hidden=spec.query_pos_hidden or spec.decoder_hidden_dim,
-                           enc_output=spec.enc_output, use_gateway=spec.use_gateway,
-                           share_bbox_head=spec.share_bbox_head)
-    dsi = None
-    if spec.dsi and spec.teacher_dim:
-        dsi = nn.Linear(spec.encoder_hidden_dim, int(spec.teacher_dim))
-    return DEIMv2(backbone, sta, encoder, decoder, dsi, spec.eval_spatial_size, spec,
+    decoder = build_decoder(spec, levels, ffn=spec.decoder_ffn, norm=spec.decoder_norm,
+                            share_query_pos=spec.share_query_pos, query_pos_layers=spec.query_pos_layers,
+                            query_pos_hidden=spec.query_pos_hidden or spec.decoder_hidden_dim,
+                            enc_output=spec.enc_output, use_gateway=spec.use_gateway,
+                            share_bbox_head=spec.share_bbox_head)
+    return DEIMv2(backbone, sta, encoder, decoder, build_dsi(spec), spec.eval_spatial_size, spec,
                   normalize_input=spec.normalize_input)

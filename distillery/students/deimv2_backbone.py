@@ -37,6 +37,7 @@ __all__ = [
     "PRUNED_HGNETV2",
     "PrunedHGNetv2",
     "TIMM_DINOV3_VITS",
+    "convert_vit_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _convert_vit_state(state: dict[str, torch.Tensor], vit: nn.Module,
+def convert_vit_state(state: dict[str, torch.Tensor], vit: nn.Module,
                        path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Official DINOv3 / distilled-ViT / timm layouts -> this timm Eva's names."""
     state = _strip_prefix(state)
@@ -174,7 +175,7 @@ class DINOv3ViTBackbone(nn.Module):
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load a ViT checkpoint (timm, official DINOv3 or official distilled-ViT layout); mismatches raise."""
-        state = _convert_vit_state(load_state_dict_file(path), self.vit, path)
+        state = convert_vit_state(load_state_dict_file(path), self.vit, path)
         depth = len(self.vit.blocks)
         dropped = re.compile(r"^(head|fc_norm|head_drop)\.")
         state = {k: v for k, v in state.items() if not dropped.match(k)}

@@ -29,6 +29,7 @@ __all__ = [
     "AIFI",
     "ConvNormAct",
     "CSPRepLayer",
+    "ELANBlock",
     "HybridEncoder",
     "RepNCSPELAN4",
     "RepVGGBlock",
@@ -91,24 +92,22 @@ class CSPRepLayer(nn.Module):
         return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
 
 
-class RepNCSPELAN4(nn.Module):
-    """GELAN fusion block (YOLOv9's RepNCSPELAN4) as D-FINE uses it.
+class ELANBlock(nn.Module):
+    """GELAN fusion block: ``in -> 1x1 (split_channels) -> halves a, b``; ``c = stage(b)``;
+    ``d = stage(c)``; ``out = 1x1(concat(a, b, c, d))`` with ``split + 2 * branch`` input channels.
 
-    ``in -> 1x1 (c3) -> split in halves a, b``; ``c = CSP(b) -> 3x3``; ``d = CSP(c) -> 3x3``;
-    ``out = 1x1(concat(a, b, c, d))`` with ``c3 + 2 * c4`` input channels.
+    ``stage(in, out)`` builds the CSP stage (plus its optional 3x3 conv); subclasses choose it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, split_channels: int, branch_channels: int,
-                 num_blocks: int = 3, act: str | None = "silu"):
+                 stage: Callable[[int, int], nn.Module], act: str | None = "silu"):
         super().__init__()
         if split_channels % 2:
-            raise ValueError(f"RepNCSPELAN4: split_channels must be even, got {split_channels}")
+            raise ValueError(f"{type(self).__name__}: split_channels must be even, got {split_channels}")
         self.half = split_channels // 2
         self.cv1 = ConvNormAct(in_channels, split_channels, 1, act=act)
-        self.cv2 = nn.Sequential(CSPRepLayer(self.half, branch_channels, num_blocks, 1.0, act=act),
-                                 ConvNormAct(branch_channels, branch_channels, 3, act=act))
-        self.cv3 = nn.Sequential(CSPRepLayer(branch_channels, branch_channels, num_blocks, 1.0, act=act),
-                                 ConvNormAct(branch_channels, branch_channels, 3, act=act))
+        self.cv2 = stage(self.half, branch_channels)
+        self.cv3 = stage(branch_channels, branch_channels)
         self.cv4 = ConvNormAct(split_channels + 2 * branch_channels, out_channels, 1, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +115,19 @@ class RepNCSPELAN4(nn.Module):
         c = self.cv2(b)
         d = self.cv3(c)
         return self.cv4(torch.cat([a, b, c, d], dim=1))
+
+
+class RepNCSPELAN4(ELANBlock):
+    """GELAN fusion block (YOLOv9's RepNCSPELAN4) as D-FINE uses it: each stage a
+    :class:`CSPRepLayer` then a 3x3 conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, split_channels: int, branch_channels: int,
+                 num_blocks: int = 3, act: str | None = "silu"):
+        def stage(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(CSPRepLayer(c_in, c_out, num_blocks, 1.0, act=act),
+                                 ConvNormAct(c_out, c_out, 3, act=act))
+
+        super().__init__(in_channels, out_channels, split_channels, branch_channels, stage, act)
 
 
 class SCDown(nn.Module):

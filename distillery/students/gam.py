@@ -111,7 +111,6 @@ GAM_GROUP_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 _OTHER = "other"
 _AIFI = "aifi"
-# Prefixes that wrappers put in front of parameter names (DDP / DeepSpeed engine, torch.compile).
 # The official zero-share test is "< 1e-6" on a percentage.
 _ZERO_SHARE = 1e-8
 # The official update block adapts the weight only while it is above this ("if current_weight > 1e-6").

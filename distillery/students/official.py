@@ -39,6 +39,9 @@ from typing import Callable, Mapping
 
 import torch
 
+from .deimv2 import DEIMV2_SPECS
+from .deimv2_backbone import PRUNED_HGNETV2, DINOv3ViTBackbone, convert_vit_state
+
 __all__ = ["convert_official_state_dict", "looks_official"]
 
 # Keys only the official layouts have (one of them is enough to tell).
@@ -100,9 +103,6 @@ def _backbone_kind(student_name: str) -> str:
     if student_name.startswith("rtdetrv4_"):
         return "hgnet_timm"
     if student_name.startswith("deimv2_"):
-        from .deimv2 import DEIMV2_SPECS  # imported on first use: timm's ViT modules are heavy
-        from .deimv2_backbone import PRUNED_HGNETV2
-
         if student_name not in DEIMV2_SPECS:
             raise KeyError(f"convert_official_state_dict: unknown DEIMv2 student {student_name!r}; expected one of "
                            f"{sorted(DEIMV2_SPECS)}")
@@ -136,14 +136,11 @@ def _convert_dinov3_vit(student_name: str, vit_state: dict[str, torch.Tensor]) -
     variant), and what our backbone prunes (blocks after the last used one, the unused final norm,
     the classification head) is left out.
     """
-    from .deimv2 import DEIMV2_SPECS
-    from .deimv2_backbone import DINOv3ViTBackbone, _convert_vit_state
-
     spec = DEIMV2_SPECS[student_name]
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "randomly initialised": this copy only describes the architecture
         backbone = DINOv3ViTBackbone(spec.backbone, layers=spec.vit_layers, norm_outputs=spec.vit_norm)
-    converted = _convert_vit_state(vit_state, backbone.vit, f"official {student_name} state dict")
+    converted = convert_vit_state(vit_state, backbone.vit, f"official {student_name} state dict")
     depth = len(backbone.vit.blocks)
     keep = []
     for key in converted:

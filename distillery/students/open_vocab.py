@@ -43,9 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .criterion import build_criterion
+from .detector import normalise_overrides
 from .moe import MoEFFN, moe_parameter_counts, replace_decoder_ffns
 from .rtdetrv4 import STUDENT_SPECS, RTDETRv4, StudentSpec, build_from_spec
-from .text import PhraseEmbeddingCache, PhraseEncoder, RegionTextHead, default_phrase_encoder
+from .phrase_cache import PhraseEmbeddingCache
+from .text import PhraseEncoder, RegionTextHead, default_phrase_encoder
 
 __all__ = [
     "DFINE_FFN_PARTS",
@@ -203,7 +206,7 @@ def build_open_vocab(name: str, phrases: Sequence[str] | None = None, *,
     Vocabulary: ``phrases`` (category names / prompts) and either their ``phrase_embeddings``
     (P, dim), or an ``encoder`` (default :func:`~.text.default_phrase_encoder` ``("auto")``:
     all-MiniLM-L6-v2 when installed) through ``cache`` (default: a fresh in-memory
-    :class:`~.text.PhraseEmbeddingCache`). ``phrase_embeddings`` without ``phrases`` names the
+    :class:`~.phrase_cache.PhraseEmbeddingCache`). ``phrase_embeddings`` without ``phrases`` names the
     phrases ``prompt_0 ...``.
 
     ``overrides``: any :class:`~.rtdetrv4.StudentSpec` field except ``num_classes``/``dsi``/
@@ -235,15 +238,8 @@ def build_open_vocab(name: str, phrases: Sequence[str] | None = None, *,
                          f"phrases (at least one), got {tuple(phrase_embeddings.shape)}")
     text_dim = int(phrase_embeddings.shape[1])
 
-    # Same normalisation of override values as build_student.
-    if "eval_spatial_size" in overrides:
-        size = overrides["eval_spatial_size"]
-        overrides["eval_spatial_size"] = ((int(size), int(size)) if isinstance(size, int)
-                                          else tuple(int(s) for s in size))
-    if "num_points" in overrides:
-        overrides["num_points"] = tuple(int(p) for p in overrides["num_points"])
     spec = dataclasses.replace(STUDENT_SPECS[name], num_classes=len(phrases), dsi=False, teacher_dim=None,
-                               **overrides)
+                               **normalise_overrides(overrides))
     dense = build_from_spec(spec)
     decoder = dense.decoder
 
@@ -268,8 +264,6 @@ def build_open_vocab(name: str, phrases: Sequence[str] | None = None, *,
 
 def build_open_vocab_criterion(model: OpenVocabDetector, **overrides):
     """The DEIM criterion over the model's current vocabulary (``num_classes = len(model.phrases)``)."""
-    from .criterion import build_criterion
-
     return build_criterion(num_classes=len(model.phrases), **overrides)
 
 

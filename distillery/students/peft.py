@@ -193,6 +193,19 @@ class AdaRouteRouter(nn.Module):
         return f"num_experts={self.num_experts}, top_k={self.top_k}"
 
 
+def _adopt_linear(layer: nn.Linear, base: nn.Linear) -> None:
+    """Initialise ``layer`` (an ``nn.Linear`` subclass) as a wrapper of ``base``: no fresh weight
+    (``nn.Linear.__init__`` would allocate one), the original parameters reused, shapes copied."""
+    nn.Module.__init__(layer)
+    layer.in_features = base.in_features
+    layer.out_features = base.out_features
+    layer.weight = base.weight
+    if base.bias is None:
+        layer.register_parameter("bias", None)
+    else:
+        layer.bias = base.bias
+
+
 class AdaRouteLinear(nn.Linear):
     """A frozen ``nn.Linear`` plus an AdaRoute adapter whose weights are routed from a shared centre.
 
@@ -203,17 +216,10 @@ class AdaRouteLinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, centre: ExpertCentre, *, router_hidden: int = 16,
                  top_k: int | None = None, scale: float = 1.0) -> None:
-        nn.Module.__init__(self)  # no fresh weight: the original parameters are reused below
         if (centre.in_features, centre.out_features) != (base.in_features, base.out_features):
             raise ValueError(f"AdaRouteLinear: centre is {centre.in_features}->{centre.out_features} but the "
                              f"layer is {base.in_features}->{base.out_features}")
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.weight = base.weight
-        if base.bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = base.bias
+        _adopt_linear(self, base)
         # Deliberately NOT registered as a submodule: the centre is registered once on the ViT
         # (``peft_centres``); registering it here as well would list it once per layer in state_dict.
         object.__setattr__(self, "_centre", centre)
@@ -269,15 +275,8 @@ class LoRALinear(nn.Linear):
     """A frozen ``nn.Linear`` plus a static low-rank update: ``W x + b + (alpha / r) * B A x``."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
-        nn.Module.__init__(self)  # no fresh weight: the original parameters are reused below
         _check_positive("LoRALinear", rank=rank)
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.weight = base.weight
-        if base.bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = base.bias
+        _adopt_linear(self, base)
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = self.alpha / rank

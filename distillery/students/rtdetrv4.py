@@ -24,23 +24,18 @@ no mean/std normalisation); height and width must be multiples of 32.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-import torch
 from torch import nn
-
-from distillery.torch_files import strip_wrapper_prefix
 
 from .backbone import HGNetv2Backbone
 from .decoder import DFINEDecoder
+from .deimv2 import DEIMv2, apply_backbone_peft, build_deimv2
+from .detector import Detector, DetectorSpec, build_decoder, build_dsi, check_eval_spatial_size, spec_from_overrides
 from .encoder import HybridEncoder
 from .weights import load_student_weights
-
-if TYPE_CHECKING:
-    from .deimv2 import DEIMv2
 
 __all__ = ["COMPONENTS", "RTDETRv4", "STUDENT_SPECS", "StudentSpec", "build_student"]
 
@@ -48,40 +43,9 @@ COMPONENTS = ("backbone", "aifi", "ccff", "decoder", "dsi")
 
 
 @dataclass(frozen=True)
-class StudentSpec:
-    """Every architectural number of a student; ``build_student`` overrides any of them by name."""
-
-    backbone: str
-    encoder_hidden_dim: int = 256
-    encoder_ffn_dim: int = 1024
-    encoder_heads: int = 8
-    expansion: float = 1.0
-    depth_mult: float = 1.0
-    decoder_hidden_dim: int = 256
-    decoder_ffn_dim: int = 1024
-    decoder_heads: int = 8
-    num_decoder_layers: int = 6
-    num_queries: int = 300
-    num_points: tuple[int, ...] = (3, 6, 3)
-    num_denoising: int = 100
-    label_noise_ratio: float = 0.5
-    box_noise_scale: float = 1.0
-    reg_max: int = 32
-    reg_scale: float = 4.0
-    eval_idx: int = -1
-    num_classes: int = 80
-    eval_spatial_size: tuple[int, int] = (640, 640)
-    dsi: bool = True
-    teacher_dim: int | None = 768
-    backbone_weights: str | None = None
-    freeze_at: int = -1
-    freeze_stem_only: bool = True
-    freeze_norm: bool = False
-    # Activations: the DEIM / RT-DETRv4 recipes use SiLU in the decoder and its MLPs.
-    aifi_act: str = "gelu"
-    ccff_act: str = "silu"
-    decoder_act: str = "silu"
-    mlp_act: str = "silu"
+class StudentSpec(DetectorSpec):
+    """Every architectural number of an RT-DETRv4 student (all in :class:`~.detector.DetectorSpec`);
+    ``build_student`` overrides any of them by name."""
 
 
 STUDENT_SPECS: dict[str, StudentSpec] = {
@@ -98,7 +62,7 @@ STUDENT_SPECS: dict[str, StudentSpec] = {
 }
 
 
-class RTDETRv4(nn.Module):
+class RTDETRv4(Detector):
     """RT-DETRv4 detector: ``backbone`` -> ``encoder`` (``encoder.aifi`` + CCFF) -> ``decoder``; ``dsi`` for training.
 
     ``model(images)`` in **eval** mode, ``images`` (B, 3, H, W) float in [0, 1], returns::
@@ -127,50 +91,16 @@ class RTDETRv4(nn.Module):
     ``forward``: the training step computes ``dsi_loss(out["f5"], teacher_grid, model.dsi)``.
     """
 
+    kind = "RTDETRv4"
+    components = COMPONENTS
+    component_prefixes = (("encoder.aifi.", "aifi"), ("backbone.", "backbone"), ("encoder.", "ccff"),
+                          ("decoder.", "decoder"), ("dsi.", "dsi"))
+
     def __init__(self, backbone: HGNetv2Backbone, encoder: HybridEncoder, decoder: DFINEDecoder,
                  dsi: nn.Module | None = None, eval_spatial_size: tuple[int, int] = (640, 640),
                  spec: StudentSpec | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.encoder = encoder
-        self.decoder = decoder
-        self.dsi = dsi
-        self.eval_spatial_size = tuple(eval_spatial_size)
-        self.spec = spec
-        self.stride = max(backbone.strides)
-
-    @property
-    def num_classes(self) -> int:
-        return self.decoder.num_classes
-
-    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict:
-        if not torch.jit.is_tracing():  # shape checks; a trace would only record them as constants
-            if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"RTDETRv4: images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-            if images.shape[2] % self.stride or images.shape[3] % self.stride:
-                raise ValueError(f"RTDETRv4: image size {images.shape[2]}x{images.shape[3]} must be a multiple "
-                                 f"of {self.stride}")
-        features = self.backbone(images)
-        fused, f5 = self.encoder(features)
-        out = self.decoder(fused, targets)
-        if self.training:
-            out["f5"] = f5
-        return out
-
-    def component_of(self, param_name: str) -> str:
-        """``backbone`` / ``aifi`` / ``ccff`` / ``decoder`` / ``dsi`` for a parameter (or buffer) name."""
-        name = strip_wrapper_prefix(param_name)
-        if name.startswith("encoder.aifi."):
-            return "aifi"
-        for prefix, component in (("backbone.", "backbone"), ("encoder.", "ccff"), ("decoder.", "decoder"),
-                                  ("dsi.", "dsi")):
-            if name.startswith(prefix):
-                return component
-        raise KeyError(f"RTDETRv4.component_of: {param_name!r} belongs to no component {COMPONENTS}")
-
-    def num_inference_parameters(self) -> int:
-        """Parameters of the deployed detector (everything but the training-only DSI projector)."""
-        return sum(p.numel() for n, p in self.named_parameters() if self.component_of(n) != "dsi")
+        super().__init__({"backbone": backbone, "encoder": encoder, "decoder": decoder, "dsi": dsi},
+                         eval_spatial_size, spec, stride=max(backbone.strides))
 
 
 def build_student(name: str, weights: str | os.PathLike | None = None, num_classes: int | None = None, *,
@@ -203,8 +133,6 @@ def build_student(name: str, weights: str | os.PathLike | None = None, num_class
     peft = dict(peft or {})
     method = peft.pop("method", "none")
     if name.startswith("deimv2_"):
-        from .deimv2 import apply_backbone_peft, build_deimv2  # imported on first use of a DEIMv2 name
-
         model = build_deimv2(name, **overrides)
     elif method != "none":
         raise ValueError(f"build_student({name!r}, peft={method!r}): PEFT adapters need a ViT backbone "
@@ -219,42 +147,16 @@ def build_student(name: str, weights: str | os.PathLike | None = None, num_class
 
 
 def _build_rtdetrv4(name: str, **overrides) -> RTDETRv4:
-    if name not in STUDENT_SPECS:
-        raise KeyError(f"unknown student {name!r}; expected one of {sorted(STUDENT_SPECS)}")
-    fields = {f.name for f in dataclasses.fields(StudentSpec)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"build_student({name!r}): unknown option(s) {unknown}; known: {sorted(fields)}")
-    if "eval_spatial_size" in overrides:
-        size = overrides["eval_spatial_size"]
-        overrides["eval_spatial_size"] = ((int(size), int(size)) if isinstance(size, int)
-                                          else tuple(int(s) for s in size))
-    if "num_points" in overrides:
-        overrides["num_points"] = tuple(int(p) for p in overrides["num_points"])
-    if isinstance(overrides.get("backbone_weights"), os.PathLike):
-        overrides["backbone_weights"] = os.fspath(overrides["backbone_weights"])
-    spec = dataclasses.replace(STUDENT_SPECS[name], **overrides)
-    return build_from_spec(spec)
+    return build_from_spec(spec_from_overrides(STUDENT_SPECS, name, overrides, who="build_student"))
 
 
 def build_from_spec(spec: StudentSpec) -> RTDETRv4:
     """Assemble the modules described by ``spec``."""
-    if len(spec.eval_spatial_size) != 2 or any(s <= 0 or s % 32 for s in spec.eval_spatial_size):
-        raise ValueError(f"eval_spatial_size must be (H, W) multiples of 32, got {spec.eval_spatial_size}")
+    check_eval_spatial_size(spec)
     backbone = HGNetv2Backbone(spec.backbone, weights=spec.backbone_weights, freeze_at=spec.freeze_at,
                                freeze_stem_only=spec.freeze_stem_only, freeze_norm=spec.freeze_norm)
     encoder = HybridEncoder(in_channels=backbone.out_channels, hidden_dim=spec.encoder_hidden_dim,
                             num_heads=spec.encoder_heads, ffn_dim=spec.encoder_ffn_dim, aifi_act=spec.aifi_act,
                             expansion=spec.expansion, depth_mult=spec.depth_mult, act=spec.ccff_act)
-    levels = len(backbone.out_channels)
-    decoder = DFINEDecoder(num_classes=spec.num_classes, hidden_dim=spec.decoder_hidden_dim,
-                           num_queries=spec.num_queries, feat_channels=[spec.encoder_hidden_dim] * levels,
-                           feat_strides=backbone.strides, num_layers=spec.num_decoder_layers,
-                           num_heads=spec.decoder_heads, ffn_dim=spec.decoder_ffn_dim, num_points=spec.num_points,
-                           act=spec.decoder_act, mlp_act=spec.mlp_act, num_denoising=spec.num_denoising,
-                           label_noise_ratio=spec.label_noise_ratio, box_noise_scale=spec.box_noise_scale,
-                           reg_max=spec.reg_max, reg_scale=spec.reg_scale, eval_idx=spec.eval_idx)
-    dsi = None
-    if spec.dsi and spec.teacher_dim:
-        dsi = nn.Linear(spec.encoder_hidden_dim, int(spec.teacher_dim))
-    return RTDETRv4(backbone, encoder, decoder, dsi, spec.eval_spatial_size, spec)
+    decoder = build_decoder(spec, backbone.strides)
+    return RTDETRv4(backbone, encoder, decoder, build_dsi(spec), spec.eval_spatial_size, spec)

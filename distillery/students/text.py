@@ -1,4 +1,6 @@
-"""The text side of the open-vocabulary detector: phrase embeddings, their cache, and the class head.
+"""The text side of the open-vocabulary detector: phrase encoders and the class head.
+
+The embedding cache is :mod:`.phrase_cache`; vocabulary files and prompts are :mod:`.vocabulary`.
 
 Design (T-Rex2's choice over Grounding DINO's)
 ----------------------------------------------
@@ -12,7 +14,7 @@ design here. It has three consequences this module builds on:
 * One vector per phrase, whatever its length ("dog" and "traffic light" both become a (dim,)
   vector), so a vocabulary of P phrases is a (P, dim) matrix.
 * The vision side never sees the text, so the phrase embeddings of a vocabulary are computed once
-  and cached (:class:`PhraseEmbeddingCache`); the text encoder never runs in the training loop.
+  and cached (:class:`~.phrase_cache.PhraseEmbeddingCache`); the text encoder never runs in the training loop.
 * The class head is a similarity (:class:`RegionTextHead`), so its output width is the number of
   phrases passed in at forward time: the vocabulary at test time can differ from training.
 
@@ -41,7 +43,7 @@ Loss over the prompt vocabulary
 :class:`RegionTextHead` gives logits (B, Q, P): one column per prompt phrase, no background column.
 The classification loss (sigmoid focal / varifocal / MAL, as in the DETR family) is computed over
 these P columns, with the target of a matched query being the index of its category's phrase in the
-prompt list (:func:`prompts_from_categories` orders phrases like
+prompt list (:func:`~.vocabulary.prompts_from_categories` orders phrases like
 :class:`distillery.platform.datasets.coco.CategoryMap`, so prompt index == contiguous label). Nothing in the
 head's parameters depends on P, so at test time any other list of phrases, of any length, can be
 passed in.
@@ -58,7 +60,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -66,18 +68,17 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "COCO_CATEGORY_NAMES",
     "HashingPhraseEncoder",
     "MiniLMPhraseEncoder",
-    "PhraseEmbeddingCache",
     "PhraseEncoder",
     "RegionTextHead",
+    "canonical_json",
+    "check_phrases",
     "default_phrase_encoder",
+    "encoder_fingerprint",
     "fingerprint_digest",
-    "load_vocabulary",
     "minilm_unavailable_reason",
     "normalise_phrase",
-    "prompts_from_categories",
 ]
 
 
@@ -91,7 +92,7 @@ def normalise_phrase(phrase: str) -> str:
     return " ".join(phrase.lower().split())
 
 
-def _check_phrases(phrases: Sequence[str], who: str) -> list[str]:
+def check_phrases(phrases: Sequence[str], who: str) -> list[str]:
     """Phrases as a list of non-empty strings, or a TypeError/ValueError naming the bad entry."""
     if isinstance(phrases, str) or not isinstance(phrases, Sequence):
         raise TypeError(f"{who}: phrases must be a list of strings, got {type(phrases).__name__}")
@@ -134,18 +135,18 @@ class PhraseEncoder(abc.ABC):
 
 def fingerprint_digest(encoder: PhraseEncoder) -> str:
     """sha256 of the encoder's fingerprint as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(_canonical_json(_fingerprint_of(encoder)).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(encoder_fingerprint(encoder)).encode()).hexdigest()
 
 
-def _canonical_json(obj: Any) -> str:
+def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def _fingerprint_of(encoder: PhraseEncoder) -> dict[str, Any]:
+def encoder_fingerprint(encoder: PhraseEncoder) -> dict[str, Any]:
     """The encoder's fingerprint after a JSON round trip (what a sidecar file will hold)."""
     fp = encoder.fingerprint()
     try:
-        return json.loads(_canonical_json(fp))
+        return json.loads(canonical_json(fp))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{encoder!r}.fingerprint() is not JSON-serialisable: {exc}") from exc
 
@@ -216,7 +217,7 @@ class HashingPhraseEncoder(PhraseEncoder):
         return vec
 
     def encode(self, phrases: Sequence[str]) -> torch.Tensor:
-        phrases = _check_phrases(phrases, f"{type(self).__name__}.encode")
+        phrases = check_phrases(phrases, f"{type(self).__name__}.encode")
         if not phrases:
             return torch.zeros(0, self.dim, dtype=torch.float32)
         counts = np.stack([self._bucket_vector(p) for p in phrases])
@@ -322,7 +323,7 @@ class MiniLMPhraseEncoder(PhraseEncoder):
         return self._model
 
     def encode(self, phrases: Sequence[str]) -> torch.Tensor:
-        phrases = _check_phrases(phrases, f"{type(self).__name__}.encode")
+        phrases = check_phrases(phrases, f"{type(self).__name__}.encode")
         if not phrases:
             return torch.zeros(0, self.dim, dtype=torch.float32)
         model = self._load()
@@ -359,271 +360,6 @@ def default_phrase_encoder(kind: Literal["auto", "minilm", "hashing"] = "auto", 
     except TypeError as exc:
         raise TypeError(f"default_phrase_encoder('auto') fell back to HashingPhraseEncoder, which does not accept "
                         f"{sorted(kw)} ({exc}); pass kind='minilm' or kind='hashing' explicitly") from exc
-
-
-# ----------------------------------------------------------------------------------- cache
-_CACHE_FORMAT = "distillery.phrase_embeddings/v1"
-_TENSOR_KEY = "embeddings"
-
-
-class PhraseEmbeddingCache:
-    """Phrase embeddings computed once per (encoder, vocabulary), kept in memory and optionally on disk.
-
-    In memory the key is ``(fingerprint digest, tuple(phrases))``. On disk (``directory``, a local
-    path; the platform layer stages S3) an entry is two files named by the sha256 of the canonical
-    JSON of ``{"encoder": fingerprint, "phrases": phrases}``:
-
-    * ``<key>.safetensors``: one float32 tensor ``embeddings`` (P, dim); its header metadata
-      repeats the key, tying it to its sidecar;
-    * ``<key>.json``: the sidecar, with the format tag, key, encoder fingerprint, phrases and shape.
-
-    The sidecar is written last (each file atomically: a temporary file, then ``os.replace``), so it
-    marks a complete entry; a tensor without a sidecar is an interrupted write and is recomputed.
-    A sidecar whose encoder fingerprint or phrases differ from the request (a renamed or edited
-    file) is refused with a ValueError naming the file and what differs.
-
-    ``get`` returns a fresh copy each time, so callers may modify it freely.
-    """
-
-    def __init__(self, directory: str | os.PathLike | None = None) -> None:
-        if directory is not None and "://" in str(directory):
-            raise ValueError(f"PhraseEmbeddingCache: directory must be a local path, got {str(directory)!r}; "
-                             f"stage remote storage through distillery.platform.io.storage")
-        self.directory = Path(directory) if directory is not None else None
-        self._memory: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
-        self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded": 0}
-
-    @staticmethod
-    def key(encoder: PhraseEncoder, phrases: Sequence[str]) -> str:
-        """The on-disk key: sha256 of canonical JSON of the encoder fingerprint and the phrases."""
-        phrases = _check_phrases(phrases, "PhraseEmbeddingCache.key")
-        return hashlib.sha256(_canonical_json({"encoder": _fingerprint_of(encoder), "phrases": phrases}).encode()).hexdigest()
-
-    def paths(self, encoder: PhraseEncoder, phrases: Sequence[str]) -> tuple[Path, Path] | None:
-        """(tensor file, sidecar) for this entry, or None without a directory."""
-        if self.directory is None:
-            return None
-        key = self.key(encoder, phrases)
-        return self.directory / f"{key}.safetensors", self.directory / f"{key}.json"
-
-    def get(self, encoder: PhraseEncoder, phrases: Sequence[str]) -> torch.Tensor:
-        """(P, encoder.dim) float32 L2-normalised embeddings of ``phrases``, encoded at most once."""
-        phrases = _check_phrases(phrases, "PhraseEmbeddingCache.get")
-        fingerprint = _fingerprint_of(encoder)
-        memory_key = (hashlib.sha256(_canonical_json(fingerprint).encode()).hexdigest(), tuple(phrases))
-        cached = self._memory.get(memory_key)
-        if cached is not None:
-            self.stats["memory_hits"] += 1
-            return cached.clone()
-
-        embeddings = self._read_disk(encoder, fingerprint, phrases) if self.directory is not None else None
-        if embeddings is not None:
-            self.stats["disk_hits"] += 1
-        else:
-            embeddings = encoder.encode(phrases)
-            self.stats["encoded"] += 1
-            self._check_embeddings(embeddings, encoder, phrases, source=f"{encoder!r}.encode")
-            if self.directory is not None:
-                self._write_disk(fingerprint, phrases, embeddings)
-        self._memory[memory_key] = embeddings.clone()
-        return embeddings
-
-    # -- checks and disk I/O
-    @staticmethod
-    def _check_embeddings(emb: Any, encoder: PhraseEncoder, phrases: list[str], source: str) -> None:
-        expected = (len(phrases), encoder.dim)
-        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != expected or emb.dtype != torch.float32:
-            got = (tuple(emb.shape), emb.dtype) if isinstance(emb, torch.Tensor) else type(emb).__name__
-            raise ValueError(f"{source}: expected a float32 tensor of shape {expected}, got {got}")
-        if not torch.isfinite(emb).all():
-            raise ValueError(f"{source}: embeddings contain NaN or Inf")
-        if len(phrases) and not torch.allclose(emb.norm(dim=-1), torch.ones(len(phrases)), atol=1e-3):
-            raise ValueError(f"{source}: embeddings are not L2-normalised (row norms {emb.norm(dim=-1)[:4].tolist()}...)")
-
-    def _read_disk(self, encoder: PhraseEncoder, fingerprint: dict, phrases: list[str]) -> torch.Tensor | None:
-        from safetensors import safe_open
-
-        tensor_path, sidecar_path = self.paths(encoder, phrases)
-        key = tensor_path.stem
-        if not sidecar_path.is_file():
-            return None  # never written, or interrupted before the sidecar: recompute
-        try:
-            sidecar = json.loads(sidecar_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"phrase-embedding sidecar {sidecar_path} is not readable JSON: {exc}") from exc
-        if not isinstance(sidecar, dict) or sidecar.get("format") != _CACHE_FORMAT:
-            raise ValueError(f"phrase-embedding sidecar {sidecar_path}: not a {_CACHE_FORMAT} file "
-                             f"(format={sidecar.get('format') if isinstance(sidecar, dict) else None!r})")
-        if sidecar.get("encoder") != fingerprint:
-            raise ValueError(f"phrase-embedding sidecar {sidecar_path} was written by another encoder:\n"
-                             f"  file:      {_canonical_json(sidecar.get('encoder'))}\n"
-                             f"  requested: {_canonical_json(fingerprint)}")
-        if sidecar.get("phrases") != phrases:
-            stored = sidecar.get("phrases") if isinstance(sidecar.get("phrases"), list) else []
-            diff = next((i for i, (a, b) in enumerate(zip(stored, phrases)) if a != b), min(len(stored), len(phrases)))
-            raise ValueError(f"phrase-embedding sidecar {sidecar_path} holds another vocabulary: "
-                             f"{len(stored)} phrases vs {len(phrases)} requested, first difference at index {diff} "
-                             f"({stored[diff] if diff < len(stored) else '<end>'!r} vs "
-                             f"{phrases[diff] if diff < len(phrases) else '<end>'!r})")
-        if sidecar.get("key") != key:
-            raise ValueError(f"phrase-embedding sidecar {sidecar_path}: key {sidecar.get('key')!r} does not match "
-                             f"its file name {key!r}")
-        if not tensor_path.is_file():
-            warnings.warn(f"phrase-embedding cache: {tensor_path} is missing next to its sidecar; recomputing",
-                          RuntimeWarning, stacklevel=3)
-            return None
-        try:
-            with safe_open(str(tensor_path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("key") != key:
-                    raise ValueError(f"phrase-embedding file {tensor_path}: header key {meta.get('key')!r} does not "
-                                     f"match its sidecar {key!r}")
-                if _TENSOR_KEY not in f.keys():
-                    raise ValueError(f"phrase-embedding file {tensor_path} has no tensor {_TENSOR_KEY!r}")
-                emb = f.get_tensor(_TENSOR_KEY)
-        except ValueError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-            raise ValueError(f"phrase-embedding file {tensor_path} is not a readable safetensors file: {exc}") from exc
-        self._check_embeddings(emb, encoder, phrases, source=f"phrase-embedding file {tensor_path}")
-        return emb
-
-    def _write_disk(self, fingerprint: dict, phrases: list[str], emb: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        key = hashlib.sha256(_canonical_json({"encoder": fingerprint, "phrases": phrases}).encode()).hexdigest()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tensor_path = self.directory / f"{key}.safetensors"
-        sidecar_path = self.directory / f"{key}.json"
-        tmp = self.directory / f".{key}.{os.getpid()}.tmp"
-        save_file({_TENSOR_KEY: emb.contiguous()}, str(tmp), metadata={"key": key, "format": _CACHE_FORMAT})
-        os.replace(tmp, tensor_path)
-        sidecar = {"format": _CACHE_FORMAT, "key": key, "encoder": fingerprint, "phrases": phrases,
-                   "shape": list(emb.shape), "dtype": "float32"}
-        tmp.write_text(json.dumps(sidecar, indent=1, sort_keys=True, ensure_ascii=False))
-        os.replace(tmp, sidecar_path)
-
-
-# ----------------------------------------------------------------------------------- vocabulary
-# The 80 COCO detection categories by their category id, as in instances_val2017.json
-# (ids run 1..90 with ten gaps).
-COCO_CATEGORY_NAMES: dict[int, str] = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
-    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
-    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
-    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
-    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
-    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
-    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
-    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
-    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
-    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
-    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
-    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
-    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
-    89: "hair drier", 90: "toothbrush",
-}
-
-
-def _check_unique(phrases: Iterable[str], where: Sequence[str], source: str) -> None:
-    """ValueError naming both places when two phrases are equal after :func:`normalise_phrase`."""
-    seen: dict[str, str] = {}
-    for phrase, place in zip(phrases, where):
-        norm = normalise_phrase(phrase)
-        if norm in seen:
-            raise ValueError(f"{source}: duplicate phrase {phrase!r} at {place} (already at {seen[norm]}); "
-                             f"phrases are compared lower-cased with collapsed whitespace")
-        seen[norm] = place
-
-
-def prompts_from_categories(categories: Sequence[Mapping[str, Any]], template: str | None = None) -> list[str]:
-    """One prompt per category, in ascending category id (prompt index == contiguous label).
-
-    The order matches :class:`distillery.platform.datasets.coco.CategoryMap`, so the class-head column p
-    and the dataset's label p are the same category. The prompt is the category name itself (the
-    default, as T-Rex2 and the COCO open-vocabulary evaluations use bare names), or
-    ``template.format(name=name)`` when a template such as ``"a photo of a {name}"`` is given.
-    """
-    if template is not None and "{name}" not in template:
-        raise ValueError(f"prompts_from_categories: template must contain '{{name}}', got {template!r}")
-    checked = []
-    for i, cat in enumerate(categories):
-        if not isinstance(cat, Mapping) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
-            raise ValueError(f"categories[{i}] needs an integer 'id': {cat!r}")
-        name = cat.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"categories[{i}] (id {cat['id']}) needs a non-empty string 'name': {cat!r}")
-        checked.append((cat["id"], " ".join(name.split()), i))
-    if not checked:
-        raise ValueError("prompts_from_categories: no categories")
-    ids = [c[0] for c in checked]
-    if len(set(ids)) != len(ids):
-        dup = next(c for c in ids if ids.count(c) > 1)
-        raise ValueError(f"prompts_from_categories: duplicate category id {dup}")
-    checked.sort(key=lambda c: c[0])
-    _check_unique([c[1] for c in checked], [f"categories[{c[2]}] (id {c[0]})" for c in checked],
-                  "prompts_from_categories")
-    return [template.format(name=name) if template else name for _, name, _ in checked]
-
-
-def load_vocabulary(path: str | os.PathLike) -> list[str]:
-    """Prompt phrases from a vocabulary file.
-
-    Accepted forms:
-
-    * text: one phrase per line; ``#`` starts a comment (to the end of the line); blank lines are
-      ignored; surrounding whitespace is stripped and inner runs of whitespace collapsed;
-    * a JSON list of strings;
-    * a COCO-style JSON object with ``categories`` (``[{"id": ..., "name": ...}, ...]``), giving
-      :func:`prompts_from_categories` (ascending id).
-
-    JSON is recognised by the ``.json`` suffix or a first non-blank character ``[`` or ``{``.
-    Errors name the file and the line or index: unreadable file, empty vocabulary, non-string
-    entries, and duplicates (compared lower-cased, see :func:`normalise_phrase`).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"vocabulary file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"vocabulary file {path} cannot be read as UTF-8 text: {exc}") from exc
-
-    if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{"):
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise ValueError(f"vocabulary file {path}: invalid JSON: {exc}") from exc
-        if isinstance(doc, dict):
-            if "categories" not in doc:
-                raise ValueError(f"vocabulary file {path}: a JSON object needs a 'categories' list "
-                                 f"(COCO style); keys are {sorted(doc)[:10]}")
-            if not isinstance(doc["categories"], list) or not doc["categories"]:
-                raise ValueError(f"vocabulary file {path}: 'categories' is empty or not a list")
-            try:
-                return prompts_from_categories(doc["categories"])
-            except ValueError as exc:
-                raise ValueError(f"vocabulary file {path}: {exc}") from exc
-        if not isinstance(doc, list):
-            raise ValueError(f"vocabulary file {path}: JSON must be a list of strings or an object with "
-                             f"'categories', got {type(doc).__name__}")
-        phrases = []
-        for i, item in enumerate(doc):
-            if not isinstance(item, str) or not item.strip():
-                raise ValueError(f"vocabulary file {path}: entry [{i}] must be a non-empty string, got {item!r}")
-            phrases.append(" ".join(item.split()))
-        places = [f"{path} entry [{i}]" for i in range(len(phrases))]
-    else:
-        phrases, places = [], []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            phrase = " ".join(line.split("#", 1)[0].split())
-            if phrase:
-                phrases.append(phrase)
-                places.append(f"{path} line {lineno}")
-    if not phrases:
-        raise ValueError(f"vocabulary file {path} holds no phrases (blank lines and # comments only?)")
-    _check_unique(phrases, places, f"vocabulary file {path}")
-    return phrases
 
 
 # ----------------------------------------------------------------------------------- class head

@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from distillery.errors import DeterministicError
 from distillery.torch_files import load_torch_file, strip_wrapper_prefixes
+
+from . import official
 
 __all__ = ["COCO_CLASS_NAMES", "WeightsError", "WeightsReport", "class_map_from_names", "is_class_dependent",
            "load_student_weights", "read_student_checkpoint"]
@@ -147,8 +150,6 @@ def read_student_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             state, layout = load_file(str(path), device="cpu"), "safetensors"
         except Exception as exc:  # noqa: BLE001
@@ -161,10 +162,6 @@ def read_student_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
 def to_model_layout(student_name: str, state: dict[str, torch.Tensor], layout: str
                      ) -> tuple[dict[str, torch.Tensor], str]:
     """Official key names translated (when the file has them) by the parity helper's converter."""
-    try:
-        from . import official
-    except ImportError:  # the converter is optional until the official layout module exists
-        return state, layout
     if official.looks_official(state):
         return official.convert_official_state_dict(student_name, state), f"official-{layout}"
     return state, layout

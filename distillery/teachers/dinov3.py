@@ -50,33 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillery.teachers.dinov3_weights import (
-    TeacherWeightsError,
-    check_meta_checkpoint,
-    convert_meta_state_dict,
-    detect_checkpoint_layout,
-    load_teacher_weights,
-    read_state_dict,
-    set_rope_periods,
-    sha256_file,
-)
+from distillery.teachers.dinov3_weights import load_teacher_weights, sha256_file
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "LAYER_NAME",
-    "DinoV3Teacher",
-    "TeacherWeightsError",
-    "check_meta_checkpoint",
-    "convert_meta_state_dict",
-    "detect_checkpoint_layout",
-    "fingerprint_diff",
-    "fingerprint_digest",
-    "load_teacher_weights",
-    "read_state_dict",
-    "set_rope_periods",
-    "sha256_file",
-]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LAYER_NAME", "DinoV3Teacher", "fingerprint_diff", "fingerprint_digest"]
 
 log = logging.getLogger(__name__)
 

@@ -52,6 +52,7 @@ from typing import Any
 
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.models.eva import checkpoint_filter_fn as timm_eva_checkpoint_filter
 from torch import nn
 
@@ -112,8 +113,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file not found: {path}")
     if path.suffix == ".safetensors" or is_safetensors_file(path):
-        from safetensors.torch import load_file
-
         try:
             obj: Any = load_file(str(path), device="cpu")
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named

@@ -4,7 +4,7 @@
 
 Driver (:func:`run_moe_tune`)
     1. dataset, prompt vocabulary (dataset category names or a vocabulary file) and its phrase
-       embeddings, computed once here (:class:`~distillery.students.text.PhraseEmbeddingCache`);
+       embeddings, computed once here (:class:`~distillery.students.phrase_cache.PhraseEmbeddingCache`);
        the text encoder never runs in the workers;
     2. the dense base: a checkpoint (file, checkpoint directory, run path or ``models:/``
        registry URI; :func:`load_base_state`) loaded into the detector *on the driver*, so a wrong
@@ -91,12 +91,9 @@ def _phrase_encoder(cfg: MoETuneConfig):
 
 def prompt_vocabulary(cfg: MoETuneConfig, categories) -> tuple[list[str], torch.Tensor, dict[str, Any]]:
     """(phrases, (P, dim) embeddings, encoder fingerprint): one prompt per category, ascending id."""
-    from distillery.students.text import (
-        PhraseEmbeddingCache,
-        fingerprint_digest,
-        load_vocabulary,
-        prompts_from_categories,
-    )
+    from distillery.students.phrase_cache import PhraseEmbeddingCache
+    from distillery.students.text import fingerprint_digest
+    from distillery.students.vocabulary import load_vocabulary, prompts_from_categories
 
     if cfg.text.vocabulary:
         phrases = load_vocabulary(cfg.text.vocabulary)
