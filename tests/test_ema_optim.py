@@ -16,7 +16,6 @@ from distillery.students.optim import (
     build_lr_scheduler,
     build_optimizer,
     build_param_groups,
-    lr_factor,
 )
 
 
@@ -238,7 +237,7 @@ TOTAL, FLAT_STEPS, NO_AUG_STEPS = SPE * EPOCHS, SPE * FLAT, SPE * NO_AUG
 
 
 def f(step, **kw):
-    return lr_factor(step, TOTAL, WARM, FLAT_STEPS, NO_AUG_STEPS, 0.5, **kw)
+    return FlatCosineSchedule(TOTAL, WARM, FLAT_STEPS, NO_AUG_STEPS, 0.5, **kw)(step)
 
 
 def test_lr_factor_at_key_steps():
@@ -255,7 +254,7 @@ def test_lr_factor_at_key_steps():
     values = [f(s) for s in range(FLAT_STEPS, TOTAL)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone after the flat phase
     # No warm-up at all: flat from the first step.
-    assert lr_factor(0, TOTAL, 0, FLAT_STEPS, NO_AUG_STEPS) == 1.0
+    assert FlatCosineSchedule(TOTAL, 0, FLAT_STEPS, NO_AUG_STEPS)(0) == 1.0
 
 
 def test_lambda_lr_scheduler_sets_group_rates():

@@ -17,7 +17,7 @@ from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.students import build_criterion, build_student
 from distillery.students.fit import fit, make_step, predict
 from distillery.students.gam import GAM_DEFAULTS, GAMController
-from distillery.students.optim import build_optimizer, lr_factor
+from distillery.students.optim import FlatCosineSchedule, build_optimizer
 from distillery.students.postprocess import to_coco_detections
 
 SIZE = 128
@@ -130,12 +130,12 @@ def test_fit_schedule_clipping_and_errors():
     result = fit(model, criterion, _tiny_batches(16), steps=5, lr=2e-3, backbone_lr=1e-3, warmup_steps=2,
                  flat_steps=3, min_lr_ratio=0.25, ema_decay=None)
     # LambdaLR: step k (0-based) runs with lr * f(k) (quadratic warm-up, flat, cosine to 0.25 at the end).
-    expected = [2e-3 * lr_factor(k, 5, 2, 3, 0, 0.25) for k in range(5)]
+    expected = [2e-3 * FlatCosineSchedule(5, 2, 3, 0, 0.25)(k) for k in range(5)]
     assert [h["lr"] for h in result.history] == pytest.approx(expected)
     assert expected[0] == 0.0 and expected[2] == 2e-3 and expected[4] < 2e-3
     assert result.ema is None and "loss_dsi" not in result.history[0]
     groups = {g["name"]: g["lr"] for g in result.optimizer.param_groups}
-    assert groups["backbone"] == pytest.approx(1e-3 * lr_factor(5, 5, 2, 3, 0, 0.25))
+    assert groups["backbone"] == pytest.approx(1e-3 * FlatCosineSchedule(5, 2, 3, 0, 0.25)(5))
 
     # make_step clips the global gradient norm before the optimizer sees the gradients.
     model = _small_student(dsi=False)

@@ -57,7 +57,6 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "is_norm_module",
-    "lr_factor",
 ]
 
 # Per-size training recipes of the official configs (after include/merge):
@@ -208,36 +207,14 @@ def build_optimizer(
 
 
 # ------------------------------------------------------------------------------------ schedule
-def lr_factor(
-    step: int,
-    total_steps: int,
-    warmup_steps: int,
-    flat_steps: int,
-    no_aug_steps: int,
-    min_ratio: float = 0.5,
-    warmup: Literal["quadratic", "linear"] = "quadratic",
-) -> float:
-    """Multiplier of each group's base learning rate at optimizer step ``step`` (flat-cosine).
+class FlatCosineSchedule:
+    """Multiplier of each group's base learning rate at optimizer step ``step`` (flat-cosine):
+    ``schedule(step)``, a picklable ``LambdaLR`` callable (its fields go into the state dict).
 
     Phases, checked in this order as in the reference: ``step <= warmup_steps``: warm-up from 0
     to 1; ``step <= flat_steps``: 1; ``step >= total_steps - no_aug_steps``: ``min_ratio``;
     otherwise cosine from 1 (at ``flat_steps``) to ``min_ratio`` (at ``total_steps - no_aug_steps``).
     """
-    if warmup_steps > 0 and step <= warmup_steps:
-        progress = step / warmup_steps
-        return progress**2 if warmup == "quadratic" else progress
-    if step <= flat_steps:
-        return 1.0
-    decay_end = total_steps - no_aug_steps
-    if step >= decay_end:
-        return min_ratio
-    # Here flat_steps < step < decay_end, so the span is positive.
-    cosine = 0.5 * (1.0 + math.cos(math.pi * (step - flat_steps) / (decay_end - flat_steps)))
-    return min_ratio + (1.0 - min_ratio) * cosine
-
-
-class FlatCosineSchedule:
-    """Picklable ``LambdaLR`` callable for :func:`lr_factor` (its fields go into the state dict)."""
 
     def __init__(
         self,
@@ -272,10 +249,17 @@ class FlatCosineSchedule:
         self.warmup = warmup
 
     def __call__(self, step: int) -> float:
-        return lr_factor(
-            step, self.total_steps, self.warmup_steps, self.flat_steps, self.no_aug_steps,
-            self.min_ratio, self.warmup,
-        )
+        if self.warmup_steps > 0 and step <= self.warmup_steps:
+            progress = step / self.warmup_steps
+            return progress**2 if self.warmup == "quadratic" else progress
+        if step <= self.flat_steps:
+            return 1.0
+        decay_end = self.total_steps - self.no_aug_steps
+        if step >= decay_end:
+            return self.min_ratio
+        # Here flat_steps < step < decay_end, so the span is positive.
+        cosine = 0.5 * (1.0 + math.cos(math.pi * (step - self.flat_steps) / (decay_end - self.flat_steps)))
+        return self.min_ratio + (1.0 - self.min_ratio) * cosine
 
 
 def build_lr_scheduler(
