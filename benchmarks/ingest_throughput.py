@@ -66,14 +66,16 @@ def distillery_pass(ds, cache, args, epoch: int) -> int:
     import pyarrow.parquet as pq
 
     from distillery.platform.io import storage
-    from distillery.data.augment import AugmentConfig, Augmenter, collate
+    from distillery.data.augment import Augmenter, collate
+    from distillery.platform.config.augment import AugmentSettings, runtime_augment_config
     from distillery.platform.datasets.ingest import _annotation_table, _JoinAndDecode, rows_to_samples
 
     join = _JoinAndDecode(_annotation_table(ds), "error", None)
     meta = {"dtype": cache.dtype, "grid": list(cache.grid), "views": cache.views, "uri": cache.uri}
-    augmenter = Augmenter(AugmentConfig(size=args.size, policy_epochs=(0, 10, 20), mosaic_prob=args.mosaic,
-                                        mixup_prob=args.mixup, mixup_epochs=(0, 10), multiscale_stop_epoch=0),
-                          seed=epoch)
+    # The job's recipe (its translation included), strong from epoch 0.
+    recipe = AugmentSettings(policy_epochs=(0, 10, 20), mosaic_prob=args.mosaic, mixup_prob=args.mixup,
+                             mixup_epochs=(0, 10), multiscale=False)
+    augmenter = Augmenter(runtime_augment_config(recipe, args.size), seed=epoch)
     f5 = (args.size // 32, args.size // 32)
     n = 0
     for uri in cache.shard_uris:

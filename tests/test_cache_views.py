@@ -9,8 +9,8 @@ import torch
 
 from distillery.data import augment as A
 from distillery.platform.io import storage
-from distillery.platform.cache.job import (CacheFeaturesConfig, ViewRecipe, build_teacher, run_cache_job,
-                                           view_augment_config)
+from distillery.platform.cache.job import CacheFeaturesConfig, ViewRecipe, build_teacher, run_cache_job
+from distillery.platform.config.augment import runtime_augment_config
 from distillery.platform.datasets.coco import decode_image, load_coco, load_image_resized
 from distillery.platform.config.sections import load_config
 from distillery.platform.config.distill import DistillConfig
@@ -103,7 +103,7 @@ def test_cache_job_views_are_deterministic_and_described(view_cache, synthetic_d
     assert summary["views"] == K and summary["images"] == 24 and summary["teacher_forwards"] == 24 * K
     m = cache.manifest
     assert m["views"] == K and m["count"] == 24 and m["view_seed"] == 0
-    assert m["view_recipe"] == A.view_recipe(view_augment_config(ViewRecipe(), 128))
+    assert m["view_recipe"] == A.view_recipe(runtime_augment_config(ViewRecipe(), 128))
     cache.verify()
     cache.check_covers(train_split(synthetic_data).image_ids)
     # A rebuild with the same seed gives the same shards, byte for byte (grids and params).
@@ -113,7 +113,7 @@ def test_cache_job_views_are_deterministic_and_described(view_cache, synthetic_d
 
 def test_replayed_params_give_the_image_the_teacher_saw(view_cache, synthetic_data):
     cfg, _, cache, teacher = view_cache
-    aug_cfg = view_augment_config(cfg.cache.view_recipe, 128)
+    aug_cfg = runtime_augment_config(cfg.cache.view_recipe, 128)
     augmented = 0
     for record in train_split(synthetic_data).records[:8]:
         image = decoded(record)
@@ -228,7 +228,7 @@ def test_views_mismatch_is_a_clear_error(view_cache, synthetic_data):
     uri = summary["uri"]
     with pytest.raises(CacheError, match=f"feature cache {uri} has {K} view\\(s\\) per image but cache.views=1"):
         cache.check_views(1)
-    recipe = A.view_recipe(view_augment_config(ViewRecipe(flip_prob=0.3), 128))
+    recipe = A.view_recipe(runtime_augment_config(ViewRecipe(flip_prob=0.3), 128))
     with pytest.raises(CacheError, match=f"{uri}: its views were drawn with another .*fields differ: flip_prob"):
         cache.check_views(K, recipe)
     # The cache job refuses to resume (or extend) a cache URI with another K.

@@ -1,11 +1,20 @@
 """Config loading: YAML + dotted overrides, validated by pydantic, errors name the key path."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import Field, SecretStr
 
+from distillery.data.augment import AugmentConfig, view_recipe
 from distillery.platform.cache.job import CacheFeaturesConfig
+from distillery.platform.config.augment import NEVER, AugmentSettings, runtime_augment_config
+from distillery.platform.config.cache import ViewRecipe
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.config.sections import (ConfigError, StrictModel, apply_overrides, config_hash,
-                                        flatten_config, load_config, parse_job_args)
+                                                 TeacherConfig, flatten_config, load_config, parse_job_args,
+                                                 with_absolute_paths)
+from distillery.tuning.sweep_config import SweepConfig
 
 
 class Inner(StrictModel):
@@ -93,3 +102,89 @@ def test_partial_section_keeps_embedded_default_values():
     assert cfg.inner.layers == 9 and cfg.inner.lr == 0.5
     job = load_config(CacheFeaturesConfig, None, ["teacher.input_size=320"])
     assert job.teacher.allow_random_init is True  # the embedded default's choice survives
+
+
+# --------------------------------------------------------------------------- shared sections
+
+def test_shared_sections_keep_each_jobs_defaults_and_keys():
+    moe = load_config(MoETuneConfig, None, ["optim.weight_decay=0.01", "output.name=x", "tracking.tracking_uri=u"])
+    assert (moe.optim.lr, moe.optim.warmup_steps, moe.optim.weight_decay) == (2e-4, 10, 0.01)
+    assert (moe.output.storage_path, moe.tracking.experiment, moe.train.epochs) == ("runs/moe_tune", "distillery-moe", 4)
+    distill = load_config(DistillConfig, None, ["optim.weight_decay=0.01"])
+    assert (distill.optim.lr, distill.output.storage_path, distill.tracking.experiment) == (1e-3, "runs/train",
+                                                                                            "distillery")
+    assert load_config(SweepConfig).tracking.experiment == "distillery-sweeps"
+    # A section shared by several jobs gives none of them another job's keys.
+    for model, key in [(MoETuneConfig, "debug.max_steps_per_epoch"), (MoETuneConfig, "tracking.log_model"),
+                       (MoETuneConfig, "optim.ema_decay"), (DistillConfig, "optim.flat_fraction"),
+                       (DistillConfig, "cache.splits"), (SweepConfig, "output.storage_path")]:
+        with pytest.raises(ConfigError, match=rf"{key.replace('.', chr(92) + '.')}: unknown key"):
+            load_config(model, None, [f"{key}=1"])
+
+
+# --------------------------------------------------------------------------- local paths
+
+PATH_FIELDS = {  # every field marked as a local path, per job (a new one belongs here too)
+    CacheFeaturesConfig: {"data.root", "teacher.weights", "cache.uri"},
+    DistillConfig: {"data.root", "teacher.weights", "cache.uri", "output.local_dir", "output.storage_path",
+                    "output.resume_from"},
+    MoETuneConfig: {"data.root", "text.vocabulary", "text.cache_dir", "base.checkpoint", "output.local_dir",
+                    "output.storage_path", "output.resume_from"},
+    SweepConfig: {"trial.config", "sweep.storage_path", "output.local_dir"},
+}
+
+
+@pytest.mark.parametrize("model", list(PATH_FIELDS), ids=lambda m: m.__name__)
+def test_marked_path_fields_resolve_against_distillery_home(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "w.pt").write_bytes(b"")
+    relative = {key: "w.pt" if key.endswith("weights") else f"rel/{key}" for key in PATH_FIELDS[model]}
+    relative.pop("trial.config", None)  # a recipe must exist to load: tested below
+    cfg = load_config(model, None, [f"{k}={v}" for k, v in relative.items()])
+    before, after = flatten_config(cfg), flatten_config(with_absolute_paths(cfg))
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == set(relative)
+    assert all(after[k] == str(tmp_path / "home" / v) for k, v in relative.items())
+    assert flatten_config(cfg) == before  # the config given is not modified
+
+
+def test_non_file_sources_and_recipes_keep_their_meaning(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    moe = with_absolute_paths(load_config(MoETuneConfig, None, ["base.checkpoint=models:/detector@champion",
+                                                                 "output.storage_path=s3://bucket/runs",
+                                                                 "text.cache_dir=null"]))
+    assert (moe.base.checkpoint, moe.output.storage_path, moe.text.cache_dir) == (
+        "models:/detector@champion", "s3://bucket/runs", None)
+    # (constructed unvalidated: validation would try to reach the hub)
+    cache = CacheFeaturesConfig.model_construct(
+        teacher=TeacherConfig.model_construct(weights="hf-hub:timm/vit_small_patch16_dinov3"))
+    assert with_absolute_paths(cache).teacher.weights == "hf-hub:timm/vit_small_patch16_dinov3"
+    # A sweep's trial recipe travels with the code: it resolves against the current directory.
+    recipe = Path("configs/distill_tiny.yaml")
+    sweep = with_absolute_paths(load_config(SweepConfig, None, [f"trial.config={recipe}"]))
+    assert sweep.trial.config == str(tmp_path / recipe)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+def test_one_translation_of_the_augment_section():
+    cfg = runtime_augment_config(AugmentSettings(copyblend_prob=0.2, mixup_epochs=(2, 5)), 320)
+    assert cfg == AugmentConfig(size=320, policy_epochs=(3, 6, 9), mosaic_prob=0.5, mixup_prob=0.3,
+                                mixup_epochs=(2, 5), photometric_prob=0.5, iou_crop_prob=0.8, flip_prob=0.5,
+                                multiscale_stop_epoch=0, copyblend_prob=0.2, copyblend_epochs=(3, 9))
+    assert runtime_augment_config(AugmentSettings(multiscale=True), 320).multiscale_stop_epoch == 9
+    views = runtime_augment_config(ViewRecipe(zoom_out_ratio=(1.0, 2.0), flip_prob=0.3), 128)
+    assert (views.size, views.zoom_out_ratio, views.flip_prob, views.photometric_prob) == (128, (1.0, 2.0), 0.3, 0.5)
+    # The training side's view recipe is the one the cache job records for the same probabilities.
+    settings = AugmentSettings(photometric_prob=0.4, iou_crop_prob=0.7, flip_prob=0.2)
+    assert view_recipe(runtime_augment_config(settings, 256)) == view_recipe(
+        runtime_augment_config(settings.view_recipe(), 256))
+
+
+def test_fine_tuning_augments_with_flips_only():
+    cfg = runtime_augment_config(load_config(MoETuneConfig, None, ["train.flip_prob=0.25"]).train.augment(), 256)
+    assert (cfg.flip_prob, cfg.multiscale_stop_epoch, cfg.policy_epochs[0], cfg.mixup_epochs[0]) == (0.25, 0, NEVER,
+                                                                                                     NEVER)

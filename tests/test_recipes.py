@@ -1,13 +1,17 @@
-"""Every YAML recipe under configs/ validates against its job's config model."""
+"""Every YAML recipe under configs/ validates against its job's config model, and every job's
+embedded default (onto which each recipe is merged) is the recorded one."""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from distillery.platform.cache.job import CacheFeaturesConfig
-from distillery.platform.config.sections import load_config
+from distillery.platform.config.sections import flatten_config, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+EMBEDDED_DEFAULTS = Path(__file__).resolve().parent / "fixtures" / "embedded_defaults.json"
 
 
 def model_for(path: Path):
@@ -48,3 +52,27 @@ def test_sweep_recipe_trials_validate(path):
     load_config(model, trial_config, cfg.trial.overrides)
     if cfg.sweep.space:
         check_space(cfg.sweep.space, model, trial_config, cfg.trial.overrides)
+
+
+def _embedded_defaults() -> dict[str, dict[str, str]]:
+    from distillery.platform.config.distill import DistillConfig
+    from distillery.platform.config.moe import MoETuneConfig
+    from distillery.tuning.sweep_config import SweepConfig
+
+    return {model.__name__: flatten_config(load_config(model))
+            for model in (CacheFeaturesConfig, DistillConfig, MoETuneConfig, SweepConfig)}
+
+
+def test_embedded_defaults_are_the_recorded_ones():
+    """Every key and default of every job. A recipe is a diff against its job's embedded default,
+    so this also pins what each recipe loads to. After a deliberate change of a default, record
+    it: DISTILLERY_RECORD_DEFAULTS=1 pytest tests/test_recipes.py -k embedded."""
+    current = _embedded_defaults()
+    if os.environ.get("DISTILLERY_RECORD_DEFAULTS"):
+        EMBEDDED_DEFAULTS.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    recorded = json.loads(EMBEDDED_DEFAULTS.read_text())
+    for job, keys in recorded.items():
+        now = current[job]
+        differ = {k: (keys.get(k), now.get(k)) for k in keys.keys() | now.keys() if keys.get(k) != now.get(k)}
+        assert not differ, f"{job}: (recorded, now) differ: {differ}"
+    assert recorded.keys() == current.keys()

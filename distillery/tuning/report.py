@@ -9,6 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
+from distillery.platform.tracking.runs import child_runs, finish_sweep_runs
+
 __all__ = ["finish_sweep", "plot_sweep", "results_table"]
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ def _num(value: Any) -> float:
 
 def plot_sweep(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """AP against each swept value, AP vs rho/delta, AP vs granularity, parallel coordinates."""
+    # matplotlib (and its backend choice) loads only in the process that draws a sweep's plots.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,10 +112,6 @@ def _save(fig, path: Path) -> Path:
 def finish_sweep(cfg, results, state: dict[str, Any], tracking_uri: str, sweep_path: str, epochs: int
                  ) -> dict[str, Any]:
     """Close stopped trials' runs, log the table and plots to the parent run, mark it finished."""
-    from mlflow.tracking import MlflowClient
-
-    from distillery.platform.tracking.runs import child_runs, finish_sweep_runs
-
     parent = state["parent_run_id"]
     client = MlflowClient(tracking_uri)
     finish_sweep_runs(tracking_uri, parent, "KILLED", reason=f"stopped early by the {cfg.sweep.scheduler.type} scheduler")

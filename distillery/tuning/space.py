@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Literal, Mapping
 
 from pydantic import Field, model_validator
+from ray import tune
 
 from distillery.platform.config.sections import ConfigError, StrictModel, load_config
 
@@ -119,8 +120,6 @@ def check_space(space: Mapping[str, ParamSpec], job_model: type[StrictModel], ba
 
 def to_tune_space(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
     """Ray Tune's ``param_space`` for these dimensions (keys stay dotted)."""
-    from ray import tune
-
     out: dict[str, Any] = {}
     for key, s in space.items():
         if s.type == "uniform":

@@ -15,14 +15,26 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 import uuid
 from typing import Any, Callable
 
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from distillery.platform.cluster.runtime import ray_session
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.config.moe import MoETuneConfig
+from distillery.platform.config.sections import absolute_uri, flatten_config, load_config, with_absolute_paths
+from distillery.platform.distill.driver import _storage_filesystem, prepare_inputs, resolve_gam, run_distill
 from distillery.platform.io import storage
-from distillery.platform.config.sections import absolute_uri, flatten_config, load_config
+from distillery.platform.moe.driver import run_moe_tune
+from distillery.platform.tracking.runs import create_run, finish_sweep_runs, resolve_tracking_uri, tracking_reachable
+from distillery.tuning.callbacks import BestSoFarReport, InterruptAfter, best_metric_name
+from distillery.tuning.report import finish_sweep
 from distillery.tuning.space import ParamSpec, check_space, to_tune_space, trial_overrides
 from distillery.tuning.sweep_config import SweepConfig
 
@@ -37,26 +49,16 @@ _DELTA_FRACTION = "gam.delta_fraction"  # a sweep-only key: gam.delta = fraction
 def job_entry(job: str) -> tuple[type, Callable[..., dict[str, Any]]]:
     """(config model, run function) of a job that can be swept."""
     if job == "distill":
-        from distillery.platform.distill.driver import run_distill
-        from distillery.platform.config.distill import DistillConfig
-
         return DistillConfig, run_distill
     if job == "moe_tune":
-        from distillery.platform.config.moe import MoETuneConfig
-        from distillery.platform.moe.driver import run_moe_tune
-
         return MoETuneConfig, run_moe_tune
     raise ValueError(f"trial.job: unknown job {job!r} (known: distill, moe_tune)")
 
 
-def _absolute_path_overrides(job: str, job_cfg) -> list[str]:
+def _absolute_path_overrides(job_cfg) -> list[str]:
     """Overrides pinning the job config's relative local paths to the driver's directory (Tune
     runs each trial in a directory of its own)."""
-    if job == "distill":
-        from distillery.platform.distill.driver import _with_absolute_paths as absolute
-    else:
-        from distillery.platform.moe.driver import with_absolute_paths as absolute
-    before, after = flatten_config(job_cfg), flatten_config(absolute(job_cfg))
+    before, after = flatten_config(job_cfg), flatten_config(with_absolute_paths(job_cfg))
     return [f"{k}={v}" for k, v in after.items() if before.get(k) != v]
 
 
@@ -68,8 +70,6 @@ def calibrate_gam(cfg: SweepConfig, tracking_uri: str, parent_run_id: str, run_s
     default_weight`` GAM never moves lambda but still measures the share every epoch; the mean
     over the calibration epochs becomes the centre of the sweep's rho range.
     """
-    from distillery.platform.distill.driver import resolve_gam
-
     model, run = job_entry(cfg.trial.job)
     base = load_config(model, cfg.trial.config, cfg.trial.overrides)
     weight = cfg.sweep.gam_auto.fixed_lambda or resolve_gam(base)["default_weight"]
@@ -114,8 +114,6 @@ def _trial_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def _run_trial(params: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     """Tune's trainable: one job run with this trial's values, reporting every epoch to Tune."""
-    from ray import tune
-
     cfg = SweepConfig.model_validate(sweep["config"])
     trial_id = tune.get_context().get_trial_id()
     finished = _finished_trial_run(sweep, trial_id)
@@ -133,55 +131,20 @@ def _run_trial(params: dict[str, Any], *, sweep: dict[str, Any]) -> None:
                  f"output.name=trial-{trial_id}-{uuid.uuid4().hex[:6]}",
                  f"output.storage_path={sweep['trials_storage']}"]
     job_cfg = load_config(model, cfg.trial.config, overrides)
-    run(job_cfg, callbacks=[_BestSoFarReport(cfg.sweep.metric, cfg.sweep.mode)], parent_run_id=sweep["parent_run_id"],
+    run(job_cfg, callbacks=[BestSoFarReport(cfg.sweep.metric, cfg.sweep.mode)], parent_run_id=sweep["parent_run_id"],
         extra_tags={"distillery.sweep_id": sweep["sweep_id"], "distillery.trial_id": trial_id,
                     "distillery.sweep_role": "trial"})
 
 
-def best_metric_name(metric: str) -> str:
-    """What Tune ranks trials by: a metric's best value over the epochs so far (``best_AP``), so
-    that Tune, the results table and the registry all judge a trial by its best epoch (the
-    checkpoint it exports), never by its last one."""
-    return f"best_{metric}"
-
-
 def _best_of_run(tracking_uri: str, run_id: str, metric: str, mode: str) -> dict[str, float]:
-    from mlflow.tracking import MlflowClient
-
     values = [m.value for m in MlflowClient(tracking_uri).get_metric_history(run_id, f"epoch/{metric}")
               if m.value == m.value]
     return {best_metric_name(metric): (max if mode == "max" else min)(values)} if values else {}
 
 
-class _BestSoFarReport:
-    """Ray Train callback forwarding every epoch's report to Tune (``TuneReportCallback``) with
-    ``best_<metric>`` added: the best value of the metric reported so far in this trial."""
-
-    def __new__(cls, metric: str, mode: str):
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        class BestSoFarReport(TuneReportCallback):
-            def __init__(self):
-                super().__init__()
-                self.best: float | None = None
-
-            def after_report(self, run_context, metrics, checkpoint):
-                value = metrics[0].get(metric) if metrics else None
-                if isinstance(value, (int, float)) and value == value and (
-                        self.best is None or (value > self.best if mode == "max" else value < self.best)):
-                    self.best = float(value)
-                if self.best is not None:
-                    metrics = [{**metrics[0], best_metric_name(metric): self.best}, *metrics[1:]]
-                super().after_report(run_context, metrics, checkpoint)
-
-        return BestSoFarReport()
-
-
 def _finished_trial_run(sweep: dict[str, Any], trial_id: str) -> dict[str, Any] | None:
     """The FINISHED MLflow child run of this trial, if an earlier attempt completed it: its run id
     and the last epoch's metrics under the names the job reports to Tune."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(sweep["tracking_uri"])
     experiment = client.get_run(sweep["parent_run_id"]).info.experiment_id
     runs = client.search_runs([experiment], filter_string=(
@@ -196,30 +159,6 @@ def _finished_trial_run(sweep: dict[str, Any], trial_id: str) -> dict[str, Any] 
     return {"run_id": run.info.run_id, "metrics": metrics}
 
 
-class _InterruptAfter:
-    """Tune callback for ``debug.interrupt_after_trials``: a Ctrl+C once N trials ran to their end."""
-
-    def __new__(cls, n: int):
-        from ray.tune import Callback
-
-        class InterruptAfter(Callback):
-            def __init__(self):
-                self.done = 0
-                # Tune pickles callbacks with the experiment and Tuner.restore brings them back:
-                # the simulated Ctrl+C belongs to the driver that asked for it, not to a --resume.
-                self.pid = os.getpid()
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                if os.getpid() != self.pid or not trial.last_result.get("done"):  # (ASHA-stopped: not done)
-                    return
-                self.done += 1
-                if self.done == n:
-                    log.warning("debug.interrupt_after_trials=%d: interrupting the sweep", n)
-                    os.kill(os.getpid(), signal.SIGINT)
-
-        return InterruptAfter()
-
-
 # ----------------------------------------------------------------------------- the sweep
 def _trial_cpus(job_cfg) -> float:
     """Logical CPUs one trial holds: its training workers, plus three for its Ray Data ingest (file
@@ -230,13 +169,6 @@ def _trial_cpus(job_cfg) -> float:
 
 def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict[str, Any]:
     """Run (or, with ``resume``=the sweep's path, continue) a sweep; return its summary."""
-    from ray import tune
-
-    from distillery.platform.cluster.runtime import ray_session
-    from distillery.platform.distill.driver import prepare_inputs
-    from distillery.platform.tracking.runs import (create_run, finish_sweep_runs, resolve_tracking_uri,
-                                              tracking_reachable)
-
     t0 = time.time()
     if cfg is not None:
         storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
@@ -250,14 +182,9 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
     else:
         if cfg is None:
             raise ValueError("run_sweep: give a config or resume=<sweep path>")
-        cfg = cfg.model_copy(deep=True)
-        cfg.sweep.storage_path = absolute_uri(cfg.sweep.storage_path)
-        cfg.output.local_dir = absolute_uri(cfg.output.local_dir)
-        if cfg.trial.config:
-            cfg.trial.config = absolute_uri(cfg.trial.config, ships_with_code=True)
+        cfg = with_absolute_paths(cfg)
         model, _ = job_entry(cfg.trial.job)
-        cfg.trial.overrides += _absolute_path_overrides(
-            cfg.trial.job, load_config(model, cfg.trial.config, cfg.trial.overrides))
+        cfg.trial.overrides += _absolute_path_overrides(load_config(model, cfg.trial.config, cfg.trial.overrides))
         state = None
 
     model, _ = job_entry(cfg.trial.job)
@@ -287,8 +214,6 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
                      "config": cfg.model_dump(mode="json"), "calibration": None}
             storage.write_bytes(storage.join(sweep_path, SWEEP_STATE), json.dumps(state, indent=1).encode())
         else:
-            from mlflow.tracking import MlflowClient
-
             MlflowClient(tracking_uri).update_run(state["parent_run_id"], status="RUNNING")
         parent = state["parent_run_id"]
         # Runs left RUNNING by an interrupted earlier attempt are closed before new ones start.
@@ -316,13 +241,9 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
             interrupted = True
         if interrupted:
             finish_sweep_runs(tracking_uri, parent, "KILLED", reason="sweep was interrupted")
-            from mlflow.tracking import MlflowClient
-
             MlflowClient(tracking_uri).set_terminated(parent, "KILLED")
             return {"interrupted": True, "sweep_path": sweep_path, "parent_run_id": parent,
                     "resume": f"python jobs/sweep.py --resume {sweep_path}"}
-
-        from distillery.tuning.report import finish_sweep
 
         summary = finish_sweep(cfg, results, state, tracking_uri, sweep_path, base.train.epochs)
     summary["wall_seconds"] = round(time.time() - t0, 1)
@@ -341,13 +262,8 @@ def _was_interrupted(results, expected: int) -> bool:
 
 def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_path: str, per_trial: float,
                 resume: bool):
-    import ray
-    from ray import tune
-
     s = cfg.sweep
     if s.scheduler.type == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
         model, _ = job_entry(cfg.trial.job)
         epochs = load_config(model, cfg.trial.config, cfg.trial.overrides).train.epochs
         # max_t one past the last epoch: ASHA stops a trial that reaches max_t as soon as it
@@ -359,17 +275,15 @@ def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_
         scheduler = None
     search_alg = None
     if s.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
         search_alg = OptunaSearch(seed=s.seed)
     concurrent = s.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
-    callbacks = [_InterruptAfter(cfg.debug.interrupt_after_trials)] if cfg.debug.interrupt_after_trials else []
+    callbacks = [InterruptAfter(cfg.debug.interrupt_after_trials)] if cfg.debug.interrupt_after_trials else []
     parent_dir, name = sweep_path.rstrip("/").rsplit("/", 1)
     run_config = tune.RunConfig(name=name, storage_path=parent_dir if "://" not in parent_dir else None,
                                 callbacks=callbacks, verbose=1)
     if "://" in parent_dir:
         run_config.storage_path = storage.filesystem(parent_dir)[1]
-        run_config.storage_filesystem = _pyarrow_fs(parent_dir)
+        run_config.storage_filesystem = _storage_filesystem(parent_dir)
     restorable = resume and tune.Tuner.can_restore(
         sweep_path if "://" not in sweep_path else storage.filesystem(sweep_path)[1],
         storage_filesystem=run_config.storage_filesystem)
@@ -390,8 +304,3 @@ def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_
                                                   reuse_actors=True),
                       run_config=run_config)
 
-
-def _pyarrow_fs(uri: str):
-    from distillery.platform.distill.driver import _storage_filesystem
-
-    return _storage_filesystem(uri)

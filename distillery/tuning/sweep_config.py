@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from distillery.platform.config.sections import RayConfig, StorageConfig, StrictModel
+from distillery.platform.config.sections import (JobConfig, LocalPath, OutputSettings, RecipePath, StrictModel,
+                                                 TrackingSettings)
 from distillery.tuning.space import ParamSpec
 
 __all__ = ["SweepConfig"]
@@ -19,7 +20,7 @@ __all__ = ["SweepConfig"]
 
 class TrialSettings(StrictModel):
     job: Literal["distill", "moe_tune"] = "distill"
-    config: str | None = None  # the job's YAML recipe; None: its embedded default
+    config: RecipePath = None  # the job's YAML recipe; None: its embedded default
     overrides: list[str] = Field(default_factory=lambda: ["train.epochs=4", "optim.flat_epochs=2",
                                                           "optim.no_aug_epochs=1",
                                                           "augment.policy_epochs=[1,2,3]",
@@ -49,14 +50,14 @@ class SchedulerSettings(StrictModel):
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class DebugSettings(StrictModel):
+class SweepDebugSettings(StrictModel):
     # Simulate Ctrl+C once this many trials have finished (tests the --resume path).
     interrupt_after_trials: int | None = Field(None, ge=1)
 
 
 class SweepSettings(StrictModel):
     name: str | None = None
-    storage_path: str = "runs/sweeps"
+    storage_path: LocalPath = "runs/sweeps"
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
     # auto: a calibration run measures the AIFI share, then rho and delta are sampled around it
@@ -72,23 +73,12 @@ class SweepSettings(StrictModel):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
 
 
-class TrackingSettings(StrictModel):
-    tracking_uri: str | None = None  # config > MLFLOW_TRACKING_URI > sqlite under output.local_dir
-    experiment: str = "distillery-sweeps"
-
-
-class OutputSettings(StrictModel):
-    local_dir: str = "runs"
-
-
-class SweepConfig(StrictModel):
+class SweepConfig(JobConfig):
     trial: TrialSettings = Field(default_factory=TrialSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
-    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="distillery-sweeps"))
     output: OutputSettings = Field(default_factory=OutputSettings)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    debug: DebugSettings = Field(default_factory=DebugSettings)
+    debug: SweepDebugSettings = Field(default_factory=SweepDebugSettings)
 
     @model_validator(mode="after")
     def _auto_owns_the_band(self) -> "SweepConfig":

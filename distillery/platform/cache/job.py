@@ -27,81 +27,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, PositiveInt, model_validator
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import CocoDataset, CorruptImageError, decode_image, load_image_resized
-from distillery.platform.config.sections import (DataConfig, RayConfig, StorageConfig, StrictModel,
-                                        TeacherConfig, absolute_uri)
+from distillery.platform.config.augment import runtime_augment_config
+# The job's config (its sections are defined with the other config sections, in config.cache).
+from distillery.platform.config.cache import CacheComputeConfig, CacheFeaturesConfig, CacheSettings, ViewRecipe
+from distillery.platform.config.sections import DataConfig, TeacherConfig, with_absolute_paths
 from distillery.platform.cache.feature_cache import (MANIFEST, CacheError, FeatureCache, FeatureCacheWriter,
                                                FingerprintMismatchError, ShardInfo, plan_shards)
 
-__all__ = ["CacheFeaturesConfig", "ViewRecipe", "build_teacher", "ensure_dataset", "load_cache_inputs",
-           "open_training_cache", "resolve_teacher_dtype", "run_cache_job", "view_augment_config"]
+__all__ = ["CacheComputeConfig", "CacheFeaturesConfig", "CacheSettings", "ViewRecipe", "build_teacher",
+           "ensure_dataset", "load_cache_inputs", "open_training_cache", "resolve_teacher_dtype", "run_cache_job"]
 
 log = logging.getLogger(__name__)
-
-
-class ViewRecipe(StrictModel):
-    """The per-image strong ops a cached view draws (the reference recipe's defaults; the
-    distillation job's ``augment`` section must agree with what the cache recorded)."""
-
-    photometric_prob: float = Field(0.5, ge=0, le=1)
-    zoom_out_ratio: tuple[float, float] = (1.0, 4.0)
-    iou_crop_prob: float = Field(0.8, ge=0, le=1)
-    flip_prob: float = Field(0.5, ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _ratio_range(self) -> "ViewRecipe":
-        lo, hi = self.zoom_out_ratio
-        if not 1.0 <= lo <= hi:
-            raise ValueError(f"view_recipe.zoom_out_ratio must satisfy 1 <= min <= max, got {self.zoom_out_ratio}")
-        return self
-
-
-class CacheSettings(StrictModel):
-    uri: str = "runs/cache/synthetic-dinov3-vitb16"
-    dtype: Literal["fp16", "int8"] = "fp16"
-    shard_size: PositiveInt = 32
-    splits: list[Literal["train", "val"]] = Field(default_factory=lambda: ["train"], min_length=1)
-    # Teacher grids per image: 1 = the plain image only; K > 1 adds K-1 pre-augmented views
-    # (K times the storage and teacher passes; see benchmarks/cache_fidelity.py for the trade-off).
-    views: PositiveInt = Field(1, le=64)
-    view_seed: int = 0
-    view_recipe: ViewRecipe = Field(default_factory=ViewRecipe)
-
-
-class CacheComputeConfig(StrictModel):
-    actors: PositiveInt = 1
-    batch_size: PositiveInt = 16
-    gpus_per_actor: float | Literal["auto"] = "auto"
-    cpus_per_actor: float = Field(1.0, gt=0)
-    decode_cpus: float = Field(1.0, gt=0)
-
-
-class CacheDebugConfig(StrictModel):
-    # Fault injection for tests: write only this many of the missing shards, then fail (as a job
-    # killed halfway would: some shards on storage, no manifest).
-    stop_after_shards: PositiveInt | None = None
-
-
-def _default_teacher() -> TeacherConfig:
-    # No checkpoint can be downloaded on a fresh machine: the embedded default asks for random
-    # weights explicitly (a loud warning says so, and the fingerprint records it).
-    return TeacherConfig(allow_random_init=True)
-
-
-class CacheFeaturesConfig(StrictModel):
-    data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=_default_teacher)
-    cache: CacheSettings = Field(default_factory=CacheSettings)
-    compute: CacheComputeConfig = Field(default_factory=CacheComputeConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    debug: CacheDebugConfig = Field(default_factory=CacheDebugConfig)
 
 
 class CacheInterrupted(RuntimeError):
@@ -144,15 +86,6 @@ def build_teacher(cfg: dict[str, Any], dtype: str):
                          model_kwargs=cfg["model_kwargs"] or None)
 
 
-def view_augment_config(recipe: ViewRecipe, size: int):
-    """The AugmentConfig views are drawn with: the recipe's probabilities at the teacher size."""
-    from distillery.data.augment import AugmentConfig
-
-    return AugmentConfig(size=size, photometric_prob=recipe.photometric_prob,
-                         zoom_out_ratio=tuple(recipe.zoom_out_ratio), iou_crop_prob=recipe.iou_crop_prob,
-                         flip_prob=recipe.flip_prob)
-
-
 def _decode_or_skip(decode, uri: str, image_id: int, bad_records: str, skipped: list[dict[str, Any]]):
     """``decode()``, or None with the image recorded in ``skipped`` when it is corrupt or missing
     and the policy is ``skip`` (the header check at load cannot see a truncated JPEG body)."""
@@ -189,7 +122,8 @@ def _decode_shard_views(row: dict[str, Any], size: int, views: int, view_seed: i
 
     from distillery.data.augment import make_views
 
-    cfg = view_augment_config(ViewRecipe(**recipe), size)
+    cfg = runtime_augment_config(ViewRecipe(**recipe), size)
+
     def decode(uri: str) -> np.ndarray:
         try:
             data = storage.read_bytes(uri)
@@ -280,7 +214,7 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
         from distillery.data.augment import view_recipe
 
         writer_args.update(views=views, view_seed=cfg.cache.view_seed,
-                           view_recipe=view_recipe(view_augment_config(cfg.cache.view_recipe, cfg.teacher.input_size)))
+                           view_recipe=view_recipe(runtime_augment_config(cfg.cache.view_recipe, cfg.teacher.input_size)))
     writer = FeatureCacheWriter(**writer_args)
     shards = plan_shards(dataset.image_ids, cfg.cache.shard_size)
     todo = writer.begin(shards)
@@ -392,10 +326,7 @@ def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, di
     from distillery.platform.datasets.formats import load_split  # data.format: coco, yolo or voc
 
     storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
-    cfg = cfg.model_copy(deep=True)  # relative local paths resolved here: Ray workers run elsewhere
-    cfg.data.root, cfg.cache.uri = absolute_uri(cfg.data.root), absolute_uri(cfg.cache.uri)
-    if cfg.teacher.weights:
-        cfg.teacher.weights = absolute_uri(cfg.teacher.weights)
+    cfg = with_absolute_paths(cfg)  # relative local paths resolved here: Ray workers run elsewhere
     ensure_dataset(cfg.data)
     datasets = {}
     for split in cfg.cache.splits:

@@ -13,10 +13,16 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from distillery.platform.config.sections import (DataConfig, RayConfig, StorageConfig, StrictModel,
-                                        SyntheticDataConfig, TeacherConfig)
+from distillery.platform.config.augment import AugmentSettings
+from distillery.platform.config.cache import CacheLocation
+from distillery.platform.config.sections import (AdamWSettings, DataConfig, DebugSettings, DeepSpeedSettings,
+                                                 JobConfig, RunOutputSettings, StrictModel, TeacherConfig,
+                                                 TrackingSettings, TrainSettings, random_init_teacher)
+from distillery.platform.io.weights_source import check_weights_source
+from distillery.students.deimv2 import DEIMV2_SPECS, DISTILLED_VIT, TIMM_DINOV3_VITS
+from distillery.students.rtdetrv4 import STUDENT_SPECS
 
-__all__ = ["DistillConfig"]
+__all__ = ["DistillConfig", "known_student_names"]
 
 
 class PeftSettings(StrictModel):
@@ -49,9 +55,6 @@ class PeftSettings(StrictModel):
 
 def known_student_names() -> list[str]:
     """Every name ``build_student`` accepts: the RT-DETRv4 sizes and the DEIMv2 ones."""
-    from distillery.students.deimv2 import DEIMV2_SPECS
-    from distillery.students.rtdetrv4 import STUDENT_SPECS
-
     return sorted({*STUDENT_SPECS, *DEIMV2_SPECS})
 
 
@@ -73,8 +76,6 @@ class StudentSettings(StrictModel):
 
     @model_validator(mode="after")
     def _weights_reachable(self) -> "StudentSettings":
-        from distillery.platform.io.weights_source import check_weights_source
-
         check_weights_source(self.weights, "student.weights")
         check_weights_source(self.backbone_weights, "student.backbone_weights")
         if self.backbone_weights is not None and "backbone_weights" in self.overrides:
@@ -95,9 +96,7 @@ class StudentSettings(StrictModel):
     @model_validator(mode="after")
     def _peft_needs_a_vit(self) -> "StudentSettings":
         if self.peft.method == "none":
-            return self  # (no torch import for the common case: configs validate in a blink)
-        from distillery.students.deimv2 import DEIMV2_SPECS, DISTILLED_VIT, TIMM_DINOV3_VITS
-
+            return self
         spec = DEIMV2_SPECS.get(self.name)
         backbone = self.overrides.get("backbone", spec.backbone if spec is not None else None)
         if backbone != DISTILLED_VIT and backbone not in TIMM_DINOV3_VITS:
@@ -106,15 +105,11 @@ class StudentSettings(StrictModel):
         return self
 
 
-class CacheRef(StrictModel):
-    uri: str = "runs/cache/synthetic-dinov3-vitb16-256"
-    dtype: Literal["fp16", "int8"] = "fp16"
-    shard_size: PositiveInt = 32
-    # Teacher grids per image in the cache: 1 = plain images only; K > 1 = plain + K-1
-    # pre-augmented views (cache job `cache.views`), one per image and strong epoch in training.
-    # Must equal the cache manifest's `views` (checked before the first step), and the views'
-    # recipe must match the `augment` section.
-    views: PositiveInt = Field(1, le=64)
+class CacheRef(CacheLocation):
+    """The cache training reads. With ``views`` K > 1 a strong epoch replays one of each image's
+    K-1 pre-augmented views; K must equal the cache manifest's (checked before the first step),
+    and the views' recipe must match the ``augment`` section."""
+
     # Build the cache (train split) before training when it is absent.
     build_if_missing: bool = True
 
@@ -137,68 +132,18 @@ class GAMSettings(StrictModel):
         return self
 
 
-class OptimSettings(StrictModel):
-    lr: float = Field(1e-3, gt=0)
-    backbone_lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_max_norm: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+class DistillOptimSettings(AdamWSettings):
+    """AdamW plus the distillation schedule (flat epochs, the no-augmentation tail) and the EMA."""
+
     flat_epochs: int = Field(7, ge=0)
     no_aug_epochs: int = Field(3, ge=0)
-    min_lr_ratio: float = Field(0.5, gt=0, le=1)
     ema_decay: float = Field(0.999, gt=0, lt=1)
     ema_warmups: int = Field(50, ge=0)
 
 
-class AugmentSettings(StrictModel):
-    """The reference schedule, epochs 0-based; see distillery.data.augment.AugmentConfig."""
+class DistillTrackingSettings(TrackingSettings):
+    """MLflow, plus what a distillation run logs besides its metrics."""
 
-    policy_epochs: tuple[int, int, int] = (3, 6, 9)
-    mosaic_prob: float = Field(0.5, ge=0, le=1)
-    mixup_prob: float = Field(0.3, ge=0, le=1)
-    mixup_epochs: tuple[int, int] = (3, 6)
-    photometric_prob: float = Field(0.5, ge=0, le=1)
-    iou_crop_prob: float = Field(0.8, ge=0, le=1)
-    flip_prob: float = Field(0.5, ge=0, le=1)
-    multiscale: bool = False
-    multiscale_stop_epoch: int = Field(9, ge=0)
-    # DEIMv2's Copy-Blend (objects of other batch images blended in; 0 = off, as RT-DETRv4 trains).
-    copyblend_prob: float = Field(0.0, ge=0, le=1)
-    copyblend_epochs: tuple[int, int] = (3, 9)
-
-
-class DeepSpeedSettings(StrictModel):
-    zero_stage: Literal[0, 1, 2] = 0
-    # bf16 on GPU; fp32 on CPU (gloo), whatever is asked here.
-    bf16: bool = True
-    gradient_accumulation_steps: PositiveInt = 1
-    # Extra keys merged into the generated DeepSpeed config (e.g. zero_optimization buckets).
-    extra: dict[str, Any] = Field(default_factory=dict)
-
-
-class TrainSettings(StrictModel):
-    epochs: PositiveInt = 12
-    batch_size: PositiveInt = 4  # per worker
-    num_workers: PositiveInt = 2
-    use_gpu: bool | Literal["auto"] = "auto"
-    cpus_per_worker: float = Field(1.0, gt=0)
-    eval_every: PositiveInt = 1
-    eval_batch_size: PositiveInt = 8
-    max_failures: int = Field(1, ge=0)
-    keep_checkpoints: PositiveInt = 2
-    seed: int = 0
-    log_every: PositiveInt = 5
-    shuffle_buffer: int = Field(16, ge=0)
-    # Rank 0 prints a progress line every `progress_every` steps or `progress_seconds`,
-    # whichever comes first (and one summary line per epoch).
-    progress_every: PositiveInt = 10
-    progress_seconds: float = Field(30.0, gt=0)
-
-
-class TrackingSettings(StrictModel):
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under output.local_dir
-    experiment: str = "distillery"
     log_model: bool = True
     system_metrics: bool = True
     num_val_images: int = Field(4, ge=0)
@@ -207,46 +152,25 @@ class TrackingSettings(StrictModel):
     augment_preview: int = Field(4, ge=0, le=16)
 
 
-class OutputSettings(StrictModel):
-    storage_path: str = "runs/train"  # local path or s3:// (Ray Train run storage)
-    name: str | None = None  # None: a timestamped name
-    local_dir: str = "runs"  # local files (sqlite tracking store, exported model)
-    resume_from: str | None = None  # a run storage path (continues its latest checkpoint)
-
-
-class KillSpec(StrictModel):
-    rank: int = Field(1, ge=0)
-    step: int = Field(3, ge=1)
-
-
-class DebugSettings(StrictModel):
-    # Fault injection: kill this worker process once at this global step (tests).
-    kill: KillSpec | None = None
+class DistillDebugSettings(DebugSettings):
+    # Shorter epochs (tests).
     max_steps_per_epoch: PositiveInt | None = None
 
 
-def _default_teacher() -> TeacherConfig:
-    # Nothing can be downloaded on a fresh machine: the embedded default asks for random
-    # weights explicitly (the fingerprint records it, and a loud warning says so).
-    return TeacherConfig(allow_random_init=True, input_size=256)
-
-
-class DistillConfig(StrictModel):
-    data: DataConfig = Field(default_factory=lambda: DataConfig(synthetic=SyntheticDataConfig()))
-    teacher: TeacherConfig = Field(default_factory=_default_teacher)
+class DistillConfig(JobConfig):
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=lambda: random_init_teacher(input_size=256))
     teacher_mode: Literal["cached", "online", "none"] = "cached"
-    cache: CacheRef = Field(default_factory=CacheRef)
+    cache: CacheRef = Field(default_factory=lambda: CacheRef(uri="runs/cache/synthetic-dinov3-vitb16-256"))
     student: StudentSettings = Field(default_factory=StudentSettings)
     gam: GAMSettings = Field(default_factory=GAMSettings)
-    optim: OptimSettings = Field(default_factory=OptimSettings)
+    optim: DistillOptimSettings = Field(default_factory=DistillOptimSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
-    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
-    output: OutputSettings = Field(default_factory=OutputSettings)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    debug: DebugSettings = Field(default_factory=DebugSettings)
+    tracking: DistillTrackingSettings = Field(default_factory=DistillTrackingSettings)
+    output: RunOutputSettings = Field(default_factory=RunOutputSettings)
+    debug: DistillDebugSettings = Field(default_factory=DistillDebugSettings)
 
     @model_validator(mode="after")
     def _teacher_sees_student_input(self) -> "DistillConfig":

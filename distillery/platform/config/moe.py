@@ -28,9 +28,12 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from distillery.platform.config.sections import DataConfig, RayConfig, StorageConfig, StrictModel, SyntheticDataConfig
-from distillery.platform.config.distill import DeepSpeedSettings, KillSpec
-from distillery.platform.config.distill import TrainSettings as DistillTrainSettings
+from distillery.platform.config.augment import AugmentSettings
+from distillery.platform.config.sections import (AdamWSettings, DataConfig, DebugSettings, DeepSpeedSettings, JobConfig,
+                                                 OptionalLocalPath, RunOutputSettings, StrictModel, TrackingSettings,
+                                                 TrainSettings)
+from distillery.students.open_vocab import OPEN_VOCAB_OPTIONS
+from distillery.students.rtdetrv4 import STUDENT_SPECS, StudentSpec
 
 __all__ = ["MoETuneConfig"]
 
@@ -46,9 +49,6 @@ class OpenVocabModelSettings(StrictModel):
 
     @model_validator(mode="after")
     def _known(self) -> "OpenVocabModelSettings":
-        from distillery.students.open_vocab import OPEN_VOCAB_OPTIONS
-        from distillery.students.rtdetrv4 import STUDENT_SPECS, StudentSpec
-
         if self.name not in STUDENT_SPECS:
             raise ValueError(f"model.name {self.name!r} is not an RT-DETRv4 student; expected one of "
                              f"{sorted(STUDENT_SPECS)}")
@@ -60,8 +60,6 @@ class OpenVocabModelSettings(StrictModel):
         return self
 
     def decoder_ffn_dim(self) -> int:
-        from distillery.students.rtdetrv4 import STUDENT_SPECS
-
         return int(self.overrides.get("decoder_ffn_dim", STUDENT_SPECS[self.name].decoder_ffn_dim))
 
 
@@ -72,15 +70,15 @@ class TextSettings(StrictModel):
     hashing_dim: PositiveInt = 64  # width of the hashing encoder's vectors
     # A vocabulary file (text, JSON list or COCO categories), one prompt per dataset category in
     # ascending category id; None: the dataset's category names.
-    vocabulary: str | None = None
+    vocabulary: OptionalLocalPath = None
     template: str | None = None  # e.g. "a photo of a {name}"; None: the bare names
-    cache_dir: str | None = "runs/phrase_embeddings"  # local directory; None: in memory only
+    cache_dir: OptionalLocalPath = "runs/phrase_embeddings"  # local directory; None: in memory only
 
 
 class BaseModelSettings(StrictModel):
     """Where the dense open-vocabulary model comes from."""
 
-    checkpoint: str | None = None
+    checkpoint: OptionalLocalPath = None  # a models:/ URI is not a path: it stays as it is
     strict: bool = True  # False: skip (and log) checkpoint keys the model lacks and vice versa
     dense_steps: int = Field(300, ge=0)  # dense training steps when checkpoint is None
     lr: float = Field(1e-3, gt=0)
@@ -104,26 +102,22 @@ class MoESettings(StrictModel):
         return self.copies * self.granularity
 
 
-class OptimSettings(StrictModel):
-    """AdamW of the fine-tuning (MoE or dense) phase, flat then cosine to ``min_lr_ratio``."""
+class MoEOptimSettings(AdamWSettings):
+    """AdamW of the fine-tuning (MoE or dense) phase; its flat part is a share of the steps."""
 
-    lr: float = Field(2e-4, gt=0)
-    backbone_lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_max_norm: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(10, ge=0)
     flat_fraction: float = Field(0.5, ge=0, le=1)  # share of the steps at the full rate
-    min_lr_ratio: float = Field(0.5, gt=0, le=1)
 
 
-class TrainSettings(DistillTrainSettings):
-    """The distillation job's train section (workers, checkpoints, seed, ...) plus MoE-tuning's own."""
+class MoETrainSettings(TrainSettings):
+    """The shared train section (workers, checkpoints, seed, ...) plus MoE-tuning's own."""
 
-    epochs: PositiveInt = 4
     steps_per_epoch: PositiveInt | None = None  # None: one pass over the train split
     flip_prob: float = Field(0.5, ge=0, le=1)
     probe_images: PositiveInt = 2  # val images whose raw outputs every checkpoint records
+
+    def augment(self) -> AugmentSettings:
+        """Fine-tuning augments with horizontal flips only."""
+        return AugmentSettings.flips_only(self.flip_prob)
 
 
 class AnalysisSettings(StrictModel):
@@ -134,38 +128,19 @@ class AnalysisSettings(StrictModel):
     stable_threshold: float = Field(0.2, gt=0, lt=1)
 
 
-class TrackingSettings(StrictModel):
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under output.local_dir
-    experiment: str = "distillery-moe"
-
-
-class OutputSettings(StrictModel):
-    storage_path: str = "runs/moe_tune"  # local path or s3:// (Ray Train run storage)
-    name: str | None = None  # None: a timestamped name
-    local_dir: str = "runs"  # local files (sqlite tracking store, downloaded base model)
-    resume_from: str | None = None  # a run storage path (continues its latest checkpoint)
-
-
-class DebugSettings(StrictModel):
-    # Fault injection: kill this worker process once at this global step of the tuning phase
-    # (tests the automatic restore from the last checkpoint, expert shards included).
-    kill: KillSpec | None = None
-
-
-class MoETuneConfig(StrictModel):
-    data: DataConfig = Field(default_factory=lambda: DataConfig(synthetic=SyntheticDataConfig()))
+class MoETuneConfig(JobConfig):
+    data: DataConfig = Field(default_factory=DataConfig)
     model: OpenVocabModelSettings = Field(default_factory=OpenVocabModelSettings)
     text: TextSettings = Field(default_factory=TextSettings)
     base: BaseModelSettings = Field(default_factory=BaseModelSettings)
     moe: MoESettings = Field(default_factory=MoESettings)
-    optim: OptimSettings = Field(default_factory=OptimSettings)
+    optim: MoEOptimSettings = Field(
+        default_factory=lambda: MoEOptimSettings(lr=2e-4, backbone_lr=1e-4, warmup_steps=10))
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    train: MoETrainSettings = Field(default_factory=lambda: MoETrainSettings(epochs=4))
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
-    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
-    output: OutputSettings = Field(default_factory=OutputSettings)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="distillery-moe"))
+    output: RunOutputSettings = Field(default_factory=lambda: RunOutputSettings(storage_path="runs/moe_tune"))
     debug: DebugSettings = Field(default_factory=DebugSettings)
 
     @model_validator(mode="after")

@@ -14,28 +14,46 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
 
 from distillery.platform.errors import DeterministicError
+from distillery.platform.io import storage
+from distillery.platform.io.weights_source import HUB_PREFIX, check_weights_source
 
 __all__ = [
+    "AdamWSettings",
     "ConfigError",
     "DataConfig",
-    "absolute_uri",
+    "DebugSettings",
+    "DeepSpeedSettings",
+    "JobConfig",
+    "KillSpec",
+    "LocalPath",
+    "OptionalLocalPath",
+    "OutputSettings",
+    "PathField",
     "RayConfig",
+    "RecipePath",
+    "RunOutputSettings",
     "StorageConfig",
+    "StrictModel",
     "SyntheticDataConfig",
     "TeacherConfig",
-    "StrictModel",
+    "TrackingSettings",
+    "TrainSettings",
+    "absolute_uri",
     "apply_overrides",
     "config_hash",
     "flatten_config",
     "load_config",
     "parse_job_args",
+    "random_init_teacher",
+    "with_absolute_paths",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -187,6 +205,43 @@ def absolute_uri(path: str, ships_with_code: bool = False) -> str:
     return str(local.resolve())
 
 
+@dataclass(frozen=True)
+class PathField:
+    """Marks a config field as a local path that :func:`with_absolute_paths` makes absolute."""
+
+    ships_with_code: bool = False  # see absolute_uri
+
+
+# Path-bearing fields are declared with these types; nothing else lists them.
+LocalPath = Annotated[str, PathField()]
+OptionalLocalPath = Annotated[str | None, PathField()]
+RecipePath = Annotated[str | None, PathField(ships_with_code=True)]  # a recipe under configs/
+
+# Sources a path field may hold that are not files: a registered model and a Hugging Face hub id
+# (``scheme://`` URIs are left alone by absolute_uri itself).
+_NOT_A_PATH = ("models:/", HUB_PREFIX)
+
+
+def with_absolute_paths(cfg: M) -> M:
+    """A copy of ``cfg`` whose local-path fields (typed :data:`LocalPath`, :data:`OptionalLocalPath`,
+    :data:`RecipePath`), in every section, are made absolute by :func:`absolute_uri`: the driver
+    resolves them once, because Ray workers and Tune trials run in other directories."""
+    cfg = cfg.model_copy(deep=True)
+    _absolutise(cfg)
+    return cfg
+
+
+def _absolutise(section: BaseModel) -> None:
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            _absolutise(value)
+            continue
+        marker = next((m for m in field.metadata if isinstance(m, PathField)), None)
+        if marker is not None and value and not value.startswith(_NOT_A_PATH):
+            setattr(section, name, absolute_uri(value, ships_with_code=marker.ships_with_code))
+
+
 # Config keys whose values are secrets by name, and credentials written into a URI
 # (scheme://user:password@host): masked in tracking params and hashes.
 _SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials", "apikey"}
@@ -226,7 +281,9 @@ def config_hash(cfg: BaseModel) -> str:
 
 
 # --------------------------------------------------------------------------- shared sections
-# Sections that several jobs share. Job-specific root models live next to their runner.
+# Sections that several jobs share, each defined once (a job that needs more fields subclasses
+# one). The job roots and their own sections: config/cache.py, config/distill.py, config/moe.py,
+# config/augment.py (the augmentation section) and tuning/sweep_config.py.
 
 
 class SyntheticDataConfig(StrictModel):
@@ -248,7 +305,7 @@ class DataConfig(StrictModel):
     and evaluate on: YAML keys, or ``ImageSets/Main/<name>.txt`` files (VOC2007: trainval / test).
     ``classes`` (VOC only) fixes the class table; else it is discovered from the XML files."""
 
-    root: str = "runs/data/synthetic"
+    root: LocalPath = "runs/data/synthetic"
     train_annotations: str = "annotations/instances_train.json"
     train_images: str = "images/train"
     val_annotations: str = "annotations/instances_val.json"
@@ -264,8 +321,6 @@ class DataConfig(StrictModel):
     def resolve(self, rel: str) -> str:
         if "://" in rel or rel.startswith("/"):
             return rel
-        from distillery.platform.io import storage
-
         return storage.join(self.root, rel)
 
     def split_paths(self, split: Literal["train", "val"]) -> tuple[str, str]:
@@ -282,7 +337,7 @@ class TeacherConfig(StrictModel):
     """The frozen vision foundation model (DINOv3 through timm)."""
 
     model_name: str = "vit_base_patch16_dinov3"
-    weights: str | None = None
+    weights: OptionalLocalPath = None
     allow_random_init: bool = False
     seed: int = 0
     input_size: int = Field(640, ge=32)
@@ -294,9 +349,13 @@ class TeacherConfig(StrictModel):
     @classmethod
     def _weights_reachable(cls, weights: str | None) -> str | None:
         # hf-hub: ids and https:// URLs are fetched where the teacher is built; offline, say so now.
-        from distillery.platform.io.weights_source import check_weights_source
-
         return check_weights_source(weights, "teacher.weights")
+
+
+def random_init_teacher(**fields: Any) -> TeacherConfig:
+    """The embedded defaults' teacher. Nothing can be downloaded on a fresh machine: they ask
+    for random weights explicitly (a loud warning says so, and the fingerprint records it)."""
+    return TeacherConfig(allow_random_init=True, **fields)
 
 
 class RayConfig(StrictModel):
@@ -312,3 +371,83 @@ class StorageConfig(StrictModel):
 
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+
+
+class JobConfig(StrictModel):
+    """Base of every job's root config: the sections all jobs have. A job's field defaults are its
+    embedded default; where a shared section's defaults differ per job, the job's root sets them
+    (``Field(default_factory=...)``), and ``load_config`` merges a recipe onto those."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+class TrackingSettings(StrictModel):
+    """MLflow: where runs are recorded and under which experiment."""
+
+    tracking_uri: str | None = None  # config > MLFLOW_TRACKING_URI > sqlite under output.local_dir
+    experiment: str = "distillery"
+
+
+class OutputSettings(StrictModel):
+    local_dir: LocalPath = "runs"  # local files (sqlite tracking store, exported or downloaded models)
+
+
+class RunOutputSettings(OutputSettings):
+    """A training job's outputs: its Ray Train run storage, run name and the run it resumes."""
+
+    storage_path: LocalPath = "runs/train"  # local path or s3:// (Ray Train run storage)
+    name: str | None = None  # None: a timestamped name
+    resume_from: OptionalLocalPath = None  # a run storage path (continues its latest checkpoint)
+
+
+class KillSpec(StrictModel):
+    rank: int = Field(1, ge=0)
+    step: int = Field(3, ge=1)
+
+
+class DebugSettings(StrictModel):
+    # Fault injection: kill this worker process once at this global step (tests the automatic
+    # restore from the last checkpoint).
+    kill: KillSpec | None = None
+
+
+class AdamWSettings(StrictModel):
+    """AdamW (a lower rate for the backbone), linear warm-up, then flat, then cosine down to
+    ``min_lr_ratio`` of the rate."""
+
+    lr: float = Field(1e-3, gt=0)
+    backbone_lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_max_norm: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.5, gt=0, le=1)
+
+
+class DeepSpeedSettings(StrictModel):
+    zero_stage: Literal[0, 1, 2] = 0
+    # bf16 on GPU; fp32 on CPU (gloo), whatever is asked here.
+    bf16: bool = True
+    gradient_accumulation_steps: PositiveInt = 1
+    # Extra keys merged into the generated DeepSpeed config (e.g. zero_optimization buckets).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSettings(StrictModel):
+    epochs: PositiveInt = 12
+    batch_size: PositiveInt = 4  # per worker
+    num_workers: PositiveInt = 2
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    eval_every: PositiveInt = 1
+    eval_batch_size: PositiveInt = 8
+    max_failures: int = Field(1, ge=0)
+    keep_checkpoints: PositiveInt = 2
+    seed: int = 0
+    log_every: PositiveInt = 5
+    shuffle_buffer: int = Field(16, ge=0)
+    # Rank 0 prints a progress line every `progress_every` steps or `progress_seconds`,
+    # whichever comes first (and one summary line per epoch).
+    progress_every: PositiveInt = 10
+    progress_seconds: float = Field(30.0, gt=0)
