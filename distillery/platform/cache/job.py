@@ -187,7 +187,7 @@ def _decode_shard_views(row: dict[str, Any], size: int, views: int, view_seed: i
     so both produce the same pixels."""
     import torch
 
-    from distillery.data.augment import make_views
+    from distillery.data.views import make_views
 
     cfg = view_augment_config(ViewRecipe(**recipe), size)
     def decode(uri: str) -> np.ndarray:
@@ -277,7 +277,7 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
     views = cfg.cache.views
     recipe = cfg.cache.view_recipe.model_dump(mode="json")
     if views > 1:
-        from distillery.data.augment import view_recipe
+        from distillery.data.views import view_recipe
 
         writer_args.update(views=views, view_seed=cfg.cache.view_seed,
                            view_recipe=view_recipe(view_augment_config(cfg.cache.view_recipe, cfg.teacher.input_size)))

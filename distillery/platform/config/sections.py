@@ -262,11 +262,9 @@ class DataConfig(StrictModel):
     classes: list[str] | None = Field(None, min_length=1)
 
     def resolve(self, rel: str) -> str:
-        if "://" in rel or rel.startswith("/"):
-            return rel
         from distillery.platform.io import storage
 
-        return storage.join(self.root, rel)
+        return rel if storage.is_absolute(rel) else storage.join(self.root, rel)
 
     def split_paths(self, split: Literal["train", "val"]) -> tuple[str, str]:
         """(annotation URI, image root URI) of a COCO split (other formats: formats.load_split)."""
