@@ -32,7 +32,10 @@ from distillery.data.sample import Sample
 from distillery.data.transforms import (crop, hflip, iou_crop_params, mixup, mosaic, multiscale_sizes, photometric,
                                         resize, sanitize, zoom_out)
 
-__all__ = ["AugmentConfig", "Augmenter"]
+__all__ = ["ZOOM_OUT_PROB", "AugmentConfig", "Augmenter"]
+
+# Zoom-out's probability in the recipe (RandomZoomOut's default p); cached views draw with it too.
+ZOOM_OUT_PROB = 0.5
 
 
 @dataclass
@@ -97,7 +100,7 @@ class Augmenter:
         if strong and not pre and rng.random() < cfg.photometric_prob:
             sample = photometric(sample)
         if strong and not with_mosaic and not pre:
-            if rng.random() < 0.5:  # RandomZoomOut's default p
+            if rng.random() < ZOOM_OUT_PROB:
                 h, w = sample.size
                 r = rng.uniform(*cfg.zoom_out_ratio)
                 sample = zoom_out(sample, r, rng.randint(0, int(w * r) - w), rng.randint(0, int(h * r) - h), cfg.fill)

@@ -18,16 +18,12 @@ from typing import Any
 
 import torch
 
-from distillery.data.augment import AugmentConfig
+from distillery.data.augment import ZOOM_OUT_PROB, AugmentConfig
 from distillery.data.sample import Sample
 from distillery.data.transforms import (crop, hflip, iou_crop_params, photometric_params, photometric_with, resize,
                                         sanitize, zoom_out)
 
-__all__ = ["ZOOM_OUT_PROB", "apply_view", "draw_view_params", "make_views", "view_recipe", "view_rng"]
-
-# Zoom-out's probability in the recipe (RandomZoomOut's default p, as in Augmenter.__call__).
-ZOOM_OUT_PROB = 0.5
-
+__all__ = ["apply_view", "draw_view_params", "make_views", "view_recipe", "view_rng"]
 
 def view_recipe(cfg: AugmentConfig) -> dict[str, Any]:
     """The recipe settings a cached view depends on (recorded in the cache manifest, so a
