@@ -30,9 +30,14 @@ import time
 from typing import Any, Literal
 
 import numpy as np
+import ray
 from pydantic import Field, PositiveInt, model_validator
 
+from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
+from distillery.platform.datasets.formats import load_split
+from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.platform.io import storage
+from distillery.platform.io.weights_source import resolve_weights_source
 from distillery.platform.datasets.coco import CocoDataset, CorruptImageError, decode_image, load_image_resized
 from distillery.platform.config.sections import (DataConfig, RayConfig, StorageConfig, StrictModel,
                                         TeacherConfig, absolute_uri)
@@ -43,6 +48,9 @@ __all__ = ["CacheFeaturesConfig", "ViewRecipe", "build_teacher", "ensure_dataset
            "open_training_cache", "resolve_teacher_dtype", "run_cache_job", "view_augment_config"]
 
 log = logging.getLogger(__name__)
+
+# torch, the teacher and distillery.data (torch) are imported inside the functions that run the
+# teacher or render views: the driver validates this module's config without loading torch.
 
 
 class ViewRecipe(StrictModel):
@@ -117,8 +125,6 @@ def ensure_dataset(data: DataConfig) -> None:
     ann, _ = data.split_paths("train")
     if storage.exists(ann) or data.synthetic is None:
         return
-    from distillery.platform.datasets.synthetic import generate_synthetic_coco
-
     s = data.synthetic
     log.info("generating the synthetic dataset under %s", data.root)
     generate_synthetic_coco(data.root, train=s.train, val=s.val, size=s.size, seed=s.seed)
@@ -134,7 +140,6 @@ def build_teacher(cfg: dict[str, Any], dtype: str):
     """Build the frozen teacher from a TeacherConfig dict (runs in actors and on the driver)."""
     import torch
 
-    from distillery.platform.io.weights_source import resolve_weights_source
     from distillery.teachers import DinoV3Teacher
 
     weights = resolve_weights_source(cfg["weights"])[0] if cfg["weights"] else None  # hf-hub: / https: too
@@ -267,8 +272,6 @@ def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, 
 
 def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fingerprint: dict[str, Any],
                  grid: list[int], dtype: str, use_gpu: bool) -> dict[str, Any]:
-    import ray
-
     uri = storage.join(cfg.cache.uri, split)
     dataset_info = {"annotation_uri": dataset.annotation_uri, "annotation_sha256": dataset.annotation_sha256,
                     "num_images": len(dataset), "categories": dataset.categories.to_dict()}
@@ -389,8 +392,6 @@ def open_training_cache(uri: str, fingerprint: dict[str, Any], image_ids, build=
 def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, dict[str, CocoDataset]]:
     """The job's driver-side prologue: S3 settings first (every later access, the dataset's
     included, uses them), local paths made absolute, then each split loaded and validated."""
-    from distillery.platform.datasets.formats import load_split  # data.format: coco, yolo or voc
-
     storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     cfg = cfg.model_copy(deep=True)  # relative local paths resolved here: Ray workers run elsewhere
     cfg.data.root, cfg.cache.uri = absolute_uri(cfg.data.root), absolute_uri(cfg.cache.uri)
@@ -406,8 +407,6 @@ def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, di
 
 def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
     """Build (or resume) the feature cache of every configured split; return a summary per split."""
-    from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
-
     cfg, datasets = load_cache_inputs(cfg)
     with ray_session(cfg.ray, cfg.storage):
         use_gpu = cluster_has_gpus() and cfg.compute.gpus_per_actor != 0
