@@ -15,7 +15,7 @@ Then the cached-views trade-off (``cache.views: K``), for each K of ``--views``:
   epoch is served by an exact view (counted as 1.0), the rest (view 0) by the online-augmented
   plain grid at the K=1 fidelity;
 - a direct measurement: the training path itself (view chosen by ``ingest.select_view``, replayed
-  by ``augment.apply_view``, then ``Augmenter.batch`` with Mosaic/Mixup/multi-scale per schedule)
+  by ``views.apply_view``, then ``Augmenter.batch`` with Mosaic/Mixup/multi-scale per schedule)
   over ``--view-epochs`` strong epochs, cos-sim of the rendered grid against the online teacher
   on the final augmented image; K=1 is "views off". Measured in two regimes of the reference
   schedule: inside the Mosaic/Mixup window and after it.

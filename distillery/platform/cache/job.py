@@ -17,7 +17,7 @@ node's cores, and it keeps the GPU actor doing only teacher forwards.
 
 Views (``cache.views: K`` > 1): the decode task also renders, per image, K-1 pre-augmented views
 (the recipe's per-image strong ops, drawn with an RNG seeded per (image, view) from
-``cache.view_seed``; see ``augment.make_views``), so a shard carries K teacher inputs per image
+``cache.view_seed``; see ``distillery.data.views.make_views``), so a shard carries K teacher inputs per image
 and its rows record each view's parameters. K and the recipe are part of the plan: a URI built
 with another K (or recipe) is refused, never mixed.
 """
