@@ -15,7 +15,7 @@ Then the cached-views trade-off (``cache.views: K``), for each K of ``--views``:
   epoch is served by an exact view (counted as 1.0), the rest (view 0) by the online-augmented
   plain grid at the K=1 fidelity;
 - a direct measurement: the training path itself (view chosen by ``ingest.select_view``, replayed
-  by ``augment.apply_view``, then ``Augmenter.batch`` with Mosaic/Mixup/multi-scale per schedule)
+  by ``views.apply_view``, then ``Augmenter.batch`` with Mosaic/Mixup/multi-scale per schedule)
   over ``--view-epochs`` strong epochs, cos-sim of the rendered grid against the online teacher
   on the final augmented image; K=1 is "views off". Measured in two regimes of the reference
   schedule: inside the Mosaic/Mixup window and after it.
@@ -55,7 +55,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from distillery.data import augment as A
+    from distillery.data import augment as A, sample as S, transforms as T
     from distillery.platform.datasets.coco import decode_image, load_coco
     from distillery.platform.io import storage
     from distillery.platform.datasets.synthetic import generate_synthetic_coco
@@ -73,53 +73,53 @@ def main() -> None:
     ds = load_coco(str(work / "annotations" / "instances_train.json"), str(work / "images" / "train"))
 
     def run_teacher(image_u8: torch.Tensor) -> torch.Tensor:
-        x = A.resize(A.Sample.create(image_u8, torch.zeros(0, 4), torch.zeros(0)), (size, size)).image
+        x = T.resize(S.Sample.create(image_u8, torch.zeros(0, 4), torch.zeros(0)), (size, size)).image
         return teacher(x[None].to(device).float() / 255.0)[0].cpu()
 
     samples = []
     for r in ds.records:
         img = torch.from_numpy(decode_image(storage.read_bytes(r.uri), r.uri)).permute(2, 0, 1)
-        samples.append(A.Sample.create(img, torch.from_numpy(r.boxes), torch.from_numpy(r.labels),
+        samples.append(S.Sample.create(img, torch.from_numpy(r.boxes), torch.from_numpy(r.labels),
                                        grid=run_teacher(img), image_id=r.image_id))
     f5 = (size // 32, size // 32)
     cfg = A.AugmentConfig(size=size)
 
-    def finish(s: A.Sample) -> A.Sample:
-        return A.resize(s, (size, size))
+    def finish(s: S.Sample) -> S.Sample:
+        return T.resize(s, (size, size))
 
     def zoom(s):
         h, w = s.size
         r = rng.uniform(1.0, 4.0)
-        return finish(A.zoom_out(s, r, rng.randint(0, int(w * r) - w), rng.randint(0, int(h * r) - h)))
+        return finish(T.zoom_out(s, r, rng.randint(0, int(w * r) - w), rng.randint(0, int(h * r) - h)))
 
     def iou_crop(s):
         for _ in range(20):
-            p = A.iou_crop_params(s, rng)
+            p = T.iou_crop_params(s, rng)
             if p is not None:
-                return finish(A.crop(s, *p))
+                return finish(T.crop(s, *p))
         return finish(s)
 
     def mosaic(s):
         others = rng.sample(samples, 3)
         deg, trans, (lo, hi) = cfg.mosaic_affine
         side = size
-        return finish(A.mosaic([s, *others], size // 2, angle=rng.uniform(-deg, deg),
+        return finish(T.mosaic([s, *others], size // 2, angle=rng.uniform(-deg, deg),
                                translate=(rng.uniform(-trans, trans) * side, rng.uniform(-trans, trans) * side),
                                scale=rng.uniform(lo, hi)))
 
     def multiscale(s):
-        out = rng.choice([x for x in A.multiscale_sizes(size) if x != size])
-        return A.resize(s, (out, out))
+        out = rng.choice([x for x in T.multiscale_sizes(size) if x != size])
+        return T.resize(s, (out, out))
 
     transforms = {
         "identity": finish,
-        "hflip": lambda s: finish(A.hflip(s)),
-        "photometric": lambda s: finish(A.photometric(s)),
+        "hflip": lambda s: finish(T.hflip(s)),
+        "photometric": lambda s: finish(T.photometric(s)),
         "zoom_out": zoom,
         "iou_crop": iou_crop,
         "multiscale_resize": multiscale,
         "mosaic": mosaic,
-        "mixup": lambda s: A.mixup(finish(s), finish(rng.choice(samples)), rng.uniform(0.45, 0.55)),
+        "mixup": lambda s: T.mixup(finish(s), finish(rng.choice(samples)), rng.uniform(0.45, 0.55)),
         "pipeline_strong": lambda s: A.Augmenter(cfg, seed=rng.randrange(10 ** 6))(s, epoch=10, pool=samples),
     }
     results = {}
@@ -129,7 +129,7 @@ def main() -> None:
         for s in samples[: args.images]:
             aug = fn(s)
             hw = (aug.size[0] // 32, aug.size[1] // 32)
-            cached, mask = A.render_features(aug, hw)
+            cached, mask = S.render_features(aug, hw)
             # The teacher runs at its input size; a multi-scale image's grid is then resized to F5.
             online = run_teacher(aug.image)
             online = torch.nn.functional.interpolate(online[None], size=hw, mode="bilinear",
@@ -154,7 +154,7 @@ def views_tradeoff(ks, samples, ds, run_teacher, cfg, size, args, work: Path) ->
     import numpy as np
     import torch
 
-    from distillery.data import augment as A
+    from distillery.data import augment as A, sample as S, views as V
     from distillery.platform.datasets.coco import decode_image
     from distillery.platform.io import storage
     from distillery.platform.cache.feature_cache import FeatureCacheWriter, decode_features, encode_features, plan_shards
@@ -172,7 +172,7 @@ def views_tradeoff(ks, samples, ds, run_teacher, cfg, size, args, work: Path) ->
         r = records[s.image_id]
         image = torch.from_numpy(decode_image(storage.read_bytes(r.uri), r.uri)).permute(2, 0, 1)
         boxes = torch.from_numpy(r.boxes[~r.iscrowd])
-        rendered = A.make_views(image, boxes, s.image_id, k_max, args.seed, cfg)
+        rendered = V.make_views(image, boxes, s.image_id, k_max, args.seed, cfg)
         views[s.image_id] = {"image": image, "boxes": boxes, "labels": torch.from_numpy(r.labels[~r.iscrowd]),
                              "params": [p for _, p in rendered], "grids": [fp16(run_teacher(im)) for im, _ in rendered]}
 
@@ -184,7 +184,7 @@ def views_tradeoff(ks, samples, ds, run_teacher, cfg, size, args, work: Path) ->
         for dtype in ("fp16", "int8"):
             ids = sorted(views)
             writer = FeatureCacheWriter(str(work / f"cache-k{k}-{dtype}"), {"benchmark": True}, grid_shape, dtype,
-                                        len(ids), {}, views=k, view_recipe=A.view_recipe(cfg) if k > 1 else None)
+                                        len(ids), {}, views=k, view_recipe=V.view_recipe(cfg) if k > 1 else None)
             shards = plan_shards(ids, len(ids))
             writer.begin(shards)
             rows = [(iid, v) for iid in ids for v in range(k)]
@@ -199,14 +199,14 @@ def views_tradeoff(ks, samples, ds, run_teacher, cfg, size, args, work: Path) ->
         """What ingest.rows_to_samples hands the augmenter for this image and view."""
         v = views[iid]
         if view == 0:
-            return A.Sample.create(v["image"], v["boxes"], v["labels"], grid=v["grids"][0], image_id=iid)
-        s = A.apply_view(A.Sample.create(v["image"], v["boxes"], v["labels"], image_id=iid), v["params"][view], view)
-        s.layers = [A.FeatureLayer(v["grids"][view], torch.eye(3))]
+            return S.Sample.create(v["image"], v["boxes"], v["labels"], grid=v["grids"][0], image_id=iid)
+        s = V.apply_view(S.Sample.create(v["image"], v["boxes"], v["labels"], image_id=iid), v["params"][view], view)
+        s.layers = [S.FeatureLayer(v["grids"][view], torch.eye(3))]
         return s
 
     def cos_of(aug) -> torch.Tensor:
         hw = (aug.size[0] // 32, aug.size[1] // 32)
-        cached, mask = A.render_features(aug, hw)
+        cached, mask = S.render_features(aug, hw)
         online = run_teacher(aug.image)
         if online.shape[-2:] != hw:
             online = torch.nn.functional.interpolate(online[None], size=hw, mode="bilinear", align_corners=False)[0]

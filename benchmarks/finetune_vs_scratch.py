@@ -34,12 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distillery.platform.datasets.coco import load_coco, load_image_resized, training_target  # noqa: E402
-from distillery.evaluation.coco_eval import coco_evaluate  # noqa: E402
+from distillery.evaluation.loop import evaluate_detector  # noqa: E402
 from distillery.platform.datasets.synthetic import generate_synthetic_coco  # noqa: E402
 from distillery.students import build_criterion, build_student  # noqa: E402
-from distillery.students.fit import make_step, predict  # noqa: E402
+from distillery.students.fit import make_step  # noqa: E402
 from distillery.students.optim import build_optimizer  # noqa: E402
-from distillery.students.postprocess import to_coco_detections  # noqa: E402
 
 TARGET_CLASSES = {"round": ("circle", "ring"), "polygon": ("square", "triangle"), "spiky": ("star", "cross")}
 
@@ -84,9 +83,8 @@ def batches(images: torch.Tensor, targets: list[dict], batch: int, seed: int, de
 
 
 def coco_ap(model, images, dataset, device) -> dict[str, float]:
-    results = predict(model, images.to(device), [[r.width, r.height] for r in dataset.records], num_top=100)
-    detections = to_coco_detections(results, dataset.image_ids, list(dataset.categories.category_ids))
-    metrics = coco_evaluate(dataset.coco_gt_dict(), detections)
+    metrics = evaluate_detector(model, dataset.records, images.to(device), list(dataset.categories.category_ids),
+                                dataset.coco_gt_dict())
     return {"AP": round(metrics["AP"], 4), "AP50": round(metrics["AP50"], 4)}
 
 

@@ -5,7 +5,7 @@ In one run, interleaved rounds over the same JPEGs (``--images`` synthetic 640x6
 
 * ``distillery``: the training worker's path without Ray's transport: cache shard read (Parquet,
   the teacher grid of each image: ViT-B/16's 768 x 20 x 20 in fp16), the join to the
-  annotations and the JPEG decode (``ingest._JoinAndDecode``), the feature decode
+  annotations and the JPEG decode (``ingest.JoinAndDecode``), the feature decode
   (``ingest.rows_to_samples``), the recipe's augmentation on image, boxes *and* grid
   (``augment.Augmenter.batch`` in a strong epoch: photometric, zoom-out, IoU crop, flip, resize
   to 640, sanitize; ``--mosaic``/``--mixup`` probabilities, default 0 to match the baseline),
@@ -66,11 +66,12 @@ def distillery_pass(ds, cache, args, epoch: int) -> int:
     import pyarrow.parquet as pq
 
     from distillery.platform.io import storage
-    from distillery.data.augment import Augmenter, collate
+    from distillery.data.augment import Augmenter
+    from distillery.data.sample import collate
     from distillery.platform.config.augment import AugmentSettings, runtime_augment_config
-    from distillery.platform.datasets.ingest import _annotation_table, _JoinAndDecode, rows_to_samples
+    from distillery.platform.datasets.ingest import JoinAndDecode, annotation_table, rows_to_samples
 
-    join = _JoinAndDecode(_annotation_table(ds), "error", None)
+    join = JoinAndDecode(annotation_table(ds), "error", None)
     meta = {"dtype": cache.dtype, "grid": list(cache.grid), "views": cache.views, "uri": cache.uri}
     # The job's recipe (its translation included), strong from epoch 0.
     recipe = AugmentSettings(policy_epochs=(0, 10, 20), mosaic_prob=args.mosaic, mixup_prob=args.mixup,

@@ -41,8 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from distillery.evaluation.loop import evaluate_detector  # noqa: E402
+from distillery.platform.datasets.coco import load_coco, load_image_resized  # noqa: E402
+from distillery.platform.datasets.synthetic import generate_synthetic_coco  # noqa: E402
+from distillery.students.criterion import build_criterion  # noqa: E402
 from distillery.students.moe import MoEFFN, collect_aux_loss  # noqa: E402
 from distillery.students.open_vocab import build_open_vocab, moe_tune_decoder  # noqa: E402
+from distillery.students.optim import build_optimizer  # noqa: E402
 from distillery.students.text import HashingPhraseEncoder  # noqa: E402
 from distillery.students.vocabulary import COCO_CATEGORY_NAMES  # noqa: E402
 from benchmarks.timing import timed  # noqa: E402
@@ -147,8 +152,6 @@ def speed(args, device: torch.device, dtype) -> dict:
 
 # ---------------------------------------------------------------------------------------------- quality
 def _load_split(root: Path, split: str, size: int):
-    from distillery.platform.datasets.coco import load_coco, load_image_resized
-
     ds = load_coco(str(root / "annotations" / f"instances_{split}.json"), str(root / "images" / split),
                    check_images="none")
     images, targets = [], []
@@ -180,8 +183,6 @@ def _batches(images, targets, batch: int, steps: int, seed: int):
 
 
 def _train(model, criterion, batches, lr: float, device: torch.device) -> float:
-    from distillery.students.optim import build_optimizer
-
     optimizer = build_optimizer(model, lr=lr, backbone_lr=lr / 2, weight_decay=1e-4)
     model.train()
     loss = torch.zeros(())
@@ -200,25 +201,12 @@ def _train(model, criterion, batches, lr: float, device: torch.device) -> float:
 
 
 def _ap(model, ds, images, device: torch.device) -> float:
-    from distillery.evaluation.coco_eval import coco_evaluate
-    from distillery.students.postprocess import postprocess, to_coco_detections
-
-    model.eval()
-    detections = []
-    with torch.inference_mode():
-        for s in range(0, len(images), 16):
-            recs = ds.records[s:s + 16]
-            out = model(images[s:s + 16].float().div(255.0).to(device))
-            sizes = torch.tensor([[r.width, r.height] for r in recs], dtype=torch.float32, device=device)
-            res = postprocess(out["pred_logits"].float(), out["pred_boxes"].float(), sizes, num_top=100)
-            detections += to_coco_detections(res, [r.image_id for r in recs], list(ds.categories.category_ids))
-    return coco_evaluate(ds.coco_gt_dict(), detections)["AP"]
+    """COCO AP on the val split (``images`` aligned with ``ds.records``; the model is on ``device``)."""
+    return evaluate_detector(model, ds.records, images, list(ds.categories.category_ids), ds.coco_gt_dict(),
+                             batch_size=16, num_top=100)["AP"]
 
 
 def quality(args, device: torch.device) -> dict:
-    from distillery.platform.datasets.synthetic import generate_synthetic_coco
-    from distillery.students.criterion import build_criterion
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         generate_synthetic_coco(root, train=args.train_images, val=args.val_images, size=args.quality_size, seed=0)

@@ -230,10 +230,9 @@ def synthetic_ap(args, models: dict, criterion) -> dict:
 
     import torch
 
+    from distillery.evaluation.loop import evaluate_detector
     from distillery.platform.datasets.coco import load_coco, load_image_resized
-    from distillery.evaluation.coco_eval import coco_evaluate
     from distillery.platform.datasets.synthetic import generate_synthetic_coco
-    from distillery.students.postprocess import postprocess, to_coco_detections
 
     device = _device()
     size = args.input_size
@@ -267,20 +266,9 @@ def synthetic_ap(args, models: dict, criterion) -> dict:
 
     gt = val.coco_gt_dict()
     label_to_cat = [val.categories.to_category_id(i) for i in range(val.categories.num_classes)]
-    result = {}
-    for m, model in models.items():
-        model.eval()
-        detections = []
-        with torch.no_grad():
-            for i in range(0, len(val.records), 8):
-                records = val.records[i:i + 8]
-                x = torch.stack([images["val"][r.image_id] for r in records]).float().div(255).to(device)
-                out = model(x)
-                sizes = torch.tensor([[r.width, r.height] for r in records], device=device)
-                detections += to_coco_detections(postprocess(out["pred_logits"], out["pred_boxes"], sizes, 100),
-                                                 [r.image_id for r in records], label_to_cat)
-        result[m] = coco_evaluate(gt, detections)["AP"]
-        model.train()
+    val_images = torch.stack([images["val"][r.image_id] for r in val.records])
+    result = {m: evaluate_detector(model, val.records, val_images, label_to_cat, gt, batch_size=8)["AP"]
+              for m, model in models.items()}
     return {"ap": result, "ap_steps": args.ap_steps, "ap_train_images": args.ap_train, "ap_val_images": args.ap_val}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
+from mlflow.tracking import MlflowClient  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from distillery.platform.config.sections import ConfigError, StrictModel, absolute_uri, load_config  # noqa: E402
@@ -43,8 +44,6 @@ class PromoteConfig(StrictModel):
 
 def best_trial_run(tracking_uri: str, parent_run_id: str) -> str:
     """The MLflow run of a sweep's best trial (recorded on the parent run when the sweep ended)."""
-    from mlflow.tracking import MlflowClient
-
     try:
         parent = MlflowClient(tracking_uri).get_run(parent_run_id)
     except Exception as exc:  # MlflowException: unknown run

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.data import augment as A
+from distillery.data import augment as A, sample as S, transforms as T
 
 STRIDE = 16
 
@@ -27,12 +27,12 @@ def teacher(image):
 def sample(seed=0, h=256, w=256):
     img = smooth_image(h, w, seed)
     boxes = torch.tensor([[40.0, 50.0, 60.0, 70.0], [150.0, 120.0, 80.0, 90.0]])
-    return A.Sample.create(img, boxes, torch.tensor([1, 2]), grid=teacher(img), image_id=seed)
+    return S.Sample.create(img, boxes, torch.tensor([1, 2]), grid=teacher(img), image_id=seed)
 
 
 def fidelity(s):
     oh, ow = s.size[0] // STRIDE, s.size[1] // STRIDE
-    cached, mask = A.render_features(s, (oh, ow))
+    cached, mask = S.render_features(s, (oh, ow))
     online = teacher(s.image)
     err = (cached - online).abs().mean(0)[mask]
     return err.mean().item(), mask.float().mean().item()
@@ -40,12 +40,12 @@ def fidelity(s):
 
 OPS = {
     "identity": lambda s: s,
-    "hflip": A.hflip,
-    "resize": lambda s: A.resize(s, (320, 320)),
-    "crop": lambda s: A.crop(s, 32, 64, 160, 128),
-    "zoom_out": lambda s: A.zoom_out(s, 2.0, 64, 128),
-    "affine": lambda s: A.affine(s, 8.0, (10.0, -12.0), 1.2),
-    "chain": lambda s: A.resize(A.hflip(A.crop(A.zoom_out(s, 1.5, 32, 64), 16, 16, 256, 256)), (192, 192)),
+    "hflip": T.hflip,
+    "resize": lambda s: T.resize(s, (320, 320)),
+    "crop": lambda s: T.crop(s, 32, 64, 160, 128),
+    "zoom_out": lambda s: T.zoom_out(s, 2.0, 64, 128),
+    "affine": lambda s: T.affine(s, 8.0, (10.0, -12.0), 1.2),
+    "chain": lambda s: T.resize(T.hflip(T.crop(T.zoom_out(s, 1.5, 32, 64), 16, 16, 256, 256)), (192, 192)),
 }
 
 
@@ -58,25 +58,25 @@ def test_geometric_ops_move_features_with_the_image(op):
 
 
 def test_a_wrong_map_is_detected():
-    s = A.hflip(sample())
+    s = T.hflip(sample())
     s.layers[0].to_source = torch.eye(3)  # forget the flip
     assert fidelity(s)[0] > 0.1
 
 
 def test_zoom_out_border_is_masked_and_boxes_follow():
-    s = A.zoom_out(sample(), 2.0, 256, 0)
-    _, mask = A.render_features(s, (32, 32))
+    s = T.zoom_out(sample(), 2.0, 256, 0)
+    _, mask = S.render_features(s, (32, 32))
     assert not mask[:, :16].any() and mask[:16, 16:].all() and not mask[16:, :].any()
     assert torch.allclose(s.boxes[0], torch.tensor([296.0, 50.0, 356.0, 120.0]))
 
 
 def test_mosaic_composes_four_grids():
     parts = [sample(seed=i) for i in range(4)]
-    m = A.mosaic(parts, tile=128)
+    m = T.mosaic(parts, tile=128)
     assert m.size == (256, 256) and len(m.layers) == 4 and len(m.boxes) == 8
     err, coverage = fidelity(m)
     assert coverage > 0.99 and err < 0.02
-    m2 = A.mosaic(parts, tile=128, angle=5.0, translate=(8.0, -8.0), scale=0.8)
+    m2 = T.mosaic(parts, tile=128, angle=5.0, translate=(8.0, -8.0), scale=0.8)
     err2, cov2 = fidelity(m2)
     assert cov2 < 0.99  # the affine brings in fill at the borders
     # Patches straddling two tiles mix four unrelated images in the online grid: the cached
@@ -88,8 +88,8 @@ def test_mosaic_composes_four_grids():
 
 def test_mixup_blends_images_and_features_with_one_weight():
     a, b = sample(0), sample(1)
-    m = A.mixup(a, b, 0.3)
-    cached, mask = A.render_features(m, (16, 16))
+    m = T.mixup(a, b, 0.3)
+    cached, mask = S.render_features(m, (16, 16))
     expected = 0.3 * teacher(a.image) + 0.7 * teacher(b.image)
     assert mask.all() and (cached - expected).abs().max() < 1e-5
     assert len(m.boxes) == 4
@@ -98,7 +98,7 @@ def test_mixup_blends_images_and_features_with_one_weight():
 def test_photometric_touches_only_the_image():
     torch.manual_seed(0)
     s = sample()
-    p = A.photometric(s)
+    p = T.photometric(s)
     assert torch.equal(p.boxes, s.boxes) and p.layers is s.layers or p.layers == s.layers
 
 
@@ -108,10 +108,10 @@ def test_augmenter_schedule_and_collate():
     torch.manual_seed(0)
     batch = [sample(i) for i in range(4)]
     early = aug.batch(batch, epoch=0)
-    assert all(s.size == (128, 128) or s.size[0] in A.multiscale_sizes(128) for s in early)
+    assert all(s.size == (128, 128) or s.size[0] in T.multiscale_sizes(128) for s in early)
     for epoch in (1, 2, 4):
         out = aug.batch(batch, epoch)
-        b = A.collate(out, f5_hw=(4, 4))
+        b = S.collate(out, f5_hw=(4, 4))
         assert b["images"].dtype == torch.float32 and b["images"].max() <= 1.0
         assert b["teacher_grid"].shape == (4, 3, 4, 4) and b["teacher_mask"].shape == (4, 4, 4)
         for t in b["targets"]:
@@ -125,7 +125,7 @@ def test_iou_crop_keeps_a_box_centre():
     s = sample()
     rng = random.Random(3)
     for _ in range(20):
-        p = A.iou_crop_params(s, rng)
+        p = T.iou_crop_params(s, rng)
         if p is None:
             continue
         x0, y0, cw, ch = p

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distillery.data import augment as A
+from distillery.data import augment as A, sample as S, transforms as T, views as V
 from distillery.platform.io import storage
 from distillery.platform.cache.job import CacheFeaturesConfig, ViewRecipe, build_teacher, run_cache_job
 from distillery.platform.config.augment import runtime_augment_config
@@ -57,14 +57,14 @@ def test_views_are_deterministic(synthetic_data):
     record = train_split(synthetic_data).records[3]
     image, boxes = decoded(record), torch.from_numpy(record.boxes)
     cfg = A.AugmentConfig(size=128)
-    a = A.make_views(image, boxes, record.image_id, 6, seed=0, cfg=cfg)
-    b = A.make_views(image, boxes, record.image_id, 6, seed=0, cfg=cfg)
+    a = V.make_views(image, boxes, record.image_id, 6, seed=0, cfg=cfg)
+    b = V.make_views(image, boxes, record.image_id, 6, seed=0, cfg=cfg)
     assert [p for _, p in a] == [p for _, p in b]
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
     # View k is the same whichever K the cache has; another seed draws other views.
-    assert all(torch.equal(x, y) and p == q for (x, p), (y, q) in zip(a[:3], A.make_views(image, boxes, record.image_id,
+    assert all(torch.equal(x, y) and p == q for (x, p), (y, q) in zip(a[:3], V.make_views(image, boxes, record.image_id,
                                                                                             3, seed=0, cfg=cfg)))
-    other = A.make_views(image, boxes, record.image_id, 6, seed=1, cfg=cfg)
+    other = V.make_views(image, boxes, record.image_id, 6, seed=1, cfg=cfg)
     assert [p for _, p in other][1:] != [p for _, p in a][1:]
     # The views are real augmentations: not all equal to the plain image, all at the teacher size.
     assert any(not torch.equal(x, a[0][0]) for x, _ in a[1:]) and all(x.shape == (3, 128, 128) for x, _ in a)
@@ -75,9 +75,9 @@ def test_views_are_deterministic(synthetic_data):
 def test_view_params_follow_the_recipe_and_replay_its_ops(synthetic_data):
     record = train_split(synthetic_data).records[5]
     image, boxes = decoded(record), torch.from_numpy(record.boxes)
-    plain = A.Sample.create(image, boxes, torch.from_numpy(record.labels))
+    plain = S.Sample.create(image, boxes, torch.from_numpy(record.labels))
     cfg = A.AugmentConfig(size=96, photometric_prob=0.5, iou_crop_prob=0.8, flip_prob=0.25)
-    draws = [A.draw_view_params(plain.size, plain.boxes, cfg, A.view_rng(0, record.image_id, v)) for v in range(1, 801)]
+    draws = [V.draw_view_params(plain.size, plain.boxes, cfg, V.view_rng(0, record.image_id, v)) for v in range(1, 801)]
     rate = {key: np.mean([d[key] is not None and d[key] is not False for d in draws])
             for key in ("photometric", "zoom_out", "crop", "flip")}
     # The recipe's probabilities (an IoU crop is tried with p=0.8 but often finds no crop that
@@ -88,14 +88,14 @@ def test_view_params_follow_the_recipe_and_replay_its_ops(synthetic_data):
     # Replay = the Augmenter's ops in the Augmenter's order, with these parameters.
     d = next(d for d in draws if d["photometric"] and d["zoom_out"] and d["crop"] and d["flip"])
     z = d["zoom_out"]
-    expected = A.photometric_with(plain, d["photometric"])
-    expected = A.sanitize(A.crop(A.zoom_out(expected, z["ratio"], z["left"], z["top"], z["fill"]), *d["crop"]))
-    expected = A.sanitize(A.resize(A.hflip(expected), (96, 96)))
-    got = A.apply_view(plain, json.loads(json.dumps(d)), view=2)  # params survive their JSON form
+    expected = T.photometric_with(plain, d["photometric"])
+    expected = T.sanitize(T.crop(T.zoom_out(expected, z["ratio"], z["left"], z["top"], z["fill"]), *d["crop"]))
+    expected = T.sanitize(T.resize(T.hflip(expected), (96, 96)))
+    got = V.apply_view(plain, json.loads(json.dumps(d)), view=2)  # params survive their JSON form
     assert got.view == 2 and torch.equal(got.image, expected.image) and torch.equal(got.boxes, expected.boxes)
-    assert not torch.equal(got.image, A.apply_view(plain, dict(d, flip=False)).image)
+    assert not torch.equal(got.image, V.apply_view(plain, dict(d, flip=False)).image)
     with pytest.raises(ValueError, match="dataset changed"):
-        A.apply_view(A.resize(plain, (50, 60)), d)
+        V.apply_view(T.resize(plain, (50, 60)), d)
 
 
 def test_cache_job_views_are_deterministic_and_described(view_cache, synthetic_data, tmp_path):
@@ -103,7 +103,7 @@ def test_cache_job_views_are_deterministic_and_described(view_cache, synthetic_d
     assert summary["views"] == K and summary["images"] == 24 and summary["teacher_forwards"] == 24 * K
     m = cache.manifest
     assert m["views"] == K and m["count"] == 24 and m["view_seed"] == 0
-    assert m["view_recipe"] == A.view_recipe(runtime_augment_config(ViewRecipe(), 128))
+    assert m["view_recipe"] == V.view_recipe(runtime_augment_config(ViewRecipe(), 128))
     cache.verify()
     cache.check_covers(train_split(synthetic_data).image_ids)
     # A rebuild with the same seed gives the same shards, byte for byte (grids and params).
@@ -118,10 +118,10 @@ def test_replayed_params_give_the_image_the_teacher_saw(view_cache, synthetic_da
     for record in train_split(synthetic_data).records[:8]:
         image = decoded(record)
         boxes = torch.from_numpy(record.boxes[~record.iscrowd])
-        rendered = A.make_views(image, boxes, record.image_id, K, seed=0, cfg=aug_cfg)
+        rendered = V.make_views(image, boxes, record.image_id, K, seed=0, cfg=aug_cfg)
         for v in range(K):
             params = cache.params(record.image_id, v)
-            replay = A.apply_view(A.Sample.create(image, boxes, torch.zeros(len(boxes))), params, v)
+            replay = V.apply_view(S.Sample.create(image, boxes, torch.zeros(len(boxes))), params, v)
             assert torch.equal(replay.image, rendered[v][0])  # the pixels the cache job rendered
             assert close_fp16(cache.get(record.image_id, v), run_teacher(teacher, replay.image))
             b = replay.boxes
@@ -151,7 +151,7 @@ def test_ingest_samples_views_per_epoch_and_replays_them(view_cache, synthetic_d
                 # The online augmenter leaves a view's image alone (no Mosaic here), so the
                 # grid the student is trained against is the cached one, not resampled.
                 out = aug(s, epoch=1)
-                rendered, mask = A.render_features(out, tuple(cache.grid[1:]))
+                rendered, mask = S.render_features(out, tuple(cache.grid[1:]))
                 assert torch.equal(out.image, s.image) and mask.all()
                 assert torch.allclose(rendered, s.layers[0].grid, atol=1e-5)
     # K consecutive epochs use every view of every image once.
@@ -228,7 +228,7 @@ def test_views_mismatch_is_a_clear_error(view_cache, synthetic_data):
     uri = summary["uri"]
     with pytest.raises(CacheError, match=f"feature cache {uri} has {K} view\\(s\\) per image but cache.views=1"):
         cache.check_views(1)
-    recipe = A.view_recipe(runtime_augment_config(ViewRecipe(flip_prob=0.3), 128))
+    recipe = V.view_recipe(runtime_augment_config(ViewRecipe(flip_prob=0.3), 128))
     with pytest.raises(CacheError, match=f"{uri}: its views were drawn with another .*fields differ: flip_prob"):
         cache.check_views(K, recipe)
     # The cache job refuses to resume (or extend) a cache URI with another K.

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import Field, SecretStr
 
-from distillery.data.augment import AugmentConfig, view_recipe
+from distillery.data.augment import AugmentConfig
+from distillery.data.views import view_recipe
 from distillery.platform.cache.job import CacheFeaturesConfig
 from distillery.platform.config.augment import NEVER, AugmentSettings, runtime_augment_config
 from distillery.platform.config.cache import ViewRecipe

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from distillery.data.augment import Sample, collate, render_features
+from distillery.data.sample import Sample, collate, render_features
 from distillery.data.copy_blend import copy_blend
 
 H, W = 96, 128

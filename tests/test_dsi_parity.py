@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from distillery.platform.io import storage
-from distillery.data.augment import AugmentConfig, Augmenter, collate
+from distillery.data.augment import AugmentConfig, Augmenter
+from distillery.data.sample import collate
 from distillery.platform.cache.job import build_teacher, resolve_teacher_dtype
 from distillery.platform.config.sections import load_config
 from distillery.platform.distill.driver import load_train_val

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from distillery.platform.datasets.coco import load_coco, load_image_resized, training_target
-from distillery.evaluation.coco_eval import coco_evaluate
+from distillery.evaluation.loop import evaluate_detector
 from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.students import build_criterion, build_student
 from distillery.students.fit import fit, make_step, predict
 from distillery.students.gam import GAM_DEFAULTS, GAMController
 from distillery.students.optim import FlatCosineSchedule, build_optimizer
-from distillery.students.postprocess import to_coco_detections
 
 SIZE = 128
 
@@ -48,9 +47,8 @@ def _flipped_batches(images: torch.Tensor, targets: list[dict], seed: int):
 
 
 def _ap(model, images, dataset) -> dict[str, float]:
-    results = predict(model, images, [[r.width, r.height] for r in dataset.records], num_top=100)
-    detections = to_coco_detections(results, dataset.image_ids, list(dataset.categories.category_ids))
-    return coco_evaluate(dataset.coco_gt_dict(), detections)
+    return evaluate_detector(model, dataset.records, images, list(dataset.categories.category_ids),
+                             dataset.coco_gt_dict())
 
 
 def test_tiny_student_overfits_synthetic_images(tmp_path):

@@ -11,11 +11,10 @@ import math
 import torch
 
 from distillery.platform.datasets.coco import load_coco, load_image_resized, training_target
-from distillery.evaluation.coco_eval import coco_evaluate
+from distillery.evaluation.loop import evaluate_detector
 from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.students import build_criterion, build_student
-from distillery.students.fit import fit, predict
-from distillery.students.postprocess import to_coco_detections
+from distillery.students.fit import fit
 
 SIZE = 128
 # Measured: val AP50 0.000 -> 0.514 on 8 held-out images after 150 steps (~20 s on 2 cores).
@@ -46,9 +45,8 @@ def _batches(images, targets, batch: int, seed: int):
 
 
 def _val_ap(model, images, dataset) -> float:
-    results = predict(model, images, [[r.width, r.height] for r in dataset.records], num_top=100)
-    detections = to_coco_detections(results, dataset.image_ids, list(dataset.categories.category_ids))
-    return coco_evaluate(dataset.coco_gt_dict(), detections)["AP50"]
+    return evaluate_detector(model, dataset.records, images, list(dataset.categories.category_ids),
+                             dataset.coco_gt_dict())["AP50"]
 
 
 def test_tiny_deimv2_with_adaroute_improves_val_ap(tmp_path):

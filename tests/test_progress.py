@@ -87,7 +87,7 @@ def test_pca_colouring_separates_features_and_blacks_out_fill():
 
 
 def test_preview_picture_is_drawn(tmp_path):
-    from distillery.data.augment import Sample
+    from distillery.data.sample import Sample
     from distillery.platform.engine.preview import plot_augment_preview
 
     image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)

@@ -55,6 +55,15 @@ def test_join_uses_slashes_for_uris():
     assert storage.is_remote("s3://b/p") and not storage.is_remote("/tmp/x")
 
 
+def test_protocol_absolute_and_remote_are_different_questions():
+    # file:// is a URI (kept as given, never resolved against a root) but not remote.
+    assert storage.has_protocol("file:///tmp/x") and not storage.is_remote("file:///tmp/x")
+    assert storage.has_protocol("s3://b/p") and storage.is_remote("s3://b/p")
+    assert not storage.has_protocol("/tmp/x") and not storage.has_protocol("images/a.jpg")
+    assert storage.is_absolute("/tmp/x") and storage.is_absolute("memory://x")
+    assert not storage.is_absolute("images/a.jpg")
+
+
 def test_storage_env_carries_endpoint_and_region_never_credentials(monkeypatch):
     for name in storage.SHAREABLE_S3_VARIABLES:  # other tests' moto settings
         monkeypatch.delenv(name, raising=False)
@@ -83,7 +92,6 @@ def test_configured_endpoint_is_used_for_every_uri_kind(moto_s3, tmp_path, monke
 
     from distillery.platform.cache.job import CacheFeaturesConfig, load_cache_inputs
     from distillery.platform.config.sections import load_config
-    from distillery.platform.distill.driver import _storage_filesystem
     from distillery.platform.cache.feature_cache import FeatureCache, FeatureCacheWriter, plan_shards
     from distillery.platform.datasets.synthetic import generate_synthetic_coco
 
@@ -109,9 +117,9 @@ def test_configured_endpoint_is_used_for_every_uri_kind(moto_s3, tmp_path, monke
         writer.begin(plan_shards([1, 2], 2))
         writer.finalize(1, [writer.write_shard(0, [1, 2], __import__("numpy").ones((2, 2, 1, 1)))])
         FeatureCache(f"{base}/cache/train").verify()
-        assert f"endpoint-test/cache/train/manifest.json" in keys("endpoint-test/cache/")
+        assert "endpoint-test/cache/train/manifest.json" in keys("endpoint-test/cache/")
         # runs: the pyarrow filesystem Ray Train writes checkpoints through
-        fs = _storage_filesystem(f"{base}/runs")
+        fs = storage.pyarrow_filesystem(f"{base}/runs")
         with fs.open_output_stream(f"{bucket}/endpoint-test/runs/checkpoint_000000/state.json") as out:
             out.write(b"{}")
         assert keys("endpoint-test/runs/") == ["endpoint-test/runs/checkpoint_000000/state.json"]

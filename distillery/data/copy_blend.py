@@ -16,12 +16,12 @@ but the new box is the object's own. Original boxes and labels come first, uncha
 are appended. Objects larger than this image are skipped (the batch normally has one size).
 In the official recipes Copy-Blend and Mixup are alternatives for a batch, never both.
 
-Cached teacher features. :func:`~distillery.data.augment.mixup` blends the two samples'
+Cached teacher features. :func:`~distillery.data.transforms.mixup` blends the two samples'
 feature layers with the images' weights (an approximation: the teacher is not linear); Copy-Blend
 does the same, *locally*: for each blended patch the donor's features over the patch region are
-rendered into a small grid (:func:`~distillery.data.augment.render_features` of the donor
+rendered into a small grid (:func:`~distillery.data.sample.render_features` of the donor
 cropped to the patch, at about the donor grid's own density) and attached as an extra
-:class:`~distillery.data.augment.FeatureLayer` whose map sends this image's coordinates onto
+:class:`~distillery.data.sample.FeatureLayer` whose map sends this image's coordinates onto
 that grid, so it is valid exactly inside the patch rectangle. Its weight is
 ``(1 - beta) / beta`` times the layers' total weight at the patch centre, so that
 ``render_features`` (a weighted mean of the valid layers) gives ``beta * this + (1 - beta) *
@@ -41,7 +41,8 @@ from typing import Sequence
 
 import torch
 
-from distillery.data.augment import FeatureLayer, Sample, crop, render_features
+from distillery.data.sample import FeatureLayer, Sample, render_features
+from distillery.data.transforms import crop
 
 __all__ = ["copy_blend"]
 

@@ -7,7 +7,7 @@ weights (:class:`~.ema.ModelEMA`) and, when given, a GAM controller that reads t
 step and updates the DSI weight at each epoch's end. Used by tests, benchmarks and quick CPU
 experiments; the distributed loop lives in ``distillery.platform.engine.worker``.
 
-A batch is what :func:`distillery.data.augment.collate` produces: a dict with ``images``
+A batch is what :func:`distillery.data.sample.collate` produces: a dict with ``images``
 (B, 3, H, W) float in [0, 1], ``targets`` (list of ``{"labels", "boxes"}``, boxes normalised
 cxcywh) and, for DSI, ``teacher_grid`` (B, C_t, h, w) and optionally ``teacher_mask``.
 """

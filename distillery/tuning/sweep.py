@@ -29,7 +29,7 @@ from distillery.platform.cluster.runtime import ray_session
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.config.sections import absolute_uri, flatten_config, load_config, with_absolute_paths
-from distillery.platform.distill.driver import _storage_filesystem, prepare_inputs, resolve_gam, run_distill
+from distillery.platform.distill.driver import prepare_inputs, resolve_gam, run_distill
 from distillery.platform.io import storage
 from distillery.platform.moe.driver import run_moe_tune
 from distillery.platform.tracking.runs import create_run, finish_sweep_runs, resolve_tracking_uri, tracking_reachable
@@ -279,18 +279,18 @@ def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_
     concurrent = s.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
     callbacks = [InterruptAfter(cfg.debug.interrupt_after_trials)] if cfg.debug.interrupt_after_trials else []
     parent_dir, name = sweep_path.rstrip("/").rsplit("/", 1)
-    run_config = tune.RunConfig(name=name, storage_path=parent_dir if "://" not in parent_dir else None,
+    run_config = tune.RunConfig(name=name, storage_path=None if storage.has_protocol(parent_dir) else parent_dir,
                                 callbacks=callbacks, verbose=1)
-    if "://" in parent_dir:
+    if storage.has_protocol(parent_dir):
         run_config.storage_path = storage.filesystem(parent_dir)[1]
-        run_config.storage_filesystem = _storage_filesystem(parent_dir)
+        run_config.storage_filesystem = storage.pyarrow_filesystem(parent_dir)
     restorable = resume and tune.Tuner.can_restore(
-        sweep_path if "://" not in sweep_path else storage.filesystem(sweep_path)[1],
+        storage.filesystem(sweep_path)[1] if storage.has_protocol(sweep_path) else sweep_path,
         storage_filesystem=run_config.storage_filesystem)
     if restorable:
         # Finished trials keep their results; unfinished and errored ones run again.
         log.info("restoring the Tune experiment at %s", sweep_path)
-        restore_path = sweep_path if "://" not in sweep_path else storage.filesystem(sweep_path)[1]
+        restore_path = storage.filesystem(sweep_path)[1] if storage.has_protocol(sweep_path) else sweep_path
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=True, storage_filesystem=run_config.storage_filesystem)
     return tune.Tuner(trainable, param_space=to_tune_space(space),
@@ -303,4 +303,3 @@ def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_
                                                   # Train and MLflow per trial.
                                                   reuse_actors=True),
                       run_config=run_config)
-

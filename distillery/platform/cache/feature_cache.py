@@ -17,7 +17,7 @@ or pyarrow read the shards natively from local disk and S3.
 Views (``views: K`` > 1): each image has K rows, views 0..K-1, stored next to each other and
 sorted by (image_id, view). View 0 is the plain image; views 1..K-1 are the teacher grids of
 pre-augmented images, and ``params`` holds each view's transform parameters as JSON (see
-``distillery.data.augment.apply_view``). The manifest records ``views``, the ``view_seed``
+``distillery.data.views.apply_view``). The manifest records ``views``, the ``view_seed``
 and the ``view_recipe`` they were drawn with. K is part of the plan: a cache URI holds one K, and
 resuming or reading it with another K is refused (a K=4 cache is not a K=1 cache plus extras:
 its shards and checksums differ). With K = 1 the plan and manifest are those of a cache

@@ -17,7 +17,7 @@ node's cores, and it keeps the GPU actor doing only teacher forwards.
 
 Views (``cache.views: K`` > 1): the decode task also renders, per image, K-1 pre-augmented views
 (the recipe's per-image strong ops, drawn with an RNG seeded per (image, view) from
-``cache.view_seed``; see ``augment.make_views``), so a shard carries K teacher inputs per image
+``cache.view_seed``; see ``distillery.data.views.make_views``), so a shard carries K teacher inputs per image
 and its rows record each view's parameters. K and the recipe are part of the plan: a URI built
 with another K (or recipe) is refused, never mixed.
 """
@@ -30,8 +30,13 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 
+from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
+from distillery.platform.datasets.formats import load_split
+from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.platform.io import storage
+from distillery.platform.io.weights_source import resolve_weights_source
 from distillery.platform.datasets.coco import CocoDataset, CorruptImageError, decode_image, load_image_resized
 from distillery.platform.config.augment import runtime_augment_config
 # The job's config (its sections are defined with the other config sections, in config.cache).
@@ -44,6 +49,9 @@ __all__ = ["CacheComputeConfig", "CacheFeaturesConfig", "CacheSettings", "ViewRe
            "ensure_dataset", "load_cache_inputs", "open_training_cache", "resolve_teacher_dtype", "run_cache_job"]
 
 log = logging.getLogger(__name__)
+
+# torch, the teacher and distillery.data (torch) are imported inside the functions that run the
+# teacher or render views: the driver validates this module's config without loading torch.
 
 
 class CacheInterrupted(RuntimeError):
@@ -59,8 +67,6 @@ def ensure_dataset(data: DataConfig) -> None:
     ann, _ = data.split_paths("train")
     if storage.exists(ann) or data.synthetic is None:
         return
-    from distillery.platform.datasets.synthetic import generate_synthetic_coco
-
     s = data.synthetic
     log.info("generating the synthetic dataset under %s", data.root)
     generate_synthetic_coco(data.root, train=s.train, val=s.val, size=s.size, seed=s.seed)
@@ -76,7 +82,6 @@ def build_teacher(cfg: dict[str, Any], dtype: str):
     """Build the frozen teacher from a TeacherConfig dict (runs in actors and on the driver)."""
     import torch
 
-    from distillery.platform.io.weights_source import resolve_weights_source
     from distillery.teachers import DinoV3Teacher
 
     weights = resolve_weights_source(cfg["weights"])[0] if cfg["weights"] else None  # hf-hub: / https: too
@@ -120,7 +125,7 @@ def _decode_shard_views(row: dict[str, Any], size: int, views: int, view_seed: i
     so both produce the same pixels."""
     import torch
 
-    from distillery.data.augment import make_views
+    from distillery.data.views import make_views
 
     cfg = runtime_augment_config(ViewRecipe(**recipe), size)
 
@@ -201,8 +206,6 @@ def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, 
 
 def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fingerprint: dict[str, Any],
                  grid: list[int], dtype: str, use_gpu: bool) -> dict[str, Any]:
-    import ray
-
     uri = storage.join(cfg.cache.uri, split)
     dataset_info = {"annotation_uri": dataset.annotation_uri, "annotation_sha256": dataset.annotation_sha256,
                     "num_images": len(dataset), "categories": dataset.categories.to_dict()}
@@ -211,7 +214,7 @@ def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fin
     views = cfg.cache.views
     recipe = cfg.cache.view_recipe.model_dump(mode="json")
     if views > 1:
-        from distillery.data.augment import view_recipe
+        from distillery.data.views import view_recipe
 
         writer_args.update(views=views, view_seed=cfg.cache.view_seed,
                            view_recipe=view_recipe(runtime_augment_config(cfg.cache.view_recipe, cfg.teacher.input_size)))
@@ -323,8 +326,6 @@ def open_training_cache(uri: str, fingerprint: dict[str, Any], image_ids, build=
 def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, dict[str, CocoDataset]]:
     """The job's driver-side prologue: S3 settings first (every later access, the dataset's
     included, uses them), local paths made absolute, then each split loaded and validated."""
-    from distillery.platform.datasets.formats import load_split  # data.format: coco, yolo or voc
-
     storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     cfg = with_absolute_paths(cfg)  # relative local paths resolved here: Ray workers run elsewhere
     ensure_dataset(cfg.data)
@@ -337,8 +338,6 @@ def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, di
 
 def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
     """Build (or resume) the feature cache of every configured split; return a summary per split."""
-    from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
-
     cfg, datasets = load_cache_inputs(cfg)
     with ray_session(cfg.ray, cfg.storage):
         use_gpu = cluster_has_gpus() and cfg.compute.gpus_per_actor != 0

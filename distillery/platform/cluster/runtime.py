@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import ray
+from ray._private import ray_constants
+
 from distillery.platform.io import storage
 from distillery.platform.config.sections import RayConfig, StorageConfig
 
@@ -38,8 +41,6 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
     instance's processes inherit this driver's; a cluster's nodes have them from their own
     environment, an instance role or a credentials file.
     """
-    import ray
-
     if "ray.tune" in sys.modules:  # a sweep: Tune would otherwise copy the credentials itself
         keep_credentials_out_of_tune()
     if storage_cfg is not None:
@@ -78,9 +79,6 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
 def _start_watchdog() -> subprocess.Popen | None:
     """A process that ends this local instance's agents the moment this driver dies, even by
     SIGKILL (they would linger ~60-100 s otherwise: see :mod:`distillery.platform.cluster.watchdog`)."""
-    import ray
-    from ray._private import ray_constants
-
     node = ray._private.worker._global_node
     raylets = (node.all_processes or {}).get(ray_constants.PROCESS_TYPE_RAYLET) if node else None
     if not raylets:
@@ -100,6 +98,7 @@ _CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECU
 def keep_credentials_out_of_tune() -> None:
     """Stop Ray Tune from putting AWS credentials into its trials' runtime env. The trial
     processes still have them: like every Ray worker they inherit the node's environment."""
+    # Here, not at the top: importing ray.tune would make every job look like a sweep to ray_session.
     from ray.tune.execution import class_cache
 
     class_cache.ENV_VARS_TO_PROPAGATE.difference_update(_CREDENTIAL_VARIABLES)
@@ -112,6 +111,4 @@ def runtime_env_vars(storage_cfg: StorageConfig | None) -> dict[str, str]:
 
 
 def cluster_has_gpus() -> bool:
-    import ray
-
     return ray.cluster_resources().get("GPU", 0) > 0

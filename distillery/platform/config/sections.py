@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
 
 from distillery.platform.errors import DeterministicError
-from distillery.platform.io import storage
+from distillery.platform.io import storage as storage_io
 from distillery.platform.io.weights_source import HUB_PREFIX, check_weights_source
 
 __all__ = [
@@ -187,7 +187,7 @@ def absolute_uri(path: str, ships_with_code: bool = False) -> str:
     ``ships_with_code``: a file that travels with the working dir (a recipe under ``configs/``)
     resolves against the current directory, where Ray put it.
     """
-    if "://" in path:
+    if storage_io.has_protocol(path):
         return path
     local = Path(path).expanduser()
     if ships_with_code:
@@ -319,9 +319,7 @@ class DataConfig(StrictModel):
     classes: list[str] | None = Field(None, min_length=1)
 
     def resolve(self, rel: str) -> str:
-        if "://" in rel or rel.startswith("/"):
-            return rel
-        return storage.join(self.root, rel)
+        return rel if storage_io.is_absolute(rel) else storage_io.join(self.root, rel)
 
     def split_paths(self, split: Literal["train", "val"]) -> tuple[str, str]:
         """(annotation URI, image root URI) of a COCO split (other formats: formats.load_split)."""

@@ -31,6 +31,7 @@ from distillery.platform.io import storage
 from distillery.platform.errors import DeterministicError
 
 __all__ = [
+    "BORDER_TOLERANCE_PX",
     "training_target",
     "AnnotationError",
     "CategoryMap",
@@ -49,7 +50,7 @@ BadRecordPolicy = Literal["error", "skip"]
 ImageCheck = Literal["none", "exists", "header", "decode"]
 
 # COCO boxes are often rounded a fraction of a pixel past the border; beyond this it is an error.
-_BORDER_TOLERANCE_PX = 1.0
+BORDER_TOLERANCE_PX = 1.0
 
 
 class AnnotationError(ValueError, DeterministicError):
@@ -174,7 +175,7 @@ def load_image_resized(uri: str, size: int) -> np.ndarray:
     The one resize used everywhere an unaugmented image meets a model (feature cache, online
     teacher, evaluation), so cached features and training inputs line up exactly.
     """
-    import torch
+    import torch  # here, not at the top: data-side processes import this module without torch
     from torchvision.transforms.v2 import functional as TF
 
     try:
@@ -247,9 +248,9 @@ def _annotation_problem(ann: Any, i: int, images: dict[int, dict[str, Any]],
         return ann_id, f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
     if bbox[2] <= 0 or bbox[3] <= 0:
         return ann_id, f"bbox {bbox} has non-positive size"
-    if (bbox[0] < -_BORDER_TOLERANCE_PX or bbox[1] < -_BORDER_TOLERANCE_PX
-            or bbox[0] + bbox[2] > img["width"] + _BORDER_TOLERANCE_PX
-            or bbox[1] + bbox[3] > img["height"] + _BORDER_TOLERANCE_PX):
+    if (bbox[0] < -BORDER_TOLERANCE_PX or bbox[1] < -BORDER_TOLERANCE_PX
+            or bbox[0] + bbox[2] > img["width"] + BORDER_TOLERANCE_PX
+            or bbox[1] + bbox[3] > img["height"] + BORDER_TOLERANCE_PX):
         return ann_id, f"bbox {bbox} lies outside image {ann['image_id']} ({img['width']}x{img['height']})"
     return ann_id, None
 
@@ -282,7 +283,7 @@ def _annotation_columns(anns: list, images: dict[int, dict[str, Any]], id_to_lab
         return None
     size = np.array([(img["width"], img["height"]) for img in images.values()], dtype=np.float64).reshape(-1, 2)
     wh = size[image]  # (rows of unknown images are flagged below whatever this reads)
-    tol = _BORDER_TOLERANCE_PX
+    tol = BORDER_TOLERANCE_PX
     with np.errstate(invalid="ignore"):
         ok = ((image >= 0) & (label >= 0) & np.isfinite(boxes).all(1) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
               & (boxes[:, 0] >= -tol) & (boxes[:, 1] >= -tol)

@@ -27,6 +27,8 @@ from typing import Any
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import AnnotationError, CocoDataset
+from distillery.platform.datasets.voc import load_voc
+from distillery.platform.datasets.yolo import load_yolo
 
 __all__ = ["convert_dataset", "main"]
 
@@ -34,23 +36,19 @@ __all__ = ["convert_dataset", "main"]
 def _load(fmt: str, src: str, split: str, *, classes: list[str] | None, bad_records: str, check_images: str,
           report_uri: str) -> CocoDataset:
     if fmt == "yolo":
-        from distillery.platform.datasets.yolo import load_yolo
-
         return load_yolo(src, split, bad_records=bad_records, check_images=check_images, report_uri=report_uri)
-    from distillery.platform.datasets.voc import load_voc
-
     return load_voc(src, split, classes=classes, bad_records=bad_records, check_images=check_images,
                     report_uri=report_uri)
 
 
 def _copy_images(dataset: CocoDataset, dest_root: str, io_threads: int = 16) -> dict[int, str]:
     """Copy every record's image under ``dest_root`` (atomic writes); return the new file names."""
-    relative = [r.file_name for r in dataset.records if "://" not in r.file_name and not r.file_name.startswith("/")]
+    relative = [r.file_name for r in dataset.records if not storage.is_absolute(r.file_name)]
     # The split's own directory (images/train/, JPEGImages/) is dropped: OUT/images/<split>/ replaces it.
     common = posixpath.commonpath([posixpath.dirname(f) for f in relative]) if relative else ""
 
     def target(file_name: str) -> str:
-        if "://" in file_name or file_name.startswith("/"):
+        if storage.is_absolute(file_name):
             return posixpath.basename(file_name)  # a YOLO list file may name any path: keep the name
         return posixpath.relpath(file_name, common) if common else file_name
 

@@ -29,18 +29,20 @@ import random
 from typing import Any, Literal
 
 import numpy as np
+import ray
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import CocoDataset, CorruptImageError, decode_image
 from distillery.platform.cache.feature_cache import (CacheError, FeatureCache, decode_features, parse_shard,
                                                read_verified_shard)
 
-__all__ = ["build_train_dataset", "rows_to_samples", "select_view"]
+__all__ = ["JoinAndDecode", "annotation_table", "build_train_dataset", "rows_to_samples", "select_view"]
 
 log = logging.getLogger(__name__)
 
 
-def _annotation_table(dataset: CocoDataset) -> dict[int, dict[str, Any]]:
+def annotation_table(dataset: CocoDataset) -> dict[int, dict[str, Any]]:
+    """Image id -> its uri and non-crowd training boxes (flat xywh) and labels: the broadcast join table."""
     table = {}
     for r in dataset.records:
         keep = ~r.iscrowd  # crowd regions are for evaluation, not training targets
@@ -49,7 +51,7 @@ def _annotation_table(dataset: CocoDataset) -> dict[int, dict[str, Any]]:
     return table
 
 
-class _JoinAndDecode:
+class JoinAndDecode:
     """Ray Data UDF: attach annotations by image id and decode the image bytes."""
 
     def __init__(self, table: dict[int, dict[str, Any]], bad_records: str, report_uri: str | None):
@@ -96,13 +98,6 @@ class _JoinAndDecode:
         return result
 
 
-def _pyarrow_filesystem(uri: str):
-    import pyarrow.fs as pafs
-
-    fs, _ = storage.filesystem(uri)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
 def _image_views_of_shard(row: dict[str, Any], views: int) -> list[dict[str, Any]]:
     """Ray Data flat_map: one shard of a view cache -> one row per image with all its views."""
     uri = str(row["uri"])
@@ -131,9 +126,7 @@ def build_train_dataset(dataset: CocoDataset, cache: FeatureCache | None, *,
                         bad_records: Literal["error", "skip"] = "error", report_uri: str | None = None):
     """The training dataset: one row per image, with its cached grid when ``cache`` is given
     (all of its views, when the cache has more than one)."""
-    import ray
-
-    table = _annotation_table(dataset)
+    table = annotation_table(dataset)
     if cache is not None and cache.views > 1:
         cache.check_covers(table)
         uris = cache.shard_uris
@@ -144,12 +137,12 @@ def build_train_dataset(dataset: CocoDataset, cache: FeatureCache | None, *,
         cache.check_covers(table)
         uris = cache.shard_uris
         paths = [storage.filesystem(u)[1] for u in uris]
-        ds = ray.data.read_parquet(paths, filesystem=_pyarrow_filesystem(uris[0]),
+        ds = ray.data.read_parquet(paths, filesystem=storage.pyarrow_filesystem(uris[0]),
                                    columns=["image_id", "view", "features", "scale"])
         ds = ds.filter(lambda row: row["view"] == 0)
     else:
         ds = ray.data.from_items([{"image_id": iid} for iid in sorted(table)])
-    return ds.map_batches(_JoinAndDecode, fn_constructor_kwargs={
+    return ds.map_batches(JoinAndDecode, fn_constructor_kwargs={
         "table": table, "bad_records": bad_records, "report_uri": report_uri},
         batch_size=16, num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         batch_format="numpy")
@@ -186,11 +179,13 @@ def rows_to_samples(batch: dict[str, Any], cache_meta: dict[str, Any] | None, *,
     Rows of a view cache (a ``params`` column) carry all K views of their image: with
     ``view_epoch`` None (epochs without strong augmentation) each sample gets view 0, the plain
     image; otherwise view ``select_view(seed, view_epoch, image_id, K)``. A view k > 0 is
-    replayed here on the decoded image and boxes (``augment.apply_view``) and carries its own
+    replayed here on the decoded image and boxes (``views.apply_view``) and carries its own
     grid, exact for that image (``Sample.view`` = k)."""
+    # Here, not at the top: the Ray Data decode tasks import this module and must not load torch.
     import torch
 
-    from distillery.data.augment import FeatureLayer, Sample, apply_view
+    from distillery.data.sample import FeatureLayer, Sample
+    from distillery.data.views import apply_view
 
     samples = []
     has_views = cache_meta is not None and "params" in batch

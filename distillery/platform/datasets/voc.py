@@ -33,7 +33,7 @@ from defusedxml import DefusedXmlException
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import AnnotationError, BadRecordPolicy, CategoryMap, CocoDataset, ImageCheck
-from distillery.platform.datasets.formats import SplitBuilder, box_in_image, probe_image
+from distillery.platform.datasets.split_builder import SplitBuilder, box_in_image, probe_image
 
 __all__ = ["discover_voc_classes", "load_voc"]
 

@@ -33,7 +33,7 @@ import yaml
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import AnnotationError, BadRecordPolicy, CategoryMap, CocoDataset, ImageCheck
-from distillery.platform.datasets.formats import SplitBuilder, box_in_image, probe_image
+from distillery.platform.datasets.split_builder import SplitBuilder, box_in_image, probe_image
 
 __all__ = ["IMAGE_SUFFIXES", "YoloSpec", "label_uri_of", "load_yolo", "read_yolo_yaml"]
 
@@ -57,19 +57,15 @@ class YoloSpec:
         return CategoryMap(tuple(ids), tuple(self.names[i] for i in ids))
 
 
-def _is_absolute(uri: str) -> bool:
-    return "://" in uri or uri.startswith("/")
-
-
 def _normalise(uri: str) -> str:
-    if "://" in uri:
+    if storage.has_protocol(uri):
         proto, rest = uri.split("://", 1)
         return f"{proto}://{posixpath.normpath(rest)}"
     return os.path.normpath(uri)
 
 
 def _resolve(base: str, rel: str) -> str:
-    return _normalise(rel if _is_absolute(rel) else storage.join(base, rel))
+    return _normalise(rel if storage.is_absolute(rel) else storage.join(base, rel))
 
 
 def _parent(uri: str) -> str:
@@ -146,7 +142,7 @@ def label_uri_of(image_uri: str) -> str:
 def _find_files(dir_uri: str) -> list[str]:
     """Every file under ``dir_uri`` (recursive), as URIs of the same kind."""
     fs, path = storage.filesystem(dir_uri)
-    proto = dir_uri.split("://", 1)[0] + "://" if "://" in dir_uri else ""
+    proto = dir_uri.split("://", 1)[0] + "://" if storage.has_protocol(dir_uri) else ""
     return sorted(proto + p for p in fs.find(path))
 
 

@@ -76,7 +76,8 @@ def _prepare_cache(cfg: DistillConfig, train: CocoDataset, fingerprint: dict[str
         _cache_split(cache_cfg, "train", train, fingerprint, grid, dtype, use_gpu)
 
     cache = open_training_cache(uri, fingerprint, train.image_ids, build if cfg.cache.build_if_missing else None)
-    from distillery.data.augment import AugmentConfig, view_recipe
+    from distillery.data.augment import AugmentConfig
+    from distillery.data.views import view_recipe
 
     # Views replayed in training must be the ones the cache drew: same K, same probabilities.
     recipe = _view_recipe(cfg)
@@ -120,7 +121,7 @@ def fit_on_ray_train(worker, cfg, run_info: dict[str, Any], train_ds, *, name: s
     from distillery.platform.engine.progress import WORKER_ENV
 
     run_config = ray.train.RunConfig(
-        name=name, storage_path=storage_path if "://" not in storage_path else None,
+        name=name, storage_path=None if storage.has_protocol(storage_path) else storage_path,
         storage_filesystem=_storage_filesystem(storage_path),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                      checkpoint_score_attribute="AP",
@@ -131,7 +132,7 @@ def fit_on_ray_train(worker, cfg, run_info: dict[str, Any], train_ds, *, name: s
         # path) drown the progress lines rank 0 prints; its warnings and errors still show.
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         worker_runtime_env={"env_vars": dict(WORKER_ENV)})
-    if "://" in storage_path:
+    if storage.has_protocol(storage_path):
         run_config.storage_path = storage.filesystem(storage_path)[1]
     trainer = TorchTrainer(
         worker, train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run_info},
@@ -331,9 +332,4 @@ def _with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
 def _storage_filesystem(storage_path: str):
     """A pyarrow filesystem for S3 run storage that uses our fsspec/S3 settings (endpoint,
     credentials from the environment); None for local paths."""
-    if "://" not in storage_path:
-        return None
-    import pyarrow.fs as pafs
-
-    fs, _ = storage.filesystem(storage_path)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return storage.pyarrow_filesystem(storage_path) if storage.has_protocol(storage_path) else None

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from distillery.platform.io import storage
-from distillery.data.augment import Augmenter, Sample, render_features
+from distillery.data.augment import Augmenter
+from distillery.data.sample import Sample, render_features
 
 __all__ = ["log_augment_preview", "pca_rgb", "plot_augment_preview"]
 

@@ -27,7 +27,9 @@ import torch
 import torch.distributed as dist
 
 from distillery.platform.io import storage
-from distillery.data.augment import AugmentConfig, Augmenter, collate, view_recipe
+from distillery.data.augment import AugmentConfig, Augmenter
+from distillery.data.sample import collate
+from distillery.data.views import view_recipe
 from distillery.platform.engine.batchnorm import batchnorm_for_backend
 from distillery.platform.engine.checkpoints import (DS_TAG, EXTRA_STATE, STATE_JSON, CheckpointError,
                                             deepspeed_safe_globals)
@@ -197,26 +199,19 @@ def _zero_local_grads(engine) -> Iterator[tuple[str, torch.Tensor]]:
 def evaluate_on_ranks(model: torch.nn.Module, val_ann: str, val_images: str, size: int, batch_size: int,
                       rank: int, world: int, device: torch.device, num_top: int = 100) -> dict[str, float]:
     """COCO AP of ``model`` on the val split: images sharded over ranks, detections gathered on
-    rank 0, scored with pycocotools; every rank returns the same metrics."""
-    from distillery.platform.datasets.coco import load_coco, load_image_resized
+    rank 0, scored with pycocotools; every rank returns the same metrics. The model runs where
+    its parameters are (``device`` is kept for the callers)."""
     from distillery.evaluation.coco_eval import coco_evaluate
-    from distillery.students.postprocess import postprocess, to_coco_detections
+    from distillery.evaluation.loop import predict_coco_detections
+    from distillery.platform.datasets.coco import load_coco, load_image_resized
 
     dataset = load_coco(val_ann, val_images, check_images="none")
-    records = dataset.records[rank::world]
-    detections: list[dict] = []
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(records), batch_size):
-            chunk = records[i:i + batch_size]
-            images = torch.stack([torch.from_numpy(load_image_resized(r.uri, size)) for r in chunk])
-            images = images.to(device).float().div_(255.0)
-            dtype = next(model.parameters()).dtype
-            out = model(images.to(dtype))
-            sizes = torch.tensor([[r.width, r.height] for r in chunk], device=device, dtype=torch.float32)
-            results = postprocess(out["pred_logits"].float(), out["pred_boxes"].float(), sizes, num_top=num_top)
-            detections += to_coco_detections(results, [r.image_id for r in chunk],
-                                             list(dataset.categories.category_ids))
+
+    def load_batch(records) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(load_image_resized(r.uri, size)) for r in records])
+
+    detections = predict_coco_detections(model, dataset.records, load_batch, list(dataset.categories.category_ids),
+                                         batch_size, num_top, shard_index=rank, shard_count=world)
     if dist.is_initialized() and world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, detections)
@@ -491,7 +486,7 @@ def _check_cache_views(cfg: DistillConfig, augment_cfg: AugmentConfig) -> int:
 
 
 def _render_teacher(samples, f5_hw: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
-    from distillery.data.augment import render_features
+    from distillery.data.sample import render_features
 
     grids, masks = zip(*(render_features(s, f5_hw) for s in samples))
     return {"teacher_grid": torch.stack(grids).to(device), "teacher_mask": torch.stack(masks).to(device)}

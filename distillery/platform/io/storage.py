@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import posixpath
 import uuid
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
+import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
 from distillery.platform.errors import UserFacingError
@@ -36,11 +38,14 @@ __all__ = [
     "exists",
     "file_sizes",
     "filesystem",
+    "has_protocol",
+    "is_absolute",
     "is_remote",
     "join",
     "listdir",
     "makedirs",
     "open_atomic",
+    "pyarrow_filesystem",
     "read_bytes",
     "read_bytes_sha256",
     "read_text",
@@ -128,11 +133,22 @@ def _where(uri: str) -> str:
     return f" (S3 endpoint {s3_endpoint() or 'AWS default'})"
 
 
+def has_protocol(uri: str | Path) -> bool:
+    """A URI with a protocol (``s3://``, ``memory://``, also ``file://``), not a plain path."""
+    return "://" in str(uri)
+
+
+def is_absolute(uri: str | Path) -> bool:
+    """A URI or an absolute POSIX path: nothing to resolve it against."""
+    return has_protocol(uri) or str(uri).startswith("/")
+
+
 def _protocol(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
+    return uri.split("://", 1)[0] if has_protocol(uri) else "file"
 
 
 def is_remote(uri: str) -> bool:
+    """Not on this machine's file system (``file://`` and plain paths are local)."""
     return _protocol(str(uri)) not in ("file", "local")
 
 
@@ -151,10 +167,17 @@ def filesystem(uri: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
         raise StorageError(f"cannot open storage for {uri}: {type(exc).__name__}: {exc}") from None
 
 
+def pyarrow_filesystem(uri: str | Path) -> pafs.FileSystem:
+    """A pyarrow filesystem over :func:`filesystem` (so with our S3 settings: endpoint,
+    credentials from the environment), for Ray Data reads and Ray Train/Tune run storage."""
+    fs, _ = filesystem(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
 def join(base: str | Path, *parts: str) -> str:
     """Join path parts onto a path or URI with '/' (never the OS separator for URIs)."""
     base = str(base)
-    if "://" in base:
+    if has_protocol(base):
         proto, rest = base.split("://", 1)
         return f"{proto}://" + posixpath.join(rest, *parts)
     return os.path.join(base, *parts)
@@ -247,8 +270,6 @@ def open_atomic(uri: str | Path) -> Iterator[Any]:
     if is_remote(uri):
         # Buffer in memory and PUT once at the end: an S3 object is all-or-nothing, and an
         # exception inside the block must not leave a partial upload behind.
-        import io
-
         buf = io.BytesIO()
         yield buf
         try:

@@ -111,6 +111,8 @@ def _download_url(url: str, cache_dir: Path) -> tuple[str, str]:
 
 
 def _download_hub(repo: str) -> str:
+    # Here, not at the top (also below): config validation imports this module on the driver,
+    # which must not pay for huggingface_hub, mlflow or torch (students.weights).
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -125,7 +127,7 @@ def _download_hub(repo: str) -> str:
 def fetch_registry_export(uri: str, dest: str | os.PathLike, tracking_uri: str | None = None) -> Path:
     """The ``export/`` artifacts (weights.safetensors, meta.json) of the run behind a registered
     model ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, downloaded into ``dest``."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # here: see _download_hub
 
     name, sep, ref = uri[len("models:/"):].partition("@")
     client = MlflowClient(tracking_uri)
@@ -166,7 +168,7 @@ def resolve_weights_source(source: str | os.PathLike, cache_dir: str | os.PathLi
 def student_weight_kwargs(student, category_names: list[str]) -> dict:
     """``build_student`` keywords for a job's ``student`` settings (weights, class_map,
     backbone_weights): remote sources fetched to local files, the class map as class indices."""
-    from distillery.students.weights import class_map_from_names
+    from distillery.students.weights import class_map_from_names  # here: see _download_hub (torch)
 
     out: dict = {}
     if student.backbone_weights:
@@ -192,7 +194,7 @@ class StudentWeightsError(ValueError, DeterministicError):
 @contextlib.contextmanager
 def weights_file_errors():
     """Weights-file errors (missing, unreadable, not fitting) as a user error: no retry, no traceback."""
-    from distillery.students.weights import WeightsError
+    from distillery.students.weights import WeightsError  # here: see _download_hub (torch)
 
     try:
         yield

@@ -76,7 +76,7 @@ def load_base_state(source: str, *, tracking_uri: str | None = None,
         if tracking_uri is None:
             raise ValueError(f"base.checkpoint {source!r} needs a tracking URI (tracking.tracking_uri)")
         return _state_from_registry(source, tracking_uri, local_dir)
-    if "://" in source:   # remote (S3): a model file, a checkpoint of this job, or a run path
+    if storage.has_protocol(source):   # remote (S3): a model file, a checkpoint of this job, or a run path
         if not storage.exists(source):
             raise FileNotFoundError(f"base.checkpoint {source} does not exist")
         if not source.endswith((".safetensors", ".pt", ".pth", ".bin")):

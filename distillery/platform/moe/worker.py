@@ -82,7 +82,7 @@ class _BatchStream:
                                                  flip_prob=cfg.train.flip_prob), seed=cfg.train.seed * 1000 + rank)
 
     def epoch(self, pass_id: int, max_steps: int) -> Iterator[dict[str, Any]]:
-        from distillery.data.augment import collate
+        from distillery.data.sample import collate
         from distillery.platform.datasets.ingest import rows_to_samples
         from distillery.platform.engine.worker import _all_ranks
 

@@ -16,14 +16,27 @@ import json
 import logging
 import tempfile
 import warnings
+from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 import yaml
+from mlflow.models import ModelSignature, infer_signature
+from safetensors.torch import save_file
 
 from distillery.platform.config.distill import DistillConfig
+from distillery.platform.datasets.coco import decode_image, load_coco, load_image_resized
+from distillery.platform.engine.checkpoints import STATE_JSON
+from distillery.platform.engine.worker import load_extra_state
+from distillery.platform.io import storage
+from distillery.platform.serving.predictor import DetectorPredictor
+from distillery.students import build_student
+from distillery.students.export import export_onnx
+from distillery.students.postprocess import postprocess
 
 __all__ = ["load_inference_model", "log_final_model", "log_pyfunc_model", "plot_gam"]
 
@@ -33,9 +46,6 @@ PREDICTOR_CODE = Path(__file__).with_name("predictor.py")
 
 def load_inference_model(cfg: DistillConfig, run_info: dict[str, Any], checkpoint_dir: str | Path) -> torch.nn.Module:
     """The EMA weights of a checkpoint in an inference student (no DSI projector), eval mode."""
-    from distillery.platform.engine.worker import load_extra_state
-    from distillery.students import build_student
-
     shared, _ = load_extra_state(checkpoint_dir, rank=0)
     model = build_student(cfg.student.name, num_classes=run_info["num_classes"],
                           eval_spatial_size=cfg.student.input_size, dsi=False, teacher_dim=None,
@@ -46,7 +56,7 @@ def load_inference_model(cfg: DistillConfig, run_info: dict[str, Any], checkpoin
 
 
 def plot_gam(history: list[dict[str, Any]], gam: dict[str, Any], path: str | Path) -> None:
-    import matplotlib
+    import matplotlib  # here (also below): matplotlib is needed only for the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,10 +85,6 @@ def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run_info: dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from distillery.platform.datasets.coco import decode_image, load_coco, load_image_resized
-    from distillery.platform.io import storage
-    from distillery.students.postprocess import postprocess
-
     val = load_coco(run_info["val_annotations"], run_info["val_images"], check_images="none")
     records = val.records[:count]
     if not records:
@@ -105,11 +111,6 @@ def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run_info: dict
 
 def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[str, Any], best) -> dict[str, Any]:
     """Export and log the best checkpoint; return paths for the job's summary."""
-    import mlflow
-    from safetensors.torch import save_file
-
-    from distillery.platform.engine.worker import STATE_JSON
-
     if best is None:
         raise RuntimeError("training finished without a checkpoint: nothing to export")
     mlflow.set_tracking_uri(summary["tracking_uri"])
@@ -120,8 +121,6 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[
         model = load_inference_model(cfg, run_info, ckpt_dir)
         onnx_path = tmp / "model.onnx"
         if cfg.tracking.log_model:
-            from distillery.students.export import export_onnx
-
             with warnings.catch_warnings():  # the tracer's notes on shapes it records as constants
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
@@ -160,9 +159,6 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[
 def log_pyfunc_model(onnx_path: Path, meta_path: Path) -> str:
     """Log the pyfunc model (predictor.py as code, the ONNX file and its metadata) into the
     active MLflow run; return its model URI."""
-    import mlflow
-    from mlflow.models import ModelSignature, infer_signature
-
     example = np.zeros((1, 64, 64, 3), dtype=np.uint8)
     predictor = _load_predictor(onnx_path, meta_path)
     # Outputs as inferred; no input schema: MLflow would cast a JSON request to its dtype (floats
@@ -178,16 +174,10 @@ def log_pyfunc_model(onnx_path: Path, meta_path: Path) -> str:
 def _predictor_requirements() -> list[str]:
     """What predictor.py imports, pinned to this environment. Given explicitly, MLflow does not
     infer them (which loads the model once more in a subprocess: seconds per logged model)."""
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "onnxruntime", "torch", "torchvision")]
 
 
 def _load_predictor(onnx_path: Path, meta_path: Path):
-    from types import SimpleNamespace
-
-    from distillery.platform.serving.predictor import DetectorPredictor
-
     p = DetectorPredictor()
     p.load_context(SimpleNamespace(artifacts={"onnx": str(onnx_path), "meta": str(meta_path)}))
     return p

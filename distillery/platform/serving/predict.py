@@ -32,9 +32,19 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import yaml
+from PIL import Image, ImageDraw
+from torchvision.transforms.v2 import functional as TF
 
-from distillery.platform.io import storage
+from distillery.platform.datasets.coco import decode_image
+from distillery.platform.engine.checkpoints import STATE_JSON
 from distillery.platform.errors import DeterministicError
+from distillery.platform.io import storage
+from distillery.platform.io.weights_source import fetch_registry_export
+from distillery.students import build_student
+from distillery.students.postprocess import postprocess
+from distillery.students.rtdetrv4 import STUDENT_SPECS
+from distillery.students.weights import COCO_CLASS_NAMES, read_student_checkpoint, to_model_layout
 
 __all__ = ["Detector", "list_images", "load_detector", "main", "predict_images", "run_predict"]
 
@@ -66,8 +76,6 @@ class Detector:
 
 def _best_checkpoint(run_dir: Path) -> Path:
     """The checkpoint of a run directory with the highest val AP (the latest when none has one)."""
-    from distillery.platform.engine.checkpoints import STATE_JSON
-
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "distillery_state.pt").is_file())
     if not checkpoints:
         raise FileNotFoundError(f"run directory {run_dir} has no checkpoint_*/distillery_state.pt")
@@ -84,6 +92,8 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
 def _description(model_dir: Path) -> tuple[dict[str, Any], Path]:
     """(student description, weights path) of a run / checkpoint / export directory."""
+    # Here, not at the top: the predict CLI should not load the training worker (Ray Data ingest,
+    # augmentation) for one file name.
     from distillery.platform.engine.worker import MODEL_JSON
 
     for run_dir in (model_dir, model_dir.parent):
@@ -99,8 +109,6 @@ def _description(model_dir: Path) -> tuple[dict[str, Any], Path]:
                     "overrides": {}, "peft": {"method": "none"}}
             config = next((p for p in (export / "config.yaml", export.parent / "config.yaml") if p.is_file()), None)
             if config is not None:  # the run's config: architecture overrides (num_queries ...)
-                import yaml
-
                 student = (yaml.safe_load(config.read_text()) or {}).get("student", {})
                 desc["overrides"] = student.get("overrides") or {}
                 desc["peft"] = student.get("peft") or {"method": "none"}
@@ -111,8 +119,6 @@ def _description(model_dir: Path) -> tuple[dict[str, Any], Path]:
 
 def _file_description(path: Path, student: str | None, input_size: int | None) -> dict[str, Any]:
     """A bare weights file: the architecture from ``--student``, the classes from the file."""
-    from distillery.students.weights import COCO_CLASS_NAMES, read_student_checkpoint, to_model_layout
-
     if not student:
         raise ValueError(f"--model {path} is a bare weights file: pass --student NAME (e.g. rtdetrv4_s) to say "
                          "which architecture it is")
@@ -126,8 +132,6 @@ def _file_description(path: Path, student: str | None, input_size: int | None) -
     else:
         categories = {"category_ids": list(range(1, num_classes + 1)),
                       "names": [f"class_{i}" for i in range(num_classes)]}
-    from distillery.students.rtdetrv4 import STUDENT_SPECS
-
     default_size = STUDENT_SPECS[student].eval_spatial_size[0] if student in STUDENT_SPECS else 640
     return {"student": student, "input_size": int(input_size or default_size), "categories": categories,
             "overrides": {}, "peft": {"method": "none"}}
@@ -136,12 +140,8 @@ def _file_description(path: Path, student: str | None, input_size: int | None) -
 def load_detector(model: str, *, student: str | None = None, input_size: int | None = None,
                   device: str | torch.device = "cpu", tracking_uri: str | None = None) -> Detector:
     """The inference student (eval mode, no DSI projector) behind ``model`` (see the module docstring)."""
-    from distillery.students import build_student
-
     with tempfile.TemporaryDirectory(prefix="distillery-predict-") as tmp:
         if model.startswith("models:/"):
-            from distillery.platform.io.weights_source import fetch_registry_export
-
             path = fetch_registry_export(model, tmp, tracking_uri)
         else:
             path = Path(model)
@@ -186,7 +186,7 @@ def image_ids(uris: list[str]) -> list[int]:
 
 def _progress(total: int) -> Any:
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # here: optional; without it, one status line
 
         return tqdm(total=total, unit="img", desc="predict", file=sys.stderr)
     except ImportError:
@@ -205,10 +205,6 @@ def _progress(total: int) -> Any:
 
 def _load_batch(uris: list[str], size: int) -> tuple[torch.Tensor, list[np.ndarray]]:
     """(B, 3, size, size) float in [0, 1] and the original RGB arrays."""
-    from torchvision.transforms.v2 import functional as TF
-
-    from distillery.platform.datasets.coco import decode_image
-
     originals = [decode_image(storage.read_bytes(u), u) for u in uris]
     # The same resize as evaluation (distillery.platform.datasets.coco.load_image_resized), on decoded arrays.
     batch = [TF.resize(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), [size, size],
@@ -220,8 +216,6 @@ def predict_images(detector: Detector, uris: list[str], *, batch_size: int = 8, 
                    num_top: int = 100, device: str | torch.device = "cpu"
                    ) -> Iterator[tuple[str, int, np.ndarray, list[dict[str, Any]]]]:
     """Per image: (uri, image id, RGB array, its COCO result records above ``score_threshold``)."""
-    from distillery.students.postprocess import postprocess
-
     ids = image_ids(uris)
     progress = _progress(len(uris))
     try:
@@ -257,8 +251,6 @@ def _colour(label: int) -> tuple[int, int, int]:
 
 def draw_detections(array: np.ndarray, records: list[dict[str, Any]], category_ids: list[int]):
     """The image (PIL) with each record's box, category name and score drawn on it."""
-    from PIL import Image, ImageDraw
-
     image = Image.fromarray(array)
     draw = ImageDraw.Draw(image)
     width = max(1, round(min(image.size) / 200))
@@ -275,8 +267,6 @@ def draw_detections(array: np.ndarray, records: list[dict[str, Any]], category_i
 
 def contact_sheet(paths: list[Path], out: Path, thumb: int = 256, columns: int = 6, limit: int = 48) -> None:
     """A grid of the first ``limit`` drawn images (thumbnails, file name under each)."""
-    from PIL import Image, ImageDraw
-
     paths = paths[:limit]
     rows = max(1, math.ceil(len(paths) / columns))
     sheet = Image.new("RGB", (min(columns, len(paths)) * thumb, rows * (thumb + 14)), (24, 24, 24))

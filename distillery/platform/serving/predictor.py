@@ -21,10 +21,13 @@ import json
 from typing import Any
 
 import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
 
 try:  # mlflow is only needed when this file is loaded as a pyfunc model
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover
     mlflow = None
@@ -42,8 +45,6 @@ class ImageInputError(MlflowException, ValueError):
     def __init__(self, reason: str):
         self._reason = reason
         if mlflow is not None:
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
             super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
         else:  # pragma: no cover
             ValueError.__init__(self, reason)
@@ -62,9 +63,6 @@ class ImageInputError(MlflowException, ValueError):
 
 def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
     """The same resize as training/evaluation (torchvision bilinear, antialiased)."""
-    import torch
-    from torchvision.transforms.v2 import functional as TF
-
     t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     t = TF.resize(t, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return t.float().div_(255.0).numpy()
@@ -97,7 +95,7 @@ def as_uint8_images(model_input: Any) -> np.ndarray:
 
 class DetectorPredictor(PythonModel):
     def load_context(self, context) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # here: an optional dependency, needed only to serve the model
 
         with open(context.artifacts["meta"]) as fh:
             self.meta: dict[str, Any] = json.load(fh)

@@ -16,6 +16,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from distillery.platform.tracking.runs import tracking_reachable
 
 __all__ = ["PromotionResult", "RegistryError", "load_champion", "promote_run", "rollback"]
@@ -55,15 +59,11 @@ class PromotionResult:
 
 
 def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
     tracking_reachable(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _get_run(client, run_id: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_run(run_id)
     except MlflowException as exc:
@@ -72,8 +72,6 @@ def _get_run(client, run_id: str):
 
 def _version_by_alias(client, name: str, alias: str):
     """The version behind ``name@alias``, or None if the alias is not set."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -81,8 +79,6 @@ def _version_by_alias(client, name: str, alias: str):
 
 
 def _require_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -110,8 +106,6 @@ def promote_run(tracking_uri: str, model_name: str, run_id: str, *, metric: str 
     value = run.data.metrics.get(f"best/{metric}")
     if value is None or not math.isfinite(value):
         raise RegistryError(f"run {run_id} has no finite best/{metric} metric to judge it by")
-
-    import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -186,8 +180,6 @@ def rollback(tracking_uri: str, model_name: str) -> dict[str, Any]:
 
 def load_champion(tracking_uri: str, model_name: str, alias: str = CHAMPION):
     """``models:/<name>@<alias>`` as a pyfunc predictor (image array in; boxes, scores, labels out)."""
-    import mlflow
-
     client = _client(tracking_uri)
     _require_model(client, model_name)
     if _version_by_alias(client, model_name, alias) is None:

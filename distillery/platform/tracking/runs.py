@@ -13,8 +13,13 @@ import logging
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
 
 __all__ = ["MetricsLogger", "create_run", "experiment_artifact_location", "resolve_tracking_uri",
            "tracking_reachable"]
@@ -61,9 +66,6 @@ def tracking_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise a clear error if an HTTP tracking server does not answer (before any work starts)."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
-
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
     except (urllib.error.URLError, OSError) as exc:
@@ -74,9 +76,6 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict[s
                tags: dict[str, str] | None = None, artifact_location: str | None = None,
                parent_run_id: str | None = None) -> str:
     """Create an MLflow run (not left active in this process) and log params; return its id."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -98,16 +97,12 @@ class MetricsLogger:
     """Buffered metric logging into an existing run (used on rank 0 of the training workers)."""
 
     def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 50):
-        from mlflow.tracking import MlflowClient
-
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.flush_every = flush_every
         self._buffer: list[Any] = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         for k, v in metrics.items():
             if v is None:
@@ -130,8 +125,6 @@ class MetricsLogger:
 
 def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
     """Every run whose ``mlflow.parentRunId`` tag is ``parent_run_id`` (all experiments of the parent)."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri)
     exp = client.get_run(parent_run_id).info.experiment_id
     return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
@@ -140,8 +133,6 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
 
 def finish_sweep_runs(tracking_uri: str, parent_run_id: str, status: str, reason: str) -> int:
     """Close child runs still marked RUNNING (their trial was stopped or interrupted); return how many."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri)
     closed = 0
     for run in child_runs(tracking_uri, parent_run_id):
