@@ -187,6 +187,7 @@ def test_the_readme_day_runs_as_typed(tmp_path):
         assert any(runs.glob("cache/**/manifest.json")), "no feature cache under runs/"
         assert "champion" in last or "challenger" in last, last
         assert not any(head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*/runs"))
+        assert distill_log, f"the day has no line starting {DISTILL_SUBMIT!r}"
         epochs = load_config(DistillConfig, work / "configs" / "distill_tiny.yaml").train.epochs
         distill = assert_distill_job_log(distill_log, epochs)
         assert Path(distill["run_storage"]).is_relative_to(runs)
