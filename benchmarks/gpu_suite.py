@@ -135,10 +135,12 @@ def part_distill_e2e(gpu: bool, quick: bool) -> dict[str, Any]:
     if gpu and not quick:
         argv = paths  # the embedded default (synthetic set, 256 px, 12 epochs), on one GPU worker
     else:
-        # One epoch of the plumbing-size config: the job's start-up (Ray Train, DeepSpeed, cache
-        # build, MLflow) is what a smoke check needs to see, not the learning.
+        # Two steps of the plumbing-size config on 4 images: the job's start-up (Ray Train,
+        # DeepSpeed, cache build, MLflow, model logging) is what a smoke check needs to see, not
+        # the learning (tests/test_learning.py shows that).
         argv = ["--config", "configs/distill_tiny.yaml", *paths, "train.cpus_per_worker=1", "train.epochs=1",
-                "optim.flat_epochs=1", "optim.no_aug_epochs=1"]
+                "optim.flat_epochs=1", "optim.no_aug_epochs=1", "debug.max_steps_per_epoch=2",
+                "data.synthetic={train: 4, val: 2, size: 128, seed: 0}"]
     r = run_process(["jobs/distill.py", *argv], timeout=300 if gpu else 400)
     if r["status"] == "ok":
         s = r["result"]

@@ -20,6 +20,8 @@ from distillery.platform.moe.driver import run_moe_tune
 from distillery.platform.moe.model_files import MODEL_FILE, PROBE_FILE, load_tuned_model, save_tuned_model
 
 REPO = Path(__file__).resolve().parent.parent
+# Enough dense steps, at batch 4 per worker, for the tiny detector to learn the synthetic shapes.
+LEARNING_OVERRIDES = ("base.dense_steps=80", "base.warmup_steps=5", "train.batch_size=4")
 
 
 def tiny_config(tmp_path, synthetic_data, *overrides) -> MoETuneConfig:
@@ -34,24 +36,61 @@ def last_state(run_path: str) -> tuple[dict, Path]:
     return json.loads((ckpt / "distillery_state.json").read_text()), ckpt
 
 
-def val_ap(model_file: Path, cfg: MoETuneConfig) -> float:
-    """COCO AP on the val split of a model file of the job, scored in this process, on one rank,
-    by the job's own eval code."""
+def val_metrics(model: torch.nn.Module, cfg: MoETuneConfig) -> dict[str, float]:
+    """COCO metrics on the val split of a detector, scored in this process, on one rank, by the
+    job's own eval code."""
     from distillery.platform.engine.worker import evaluate_on_ranks
 
     val_annotations, val_images = cfg.data.split_paths("val")
-    return evaluate_on_ranks(load_tuned_model(model_file), val_annotations, val_images, cfg.model.input_size,
-                             cfg.train.eval_batch_size, rank=0, world=1, device=torch.device("cpu"))["AP"]
+    return evaluate_on_ranks(model, val_annotations, val_images, cfg.model.input_size, cfg.train.eval_batch_size,
+                             rank=0, world=1, device=torch.device("cpu"))
+
+
+def val_ap(model_file: Path, cfg: MoETuneConfig) -> float:
+    return val_metrics(load_tuned_model(model_file), cfg)["AP"]
+
+
+def untrained_detector(dense_file: Path, cfg: MoETuneConfig) -> torch.nn.Module:
+    """The dense detector as rank 0 builds it before its first step (the job seeds every rank with
+    train.seed + rank; DeepSpeed broadcasts rank 0's weights): same vocabulary, same architecture."""
+    import random
+
+    import numpy as np
+
+    from distillery.platform.moe.model_files import build_detector
+
+    trained = load_tuned_model(dense_file)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    return build_detector(cfg.model.name, list(trained.phrases), trained.text_embeddings.detach().clone(),
+                          cfg.model.input_size, trained.build_options()).eval()
 
 
 @pytest.fixture(scope="module")
 def tuned(ray_local, synthetic_data, tmp_path_factory):
-    """A 3-step dense phase (the embedded default's path, tiny), then 2 epochs of MoE-tuning with
-    expert parallelism; worker 1 is killed at the first step of epoch 1, so Ray Train restarts the
-    workers from the epoch-0 checkpoint."""
+    """An 80-step dense phase (the embedded default's path, long enough to learn: see
+    test_the_job_learns), then 2 epochs of MoE-tuning with expert parallelism; worker 1 is killed
+    at the first step of epoch 1, so Ray Train restarts the workers from the epoch-0 checkpoint."""
     tmp = tmp_path_factory.mktemp("moe_tune")
-    return run_moe_tune(tiny_config(tmp, synthetic_data, "debug.kill={rank: 1, step: 3}",
+    return run_moe_tune(tiny_config(tmp, synthetic_data, *LEARNING_OVERRIDES, "debug.kill={rank: 1, step: 3}",
                                     "train.max_failures=1")), tmp
+
+
+def test_the_job_learns(tuned, synthetic_data):
+    """The tuned model (dense phase + MoE-tuning) against the untrained dense detector, both scored
+    on the val split (8 images the job never trained on)."""
+    summary, tmp = tuned
+    cfg = tiny_config(tmp, synthetic_data, *LEARNING_OVERRIDES)
+    _, ckpt = last_state(summary["run_storage"])
+    trained = val_metrics(load_tuned_model(ckpt / MODEL_FILE), cfg)
+    untrained = val_metrics(untrained_detector(Path(summary["run_storage"]) / "dense_base" / MODEL_FILE, cfg), cfg)
+    print(f"MoE val AP50 untrained {untrained['AP50']:.4f} AP {untrained['AP']:.4f}; "
+          f"tuned AP50 {trained['AP50']:.4f} AP {trained['AP']:.4f}")
+    # Measured (2-core CPU, repeated runs give the same numbers): untrained AP50 0.003; tuned after
+    # 40 dense steps 0.0002 (boxes not yet formed), 60 steps 0.13, 80 steps (this run) 0.25. The
+    # margin is 10x the untrained level and an eighth of the tuned one.
+    assert trained["AP50"] > untrained["AP50"] + 0.03, (trained, untrained)
 
 
 def test_expert_parallel_run_starts_from_the_dense_model_and_trains(tuned, synthetic_data):

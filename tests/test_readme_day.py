@@ -16,10 +16,15 @@ The shell has canary AWS credentials (the cluster inherits them, as the README s
 every file of the cluster's temp dir (session logs), the copy's ``runs/`` (dataset, cache,
 checkpoints, MLflow store and artifacts), the home directory and all console output are searched
 for them: zero hits.
+
+Token authentication is on (``RAY_AUTH_MODE=token``, as Ray 2.60 does by default): a client
+without the token is turned away. The submitted distillation job's log carries rank 0's progress
+and epoch-summary lines once each and ends with its summary, whose MLflow run is FINISHED.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,12 +38,15 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_for_http
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.config.sections import load_config
 from test_secrets import canary_credentials, files_containing
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "<!-- the day, as tests/test_readme_day.py runs it -->"
 DEFAULT_DASHBOARD = "127.0.0.1:8265"
 PLACEHOLDERS = {"<parent run id>": r"MLflow parent run: (\w+)"}
+DISTILL_SUBMIT = "ray job submit --working-dir . -- python jobs/distill.py"
 
 
 def readme_day_commands(readme: str) -> list[str]:
@@ -98,6 +106,30 @@ class Head:
         self.log.close()
 
 
+def assert_clients_need_the_token(head: Head, env: dict[str, str], elsewhere: Path) -> None:
+    """A client with neither RAY_AUTH_TOKEN(_PATH) nor ~/.ray/auth_token is refused by the head."""
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    no_token["HOME"] = str(elsewhere)
+    denied = subprocess.run(["ray", "job", "list", "--address", f"http://{head.address}"], env=no_token,
+                            capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0, denied.stdout + denied.stderr
+
+
+def assert_distill_job_log(output: str, epochs: int) -> dict:
+    """Rank 0's progress and epoch-summary lines reach the submitted job's log once each; the
+    job's summary (its last JSON line) names a checkpoint and a FINISHED MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    assert re.search(rf"\[train\] epoch 1/{epochs} step 1/\d+ \| loss [\d.]+ \(mal ", output), output[-4000:]
+    for epoch in range(1, epochs + 1):
+        assert output.count(f"[train] epoch {epoch}/{epochs} done in ") == 1, output[-4000:]
+    summary = json.loads([line for line in output.splitlines() if line.startswith('{"run_id"')][-1])
+    assert Path(summary["best_checkpoint"], "distillery_state.json").is_file()
+    run = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and "epoch/AP" in run.data.metrics
+    return summary
+
+
 def run_line(line: str, env: dict[str, str], cwd: Path, timeout: float) -> str:
     """Run one typed line; a `ray job submit` is retried while the new head's job agent registers."""
     deadline = time.time() + 120
@@ -124,7 +156,7 @@ def test_the_readme_day_runs_as_typed(tmp_path):
            if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "DISTILLERY_"))}
     env.update(canaries, HOME=str(home), AWS_DEFAULT_REGION="us-east-1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    head, outputs, last = None, [], ""
+    head, outputs, last, distill_log = None, [], "", ""
     try:
         for line in commands:
             if head is not None:
@@ -138,11 +170,14 @@ def test_the_readme_day_runs_as_typed(tmp_path):
                 env = exported(line, env, work)
             elif line.startswith("ray start"):
                 head = Head(line, env, work, tmp_path / "ray_head.log")
+                assert_clients_need_the_token(head, env, tmp_path)
             elif line == "ray stop":
                 head.stop()
             else:
                 last = run_line(line, env, work, timeout=600)
                 outputs.append(f"$ {line}\n{last}")
+                if line.startswith(DISTILL_SUBMIT):
+                    distill_log = last
         console = "\n".join(outputs)
         (tmp_path / "console.txt").write_text(console)
 
@@ -152,6 +187,10 @@ def test_the_readme_day_runs_as_typed(tmp_path):
         assert any(runs.glob("cache/**/manifest.json")), "no feature cache under runs/"
         assert "champion" in last or "challenger" in last, last
         assert not any(head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*/runs"))
+        assert distill_log, f"the day has no line starting {DISTILL_SUBMIT!r}"
+        epochs = load_config(DistillConfig, work / "configs" / "distill_tiny.yaml").train.epochs
+        distill = assert_distill_job_log(distill_log, epochs)
+        assert Path(distill["run_storage"]).is_relative_to(runs)
 
         hits = files_containing([head.temp_dir, runs, home, tmp_path / "console.txt"], list(canaries.values()))
         assert not hits, f"credentials found in: {hits}"
