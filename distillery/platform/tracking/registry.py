@@ -20,7 +20,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from distillery.platform.tracking.runs import tracking_reachable
+from distillery.platform.tracking.runs import tracking_reachable, tracking_uri_scope
 
 __all__ = ["PromotionResult", "RegistryError", "load_champion", "promote_run", "rollback"]
 
@@ -107,10 +107,9 @@ def promote_run(tracking_uri: str, model_name: str, run_id: str, *, metric: str 
     if value is None or not math.isfinite(value):
         raise RegistryError(f"run {run_id} has no finite best/{metric} metric to judge it by")
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    version = mlflow.register_model(model_uri, model_name, await_registration_for=60,
-                                    tags={"run_id": run_id, f"val_{metric}": repr(float(value))})
+    with tracking_uri_scope(tracking_uri):
+        version = mlflow.register_model(model_uri, model_name, await_registration_for=60,
+                                        tags={"run_id": run_id, f"val_{metric}": repr(float(value))})
     v = str(version.version)
     lineage = {short: run.data.tags[tag] for tag, short in LINEAGE_TAGS.items() if tag in run.data.tags}
     lineage.update(extra_tags or {})
@@ -184,9 +183,8 @@ def load_champion(tracking_uri: str, model_name: str, alias: str = CHAMPION):
     _require_model(client, model_name)
     if _version_by_alias(client, model_name, alias) is None:
         raise RegistryError(f"registered model {model_name!r} has no alias {alias!r}")
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
+    with tracking_uri_scope(tracking_uri):
+        return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
 
 
 def describe(tracking_uri: str, model_name: str) -> str:

@@ -9,6 +9,7 @@ logs per-step and per-epoch metrics into that run by id; the driver logs the fin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -18,11 +19,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 __all__ = ["MetricsLogger", "create_run", "experiment_artifact_location", "resolve_tracking_uri",
-           "tracking_reachable"]
+           "tracking_reachable", "tracking_uri_scope"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,29 @@ def resolve_tracking_uri(configured: str | None, local_dir: str | os.PathLike) -
     path = Path(local_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def tracking_uri_scope(uri: str):
+    """MLflow's fluent API (``mlflow.register_model``, ``mlflow.start_run``, ``models:/`` loading)
+    pointed at ``uri`` for the block only. ``mlflow.set_tracking_uri`` also exports
+    MLFLOW_TRACKING_URI into ``os.environ``; left there, the next job run in the same process
+    (a sweep's promotion, then a distillation run) would send its run to this store, or to a
+    server that has gone away since."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None: back to MLflow's default
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _absolute_sqlite(uri: str) -> str:
