@@ -83,7 +83,7 @@ def test_configured_endpoint_is_used_for_every_uri_kind(moto_s3, tmp_path, monke
 
     from distillery.platform.cache.job import CacheFeaturesConfig, load_cache_inputs
     from distillery.platform.config.sections import load_config
-    from distillery.platform.distill.driver import _storage_filesystem
+    from distillery.platform.engine.launch import storage_filesystem as _storage_filesystem
     from distillery.platform.cache.feature_cache import FeatureCache, FeatureCacheWriter, plan_shards
     from distillery.platform.datasets.synthetic import generate_synthetic_coco
 

@@ -234,6 +234,7 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
 
     from distillery.platform.cluster.runtime import ray_session
     from distillery.platform.distill.driver import prepare_inputs
+    from distillery.platform.distill.teacher_signal import teacher_signal
     from distillery.platform.tracking.runs import (create_run, finish_sweep_runs, resolve_tracking_uri,
                                               tracking_reachable)
 
@@ -264,7 +265,7 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
     base = load_config(model, cfg.trial.config, cfg.trial.overrides)
     if cfg.sweep.gam == "space" or cfg.sweep.space:
         check_space(cfg.sweep.space, model, cfg.trial.config, cfg.trial.overrides)
-    if cfg.sweep.gam == "auto" and base.teacher_mode == "none":
+    if cfg.sweep.gam == "auto" and not teacher_signal(base).needs_teacher:
         raise ValueError("sweep.gam=auto needs a teacher: the trial job has teacher_mode=none")
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output.local_dir)
     tracking_reachable(tracking_uri)
@@ -392,6 +393,6 @@ def _make_tuner(cfg: SweepConfig, trainable, space: dict[str, ParamSpec], sweep_
 
 
 def _pyarrow_fs(uri: str):
-    from distillery.platform.distill.driver import _storage_filesystem
+    from distillery.platform.engine.launch import storage_filesystem
 
-    return _storage_filesystem(uri)
+    return storage_filesystem(uri)

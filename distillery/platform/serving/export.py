@@ -33,14 +33,14 @@ PREDICTOR_CODE = Path(__file__).with_name("predictor.py")
 
 def load_inference_model(cfg: DistillConfig, run_info: dict[str, Any], checkpoint_dir: str | Path) -> torch.nn.Module:
     """The EMA weights of a checkpoint in an inference student (no DSI projector), eval mode."""
-    from distillery.platform.engine.worker import load_extra_state
+    from distillery.platform.engine.checkpoints import load_engine_state
     from distillery.students import build_student
 
-    shared, _ = load_extra_state(checkpoint_dir, rank=0)
+    state, _ = load_engine_state(checkpoint_dir, rank=0)
     model = build_student(cfg.student.name, num_classes=run_info["num_classes"],
                           eval_spatial_size=cfg.student.input_size, dsi=False, teacher_dim=None,
                           peft=cfg.student.peft.kwargs(), **cfg.student.overrides)
-    state = {k: v for k, v in shared["ema"]["module"].items() if not k.startswith("dsi.")}
+    state = {k: v for k, v in state.ema["module"].items() if not k.startswith("dsi.")}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -108,7 +108,7 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[
     import mlflow
     from safetensors.torch import save_file
 
-    from distillery.platform.engine.worker import STATE_JSON
+    from distillery.platform.engine.checkpoints import STATE_JSON
 
     if best is None:
         raise RuntimeError("training finished without a checkpoint: nothing to export")
