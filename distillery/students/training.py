@@ -80,8 +80,9 @@ def train_step(model: nn.Module, criterion: nn.Module, batch: dict, *, backward:
     ``teacher_grid``/``teacher_mask``).
 
     ``backward(loss)`` and ``step()`` apply the update (optimizer + clipping, or a DeepSpeed
-    engine); ``aux_loss``: see :func:`compute_losses`. At a gradient-accumulation boundary the GAM controller reads the gradients (from
-    ``grads()``; default: ``param.grad``) before ``step()`` consumes them.
+    engine); ``aux_loss``: see :func:`compute_losses`. At a gradient-accumulation boundary the GAM
+    controller reads the gradients (from ``grads()``; default: ``param.grad``) before ``step()``
+    consumes them.
     """
     result = compute_losses(model, criterion, batch["images"], batch["targets"],
                             teacher_grid=batch.get("teacher_grid"), teacher_mask=batch.get("teacher_mask"),
