@@ -35,7 +35,7 @@ from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, 
 from distillery.students.gam import GAM_DEFAULTS
 from distillery.platform.cache.feature_cache import FeatureCache, fingerprint_digest, manifest_sha256
 
-__all__ = ["find_latest_checkpoint", "resolve_gam", "run_distill"]
+__all__ = ["prepare_inputs", "resolve_gam", "run_distill"]
 
 log = logging.getLogger(__name__)
 
