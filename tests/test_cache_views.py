@@ -235,10 +235,13 @@ def test_views_mismatch_is_a_clear_error(view_cache, synthetic_data):
     with pytest.raises(CacheError, match=f"cache {uri} was started with a different plan .*views"):
         run_cache_job(job_config(synthetic_data, cfg.cache.uri, "cache.views=2"))
     # The training worker checks cache.views (and the augment recipe) before its first step.
-    from distillery.platform.engine.worker import _check_cache_views
+    from distillery.platform.distill.teacher_signal import teacher_signal
 
     def distill_cfg(*extra):
         return load_config(DistillConfig, None, [f"cache.uri={cfg.cache.uri}", *extra])
+
+    def _check_cache_views(job_cfg, augment):
+        return teacher_signal(job_cfg).cache_views(augment)
 
     aug_cfg = A.AugmentConfig(size=128)
     assert _check_cache_views(distill_cfg(f"cache.views={K}"), aug_cfg) == K

@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from distillery.platform.io import storage
 from distillery.platform.config.sections import load_config
-from distillery.platform.distill.driver import find_latest_checkpoint, run_distill
+from distillery.platform.distill.driver import run_distill
+from distillery.platform.engine.checkpoints import find_latest_checkpoint
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.cache.feature_cache import FingerprintMismatchError
 

@@ -1,7 +1,7 @@
 """Cached vs online teacher, through the distillation job's own path: the cache job wrote the
 teacher's features (the ``tiny_cache`` fixture runs it), the training ingest reads, joins and
 decodes them (``build_train_dataset`` on Ray Data, then ``rows_to_samples``), the worker's
-augmenter, collate and renderer shape them (``Augmenter.batch``, ``collate``, ``_render_teacher``)
+augmenter, collate and renderer shape them (``Augmenter.batch``, ``collate``, ``render_teacher_grid``)
 and the step's loss code scores them (``compute_losses``). On an unaugmented batch the DSI loss
 from the cache equals the DSI loss of running the teacher online on the training batch, as the
 ``teacher_mode: online`` worker does (up to fp16 storage)."""
@@ -15,11 +15,11 @@ from distillery.data.augment import AugmentConfig, Augmenter
 from distillery.data.sample import collate
 from distillery.platform.cache.job import build_teacher, resolve_teacher_dtype
 from distillery.platform.config.sections import load_config
-from distillery.platform.distill.driver import load_train_val
+from distillery.platform.engine.launch import load_train_val
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.cache.feature_cache import FeatureCache
 from distillery.platform.datasets.ingest import build_train_dataset, rows_to_samples
-from distillery.platform.engine.worker import _render_teacher
+from distillery.platform.distill.teacher_signal import render_teacher_grid
 from distillery.students import build_criterion, build_student
 from distillery.students.training import compute_losses
 
@@ -44,7 +44,7 @@ def test_cached_and_online_dsi_loss_agree(tiny_cache, synthetic_data, tmp_path):
     batch = collate(samples, f5_hw=None)
     images, targets = batch["images"], [{k: v for k, v in t.items() if k != "image_id"} for t in batch["targets"]]
     f5_hw = (images.shape[-2] // 32, images.shape[-1] // 32)
-    cached = _render_teacher(samples, f5_hw, torch.device("cpu"))
+    cached = render_teacher_grid(samples, f5_hw, torch.device("cpu"))
     assert cached["teacher_mask"].all()  # no canvas fill: every F5 position has a teacher feature
     with torch.no_grad():
         online = teacher(images)  # the online worker's teacher input: the collated batch at teacher size

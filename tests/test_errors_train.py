@@ -200,18 +200,18 @@ def test_bad_resume_paths(tmp_path):
 
 
 def test_worker_side_state_load_names_the_file(run_dir):
-    from distillery.platform.engine.worker import load_extra_state
+    from distillery.platform.engine.checkpoints import load_engine_state
 
     ckpt = run_dir / "checkpoint_000001"
-    shared, rng = load_extra_state(ckpt, rank=1)
-    assert shared["epoch"] == 1 and "torch" in rng
+    state, rng = load_engine_state(ckpt, rank=1)
+    assert state.epoch == 1 and "torch" in rng
     truncate(ckpt / "distillery_state.pt")
     with pytest.raises(CheckpointError) as err:
-        load_extra_state(ckpt, rank=0)
+        load_engine_state(ckpt, rank=0)
     assert str(ckpt / "distillery_state.pt") in first_line(err.value)
     (ckpt / "distillery_state.pt").unlink()
     with pytest.raises(CheckpointError, match="has no distillery_state.pt"):
-        load_extra_state(ckpt, rank=0)
+        load_engine_state(ckpt, rank=0)
 
 
 # --------------------------------------------------------------------------- retries

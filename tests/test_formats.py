@@ -356,7 +356,7 @@ def test_jobs_load_yolo_and_voc_through_data_format(yolo_clean, voc_clean, tmp_p
     """The split loading the distillation and MoE jobs share, the cache job's synthetic-data step
     and the workers' COCO view of the val split, with ``data.format`` set (no Ray needed)."""
     from distillery.platform.cache.job import CacheFeaturesConfig, ensure_dataset
-    from distillery.platform.distill.driver import load_train_val
+    from distillery.platform.engine.launch import load_train_val
     from distillery.platform.datasets.formats import coco_split_paths
 
     with pytest.raises(ConfigError, match=r"data.format: Input should be 'coco', 'yolo' or 'voc'"):
@@ -399,7 +399,7 @@ def test_yolo_and_voc_read_from_s3(moto_s3, yolo_clean, voc_clean):
 def test_coco_val_with_skipped_records_is_evaluated_on_the_validated_records(synthetic_data, tmp_path):
     """``bad_records: skip`` on a COCO val split: the workers must not reload the original file
     (its bad record would fail there under the default policy); they get the validated records."""
-    from distillery.platform.distill.driver import load_train_val
+    from distillery.platform.engine.launch import load_train_val
     from distillery.platform.datasets.formats import coco_split_paths
 
     root = tmp_path / "coco"

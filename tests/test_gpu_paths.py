@@ -134,12 +134,12 @@ def test_syncbatchnorm_under_nccl(nccl_group):
 @pytest.mark.gpu
 @needs_cuda
 def test_nccl_all_reduce_through_the_training_helpers(nccl_group):
-    from distillery.platform.engine.worker import _all_ranks, _sum_across_ranks
+    from distillery.platform.engine.worker import all_ranks, sum_across_ranks
 
     device = torch.device("cuda")
-    t = _sum_across_ranks(torch.tensor([1.5, 2.0], device=device))
+    t = sum_across_ranks(torch.tensor([1.5, 2.0], device=device))
     assert t.device.type == "cuda" and t.tolist() == [1.5, 2.0]
-    assert _all_ranks(True, device) is True and _all_ranks(False, device) is False
+    assert all_ranks(True, device) is True and all_ranks(False, device) is False
 
 
 @pytest.mark.gpu

@@ -13,11 +13,11 @@ from mlflow.tracking import MlflowClient
 
 from distillery.platform.io import storage
 from distillery.platform.config.sections import ConfigError, load_config
-from distillery.platform.distill.driver import find_latest_checkpoint
 from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.moe.base_model import load_base_state
 from distillery.platform.moe.driver import run_moe_tune
-from distillery.platform.moe.model_files import MODEL_FILE, PROBE_FILE, load_tuned_model, save_tuned_model
+from distillery.platform.engine.checkpoints import MODEL_FILE, PROBE_FILE, find_latest_checkpoint
+from distillery.platform.moe.model_files import load_tuned_model, save_tuned_model
 
 REPO = Path(__file__).resolve().parent.parent
 # Enough dense steps, at batch 4 per worker, for the tiny detector to learn the synthetic shapes.
@@ -109,7 +109,8 @@ def test_expert_parallel_run_starts_from_the_dense_model_and_trains(tuned, synth
     # Data parallel outside the experts: every rank holds the same non-expert weights and computes
     # the same outputs.
     ranks = state["ranks"]
-    assert len(ranks["shared_checksum"]) == 2 and ranks["shared_checksum"][0] == ranks["shared_checksum"][1]
+    for key in ("weights_checksum", "buffers_checksum"):   # non-expert weights; buffers
+        assert len(ranks[key]) == 2 and ranks[key][0] == ranks[key][1], (key, ranks[key])
     assert ranks["probe_checksum"][0] == pytest.approx(ranks["probe_checksum"][1], rel=1e-6)
     # Expert shards: each rank saved its own 4 experts of each layer, and its optimizer states.
     ds = ckpt / "ds"

@@ -5,7 +5,7 @@ Ray Train loop): AdamW with the recipe's parameter groups (:func:`~.optim.build_
 flat-cosine schedule (:func:`~.optim.build_lr_scheduler`), gradient clipping, an EMA of the
 weights (:class:`~.ema.ModelEMA`) and, when given, a GAM controller that reads the gradients each
 step and updates the DSI weight at each epoch's end. Used by tests, benchmarks and quick CPU
-experiments; the distributed loop lives in ``distillery.platform.engine.worker``.
+experiments; the distributed loop is ``distillery.platform.engine.trainer``.
 
 A batch is what :func:`distillery.data.sample.collate` produces: a dict with ``images``
 (B, 3, H, W) float in [0, 1], ``targets`` (list of ``{"labels", "boxes"}``, boxes normalised

@@ -504,8 +504,9 @@ def moe_parameter_counts(module: nn.Module) -> dict[str, int]:
 
 
 def collect_aux_loss(module: nn.Module) -> torch.Tensor | None:
-    """Sum of the weighted ``aux_loss`` of every ``MoEFFN`` that ran since its last forward."""
-    losses = [m.aux_loss for m in module.modules() if isinstance(m, MoEFFN) and m.aux_loss is not None]
+    """Sum of the weighted ``aux_loss`` of every MoE layer (``MoEFFN``, or any layer that sets an
+    ``aux_loss`` tensor, e.g. its DeepSpeed expert-parallel twin) after its last forward."""
+    losses = [m.aux_loss for m in module.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
     return torch.stack(losses).sum() if losses else None
 
 

@@ -17,7 +17,9 @@ from torch import nn
 from .dsi import dsi_loss
 from .gam import GAMController
 
-__all__ = ["StepResult", "compute_losses", "named_grads", "train_step"]
+__all__ = ["AuxLoss", "StepResult", "compute_losses", "named_grads", "train_step"]
+
+AuxLoss = Callable[[nn.Module], "torch.Tensor | None"]  # a job's extra loss, read from the model after its forward
 
 
 @dataclass
@@ -34,11 +36,13 @@ class StepResult:
 
 def compute_losses(model: nn.Module, criterion: nn.Module, images: torch.Tensor, targets: list[dict],
                    *, teacher_grid: torch.Tensor | None = None, teacher_mask: torch.Tensor | None = None,
-                   dsi_weight: float = 0.0) -> StepResult:
+                   dsi_weight: float = 0.0, aux_loss: AuxLoss | None = None) -> StepResult:
     """Forward the student in train mode and return the weighted losses.
 
     ``dsi_weight`` is GAM's current lambda; the DSI term is added when a teacher grid is given
     and the model has a DSI projector (``model.dsi``). Without a teacher this is a plain DEIM step.
+    ``aux_loss(model)``, read after the forward, adds a job's own weighted term (``loss_aux``;
+    e.g. the MoE layers' load-balancing loss, :func:`distillery.students.moe.collect_aux_loss`).
     """
     outputs = model(images, targets)
     det = criterion(outputs, targets)
@@ -49,6 +53,10 @@ def compute_losses(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
         loss_dsi = dsi_loss(outputs["f5"], teacher_grid, projector, mask=teacher_mask)
         parts["loss_dsi"] = loss_dsi.detach()
         total = total + float(dsi_weight) * loss_dsi
+    aux = aux_loss(_unwrap(model)) if aux_loss is not None else None
+    if aux is not None:
+        parts["loss_aux"] = aux.detach()
+        total = total + aux.to(total.dtype)
     parts["loss"] = total.detach()
     return StepResult(total, parts)
 
@@ -67,17 +75,18 @@ def named_grads(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 def train_step(model: nn.Module, criterion: nn.Module, batch: dict, *, backward: Callable[[torch.Tensor], None],
                step: Callable[[], None], gam: GAMController | None = None,
                grads: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
-               at_boundary: Callable[[], bool] = lambda: True) -> StepResult:
+               at_boundary: Callable[[], bool] = lambda: True, aux_loss: AuxLoss | None = None) -> StepResult:
     """One training step on a collated batch (``images``, ``targets``, optional
     ``teacher_grid``/``teacher_mask``).
 
     ``backward(loss)`` and ``step()`` apply the update (optimizer + clipping, or a DeepSpeed
-    engine). At a gradient-accumulation boundary the GAM controller reads the gradients (from
-    ``grads()``; default: ``param.grad``) before ``step()`` consumes them.
+    engine); ``aux_loss``: see :func:`compute_losses`. At a gradient-accumulation boundary the GAM
+    controller reads the gradients (from ``grads()``; default: ``param.grad``) before ``step()``
+    consumes them.
     """
     result = compute_losses(model, criterion, batch["images"], batch["targets"],
                             teacher_grid=batch.get("teacher_grid"), teacher_mask=batch.get("teacher_mask"),
-                            dsi_weight=gam.current_lambda if gam is not None else 0.0)
+                            dsi_weight=gam.current_lambda if gam is not None else 0.0, aux_loss=aux_loss)
     backward(result.total)
     if gam is not None and at_boundary():
         gam.accumulate(grads() if grads is not None else named_grads(model))

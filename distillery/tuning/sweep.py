@@ -30,6 +30,7 @@ from distillery.platform.config.distill import DistillConfig
 from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.config.sections import absolute_uri, flatten_config, load_config, with_absolute_paths
 from distillery.platform.distill.driver import prepare_inputs, resolve_gam, run_distill
+from distillery.platform.distill.teacher_signal import teacher_signal
 from distillery.platform.io import storage
 from distillery.platform.moe.driver import run_moe_tune
 from distillery.platform.tracking.runs import create_run, finish_sweep_runs, resolve_tracking_uri, tracking_reachable
@@ -191,7 +192,7 @@ def run_sweep(cfg: SweepConfig | None = None, resume: str | None = None) -> dict
     base = load_config(model, cfg.trial.config, cfg.trial.overrides)
     if cfg.sweep.gam == "space" or cfg.sweep.space:
         check_space(cfg.sweep.space, model, cfg.trial.config, cfg.trial.overrides)
-    if cfg.sweep.gam == "auto" and base.teacher_mode == "none":
+    if cfg.sweep.gam == "auto" and not teacher_signal(base).needs_teacher:
         raise ValueError("sweep.gam=auto needs a teacher: the trial job has teacher_mode=none")
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output.local_dir)
     tracking_reachable(tracking_uri)

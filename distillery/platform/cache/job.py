@@ -204,7 +204,7 @@ def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, 
 
 # --------------------------------------------------------------------------- the job
 
-def _cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fingerprint: dict[str, Any],
+def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fingerprint: dict[str, Any],
                  grid: list[int], dtype: str, use_gpu: bool) -> dict[str, Any]:
     uri = storage.join(cfg.cache.uri, split)
     dataset_info = {"annotation_uri": dataset.annotation_uri, "annotation_sha256": dataset.annotation_sha256,
@@ -347,7 +347,7 @@ def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
         fingerprint = teacher.fingerprint
         grid = [teacher.embed_dim, *teacher.grid_size]
         del teacher
-        summary = {split: _cache_split(cfg, split, ds, fingerprint, grid, dtype, use_gpu)
+        summary = {split: cache_split(cfg, split, ds, fingerprint, grid, dtype, use_gpu)
                    for split, ds in datasets.items()}
     log.info("cache summary: %s", json.dumps(summary))
     return summary

@@ -1,8 +1,12 @@
-"""Which checkpoint a job resumes from, checked on the driver before any worker starts.
+"""Every file of a training checkpoint, written and read here; and which checkpoint a job resumes
+from, checked on the driver before any worker starts.
 
-A Distillery checkpoint directory (written by the training workers every epoch) holds
-``distillery_state.json`` (epoch, metrics), ``distillery_state.pt`` (EMA, GAM, step), one
-``rng_rank<i>.pt`` per rank and DeepSpeed's checkpoint under ``ds/``. Every ``.pt`` file is a
+A Distillery checkpoint directory (written by the training engine every epoch, both jobs) holds
+``distillery_state.json`` (:class:`CheckpointRecord`: epoch, metrics, rank checks and the job's
+own record), ``distillery_state.pt`` (:class:`EngineState`: epoch, step, EMA and GAM states when
+the job has them), one ``rng_rank<i>.pt`` per rank and DeepSpeed's checkpoint under ``ds/``; the
+MoE-tuning job adds ``model.safetensors`` (the consolidated model), ``probe.pt`` and
+``expert_analysis.json``. Every ``.pt`` file is a
 zip archive (``torch.save``; DeepSpeed's files too, with the training loop's checkpoint engine)
 whose members carry a CRC-32: reading each member back verifies a file end to end without
 unpickling anything, so a truncated or overwritten file is found here, in seconds, instead of in
@@ -16,23 +20,44 @@ as given, or refused naming the bad file).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import random
 import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
 
 from distillery.platform.io import storage
 from distillery.platform.errors import DeterministicError
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "find_latest_checkpoint", "verify_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointRecord", "EngineState", "find_latest_checkpoint",
+           "load_engine_state", "read_record", "save_checkpoint_files", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
-# Names shared with the training loop (which writes them).
-EXTRA_STATE = "distillery_state.pt"
-STATE_JSON = "distillery_state.json"
-DS_TAG = "ds"
-# DeepSpeed's model file, present in every checkpoint whatever the ZeRO stage.
-DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+# The file names of a checkpoint directory (one meaning each, in both jobs).
+ENGINE_STATE = "distillery_state.pt"      # EngineState: epoch, step, EMA, GAM (torch.save)
+STATE_JSON = "distillery_state.json"      # CheckpointRecord: epoch, metrics, rank checks, job record
+DS_TAG = "ds"                             # DeepSpeed's checkpoint (its tag: a sub-directory)
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's model file, whatever the ZeRO stage
+MODEL_FILE = "model.safetensors"          # MoE-tuning: consolidated weights (plain modules) + metadata
+PROBE_FILE = "probe.pt"                   # MoE-tuning: raw outputs on the probe images (restore check)
+ANALYSIS_JSON = "expert_analysis.json"    # MoE-tuning: per-layer load and co-activation on the val split
+# Files of a run's storage (beside its checkpoint_* directories).
+MODEL_JSON = "distillery_model.json"      # distillation: the student's name, input size, classes
+DENSE_BASE_DIR = "dense_base"             # MoE-tuning: the dense base trained in the job (MODEL_FILE inside)
+BASE_DIR = "base"                         # MoE-tuning: the given base staged for the workers (MODEL_FILE inside)
+FAULT_MARKER = "fault_injected"           # debug.kill: the worker was killed once
+
+
+def rng_file(rank: int) -> str:
+    """The file of one rank's RNG states."""
+    return f"rng_rank{rank}.pt"
 
 
 class CheckpointError(RuntimeError, DeterministicError):
@@ -46,6 +71,8 @@ class CheckpointNotFoundError(FileNotFoundError, DeterministicError):
 def deepspeed_safe_globals() -> list[type]:
     """The few DeepSpeed types its checkpoints hold: the allow-list for ``torch.load(...,
     weights_only=True)`` of a DeepSpeed checkpoint file."""
+    # Imported here: the driver checks checkpoints without loading DeepSpeed (seconds of imports)
+    # unless it meets a legacy-format file.
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.utils.tensor_fragment import fragment_address
 
@@ -84,8 +111,6 @@ def _verify_torch_file(uri: str) -> None:
 
 
 def _load_legacy(fh) -> None:
-    import torch
-
     try:
         safe = deepspeed_safe_globals()
     except ImportError:  # no DeepSpeed here: plain tensors and containers only
@@ -95,20 +120,14 @@ def _load_legacy(fh) -> None:
 
 
 def _checkpoint_epoch(directory: str) -> int:
-    state_uri = storage.join(directory, STATE_JSON)
-    try:
-        return int(json.loads(storage.read_text(state_uri))["epoch"])
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {state_uri} is missing") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {state_uri} is unreadable: {type(exc).__name__}: {exc}") from None
+    return int(read_record(directory).epoch)
 
 
 def verify_checkpoint(directory: str) -> int:
     """Check every file of a Distillery checkpoint directory; return its epoch, or raise
     :class:`CheckpointError` naming the first bad file."""
     epoch = _checkpoint_epoch(directory)
-    _verify_torch_file(storage.join(directory, EXTRA_STATE))
+    _verify_torch_file(storage.join(directory, ENGINE_STATE))
     ds_dir = storage.join(directory, DS_TAG)
     ds_files = [n for n in storage.listdir(ds_dir) if n.endswith(".pt")]
     if DS_MODEL_FILE not in ds_files:
@@ -167,3 +186,152 @@ def find_latest_checkpoint(path: str) -> str:
         return directory
     raise CheckpointError(f"resume_from: {problems[0]}; and no older intact checkpoint under {path} "
                           f"({len(problems)} checked, all corrupt)")
+
+
+# --------------------------------------------------------------------------- the typed state
+
+@dataclass
+class EngineState:
+    """What the engine restores besides DeepSpeed's own files (``distillery_state.pt``, rank 0)."""
+
+    epoch: int
+    global_step: int = 0
+    ema: dict[str, Any] | None = None   # ModelEMA.state_dict(), for jobs with an EMA
+    gam: dict[str, Any] | None = None   # GAMController.state_dict(), for jobs with GAM
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineState":
+        return cls(int(data["epoch"]), int(data["global_step"]), data.get("ema"), data.get("gam"))
+
+
+@dataclass
+class CheckpointRecord:
+    """``distillery_state.json``: what a checkpoint is (epoch, metrics, rank checks) plus the
+    job's own record; one subclass per job kind, chosen by its ``kind`` when read back."""
+
+    kind: ClassVar[str] = "engine"
+    epoch: int
+    global_step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    ranks: dict[str, list] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "CheckpointRecord":
+        cls = _RECORD_KINDS.get(data.get("kind") or _legacy_kind(data), CheckpointRecord)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class DistillRecord(CheckpointRecord):
+    kind: ClassVar[str] = "distill"
+    gam_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class MoETuneRecord(CheckpointRecord):
+    kind: ClassVar[str] = "moe_tune"
+    base_metrics: dict[str, float] | None = None       # the dense base's val metrics
+    step0: dict[str, Any] | None = None                # dense vs expert-parallel outputs at step 0
+    restore_checks: list[dict[str, Any]] = field(default_factory=list)
+    moe_layers: list[str] = field(default_factory=list)
+    parameter_counts: dict[str, Any] = field(default_factory=dict)
+
+
+_RECORD_KINDS = {c.kind: c for c in (DistillRecord, MoETuneRecord)}
+
+
+def _legacy_kind(data: dict[str, Any]) -> str:
+    """The kind of a record written before records named it."""
+    return "moe_tune" if "restore_checks" in data or "step0" in data else "distill"
+
+
+def read_record(directory: str | Path) -> CheckpointRecord:
+    """The record of a checkpoint directory (local or remote)."""
+    uri = storage.join(str(directory), STATE_JSON)
+    try:
+        return CheckpointRecord.from_json(json.loads(storage.read_text(uri)))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {uri} is missing") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {uri} is unreadable: {type(exc).__name__}: {exc}") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch, Python and NumPy RNG states (tensors and lists: weights_only-loadable)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+
+
+def save_checkpoint_files(directory: str | Path, rank: int, state: EngineState, record: CheckpointRecord) -> None:
+    """The engine's files of a checkpoint: this rank's RNG states; on rank 0 the engine state and
+    the record. (DeepSpeed's files and the job's own files are written beside them.)"""
+    directory = Path(directory)
+    torch.save(rng_state(), directory / rng_file(rank))
+    if rank == 0:
+        torch.save(dataclasses.asdict(state), directory / ENGINE_STATE)
+        (directory / STATE_JSON).write_text(json.dumps(record.to_json(), default=float))
+
+
+def load_engine_state(directory: str | Path, rank: int) -> tuple[EngineState, dict[str, Any] | None]:
+    """(engine state written by rank 0, this rank's RNG states or None) from a checkpoint dir."""
+    directory = Path(directory)
+    state_path = directory / ENGINE_STATE
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {ENGINE_STATE}: not a Distillery checkpoint, "
+                              "or it was truncated")
+    rng_path = directory / rng_file(rank)
+    return (EngineState.from_dict(_load_state_file(state_path)),
+            _load_state_file(rng_path) if rng_path.is_file() else None)
+
+
+def _load_state_file(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, garbage, a pickle outside the allow-list
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def safe_checkpoint_engine():
+    """DeepSpeed's checkpoint engine with ``torch.load(weights_only=True)``.
+
+    DeepSpeed loads its own checkpoint files with full unpickling; ours come from storage, so
+    they are loaded with the restricted unpickler and an explicit allow-list of the few
+    DeepSpeed/torch types its checkpoints hold.
+    """
+    # Imported here: the driver uses this module without loading DeepSpeed.
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self):
+            super().__init__()
+            # Zip archives (DeepSpeed's default is torch's legacy format): every record carries a
+            # CRC-32, so the driver verifies a checkpoint end to end before resuming from it.
+            self.zipfile_serialization = True
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                except FileNotFoundError:
+                    raise CheckpointError(f"checkpoint file {path} is missing") from None
+                except Exception as exc:
+                    raise CheckpointError(f"checkpoint file {path} cannot be loaded (truncated or corrupt?): "
+                                          f"{type(exc).__name__}: {exc}") from None
+
+    return SafeTorchCheckpointEngine()

@@ -15,14 +15,15 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from distillery.platform.io import storage
 from distillery.data.augment import Augmenter
 from distillery.data.sample import Sample, render_features
+from distillery.platform.engine.run_spec import DistillRun
+from distillery.platform.io import storage
 
 __all__ = ["log_augment_preview", "pca_rgb", "plot_augment_preview"]
 
@@ -96,7 +97,7 @@ def plot_augment_preview(samples: Sequence[Sample], category_names: Sequence[str
 
 
 def log_augment_preview(plain_samples: Sequence[Sample], augmenter: Augmenter, count: int, seed: int,
-                        run: dict[str, Any], logger) -> None:
+                        run: DistillRun, logger) -> None:
     """``plots/augment_preview.png`` in the run storage and (with ``logger``, rank 0's
     MetricsLogger) in MLflow: ``count`` of the first batch's samples as the first
     strong-augmentation epoch transforms them. Drawn with an Augmenter of its own, so training's
@@ -108,10 +109,10 @@ def log_augment_preview(plain_samples: Sequence[Sample], augmenter: Augmenter, c
             copy.deepcopy(list(plain_samples[:count])), epoch)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "augment_preview.png")
-            plot_augment_preview(samples, run["categories"]["names"], path,
+            plot_augment_preview(samples, run.categories["names"], path,
                                  title=f"augmentation of epoch {epoch + 1} and the cached teacher grids")
             with open(path, "rb") as fh:
-                storage.write_bytes(storage.join(run["run_storage"], "plots", "augment_preview.png"), fh.read())
+                storage.write_bytes(storage.join(run.run_storage, "plots", "augment_preview.png"), fh.read())
             if logger is not None:
                 logger.log_artifact(path, "plots")
     except Exception as exc:  # noqa: BLE001 - a picture, never a reason to lose a training run

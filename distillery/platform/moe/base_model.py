@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from distillery.platform.engine.worker import EXTRA_STATE
+from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_FILE, find_latest_checkpoint
 from distillery.platform.io import storage
-from distillery.platform.moe.model_files import _TEXT_KEY, MODEL_FILE, _read_model_file
+from distillery.platform.moe.model_files import _TEXT_KEY, _read_model_file
 from distillery.torch_files import strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,6 @@ def load_base_state(source: str, *, tracking_uri: str | None = None,
             raise FileNotFoundError(f"base.checkpoint {source} does not exist")
         if not source.endswith((".safetensors", ".pt", ".pth", ".bin")):
             if not storage.exists(storage.join(source, MODEL_FILE)):
-                from distillery.platform.distill.driver import find_latest_checkpoint
-
                 source = find_latest_checkpoint(source)
             source = storage.join(source, MODEL_FILE)
         path = Path(local_dir) / "base_models" / Path(source).name
@@ -93,12 +91,10 @@ def load_base_state(source: str, *, tracking_uri: str | None = None,
     if not path.exists():
         raise FileNotFoundError(f"base.checkpoint {path} does not exist")
     if path.is_dir():
-        from distillery.platform.distill.driver import find_latest_checkpoint
-
         if (path / MODEL_FILE).is_file():
             path = path / MODEL_FILE
-        elif (path / EXTRA_STATE).is_file():   # a distillation-job checkpoint: its EMA weights
-            return strip_wrapper_prefixes(_state_from_pt(path / EXTRA_STATE)), f"{path} (EMA weights)"
+        elif (path / ENGINE_STATE).is_file():   # a distillation-job checkpoint: its EMA weights
+            return strip_wrapper_prefixes(_state_from_pt(path / ENGINE_STATE)), f"{path} (EMA weights)"
         else:
             return load_base_state(find_latest_checkpoint(str(path)), tracking_uri=tracking_uri, local_dir=local_dir)
     if path.suffix == ".safetensors":

@@ -14,7 +14,7 @@ Driver (:func:`run_moe_tune`)
        :func:`moe_tune_worker`; afterwards the best checkpoint's consolidated weights, the expert
        analysis figures and the config are logged to the run.
 
-The workers: :mod:`distillery.platform.moe.worker`.
+The workers: the training engine running :class:`~distillery.platform.moe.job.MoETuneJob`.
 """
 
 from __future__ import annotations
@@ -29,54 +29,39 @@ from typing import Any
 
 import torch
 
+import mlflow
+import yaml
+
+from distillery.platform.cache.job import ensure_dataset
+from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
 from distillery.platform.config.moe import MoETuneConfig
-from distillery.platform.config.sections import (
-    absolute_uri,
-    config_hash,
-    flatten_config,
-)
-from distillery.platform.engine.progress import (
-    filter_ray_log_noise,
-)
-from distillery.platform.engine.worker import STATE_JSON
+from distillery.platform.config.sections import config_hash, flatten_config, with_absolute_paths
+from distillery.platform.datasets.formats import coco_split_paths
+from distillery.platform.datasets.ingest import build_train_dataset
+from distillery.platform.engine.checkpoints import (ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE,
+                                                    find_latest_checkpoint, read_record)
+from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
+                                               mlflow_status, run_summary, steps_per_epoch)
+from distillery.platform.engine.progress import filter_ray_log_noise
+from distillery.platform.engine.run_spec import MoETuneRun
 from distillery.platform.io import storage
 from distillery.platform.moe.analysis import plot_expert_analysis
 from distillery.platform.moe.base_model import _load_into, load_base_state
-from distillery.platform.moe.model_files import (
-    ANALYSIS_JSON,
-    MODEL_FILE,
-    build_detector,
-    save_tuned_model,
-)
-from distillery.platform.moe.worker import moe_tune_worker
+from distillery.platform.moe.model_files import build_detector, save_tuned_model
+from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, tracking_reachable, tracking_uri_scope
+from distillery.students.moe import moe_parameter_counts
+from distillery.students.open_vocab import moe_tune_decoder
+from distillery.students.phrase_cache import PhraseEmbeddingCache
+from distillery.students.text import (HashingPhraseEncoder, MiniLMPhraseEncoder, fingerprint_digest,
+                                      minilm_unavailable_reason)
+from distillery.students.vocabulary import load_vocabulary, prompts_from_categories
 
 log = logging.getLogger(__name__)
 
 
-def with_absolute_paths(cfg: MoETuneConfig) -> MoETuneConfig:
-    """Relative local paths resolved against the driver's directory: Ray Train workers run elsewhere."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.data.root = absolute_uri(cfg.data.root)
-    cfg.output.storage_path = absolute_uri(cfg.output.storage_path)
-    cfg.output.local_dir = absolute_uri(cfg.output.local_dir)
-    if cfg.output.resume_from:
-        cfg.output.resume_from = absolute_uri(cfg.output.resume_from)
-    if cfg.base.checkpoint and not cfg.base.checkpoint.startswith("models:/"):
-        cfg.base.checkpoint = absolute_uri(cfg.base.checkpoint)
-    if cfg.text.vocabulary:
-        cfg.text.vocabulary = absolute_uri(cfg.text.vocabulary)
-    if cfg.text.cache_dir:
-        cfg.text.cache_dir = absolute_uri(cfg.text.cache_dir)
-    return cfg
 
 
 def _phrase_encoder(cfg: MoETuneConfig):
-    from distillery.students.text import (
-        HashingPhraseEncoder,
-        MiniLMPhraseEncoder,
-        minilm_unavailable_reason,
-    )
-
     kind = cfg.text.encoder
     if kind == "minilm":
         return MiniLMPhraseEncoder()
@@ -91,10 +76,6 @@ def _phrase_encoder(cfg: MoETuneConfig):
 
 def prompt_vocabulary(cfg: MoETuneConfig, categories) -> tuple[list[str], torch.Tensor, dict[str, Any]]:
     """(phrases, (P, dim) embeddings, encoder fingerprint): one prompt per category, ascending id."""
-    from distillery.students.phrase_cache import PhraseEmbeddingCache
-    from distillery.students.text import fingerprint_digest
-    from distillery.students.vocabulary import load_vocabulary, prompts_from_categories
-
     if cfg.text.vocabulary:
         phrases = load_vocabulary(cfg.text.vocabulary)
         if len(phrases) != categories.num_classes:
@@ -113,25 +94,8 @@ def prompt_vocabulary(cfg: MoETuneConfig, categories) -> tuple[list[str], torch.
 def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_run_id: str | None = None,
                  extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a summary."""
-    import ray.data
-
-    from distillery.platform.cache.job import ensure_dataset
-    from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
-    from distillery.platform.datasets.ingest import build_train_dataset
-    from distillery.platform.distill.driver import (
-        _git_commit,
-        _mlflow_status,
-        find_latest_checkpoint,
-        fit_on_ray_train,
-        load_train_val,
-    )
-    from distillery.platform.tracking.runs import (
-        create_run,
-        resolve_tracking_uri,
-        tracking_reachable,
-    )
-    from distillery.students.moe import moe_parameter_counts
-    from distillery.students.open_vocab import moe_tune_decoder
+    # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
+    from distillery.platform.moe.job import moe_tune_worker
 
     t0 = time.time()
     cfg = with_absolute_paths(cfg)
@@ -166,7 +130,7 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
                         source, len(base_info["missing"]), len(base_info["unexpected"]))
         # Every worker loads this file strictly: the keys the checkpoint lacked are this model's
         # init, the same on every rank.
-        base_uri = storage.join(run_storage, "base", MODEL_FILE)
+        base_uri = storage.join(run_storage, BASE_DIR, MODEL_FILE)
         with tempfile.TemporaryDirectory() as tmp:
             save_tuned_model(model, Path(tmp) / MODEL_FILE, {"name": cfg.model.name, "build_options": build_options,
                                                              "input_size": cfg.model.input_size, "moe": None})
@@ -177,7 +141,7 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
     del model
 
     params = flatten_config(cfg)
-    tags = {"distillery.run_storage": run_storage, "distillery.git_commit": _git_commit(),
+    tags = {"distillery.run_storage": run_storage, "distillery.git_commit": git_commit(),
             "distillery.config_hash": config_hash(cfg), "distillery.dataset_sha256": train.annotation_sha256,
             "distillery.job": "moe_tune", "distillery.text_encoder": encoder_info["name"],
             "distillery.text_encoder_fingerprint": encoder_info["digest"],
@@ -188,83 +152,64 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         filter_ray_log_noise()
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        # A corrupt image in an ingest task keeps its class (deterministic: no retry; see distill.py).
-        ray.data.DataContext.get_current().raise_original_map_exception = True
-        ray.data.DataContext.get_current().print_on_execution_start = False
+        configure_ray_data()
         train_ds = build_train_dataset(train, None, bad_records=cfg.data.bad_records,
                                        report_uri=storage.join(run_storage, "bad_records"))
         run_id = create_run(tracking_uri, cfg.tracking.experiment, name, params, tags, parent_run_id=parent_run_id)
-        per_step = cfg.train.batch_size * cfg.train.num_workers * cfg.deepspeed.gradient_accumulation_steps
-        steps_per_epoch = max(1, len(train) // per_step)
-        if cfg.train.steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
-        from distillery.platform.datasets.formats import (
-            coco_split_paths,  # workers evaluate on a COCO file
-        )
-
         val_ann, val_images = coco_split_paths(cfg.data, "val", val, storage.join(run_storage, "data"))
-        run_info = {"phrases": phrases, "text_embeddings": text.tolist(),
-                    "category_ids": list(train.categories.category_ids), "build_options": build_options,
-                    "moe_meta": moe_meta, "base_uri": base_uri,
-                    "steps_per_epoch": steps_per_epoch, "val_annotations": val_ann, "val_images": val_images,
-                    "tracking_uri": tracking_uri, "run_id": run_id, "run_storage": run_storage,
-                    "resume_checkpoint": resume_checkpoint, "parameter_counts": counts}
+        run = MoETuneRun(phrases=phrases, text_embeddings=text.tolist(),
+                         category_ids=list(train.categories.category_ids), build_options=build_options,
+                         moe_meta=moe_meta, base_uri=base_uri,
+                         steps_per_epoch=steps_per_epoch(cfg, len(train), cfg.train.steps_per_epoch),
+                         val_annotations=val_ann, val_images=val_images, tracking_uri=tracking_uri, run_id=run_id,
+                         run_storage=run_storage, resume_checkpoint=resume_checkpoint, parameter_counts=counts)
 
-        with _mlflow_status(tracking_uri, run_id):
-            result, best = fit_on_ray_train(moe_tune_worker, cfg, run_info, train_ds, name=name,
+        with mlflow_status(tracking_uri, run_id):
+            result, best = fit_on_ray_train(moe_tune_worker, cfg, run, train_ds, name=name,
                                             storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
-            summary = {"run_id": run_id, "tracking_uri": tracking_uri, "experiment": cfg.tracking.experiment,
-                       "run_storage": run_storage, "best_checkpoint": best.path if best else None,
-                       "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
-                       "metrics": dict(result.metrics or {}), "parameter_counts": counts,
+            summary = {**run_summary(run, cfg.tracking.experiment, result, best), "parameter_counts": counts,
                        "phrases": phrases, "text_encoder": encoder_info["name"]}
-            summary.update(_log_final(cfg, summary, run_info, best, result.checkpoint))
+            summary.update(_log_final(cfg, summary, run, best, result.checkpoint))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary
 
 
-def _log_final(cfg: MoETuneConfig, summary: dict[str, Any], run_info: dict[str, Any], best, last) -> dict[str, Any]:
+def _log_final(cfg: MoETuneConfig, summary: dict[str, Any], run: MoETuneRun, best, last) -> dict[str, Any]:
     """Log the best checkpoint's weights, the last checkpoint's expert analysis and the config."""
-    import mlflow
-    import yaml
-
     if best is None or last is None:
         raise RuntimeError("training finished without a checkpoint: nothing to log")
     out: dict[str, Any] = {}
-    mlflow.set_tracking_uri(summary["tracking_uri"])
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=summary["run_id"]):
+    with tracking_uri_scope(summary["tracking_uri"]), tempfile.TemporaryDirectory() as tmp, \
+            mlflow.start_run(run_id=summary["run_id"]):
         tmp = Path(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         mlflow.log_artifact(str(tmp / "config.yaml"))
         with best.as_directory() as d:
             d = Path(d)
-            state = json.loads((d / STATE_JSON).read_text())
+            record = read_record(d)
             # Under the name the registry's base loader reads (models:/<name>@<alias>).
             (tmp / "weights.safetensors").write_bytes((d / MODEL_FILE).read_bytes())
             mlflow.log_artifact(str(tmp / "weights.safetensors"), artifact_path="export")
-        meta = {"input_size": cfg.model.input_size, "phrases": run_info["phrases"],
-                "category_ids": run_info["category_ids"], "model": cfg.model.name,
-                "build_options": run_info["build_options"], "moe": run_info["moe_meta"],
-                "parameter_counts": run_info["parameter_counts"], "checkpoint_epoch": state["epoch"],
-                "metrics": state["metrics"]}
+        meta = {"input_size": cfg.model.input_size, "phrases": run.phrases, "category_ids": run.category_ids,
+                "model": cfg.model.name, "build_options": run.build_options, "moe": run.moe_meta,
+                "parameter_counts": run.parameter_counts, "checkpoint_epoch": record.epoch,
+                "metrics": record.metrics}
         mlflow.log_dict(meta, "export/meta.json")
         mlflow.set_tag("distillery.weights_uri", f"runs:/{summary['run_id']}/export/weights.safetensors")
-        mlflow.log_metrics({f"best/{k}": float(v) for k, v in state["metrics"].items()
+        mlflow.log_metrics({f"best/{k}": float(v) for k, v in record.metrics.items()
                             if isinstance(v, (int, float)) and v == v})
-        out.update(checkpoint_epoch=state["epoch"], best_metrics=state["metrics"])
+        out.update(checkpoint_epoch=record.epoch, best_metrics=record.metrics)
 
-        dense_base = storage.join(summary["run_storage"], "dense_base", MODEL_FILE)
+        dense_base = storage.join(summary["run_storage"], DENSE_BASE_DIR, MODEL_FILE)
         if storage.exists(dense_base):
             (tmp / "dense_base.safetensors").write_bytes(storage.read_bytes(dense_base))
             mlflow.log_artifact(str(tmp / "dense_base.safetensors"), artifact_path="dense_base")
 
         with last.as_directory() as d:
             d = Path(d)
-            last_state = json.loads((d / STATE_JSON).read_text())
-            out["restore_checks"] = last_state.get("restore_checks", [])
-            out["step0"] = last_state.get("step0")
-            out["base_metrics"] = last_state.get("base_metrics")
+            last_record = read_record(d)
+            out.update(restore_checks=last_record.restore_checks, step0=last_record.step0,
+                       base_metrics=last_record.base_metrics)
             if (d / ANALYSIS_JSON).is_file():
                 analysis = json.loads((d / ANALYSIS_JSON).read_text())
                 figures = plot_expert_analysis(analysis, tmp / "analysis", cfg.moe.granularity)

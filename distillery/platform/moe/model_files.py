@@ -13,9 +13,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"          # consolidated weights (plain PyTorch modules) + metadata
-ANALYSIS_JSON = "expert_analysis.json"    # per-layer load and co-activation on the val split
-PROBE_FILE = "probe.pt"                   # raw outputs on the probe images (restore check)
 MODEL_FORMAT = "distillery.open_vocab/v1"
 _TEXT_KEY = "vocabulary.text_embeddings"  # phrase embeddings stored beside the weights
 
@@ -71,7 +68,7 @@ def load_tuned_model(path: str | Path):
 
 
 
-def _weights_from_bytes(data: bytes, uri: str) -> dict[str, torch.Tensor]:
+def weights_from_bytes(data: bytes, uri: str) -> dict[str, torch.Tensor]:
     """The weights of a model file read from storage (its vocabulary embeddings dropped)."""
     from safetensors.torch import load
 

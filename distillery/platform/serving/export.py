@@ -30,10 +30,10 @@ from safetensors.torch import save_file
 
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.datasets.coco import decode_image, load_coco, load_image_resized
-from distillery.platform.engine.checkpoints import STATE_JSON
-from distillery.platform.engine.worker import load_extra_state
+from distillery.platform.engine.checkpoints import STATE_JSON, load_engine_state
 from distillery.platform.io import storage
 from distillery.platform.serving.predictor import DetectorPredictor
+from distillery.platform.tracking.runs import tracking_uri_scope
 from distillery.students import build_student
 from distillery.students.export import export_onnx
 from distillery.students.postprocess import postprocess
@@ -46,11 +46,11 @@ PREDICTOR_CODE = Path(__file__).with_name("predictor.py")
 
 def load_inference_model(cfg: DistillConfig, run_info: dict[str, Any], checkpoint_dir: str | Path) -> torch.nn.Module:
     """The EMA weights of a checkpoint in an inference student (no DSI projector), eval mode."""
-    shared, _ = load_extra_state(checkpoint_dir, rank=0)
+    state, _ = load_engine_state(checkpoint_dir, rank=0)
     model = build_student(cfg.student.name, num_classes=run_info["num_classes"],
                           eval_spatial_size=cfg.student.input_size, dsi=False, teacher_dim=None,
                           peft=cfg.student.peft.kwargs(), **cfg.student.overrides)
-    state = {k: v for k, v in shared["ema"]["module"].items() if not k.startswith("dsi.")}
+    state = {k: v for k, v in state.ema["module"].items() if not k.startswith("dsi.")}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -113,9 +113,9 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[
     """Export and log the best checkpoint; return paths for the job's summary."""
     if best is None:
         raise RuntimeError("training finished without a checkpoint: nothing to export")
-    mlflow.set_tracking_uri(summary["tracking_uri"])
     out: dict[str, Any] = {}
-    with best.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
+    with tracking_uri_scope(summary["tracking_uri"]), best.as_directory() as ckpt_dir, \
+            tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         state = json.loads((Path(ckpt_dir) / STATE_JSON).read_text())
         model = load_inference_model(cfg, run_info, ckpt_dir)

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 
 from distillery.platform.datasets.coco import decode_image
-from distillery.platform.engine.checkpoints import STATE_JSON
+from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, STATE_JSON
 from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import fetch_registry_export
@@ -76,7 +76,7 @@ class Detector:
 
 def _best_checkpoint(run_dir: Path) -> Path:
     """The checkpoint of a run directory with the highest val AP (the latest when none has one)."""
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "distillery_state.pt").is_file())
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / ENGINE_STATE).is_file())
     if not checkpoints:
         raise FileNotFoundError(f"run directory {run_dir} has no checkpoint_*/distillery_state.pt")
 
@@ -92,14 +92,10 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
 def _description(model_dir: Path) -> tuple[dict[str, Any], Path]:
     """(student description, weights path) of a run / checkpoint / export directory."""
-    # Here, not at the top: the predict CLI should not load the training worker (Ray Data ingest,
-    # augmentation) for one file name.
-    from distillery.platform.engine.worker import MODEL_JSON
-
     for run_dir in (model_dir, model_dir.parent):
         if (run_dir / MODEL_JSON).is_file():
             desc = json.loads((run_dir / MODEL_JSON).read_text())
-            weights = model_dir if (model_dir / "distillery_state.pt").is_file() else _best_checkpoint(run_dir)
+            weights = model_dir if (model_dir / ENGINE_STATE).is_file() else _best_checkpoint(run_dir)
             return desc, weights
     for export in (model_dir, model_dir / "export"):
         if (export / "meta.json").is_file() and (export / "weights.safetensors").is_file():

@@ -1,0 +1,146 @@
+"""What a training job's driver does around the engine, the same for every job: load and check
+the train/val splits, quiet Ray Data, count the steps, run the workers on Ray Train
+(:func:`fit_on_ray_train`) and mark the MLflow run finished or failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+from mlflow.tracking import MlflowClient
+
+from distillery.platform.datasets.coco import CocoDataset
+from distillery.platform.datasets.formats import load_split
+from distillery.platform.engine.progress import WORKER_ENV
+from distillery.platform.engine.run_spec import RunDescription, worker_config
+from distillery.platform.io import storage
+
+__all__ = ["configure_ray_data", "fit_on_ray_train", "git_commit", "load_train_val", "mlflow_status",
+           "run_summary", "steps_per_epoch", "storage_filesystem"]
+
+
+def configure_ray_data() -> None:
+    """Ray Data settings of a training job's driver (before its train dataset is built)."""
+    import ray.data  # (see fit_on_ray_train)
+
+    context = ray.data.DataContext.get_current()
+    # Per-operator progress bars of a dataset streamed for hours only flood the job log, and so
+    # does its execution plan, printed again every epoch: rank 0 prints progress instead.
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    # A data error raised in an ingest task (a corrupt image) keeps its own class instead of
+    # Ray Data's UserCodeException (whose cause is lost on the way): deterministic, no retry.
+    context.raise_original_map_exception = True
+
+
+def steps_per_epoch(cfg, num_images: int, limit: int | None) -> int:
+    """Optimizer steps per epoch: the train split over all workers' (accumulated) batches, at most
+    ``limit``."""
+    per_step = cfg.train.batch_size * cfg.train.num_workers * cfg.deepspeed.gradient_accumulation_steps
+    steps = max(1, num_images // per_step)
+    return min(steps, limit) if limit else steps
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_train_val(data, report_dir: str) -> tuple[CocoDataset, CocoDataset]:
+    """The train and val splits of ``data`` (a job's DataConfig), validated as they load (bad
+    records reported under ``report_dir``); refuses splits whose category tables differ."""
+    splits = {}
+    for split in ("train", "val"):  # data.format: coco, yolo or voc
+        splits[split] = load_split(data, split, report_uri=storage.join(report_dir, f"{split}.jsonl"))
+    train, val = splits["train"], splits["val"]
+    if val.categories != train.categories:
+        raise ValueError(f"train and val category tables differ: {train.annotation_uri} vs {val.annotation_uri}")
+    return train, val
+
+
+def fit_on_ray_train(worker, cfg, run: RunDescription, train_ds, *, name: str, storage_path: str,
+                     use_gpu: bool, callbacks=None):
+    """Run ``worker`` on ``cfg.train.num_workers`` Ray Train workers (TorchTrainer, Train V2) with the
+    job's checkpoint and failure settings; return ``(result, best checkpoint by AP or None)``.
+
+    Shared by the distillation and MoE-tuning jobs: ``cfg`` is either job's config (its ``train``
+    section has the fields read here), ``run`` reaches every worker with the config."""
+    # Imported here: a job's driver checks its inputs (and prints one line on a bad one) before
+    # it loads Ray Train.
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_config = ray.train.RunConfig(
+        name=name, storage_path=storage_path if "://" not in storage_path else None,
+        storage_filesystem=storage_filesystem(storage_path),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                     checkpoint_score_attribute="AP",
+                                                     checkpoint_score_order="max"),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=list(callbacks or []),
+        # Ray Train's INFO lines (each rank's whole metrics dict per report, every checkpoint
+        # path) drown the progress lines rank 0 prints; its warnings and errors still show.
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        worker_runtime_env={"env_vars": dict(WORKER_ENV)})
+    if "://" in storage_path:
+        run_config.storage_path = storage.filesystem(storage_path)[1]
+    trainer = TorchTrainer(
+        worker, train_loop_config=worker_config(cfg, run),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=run_config, datasets={"train": train_ds})
+    install_failure_policy()
+    result = trainer.fit()
+    # Ray keeps the top checkpoints by AP, listed in report order: pick the best one.
+    scored = [(c, m.get("AP", float("-inf"))) for c, m in (result.best_checkpoints or [])]
+    scored = [(c, ap if ap == ap else float("-inf")) for c, ap in scored]  # NaN -> lowest
+    best = max(scored, key=lambda cm: cm[1])[0] if scored else result.checkpoint
+    return result, best
+
+
+def install_failure_policy() -> None:
+    """Make Ray Train raise at once when a worker fails with a :class:`DeterministicError` (a
+    corrupt checkpoint, bad data, an unknown model): a retry would fail the same way, so it must
+    not consume ``train.max_failures``. Ray Train V2 builds its failure policy in
+    ``create_failure_policy`` with no public hook to choose another; ours wraps the default."""
+    from ray.train.v2.api import data_parallel_trainer  # (see fit_on_ray_train)
+
+    from distillery.platform.engine.failure_policy import create_failure_policy  # (imports Ray Train)
+
+    data_parallel_trainer.create_failure_policy = create_failure_policy
+
+
+def run_summary(run: RunDescription, experiment: str, result, best) -> dict[str, Any]:
+    """What every job's summary says about its training run (``result``, ``best``: :func:`fit_on_ray_train`'s)."""
+    return {"run_id": run.run_id, "tracking_uri": run.tracking_uri, "experiment": experiment,
+            "run_storage": run.run_storage, "best_checkpoint": best.path if best else None,
+            "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "metrics": dict(result.metrics or {})}
+
+
+@contextlib.contextmanager
+def mlflow_status(tracking_uri: str, run_id: str):
+    """Mark the MLflow run FINISHED, or FAILED if anything in the block raises."""
+    client = MlflowClient(tracking_uri)
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def storage_filesystem(storage_path: str):
+    """A pyarrow filesystem for S3 run storage that uses our fsspec/S3 settings (endpoint,
+    credentials from the environment); None for local paths."""
+    if "://" not in storage_path:
+        return None
+    fs, _ = storage.filesystem(storage_path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

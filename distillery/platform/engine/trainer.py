@@ -1,0 +1,362 @@
+"""The training engine every job runs on: one Ray Train worker's whole life.
+
+:class:`Trainer` owns what all jobs share: worker set-up, restore, the lockstep batch loop (all
+ranks take the same number of steps), the step (:func:`distillery.students.training.train_step`),
+EMA, GAM's epoch end, logging (MLflow's ``MetricsLogger``, rank 0's progress lines), BatchNorm
+statistics averaged over ranks before evaluation and checkpoint, evaluation, the rank check
+(parameters and buffers, EMA included) and checkpoints
+(:mod:`distillery.platform.engine.checkpoints`).
+
+A job is its config, its model builder and its hooks: a :class:`TrainingJob` subclass
+(``platform/distill/job.py``, ``platform/moe/job.py``). Reading order: :meth:`Trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from abc import ABC, abstractmethod
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import ray.train
+import torch
+
+from distillery.platform.engine.checkpoints import (DS_TAG, CheckpointError, CheckpointRecord, EngineState,
+                                                    load_engine_state, read_record, save_checkpoint_files,
+                                                    set_rng_state)
+from distillery.platform.engine.norm_sync import average_norm_statistics
+from distillery.platform.engine.progress import ProgressPrinter, quiet_worker_noise
+from distillery.platform.engine.run_spec import RunDescription, from_worker_config
+from distillery.platform.engine.worker import (evaluate_on_ranks, gather_floats, inject_fault,
+                                               setup_worker, sum_across_ranks, zero_local_grads)
+from distillery.platform.tracking.runs import MetricsLogger
+from distillery.students.ema import ModelEMA
+from distillery.students.gam import GAMController
+from distillery.students.training import AuxLoss, StepResult, train_step
+
+__all__ = ["Built", "Trainer", "TrainingJob", "WorkerContext", "engine_step", "run_job"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """Where this worker runs."""
+
+    rank: int
+    world: int
+    device: torch.device
+    use_gpu: bool
+    logger: MetricsLogger | None  # rank 0's MLflow logger (None on other ranks, or without tracking)
+    shard: Any                    # this rank's Ray Data shard of the train split
+
+
+@dataclass
+class Built:
+    """What a job's builder hands the engine."""
+
+    engine: Any                       # the DeepSpeed engine (deepspeed_engine)
+    criterion: torch.nn.Module
+    ema: ModelEMA | None = None
+    gam: GAMController | None = None
+    aux_loss: AuxLoss | None = None   # a job's extra loss term (the MoE load-balancing loss)
+
+
+class TrainingJob(ABC):
+    """A job on the engine: its config, its model builder and its hooks. A job must say how it
+    builds its model and its batches; the other hooks' defaults do nothing."""
+
+    config_class: ClassVar[type]
+    record_class: ClassVar[type[CheckpointRecord]] = CheckpointRecord
+
+    def __init__(self, cfg, run: RunDescription, ctx: WorkerContext):
+        self.cfg, self.run, self.ctx = cfg, run, ctx
+
+    @abstractmethod
+    def build(self, restoring: bool) -> Built:
+        """Model, loss, optimizer, DeepSpeed engine (``restoring``: a checkpoint will be loaded)."""
+
+    @property
+    @abstractmethod
+    def input_size(self) -> int:
+        """The model's square input side (training and evaluation)."""
+
+    @abstractmethod
+    def step_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """This rank's step batches of ``epoch`` (``images``, ``targets``, teacher signal...), in
+        lockstep with the other ranks (:func:`~distillery.platform.engine.worker.lockstep`)."""
+
+    def model_to_evaluate(self, built: Built) -> torch.nn.Module:
+        return built.ema.module if built.ema is not None else built.engine.module
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """COCO AP of ``model`` on the val split (sharded over ranks; every rank gets the metrics)."""
+        run, ctx = self.run, self.ctx
+        return evaluate_on_ranks(model, run.val_annotations, run.val_images, self.input_size,
+                                 self.cfg.train.eval_batch_size, ctx.rank, ctx.world, ctx.device)
+
+    def on_restore(self, directory: str, record: CheckpointRecord, global_step: int) -> None:
+        """Called after the engine restored a checkpoint (its directory still open)."""
+
+    def start_metrics(self, built: Built) -> dict[str, float]:
+        """Logged once at step 0 of a fresh run."""
+        return {}
+
+    def before_evaluation(self, built: Built, evaluating: bool) -> None:
+        """After the norm statistics agree, before evaluation (consolidation for eval)."""
+
+    def after_evaluation(self, metrics: dict[str, Any]) -> None:
+        """The epoch's metrics, evaluation included (analysis adds its metrics here)."""
+
+    def shared_parameters(self, module: torch.nn.Module) -> Iterator[torch.Tensor]:
+        """The parameters every rank holds alike (all of them under data parallelism)."""
+        return module.parameters()
+
+    def rank_values(self, built: Built) -> dict[str, float]:
+        """Extra per-rank values for the rank check (a collective when it runs the model)."""
+        return {}
+
+    def record(self, epoch: int, global_step: int, metrics: dict[str, Any], ranks: dict[str, list]) -> CheckpointRecord:
+        return self.record_class(epoch=epoch, global_step=global_step, metrics=metrics, ranks=ranks)
+
+    def write_files(self, directory: str, built: Built) -> None:
+        """The job's own files of a checkpoint (rank 0 and others alike: check ``ctx.rank``)."""
+
+    def close(self) -> None:
+        """After the last epoch."""
+
+    def metric_name(self, key: str) -> str:
+        """The MLflow name of an epoch metric."""
+        return key if key == "epoch" else f"epoch/{key}"
+
+
+class Trainer:
+    """One worker's training run: :meth:`fit`."""
+
+    def __init__(self, job: TrainingJob):
+        self.job, self.cfg, self.ctx = job, job.cfg, job.ctx
+        self.start_epoch, self.global_step = 0, 0
+        self.best: tuple[float, int] | None = None   # (best val AP so far, its epoch)
+        self.built: Built | None = None
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self) -> None:
+        checkpoint = self._checkpoint_to_restore()
+        self.built = self.job.build(restoring=checkpoint is not None)
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        elif self.ctx.logger is not None and (start := self.job.start_metrics(self.built)):
+            self.ctx.logger.log(start, step=0)
+        progress = self._progress()
+        for epoch in range(self.start_epoch, self.cfg.train.epochs):
+            metrics = self.train_epoch(epoch, progress)
+            self.end_epoch(epoch, metrics, progress)
+        if self.ctx.logger is not None:
+            self.ctx.logger.flush()
+        self.job.close()
+
+    def _checkpoint_to_restore(self):
+        checkpoint = ray.train.get_checkpoint()   # after a worker failure
+        if checkpoint is None and self.job.run.resume_checkpoint:
+            checkpoint = ray.train.Checkpoint(self.job.run.resume_checkpoint)
+        return checkpoint
+
+    def restore(self, checkpoint) -> None:
+        built = self.built
+        with checkpoint.as_directory() as directory:
+            load_path, _ = built.engine.load_checkpoint(directory, tag=DS_TAG)
+            if load_path is None:
+                raise CheckpointError(f"checkpoint {checkpoint.path} has no DeepSpeed checkpoint '{DS_TAG}'")
+            state, rng = load_engine_state(directory, self.ctx.rank)
+            record = read_record(directory)
+            if built.ema is not None:
+                built.ema.load_state_dict(state.ema)
+            if built.gam is not None and state.gam is not None:
+                built.gam.load_state_dict(state.gam)
+            self.start_epoch, self.global_step = state.epoch + 1, state.global_step
+            self.best = _restored_best(record.metrics)
+            self.job.on_restore(directory, record, self.global_step)
+        if rng is not None:
+            set_rng_state(rng)
+        log.info("rank %d resumed from %s at epoch %d (step %d)", self.ctx.rank, checkpoint.path,
+                 self.start_epoch, self.global_step)
+
+    def _progress(self) -> ProgressPrinter | None:
+        if self.ctx.rank != 0:
+            return None
+        t = self.cfg.train
+        return ProgressPrinter(t.epochs, self.job.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps,
+                               every_steps=t.progress_every, every_seconds=t.progress_seconds,
+                               world_size=self.ctx.world)
+
+    # ------------------------------------------------------------------ one epoch
+
+    def train_epoch(self, epoch: int, progress: ProgressPrinter | None) -> dict[str, Any]:
+        engine = self.built.engine
+        engine.train()
+        t_epoch = time.perf_counter()
+        if progress is not None:
+            progress.start_epoch_timer()
+        steps, images_seen = 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # on device: no per-step sync
+        for batch in self.job.step_batches(epoch):
+            result = self.step(batch)
+            steps += 1
+            images_seen += len(batch["images"])
+            self.global_step += 1
+            loss_sum += result.total.detach().double()
+            if progress is not None and progress.due(steps):
+                progress.step(epoch, steps, images_seen, float(result.total.detach()), result.as_floats(),
+                              self._lambda())
+            self._log_step(result)
+            self._maybe_kill()
+        if steps == 0:
+            raise RuntimeError(f"epoch {epoch}: no training batch (the train split is smaller than "
+                               f"train.batch_size x train.num_workers)")
+        seconds = time.perf_counter() - t_epoch
+        return {"epoch": epoch, "global_step": self.global_step, "epoch_seconds": seconds,
+                "images_per_second": images_seen * self.ctx.world / max(seconds, 1e-9),
+                "mean_loss": float(loss_sum) / steps}
+
+    def step(self, batch: dict[str, Any]) -> StepResult:
+        """One micro-step through the DeepSpeed engine; the EMA follows each optimizer step."""
+        b = self.built
+        engine = b.engine
+        result = engine_step(engine, b.criterion, batch, gam=b.gam, aux_loss=b.aux_loss)
+        if b.ema is not None and (engine.is_gradient_accumulation_boundary()
+                                  or self.cfg.deepspeed.gradient_accumulation_steps == 1):
+            b.ema.update(engine.module)
+        return result
+
+    def _lambda(self) -> float | None:
+        return self.built.gam.current_lambda if self.built.gam is not None else None
+
+    def _log_step(self, result: StepResult) -> None:
+        logger = self.ctx.logger
+        if logger is None or self.global_step % self.cfg.train.log_every != 0:
+            return
+        metrics = {f"train/{k}": v for k, v in result.as_floats().items()}
+        metrics["train/lr"] = self.built.engine.get_lr()[0]
+        if self.built.gam is not None:
+            metrics["train/lambda"] = self.built.gam.current_lambda
+        logger.log(metrics, self.global_step)
+
+    def _maybe_kill(self) -> None:
+        kill = self.cfg.debug.kill
+        if kill is not None and self.ctx.rank == kill.rank and self.global_step == kill.step:
+            if self.ctx.logger is not None:
+                self.ctx.logger.flush()
+            inject_fault(self.job.run.run_storage)
+
+    # ------------------------------------------------------------------ the end of an epoch
+
+    def end_epoch(self, epoch: int, metrics: dict[str, Any], progress: ProgressPrinter | None) -> None:
+        b = self.built
+        mean_loss = metrics.pop("mean_loss")
+        if b.gam is not None:
+            metrics.update(self._gam_epoch_end(epoch))
+        # One set of BatchNorm statistics for every rank before they evaluate and checkpoint.
+        average_norm_statistics(b.engine.module, *([b.ema.module] if b.ema is not None else []))
+        evaluating = (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.cfg.train.epochs
+        self.job.before_evaluation(b, evaluating)
+        if evaluating:
+            metrics.update(self.job.evaluate(self.job.model_to_evaluate(b)))
+        self.job.after_evaluation(metrics)
+        self.best = _best_ap(self.best, metrics, epoch)
+        if self.best is not None:
+            metrics["best_AP"], metrics["best_epoch"] = self.best
+        if progress is not None:
+            progress.epoch_end(epoch, metrics, mean_loss)
+        ranks = self.rank_consistency()
+        if self.ctx.logger is not None:
+            self.ctx.logger.log({self.job.metric_name(k): v for k, v in metrics.items()
+                                 if isinstance(v, (int, float))}, epoch)
+            self.ctx.logger.flush()
+        self.save(epoch, metrics, ranks)
+
+    def _gam_epoch_end(self, epoch: int) -> dict[str, Any]:
+        """GAM's rank-synchronous update (one all-reduce of the epoch's norm sums) and its metrics."""
+        gam = self.built.gam
+        lam_before = gam.current_lambda
+        out: dict[str, Any] = {"lambda": gam.end_epoch(epoch, all_reduce=sum_across_ranks),
+                               "lambda_before": lam_before}
+        if gam.history:
+            out["aifi_ratio"] = gam.history[-1].get("ratio", 0.0)
+            for name, share in (gam.last_shares or {}).items():
+                out[f"share_{name}"] = share
+        return out
+
+    def rank_consistency(self) -> dict[str, list]:
+        """Every rank's float64 checksums of its shared weights, its buffers (BatchNorm running
+        statistics) and its EMA copy's, GAM's lambda and the job's own values, gathered: they must
+        agree across ranks (the checkpoint records them; the tests compare them)."""
+        b = self.built
+        values: dict[str, float] = {}
+        if b.gam is not None:
+            values["lambda"] = float(b.gam.current_lambda)
+        with torch.no_grad():
+            values["weights_checksum"] = _checksum(self.job.shared_parameters(b.engine.module))
+            values["buffers_checksum"] = _checksum(b.engine.module.buffers())
+            if b.ema is not None:
+                values["ema_weights_checksum"] = _checksum(b.ema.module.parameters())
+                values["ema_buffers_checksum"] = _checksum(b.ema.module.buffers())
+        values.update(self.job.rank_values(b))
+        gathered = gather_floats(list(values.values()), self.ctx.device)
+        return {k: [float(part[i]) for part in gathered] for i, k in enumerate(values)}
+
+    def save(self, epoch: int, metrics: dict[str, Any], ranks: dict[str, list]) -> None:
+        """One Ray Train checkpoint: every rank's DeepSpeed files and RNG states, rank 0's engine
+        state and record, the job's files; reported with the epoch's metrics."""
+        b = self.built
+        state = EngineState(epoch, self.global_step, b.ema.state_dict() if b.ema is not None else None,
+                            b.gam.state_dict() if b.gam is not None else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            b.engine.save_checkpoint(tmp, tag=DS_TAG)
+            save_checkpoint_files(tmp, self.ctx.rank, state, self.job.record(epoch, self.global_step, metrics, ranks))
+            self.job.write_files(tmp, b)
+            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def engine_step(engine, criterion: torch.nn.Module, batch: dict[str, Any], *, gam: GAMController | None = None,
+                aux_loss: AuxLoss | None = None) -> StepResult:
+    """:func:`~distillery.students.training.train_step` through a DeepSpeed engine (GAM reads this
+    rank's ZeRO gradient partition at accumulation boundaries)."""
+    return train_step(engine, criterion, batch, backward=engine.backward, step=engine.step, gam=gam,
+                      grads=lambda: zero_local_grads(engine), at_boundary=engine.is_gradient_accumulation_boundary,
+                      aux_loss=aux_loss)
+
+
+def _checksum(tensors) -> float:
+    """float64 sum of ``tensors`` (0 for none)."""
+    values = [t.detach().double().sum() for t in tensors]
+    return float(torch.stack(values).sum()) if values else 0.0
+
+
+def _best_ap(best: tuple[float, int] | None, metrics: dict[str, Any], epoch: int) -> tuple[float, int] | None:
+    """The best val AP so far and its epoch, after this epoch's ``metrics`` (NaN and absent APs
+    do not count)."""
+    ap = metrics.get("AP")
+    if isinstance(ap, float) and ap == ap and (best is None or ap > best[0]):
+        return ap, epoch
+    return best
+
+
+def _restored_best(metrics: dict[str, Any]) -> tuple[float, int] | None:
+    if "best_AP" in metrics and "best_epoch" in metrics:
+        return float(metrics["best_AP"]), int(metrics["best_epoch"])
+    return None
+
+
+def run_job(job_class: type[TrainingJob], config: dict[str, Any]) -> None:
+    """A Ray Train worker: set up, build ``job_class`` from ``train_loop_config``, train."""
+    cfg, run = from_worker_config(config, job_class.config_class)
+    rank, world, device, use_gpu = setup_worker(cfg)
+    quiet_worker_noise()
+    logger = MetricsLogger(run.tracking_uri, run.run_id) if rank == 0 and run.run_id else None
+    shard = ray.train.get_dataset_shard("train")
+    job = job_class(cfg, run, WorkerContext(rank, world, device, use_gpu, logger, shard))
+    Trainer(job).fit()

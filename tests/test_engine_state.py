@@ -1,0 +1,100 @@
+"""The engine's typed boundaries, without Ray: the run description through ``train_loop_config``,
+the checkpoint record and engine state as written and read back (and as older runs wrote them),
+the teacher signal chosen from ``teacher_mode``, and the step's extension point for a job's own
+loss (the MoE load-balancing loss)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.config.sections import load_config
+from distillery.platform.distill.teacher_signal import CachedTeacher, NoTeacher, OnlineTeacher, teacher_signal
+from distillery.platform.engine.checkpoints import (ENGINE_STATE, STATE_JSON, CheckpointRecord, DistillRecord,
+                                                    EngineState, MoETuneRecord, load_engine_state, read_record,
+                                                    save_checkpoint_files)
+from distillery.platform.engine.run_spec import DistillRun, GamSettings, MoETuneRun, from_worker_config, worker_config
+from distillery.students.moe import MoEFFN, collect_aux_loss
+from distillery.students.training import compute_losses
+
+
+def test_run_description_crosses_train_loop_config_typed():
+    cfg = load_config(DistillConfig, None, [])
+    run = DistillRun(num_classes=3, categories={"category_ids": [1, 2, 5], "names": ["a", "b", "c"]},
+                     gam=GamSettings(0.5, 0.3, 0.05, 1.0, 10, "paper", True), teacher_dim=32, teacher_dtype="float32",
+                     steps_per_epoch=4, val_annotations="/v.json", val_images="/v", run_storage="/runs/x",
+                     run_id="abc", tracking_uri="sqlite:///m.db")
+    config = json.loads(json.dumps(worker_config(cfg, run)))   # what Ray Train carries: plain JSON
+    cfg_back, run_back = from_worker_config(config, DistillConfig)
+    assert run_back == run and isinstance(run_back.gam, GamSettings) and cfg_back == cfg
+    moe = MoETuneRun(phrases=["a"], text_embeddings=[[0.0, 1.0]], category_ids=[1], build_options={},
+                     parameter_counts={"dense": {"total": 1}}, steps_per_epoch=1, val_annotations="a",
+                     val_images="b", run_storage="c")
+    assert from_worker_config({"cfg": config["cfg"], "run": moe.to_dict()}, DistillConfig)[1] == moe
+
+
+def test_checkpoint_files_round_trip_typed(tmp_path):
+    state = EngineState(epoch=2, global_step=12, ema={"module": {"w": torch.ones(2)}, "updates": 12}, gam=None)
+    record = DistillRecord(epoch=2, global_step=12, metrics={"AP": 0.1}, ranks={"weights_checksum": [1.0, 1.0]},
+                           gam_history=[{"epoch": 0}])
+    save_checkpoint_files(tmp_path, 0, state, record)
+    save_checkpoint_files(tmp_path, 1, state, record)   # rank 1 writes its RNG states only
+    loaded, rng = load_engine_state(tmp_path, rank=1)
+    assert loaded.epoch == 2 and loaded.global_step == 12 and torch.equal(loaded.ema["module"]["w"], torch.ones(2))
+    assert "torch" in rng
+    assert read_record(tmp_path) == record and json.loads((tmp_path / STATE_JSON).read_text())["kind"] == "distill"
+
+
+def test_records_written_before_kinds_are_read_by_their_contents(tmp_path):
+    (tmp_path / STATE_JSON).write_text(json.dumps({"epoch": 1, "global_step": 4, "metrics": {}, "ranks": {},
+                                                   "step0": {"max_abs_diff": 0.0}, "restore_checks": [],
+                                                   "moe_layers": ["l"], "parameter_counts": {}}))
+    record = read_record(tmp_path)
+    assert isinstance(record, MoETuneRecord) and record.step0 == {"max_abs_diff": 0.0}
+    (tmp_path / STATE_JSON).write_text(json.dumps({"epoch": 1, "global_step": 4, "metrics": {}, "ranks": {},
+                                                   "lambda": 0.3, "gam_history": [{"epoch": 0}]}))
+    assert isinstance(read_record(tmp_path), DistillRecord)
+    # An MoE-tuning engine state of the old layout (no EMA, no GAM) reads as one.
+    torch.save({"epoch": 1, "global_step": 4}, tmp_path / ENGINE_STATE)
+    assert load_engine_state(tmp_path, rank=0)[0] == EngineState(1, 4)
+    assert isinstance(CheckpointRecord.from_json({"kind": "moe_tune", "epoch": 0}), MoETuneRecord)
+
+
+@pytest.mark.parametrize("mode, kind, teacher, cache", [("none", NoTeacher, False, False),
+                                                        ("cached", CachedTeacher, True, True),
+                                                        ("online", OnlineTeacher, True, False)])
+def test_teacher_signal_is_chosen_once_from_the_mode(mode, kind, teacher, cache):
+    signal = teacher_signal(load_config(DistillConfig, None, [f"teacher_mode={mode}"]))
+    assert type(signal) is kind and signal.mode == mode
+    assert (signal.needs_teacher, signal.needs_cache) == (teacher, cache)
+
+
+class _MoEModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ffn = MoEFFN(8, 4, copies=2, granularity=2, aux_loss_weight=0.5)
+
+    def forward(self, images, targets=None):
+        return {"out": self.ffn(images)}
+
+
+def test_the_step_adds_a_jobs_own_loss():
+    torch.manual_seed(0)
+    model = _MoEModel()
+    images = torch.randn(3, 5, 8)
+
+    def criterion(outputs, targets):
+        return {"loss_mse": outputs["out"].pow(2).mean()}
+
+    plain = compute_losses(model, criterion, images, [])
+    with_aux = compute_losses(model, criterion, images, [], aux_loss=collect_aux_loss)
+    aux = model.ffn.aux_loss
+    assert "loss_aux" not in plain.parts and aux is not None and aux.item() > 0
+    assert torch.allclose(with_aux.parts["loss_aux"], aux.detach())
+    assert with_aux.total.item() == pytest.approx(plain.total.item() + aux.item(), rel=1e-6)
+    with_aux.total.backward()
+    assert model.ffn.router.piece_weight.grad is not None   # the balancing loss reaches the router
