@@ -209,7 +209,7 @@ def test_base_checkpoint_sources(tuned, tmp_path):
         load_base_state("models:/ov-dense@nope", tracking_uri=summary["tracking_uri"], local_dir=str(tmp_path))
 
     # A distillation-job checkpoint (closed-set RT-DETRv4): its EMA weights, the parts that fit.
-    from distillery.platform.moe.base_model import _load_into
+    from distillery.platform.moe.base_model import load_into
     from distillery.students import build_student
 
     student = build_student("rtdetrv4_tiny", num_classes=6, teacher_dim=32, eval_spatial_size=128)
@@ -219,8 +219,8 @@ def test_base_checkpoint_sources(tuned, tmp_path):
     state, source = load_base_state(str(tmp_path / "distill_ckpt"))
     assert "EMA" in source
     with pytest.raises(ValueError, match="set base.strict=false"):
-        _load_into(dense, state, strict=True, source=source)
-    report = _load_into(dense, state, strict=False, source=source)
+        load_into(dense, state, strict=True, source=source)
+    report = load_into(dense, state, strict=False, source=source)
     assert any(k.startswith("dsi.") for k in report["unexpected"])
     assert any("dec_score_head" in k for k in report["missing"])   # the region-text heads stay as they were
     assert torch.equal(dense.state_dict()["backbone.body.stem.stem1.conv.weight"],

@@ -10,6 +10,8 @@ and console output is searched for the canary strings: zero hits.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -66,7 +68,13 @@ def test_sweeps_keep_credentials_out_of_tunes_trial_runtime_env(monkeypatch):
 
     secret = "canary-" + uuid.uuid4().hex
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+    # Ray's list as it ships, read in a fresh interpreter: in this process an earlier sweep (any
+    # ray_session once ray.tune is imported) has already taken the credentials out of it.
+    shipped = subprocess.run([sys.executable, "-c", "from ray.tune.execution import class_cache as c; "
+                              "print(' '.join(sorted(c.ENV_VARS_TO_PROPAGATE)))"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert "AWS_SECRET_ACCESS_KEY" in shipped
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(shipped))
 
     class Before:
         pass

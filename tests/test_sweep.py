@@ -171,8 +171,12 @@ def test_promotion_refusal_and_rollback(sweep):
     assert set(pred) >= {"boxes", "scores", "labels"}
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(sweep["out"] / "dl"),
-                                                     tracking_uri=uri, registry_uri=uri))
+    from distillery.platform.tracking.runs import tracking_uri_scope
+
+    # MLflow resolves a models:/ URI against the process's registry URI (its registry_uri argument
+    # does not reach the lookup), so point it there for this call only.
+    with tracking_uri_scope(uri):
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2", dst_path=str(sweep["out"] / "dl")))
     assert list(local.rglob("*.onnx"))
 
     # Rollback: champion back to v1; a second rollback has nowhere to go.

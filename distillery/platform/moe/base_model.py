@@ -11,7 +11,7 @@ import torch
 
 from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_FILE, find_latest_checkpoint
 from distillery.platform.io import storage
-from distillery.platform.moe.model_files import _TEXT_KEY, _read_model_file
+from distillery.platform.moe.model_files import TEXT_KEY, read_model_file
 from distillery.torch_files import strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,11 @@ def _state_from_registry(uri: str, tracking_uri: str, local_dir: str) -> tuple[d
     except (MlflowException, OSError) as exc:
         raise FileNotFoundError(f"base.checkpoint {uri!r}: run {version.run_id} of version {version.version} has "
                                 f"no export/weights.safetensors artifact ({exc})") from None
-    state, meta = _read_model_file(local)
+    state, meta = read_model_file(local)
     if meta and meta.get("moe"):
         raise ValueError(f"base.checkpoint {uri!r} (version {version.version}) is already an MoE model; "
                          "MoE-tuning starts from a dense model")
-    state.pop(_TEXT_KEY, None)
+    state.pop(TEXT_KEY, None)
     return strip_wrapper_prefixes(state), f"{uri} (version {version.version}, run {version.run_id})"
 
 
@@ -98,16 +98,16 @@ def load_base_state(source: str, *, tracking_uri: str | None = None,
         else:
             return load_base_state(find_latest_checkpoint(str(path)), tracking_uri=tracking_uri, local_dir=local_dir)
     if path.suffix == ".safetensors":
-        state, meta = _read_model_file(path)
+        state, meta = read_model_file(path)
         if meta and meta.get("moe"):
             raise ValueError(f"base.checkpoint {path} is already an MoE model (copies={meta['moe']['copies']}, "
                              f"granularity={meta['moe']['granularity']}); MoE-tuning starts from a dense model")
-        state.pop(_TEXT_KEY, None)
+        state.pop(TEXT_KEY, None)
         return strip_wrapper_prefixes(state), str(path)
     return strip_wrapper_prefixes(_state_from_pt(path)), str(path)
 
 
-def _load_into(model, state: dict[str, torch.Tensor], strict: bool, source: str) -> dict[str, list[str]]:
+def load_into(model, state: dict[str, torch.Tensor], strict: bool, source: str) -> dict[str, list[str]]:
     """Load ``state`` into ``model``; strict: every key must match in name and shape."""
     own = model.state_dict()
     if any(".router." in k or k.endswith(".w1") for k in state):

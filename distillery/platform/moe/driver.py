@@ -46,7 +46,7 @@ from distillery.platform.engine.progress import filter_ray_log_noise
 from distillery.platform.engine.run_spec import MoETuneRun
 from distillery.platform.io import storage
 from distillery.platform.moe.analysis import plot_expert_analysis
-from distillery.platform.moe.base_model import _load_into, load_base_state
+from distillery.platform.moe.base_model import load_into, load_base_state
 from distillery.platform.moe.model_files import build_detector, save_tuned_model
 from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, tracking_reachable, tracking_uri_scope
 from distillery.students.moe import moe_parameter_counts
@@ -124,7 +124,7 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
     base_uri, base_info = None, None
     if cfg.base.checkpoint and resume_checkpoint is None:
         state, source = load_base_state(cfg.base.checkpoint, tracking_uri=tracking_uri, local_dir=str(local_dir))
-        base_info = {"source": source, **_load_into(model, state, cfg.base.strict, source)}
+        base_info = {"source": source, **load_into(model, state, cfg.base.strict, source)}
         if base_info["missing"] or base_info["unexpected"]:
             log.warning("base %s: %d model keys not in the checkpoint (kept at init), %d checkpoint keys unused",
                         source, len(base_info["missing"]), len(base_info["unexpected"]))

@@ -62,7 +62,6 @@ __all__ = ["MoETuneJob", "moe_tune_worker"]
 log = logging.getLogger(__name__)
 
 
-
 class MoETuneJob(TrainingJob):
     config_class = MoETuneConfig
     record_class = MoETuneRecord

@@ -14,7 +14,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "distillery.open_vocab/v1"
-_TEXT_KEY = "vocabulary.text_embeddings"  # phrase embeddings stored beside the weights
+TEXT_KEY = "vocabulary.text_embeddings"  # phrase embeddings stored beside the weights
 
 
 
@@ -38,12 +38,12 @@ def save_tuned_model(model, path: str | Path, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tensors[_TEXT_KEY] = model.text_embeddings.detach().to("cpu", torch.float32).contiguous()
+    tensors[TEXT_KEY] = model.text_embeddings.detach().to("cpu", torch.float32).contiguous()
     meta = {"format": MODEL_FORMAT, "phrases": list(model.phrases), **meta}
     save_file(tensors, str(path), metadata={"distillery": json.dumps(meta, default=str)})
 
 
-def _read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     from safetensors import safe_open
 
     try:
@@ -57,10 +57,10 @@ def _read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 def load_tuned_model(path: str | Path):
     """A plain PyTorch detector (dense or MoE, eval mode) from a ``model.safetensors`` of this job."""
-    tensors, meta = _read_model_file(path)
+    tensors, meta = read_model_file(path)
     if not meta or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a {MODEL_FORMAT} model file (no Distillery metadata)")
-    text = tensors.pop(_TEXT_KEY)
+    text = tensors.pop(TEXT_KEY)
     model = build_detector(meta["name"], meta["phrases"], text, int(meta["input_size"]), meta["build_options"],
                            meta.get("moe"))
     model.load_state_dict(tensors, strict=True)
@@ -76,7 +76,7 @@ def weights_from_bytes(data: bytes, uri: str) -> dict[str, torch.Tensor]:
         tensors = load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(f"{uri} is not a readable safetensors file: {exc}") from None
-    tensors.pop(_TEXT_KEY, None)
+    tensors.pop(TEXT_KEY, None)
     return tensors
 
 
