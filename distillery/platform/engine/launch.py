@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 from mlflow.tracking import MlflowClient
 
 from distillery.platform.datasets.coco import CocoDataset
@@ -20,7 +19,7 @@ from distillery.platform.engine.run_spec import RunDescription, worker_config
 from distillery.platform.io import storage
 
 __all__ = ["configure_ray_data", "fit_on_ray_train", "git_commit", "load_train_val", "mlflow_status",
-           "run_summary", "steps_per_epoch", "storage_filesystem"]
+           "run_summary", "steps_per_epoch"]
 
 
 def configure_ray_data() -> None:
@@ -77,9 +76,10 @@ def fit_on_ray_train(worker, cfg, run: RunDescription, train_ds, *, name: str, s
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    remote = storage.has_protocol(storage_path)
     run_config = ray.train.RunConfig(
-        name=name, storage_path=storage_path if "://" not in storage_path else None,
-        storage_filesystem=storage_filesystem(storage_path),
+        name=name, storage_path=None if remote else storage_path,
+        storage_filesystem=storage.pyarrow_filesystem(storage_path) if remote else None,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                      checkpoint_score_attribute="AP",
                                                      checkpoint_score_order="max"),
@@ -89,7 +89,7 @@ def fit_on_ray_train(worker, cfg, run: RunDescription, train_ds, *, name: str, s
         # path) drown the progress lines rank 0 prints; its warnings and errors still show.
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         worker_runtime_env={"env_vars": dict(WORKER_ENV)})
-    if "://" in storage_path:
+    if remote:
         run_config.storage_path = storage.filesystem(storage_path)[1]
     trainer = TorchTrainer(
         worker, train_loop_config=worker_config(cfg, run),
@@ -136,11 +136,3 @@ def mlflow_status(tracking_uri: str, run_id: str):
         raise
     client.set_terminated(run_id, "FINISHED")
 
-
-def storage_filesystem(storage_path: str):
-    """A pyarrow filesystem for S3 run storage that uses our fsspec/S3 settings (endpoint,
-    credentials from the environment); None for local paths."""
-    if "://" not in storage_path:
-        return None
-    fs, _ = storage.filesystem(storage_path)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

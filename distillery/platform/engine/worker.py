@@ -20,6 +20,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from distillery.evaluation.coco_eval import coco_evaluate
+from distillery.evaluation.loop import predict_coco_detections
+from distillery.platform.datasets.coco import load_coco, load_image_resized
 from distillery.platform.engine.batchnorm import batchnorm_for_backend
 from distillery.platform.engine.checkpoints import FAULT_MARKER, safe_checkpoint_engine
 from distillery.platform.io import storage
@@ -167,10 +170,6 @@ def evaluate_on_ranks(model: torch.nn.Module, val_ann: str, val_images: str, siz
     """COCO AP of ``model`` on the val split: images sharded over ranks, detections gathered on
     rank 0, scored with pycocotools; every rank returns the same metrics. The model runs where
     its parameters are (``device`` is kept for the callers)."""
-    from distillery.evaluation.coco_eval import coco_evaluate
-    from distillery.evaluation.loop import predict_coco_detections
-    from distillery.platform.datasets.coco import load_coco, load_image_resized
-
     dataset = load_coco(val_ann, val_images, check_images="none")
 
     def load_batch(records) -> torch.Tensor:
