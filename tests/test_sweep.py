@@ -57,7 +57,7 @@ def sweep(mlflow_server, synthetic_data, tiny_cache, tmp_path_factory):
                        "train.epochs=1", "debug.max_steps_per_epoch=2", "tracking.num_val_images=0"]
     args = ["jobs/sweep.py", "--config", "configs/sweep_tiny.yaml", f"trial.overrides={json.dumps(trial_overrides)}",
             f"tracking.tracking_uri={mlflow_server}", f"sweep.storage_path={out / 'sweeps'}", "sweep.name=tiny",
-            f"output.local_dir={out / 'local'}", "sweep.num_samples=3", "sweep.max_concurrent_trials=1"]
+            f"output.local_dir={out / 'local'}", "sweep.num_samples=2", "sweep.max_concurrent_trials=1"]
     first = run_job([*args, "debug.interrupt_after_trials=1"])
     assert first.returncode == 130, first.stdout[-3000:] + first.stderr[-6000:]
     interrupted = last_json(first.stdout)
@@ -93,7 +93,7 @@ def test_sweep_interrupted_and_resumed(sweep):
     assert roles.count("calibration") == 1  # calibrated once, not again on resume
     trials = [c for c in children if c.data.tags.get("distillery.sweep_role") == "trial"]
     trial_ids = {c.data.tags["distillery.trial_id"] for c in trials}
-    assert len(trial_ids) == 3 and len(s["trials"]) == 3
+    assert len(trial_ids) == 2 and len(s["trials"]) == 2
     # Trials finished before the interruption were not run again.
     for trial_id, run_id in sweep["done_before"].items():
         assert [c.info.run_id for c in trials if c.data.tags["distillery.trial_id"] == trial_id] == [run_id]
