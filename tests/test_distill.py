@@ -44,7 +44,7 @@ def checkpoint_ap(cfg, checkpoint: str) -> float:
     from distillery.platform.serving.export import load_inference_model
     from distillery.platform.engine.worker import evaluate_on_ranks
 
-    model = load_inference_model(cfg, {"num_classes": 6}, checkpoint)
+    model = load_inference_model(cfg, 6, checkpoint)
     val_annotations, val_images = cfg.data.split_paths("val")
     return evaluate_on_ranks(model, val_annotations, val_images, cfg.student.input_size, cfg.train.eval_batch_size,
                              rank=0, world=1, device=torch.device("cpu"))["AP"]

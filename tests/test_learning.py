@@ -97,7 +97,7 @@ def test_distillation_job_learns(distill_run):
     cfg, summary = distill_run["cfg"], distill_run["summary"]
     categories = json.loads((Path(summary["run_storage"]) / MODEL_JSON).read_text())["categories"]
     num_classes = len(categories["category_ids"])
-    trained = val_metrics(load_inference_model(cfg, {"num_classes": num_classes}, summary["last_checkpoint"]), cfg)
+    trained = val_metrics(load_inference_model(cfg, num_classes, summary["last_checkpoint"]), cfg)
     untrained = val_metrics(untrained_student(cfg, num_classes), cfg)
     # The job's own report is the AP of the checkpoint it wrote.
     assert summary["metrics"]["AP"] == pytest.approx(trained["AP"], rel=1e-3, abs=1e-6)

@@ -132,7 +132,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     gam = GamSettings(**resolve_gam(cfg))
     signal = teacher_signal(cfg)
 
-    # Training workers hold their CPUs for the whole run; ingest (parquet read, join, decode)
+    # Training workers hold their CPUs for the whole run; ingest (shard read, join, decode)
     # needs a couple more logical CPUs beside them.
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
         filter_ray_log_noise()
@@ -178,7 +178,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
                                             storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
             summary = {**run_summary(run, cfg.tracking.experiment, result, best),
                        "gam_history": _gam_history(result.checkpoint)}
-            summary.update(log_final_model(cfg, summary, run.to_dict(), best))
+            summary.update(log_final_model(cfg, summary, run, best))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.datasets.coco import decode_image, load_coco, load_image_resized
 from distillery.platform.engine.checkpoints import STATE_JSON, load_engine_state
+from distillery.platform.engine.run_spec import DistillRun, GamSettings
 from distillery.platform.io import storage
 from distillery.platform.serving.predictor import DetectorPredictor
 from distillery.platform.tracking.runs import tracking_uri_scope
@@ -44,10 +45,10 @@ log = logging.getLogger(__name__)
 PREDICTOR_CODE = Path(__file__).with_name("predictor.py")
 
 
-def load_inference_model(cfg: DistillConfig, run_info: dict[str, Any], checkpoint_dir: str | Path) -> torch.nn.Module:
+def load_inference_model(cfg: DistillConfig, num_classes: int, checkpoint_dir: str | Path) -> torch.nn.Module:
     """The EMA weights of a checkpoint in an inference student (no DSI projector), eval mode."""
     state, _ = load_engine_state(checkpoint_dir, rank=0)
-    model = build_student(cfg.student.name, num_classes=run_info["num_classes"],
+    model = build_student(cfg.student.name, num_classes=num_classes,
                           eval_spatial_size=cfg.student.input_size, dsi=False, teacher_dim=None,
                           peft=cfg.student.peft.kwargs(), **cfg.student.overrides)
     state = {k: v for k, v in state.ema["module"].items() if not k.startswith("dsi.")}
@@ -55,7 +56,7 @@ def load_inference_model(cfg: DistillConfig, run_info: dict[str, Any], checkpoin
     return model.eval()
 
 
-def plot_gam(history: list[dict[str, Any]], gam: dict[str, Any], path: str | Path) -> None:
+def plot_gam(history: list[dict[str, Any]], gam: GamSettings, path: str | Path) -> None:
     import matplotlib  # here (also below): matplotlib is needed only for the plots
 
     matplotlib.use("Agg")
@@ -64,7 +65,7 @@ def plot_gam(history: list[dict[str, Any]], gam: dict[str, Any], path: str | Pat
     epochs = [h["epoch"] for h in history]
     fig, ax1 = plt.subplots(figsize=(7, 4))
     ax1.plot(epochs, [h["ratio"] * 100 for h in history], "o-", color="tab:blue", label="AIFI share r (%)")
-    lo, hi = (gam["rho"] - gam["delta"]) * 100, (gam["rho"] + gam["delta"]) * 100
+    lo, hi = (gam.rho - gam.delta) * 100, (gam.rho + gam.delta) * 100
     ax1.axhspan(lo, hi, color="tab:blue", alpha=0.15, label="rho +/- delta")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("AIFI gradient share (%)", color="tab:blue")
@@ -78,14 +79,14 @@ def plot_gam(history: list[dict[str, Any]], gam: dict[str, Any], path: str | Pat
     plt.close(fig)
 
 
-def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run_info: dict[str, Any], path: Path,
+def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run: DistillRun, path: Path,
                       count: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    val = load_coco(run_info["val_annotations"], run_info["val_images"], check_images="none")
+    val = load_coco(run.val_annotations, run.val_images, check_images="none")
     records = val.records[:count]
     if not records:
         return
@@ -109,7 +110,7 @@ def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run_info: dict
     plt.close(fig)
 
 
-def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[str, Any], best) -> dict[str, Any]:
+def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run: DistillRun, best) -> dict[str, Any]:
     """Export and log the best checkpoint; return paths for the job's summary."""
     if best is None:
         raise RuntimeError("training finished without a checkpoint: nothing to export")
@@ -118,7 +119,7 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[
             tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         state = json.loads((Path(ckpt_dir) / STATE_JSON).read_text())
-        model = load_inference_model(cfg, run_info, ckpt_dir)
+        model = load_inference_model(cfg, run.num_classes, ckpt_dir)
         onnx_path = tmp / "model.onnx"
         if cfg.tracking.log_model:
             with warnings.catch_warnings():  # the tracer's notes on shapes it records as constants
@@ -126,17 +127,17 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run_info: dict[
                 warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
                 export_onnx(model, onnx_path, cfg.student.input_size)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "weights.safetensors"))
-        meta = {"input_size": cfg.student.input_size, "category_ids": run_info["categories"]["category_ids"],
-                "category_names": run_info["categories"]["names"], "student": cfg.student.name,
+        meta = {"input_size": cfg.student.input_size, "category_ids": run.categories["category_ids"],
+                "category_names": run.categories["names"], "student": cfg.student.name,
                 "checkpoint_epoch": state["epoch"], "metrics": state["metrics"]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         plots = tmp / "plots"
         plots.mkdir()
         if state.get("gam_history"):
-            plot_gam(state["gam_history"], run_info["gam"], plots / "gam.png")
+            plot_gam(state["gam_history"], run.gam, plots / "gam.png")
         if cfg.tracking.num_val_images:
-            _plot_predictions(model, cfg, run_info, plots / "val_predictions.png", cfg.tracking.num_val_images)
+            _plot_predictions(model, cfg, run, plots / "val_predictions.png", cfg.tracking.num_val_images)
 
         with mlflow.start_run(run_id=summary["run_id"]):
             mlflow.log_artifact(str(tmp / "config.yaml"))
