@@ -83,10 +83,20 @@ def _edit_manifest(root: Path, edit: Callable[[dict], None]) -> None:
 
 
 def _open_and_read(root: Path, fingerprint=FP):
+    """What the training driver does (open_training_cache): manifest, listing, id columns."""
     def run():
         cache = FeatureCache(str(root / "cache"), expected_fingerprint=fingerprint)
         cache.check_shards()
         cache.check_covers(IDS)
+    return run
+
+
+def _read_grids(root: Path):
+    """What a reader of the grids does (an ingest task, ``get``): every shard verified as it is read."""
+    def run():
+        cache = FeatureCache(str(root / "cache"), expected_fingerprint=FP)
+        for image_id in IDS:
+            cache.get(image_id)
     return run
 
 
@@ -111,6 +121,18 @@ def _flip_byte(path: Path) -> None:
 
 def _setup_unknown_category(r):
     _edit_annotations(r, lambda d: d["annotations"][0].update(category_id=999))
+
+
+def flip_feature_byte(path: Path) -> None:
+    """Flip one byte in the middle of the shard's ``features`` column chunk (ids and footer intact)."""
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(path).metadata.row_group(0).column(2)
+    assert column.path_in_schema == "features"
+    data = bytearray(path.read_bytes())
+    start = min(o for o in (column.dictionary_page_offset, column.data_page_offset) if o is not None)
+    data[start + column.total_compressed_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def _truncated_shard_with_edited_size(r):
@@ -190,14 +212,14 @@ CASES = [
          CorruptImageError, r".*00000003\.jpg"),
     # --- the feature cache
     Case("shard checksum zeroed in the manifest",
-         lambda r: _edit_manifest(r, lambda d: d["shards"][1].update(sha256="0" * 64)), _open_and_read,
+         lambda r: _edit_manifest(r, lambda d: d["shards"][1].update(sha256="0" * 64)), _read_grids,
          CacheShardError, r"cache shard .*shard-00001\.parquet does not match its checksum in .*manifest\.json"),
-    Case("shard bytes flipped", lambda r: _flip_byte(r / "cache/shard-00000.parquet"), _open_and_read,
+    Case("shard bytes flipped", lambda r: _flip_byte(r / "cache/shard-00000.parquet"), _read_grids,
          CacheShardError, r"cache shard .*shard-00000\.parquet does not match its checksum in .*manifest\.json"),
     Case("shard truncated", lambda r: _truncate(r / "cache/shard-00001.parquet", 300), _open_and_read,
          CacheShardError, r"cache shard .*shard-00001\.parquet has 300 bytes, .*manifest\.json records \d+"),
     Case("shard truncated, size edited too", _truncated_shard_with_edited_size, _open_and_read, CacheShardError,
-         r"cache shard .*shard-00001\.parquet does not match its checksum"),
+         r"cache shard .*shard-00001\.parquet is not a readable Parquet file .*: rerun the cache job to repair it"),
     Case("shard damaged under a training ingest task", lambda r: _flip_byte(r / "cache/shard-00001.parquet"),
          lambda r: lambda: __import__("distillery.platform.datasets.ingest", fromlist=["x"])._image_rows_of_shard(
              {"uri": str(r / "cache/shard-00001.parquet"), "manifest": str(_manifest(r)),
@@ -264,12 +286,31 @@ def test_bad_input_fails_with_a_clear_first_line(case, pristine, tmp_path):
     assert not [p for p in root.rglob("*") if ".tmp-" in p.name]
 
 
+def test_a_shard_damaged_after_the_driver_check_fails_the_ingest_naming_it(ray_local, pristine, tmp_path):
+    """The driver's coverage check reads the id columns only; the grids' bytes are verified where
+    the training ingest reads them: a byte flipped inside the features fails the Ray Data task
+    with the shard's name and the repair command, as the original error class (no retry)."""
+    from distillery.platform.datasets.ingest import build_train_dataset
+    from distillery.platform.engine.launch import configure_ray_data
+
+    root = tmp_path / "tree"
+    shutil.copytree(pristine, root)
+    flip_feature_byte(root / "cache" / "shard-00001.parquet")
+    dataset = load_coco(_ann(root), root / "data" / "images" / "train", check_images="none")
+    cache = FeatureCache(str(root / "cache"), expected_fingerprint=FP)
+    cache.check_shards()
+    cache.check_covers(dataset.image_ids)  # ids only: passes
+    configure_ray_data()
+    with pytest.raises(CacheShardError, match=r"shard-00001\.parquet does not match its checksum .*rerun the cache"):
+        list(build_train_dataset(dataset, cache).iter_batches(batch_size=2))
+
+
 def test_damage_messages_say_how_to_repair(pristine, tmp_path):
     root = tmp_path / "tree"
     shutil.copytree(pristine, root)
     _edit_manifest(root, lambda d: d["shards"][0].update(sha256="0" * 64))
     with pytest.raises(CacheShardError) as info:
-        _open_and_read(root)()
+        _read_grids(root)()
     assert "rerun the cache job to repair it" in str(info.value)
     assert info.value.shard_uri.endswith("shard-00000.parquet") and info.value.manifest_uri.endswith("manifest.json")
     with pytest.raises(FingerprintMismatchError) as info:

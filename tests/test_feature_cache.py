@@ -94,6 +94,31 @@ def test_checksum_and_missing_manifest(tmp_path):
         FeatureCache(uri)
 
 
+def test_coverage_check_reads_the_id_columns_not_the_grids(tmp_path, monkeypatch):
+    """The training driver checks that the cache covers the dataset from each shard's image_id/view
+    columns: no grid is read or kept (a COCO-size cache is tens of GB). The grids' checksums are
+    checked where they are read."""
+    from distillery.platform.cache import checks
+    from test_errors_data import flip_feature_byte
+
+    uri = str(tmp_path / "c")
+    _build(uri, list(range(1, 13)), shard_size=4)
+    shard = tmp_path / "c" / "shard-00001.parquet"
+    flip_feature_byte(shard)  # the ids and the footer still read
+    full_reads = []
+    real = checks.storage.read_bytes_sha256
+    monkeypatch.setattr(checks.storage, "read_bytes_sha256", lambda u, *a: full_reads.append(u) or real(u, *a))
+    cache = FeatureCache(uri)
+    cache.check_shards()
+    cache.check_covers(range(1, 13))
+    assert full_reads == [] and cache._tables == {}
+    with pytest.raises(CacheError, match="lacks 1 images of the dataset: 13"):
+        cache.check_covers(range(1, 14))
+    with pytest.raises(CacheError, match="shard-00001.parquet does not match its checksum"):
+        cache.get(5)
+    assert full_reads == [str(shard)]
+
+
 def test_resume_writes_only_missing_shards_and_same_manifest(tmp_path):
     ids = list(range(1, 11))
     full, _ = _build(str(tmp_path / "full"), ids)

@@ -18,7 +18,7 @@ from distillery.platform.io import storage
 from distillery.platform.errors import DeterministicError
 
 __all__ = ["REPAIR_HINT", "CacheError", "CacheShardError", "FingerprintMismatchError", "manifest_problems",
-           "parse_shard", "read_verified_shard", "shard_name"]
+           "parse_shard", "read_shard_columns", "read_verified_shard", "shard_name"]
 
 
 class CacheError(RuntimeError, DeterministicError):
@@ -113,5 +113,24 @@ def parse_shard(data: bytes, uri: str, columns: Sequence[str] | None = None) -> 
     try:
         return pq.read_table(io.BytesIO(data), columns=list(columns) if columns is not None else None)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise CacheShardError(f"cache shard {uri} is not a readable Parquet file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}): {REPAIR_HINT}", uri) from None
+        raise _unreadable(uri, exc) from None
+
+
+def read_shard_columns(uri: str, columns: Sequence[str], manifest_uri: str) -> pa.Table:
+    """Only ``columns`` of shard ``uri`` (Parquet reads the footer and those column chunks, not the
+    features: a few KB per shard for ``image_id``/``view``). Not checked against the sha256:
+    the full reads are (:func:`read_verified_shard`)."""
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=list(columns))
+    except FileNotFoundError:
+        raise CacheShardError(f"cache shard {uri} is missing (listed in {manifest_uri}): {REPAIR_HINT}",
+                              uri, manifest_uri) from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise _unreadable(uri, exc) from None
+
+
+def _unreadable(uri: str, exc: Exception) -> CacheShardError:
+    return CacheShardError(f"cache shard {uri} is not a readable Parquet file ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}): {REPAIR_HINT}", uri)

@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 
 from distillery.platform.io import storage
 from distillery.platform.cache.checks import (REPAIR_HINT, CacheError, CacheShardError, FingerprintMismatchError,
-                                              manifest_problems, parse_shard, read_verified_shard, shard_name)
+                                              manifest_problems, parse_shard, read_shard_columns, read_verified_shard,
+                                              shard_name)
 
 __all__ = [
     "CacheError",
@@ -364,8 +365,9 @@ class FeatureCache:
     """A finished cache: the manifest, fingerprint check, and per-image feature lookup.
 
     Opening it checks the manifest's fields (cheap: the JSON only); :meth:`check_shards` checks
-    every shard file is there with its recorded size (one listing); every shard read through it
-    is verified against the manifest's sha256 as its bytes stream in."""
+    every shard file is there with its recorded size (one listing); :meth:`check_covers` reads
+    the shards' ``image_id``/``view`` columns only; every grid read through it (and every shard an
+    ingest task reads) is verified against the manifest's sha256 as its bytes stream in."""
 
     def __init__(self, uri: str, expected_fingerprint: dict[str, Any] | None = None):
         self.uri = str(uri)
@@ -510,11 +512,13 @@ class FeatureCache:
         return self._tables[name]
 
     def _row_index(self) -> dict[tuple[int, int], tuple[str, int]]:
-        """(image_id, view) -> (shard name, row); built lazily from the shards."""
+        """(image_id, view) -> (shard name, row); built lazily from the shards' id columns only
+        (the driver of a COCO-size run must not read, or hold, every grid)."""
         if self._rows is None:
             rows: dict[tuple[int, int], tuple[str, int]] = {}
             for s in self.manifest["shards"]:
-                t = self._table(s["name"])
+                t = self._tables.get(s["name"]) or read_shard_columns(
+                    storage.join(self.uri, s["name"]), ["image_id", "view"], self.manifest_uri)
                 ids = t.column("image_id").to_pylist()
                 views = t.column("view").to_pylist()
                 for row, (iid, view) in enumerate(zip(ids, views)):

@@ -297,8 +297,10 @@ def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fing
 def open_training_cache(uri: str, fingerprint: dict[str, Any], image_ids, build=None) -> FeatureCache:
     """Open the finished cache at ``uri`` for training, with every check on the driver before a
     worker starts: the teacher fingerprint, the manifest's fields, each shard present with its
-    recorded size, the dataset's images covered (this reads every shard once, verifying its
-    sha256 as it streams in).
+    recorded size, the dataset's images covered (each shard's ``image_id``/``view`` columns: a few
+    KB per shard, never the grids). The grids' bytes are checked against the manifest's sha256
+    where they are read: in the ingest tasks, every epoch (a damaged shard fails the run there,
+    named, with the repair command).
 
     ``build`` (given when ``cache.build_if_missing`` is true) builds the cache when it is
     missing and repairs it when a shard is damaged: the cache job keeps the intact shards and
