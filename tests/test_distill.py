@@ -86,7 +86,8 @@ def test_mlflow_run_contents(two_worker_run):
     assert run.data.params["student.name"] == "rtdetrv4_tiny"
     assert run.data.params["teacher_mode"] == "cached"
     assert "distillery.teacher_fingerprint" in run.data.tags and "distillery.cache_manifest_sha256" in run.data.tags
-    for key in ("epoch/AP", "epoch/lambda", "epoch/aifi_ratio", "train/loss", "train/loss_dsi"):
+    for key in ("epoch/AP", "epoch/lambda", "epoch/aifi_ratio", "train/loss", "train/loss_detection",
+                "train/loss_dsi"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "epoch/lambda")) == cfg.train.epochs
     names = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -144,7 +144,7 @@ def test_mlflow_run_has_metrics_and_expert_analysis(tuned):
     run = client.get_run(summary["run_id"])
     assert run.data.params["moe.ep_size"] == "2" and run.data.params["moe.granularity"] == "2"
     assert run.data.tags["distillery.job"] == "moe_tune"
-    for key in ("epoch/AP", "train/loss", "train/loss_aux", "train/lr", "dense/loss", "base/AP",
+    for key in ("epoch/AP", "train/loss", "train/loss_detection", "train/loss_aux", "train/lr", "dense/loss", "base/AP",
                 "moe/step0_max_abs_diff", "analysis/layer0/load_cv", "analysis/deep_mean_stable_partners",
                 "best/AP"):
         assert key in run.data.metrics, key

@@ -14,7 +14,8 @@ from distillery.platform.engine.progress import ProgressPrinter, filter_ray_log_
 
 def test_loss_terms_sum_auxiliary_copies():
     parts = {"loss_mal": 1.0, "loss_mal_aux_0": 0.5, "loss_bbox_dn_1": 0.25, "loss_bbox": 1.0,
-             "loss_giou_pre": 0.5, "loss_giou_enc_0": 0.25, "loss_dsi": 0.1, "num_boxes": 7.0}
+             "loss_giou_pre": 0.5, "loss_giou_enc_0": 0.25, "loss_dsi": 0.1, "num_boxes": 7.0,
+             "loss_detection": 3.5}  # the criterion's sum: not a term of its own
     assert loss_terms(parts) == {"mal": 1.5, "bbox": 1.25, "giou": 0.75, "dsi": 0.1}
 
 

@@ -48,6 +48,7 @@ def compute_losses(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
     det = criterion(outputs, targets)
     total = torch.stack([v for v in det.values()]).sum()
     parts = {k: v.detach() for k, v in det.items()}
+    parts["loss_detection"] = total.detach()  # the criterion's terms; "loss" adds DSI and aux
     projector = getattr(_unwrap(model), "dsi", None)
     if teacher_grid is not None and projector is not None:
         loss_dsi = dsi_loss(outputs["f5"], teacher_grid, projector, mask=teacher_mask)

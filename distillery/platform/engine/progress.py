@@ -42,7 +42,7 @@ def loss_terms(parts: dict[str, float]) -> dict[str, float]:
     """Loss parts grouped by term ("loss_giou_dn_2" -> "giou"), in first-seen order."""
     terms: dict[str, float] = {}
     for name, value in parts.items():
-        if not name.startswith("loss_"):
+        if not name.startswith("loss_") or name == "loss_detection":  # (the sum of the criterion's terms)
             continue
         base = _AUX_SUFFIX.sub("", name[len("loss_"):])
         terms[base] = terms.get(base, 0.0) + float(value)
