@@ -118,8 +118,9 @@ def test_fit_runs_gam_each_epoch_and_weights_the_dsi_loss():
     assert gam.current_lambda == gam.history[1]["lambda_after"]
     for h in result.history:
         assert math.isfinite(h["loss_dsi"]) and 0.0 <= h["loss_dsi"] <= 2.0
-        detection = sum(v for k, v in h.items() if k.startswith("loss_") and k != "loss_dsi")
-        assert h["loss"] == pytest.approx(detection + h["lambda"] * h["loss_dsi"], rel=1e-4)
+        terms = sum(v for k, v in h.items() if k.startswith("loss_") and k not in ("loss_dsi", "loss_detection"))
+        assert h["loss_detection"] == pytest.approx(terms, rel=1e-4)
+        assert h["loss"] == pytest.approx(h["loss_detection"] + h["lambda"] * h["loss_dsi"], rel=1e-4)
 
 
 def test_fit_schedule_clipping_and_errors():
