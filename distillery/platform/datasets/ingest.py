@@ -134,8 +134,9 @@ def build_train_dataset(dataset: CocoDataset, cache: FeatureCache | None, *,
     Every operator is a Ray Data *task* (read shard, join and decode fuse into one task per
     block), none an actor: the pipeline is re-executed every epoch, and an actor pool (or
     ``read_parquet``'s planning) would start again each time; tasks reuse Ray's worker processes.
-    Measured on 16 images (2 cores, ``benchmarks/ingest_epoch_start.py``): an epoch's first batch
-    after 0.1 s instead of 5 s with ``read_parquet`` and a decode actor pool."""
+    Measured (2 cores, ``benchmarks/ingest_epoch_start.py``, two consumers as in Ray Train): an
+    epoch's pipeline in 0.18 s instead of 4.3 s with ``read_parquet`` and a decode actor pool on
+    16 images, 0.53 s instead of 4.6 s on 256."""
     table = annotation_table(dataset)
     if cache is not None:
         cache.check_covers(table)
