@@ -17,9 +17,11 @@ from torch import nn
 from .dsi import dsi_loss
 from .gam import GAMController
 
-__all__ = ["AuxLoss", "StepResult", "compute_losses", "named_grads", "train_step"]
+__all__ = ["TOTAL_PARTS", "AuxLoss", "StepResult", "compute_losses", "named_grads", "train_step"]
 
 AuxLoss = Callable[[nn.Module], "torch.Tensor | None"]  # a job's extra loss, read from the model after its forward
+# The parts of a step that are sums of other parts (logged beside them, not terms of their own).
+TOTAL_PARTS = ("loss", "loss_detection")
 
 
 @dataclass
@@ -48,7 +50,7 @@ def compute_losses(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
     det = criterion(outputs, targets)
     total = torch.stack([v for v in det.values()]).sum()
     parts = {k: v.detach() for k, v in det.items()}
-    parts["loss_detection"] = total.detach()  # the criterion's terms; "loss" adds DSI and aux
+    parts["loss_detection"] = total.detach()  # the criterion's terms; "loss" adds DSI and aux (TOTAL_PARTS)
     projector = getattr(_unwrap(model), "dsi", None)
     if teacher_grid is not None and projector is not None:
         loss_dsi = dsi_loss(outputs["f5"], teacher_grid, projector, mask=teacher_mask)

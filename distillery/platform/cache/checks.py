@@ -18,7 +18,7 @@ from distillery.platform.io import storage
 from distillery.platform.errors import DeterministicError
 
 __all__ = ["REPAIR_HINT", "CacheError", "CacheShardError", "FingerprintMismatchError", "manifest_problems",
-           "parse_shard", "read_shard_columns", "read_verified_shard", "shard_name"]
+           "missing_shard_error", "parse_shard", "read_shard_columns", "read_verified_shard", "shard_name"]
 
 
 class CacheError(RuntimeError, DeterministicError):
@@ -99,8 +99,7 @@ def read_verified_shard(uri: str, sha256: str, manifest_uri: str) -> bytes:
     try:
         data, digest = storage.read_bytes_sha256(uri)
     except FileNotFoundError:
-        raise CacheShardError(f"cache shard {uri} is missing (listed in {manifest_uri}): {REPAIR_HINT}",
-                              uri, manifest_uri) from None
+        raise missing_shard_error(uri, manifest_uri) from None
     if digest != sha256:
         raise CacheShardError(f"cache shard {uri} does not match its checksum in {manifest_uri} "
                               f"(sha256 {digest[:12]}..., manifest {str(sha256)[:12]}...): {REPAIR_HINT}",
@@ -125,10 +124,15 @@ def read_shard_columns(uri: str, columns: Sequence[str], manifest_uri: str) -> p
         with fs.open(path, "rb") as f:
             return pq.read_table(f, columns=list(columns))
     except FileNotFoundError:
-        raise CacheShardError(f"cache shard {uri} is missing (listed in {manifest_uri}): {REPAIR_HINT}",
-                              uri, manifest_uri) from None
+        raise missing_shard_error(uri, manifest_uri) from None
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise _unreadable(uri, exc) from None
+
+
+def missing_shard_error(uri: str, manifest_uri: str) -> CacheShardError:
+    """The error for a shard the manifest lists and the storage does not have."""
+    return CacheShardError(f"cache shard {uri} is missing (listed in {manifest_uri}): {REPAIR_HINT}",
+                           uri, manifest_uri)
 
 
 def _unreadable(uri: str, exc: Exception) -> CacheShardError:

@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 
 from distillery.platform.io import storage
 from distillery.platform.cache.checks import (REPAIR_HINT, CacheError, CacheShardError, FingerprintMismatchError,
-                                              manifest_problems, parse_shard, read_shard_columns, read_verified_shard,
-                                              shard_name)
+                                              manifest_problems, missing_shard_error, parse_shard, read_shard_columns,
+                                              read_verified_shard, shard_name)
 
 __all__ = [
     "CacheError",
@@ -487,8 +487,7 @@ class FeatureCache:
         for s in self.manifest["shards"]:
             uri = storage.join(self.uri, s["name"])
             if s["name"] not in sizes:
-                raise CacheShardError(f"cache shard {uri} is missing (listed in {self.manifest_uri}): "
-                                      f"{REPAIR_HINT}", uri, self.manifest_uri)
+                raise missing_shard_error(uri, self.manifest_uri)
             if sizes[s["name"]] != s["bytes"]:
                 raise CacheShardError(f"cache shard {uri} has {sizes[s['name']]} bytes, {self.manifest_uri} "
                                       f"records {s['bytes']} (truncated or overwritten): {REPAIR_HINT}",
@@ -517,8 +516,9 @@ class FeatureCache:
         if self._rows is None:
             rows: dict[tuple[int, int], tuple[str, int]] = {}
             for s in self.manifest["shards"]:
-                t = self._tables.get(s["name"]) or read_shard_columns(
-                    storage.join(self.uri, s["name"]), ["image_id", "view"], self.manifest_uri)
+                name = s["name"]
+                t = self._tables[name] if name in self._tables else read_shard_columns(
+                    storage.join(self.uri, name), ["image_id", "view"], self.manifest_uri)
                 ids = t.column("image_id").to_pylist()
                 views = t.column("view").to_pylist()
                 for row, (iid, view) in enumerate(zip(ids, views)):

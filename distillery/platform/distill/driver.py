@@ -76,7 +76,6 @@ def _prepare_cache(cfg: DistillConfig, train: CocoDataset, fingerprint: dict[str
     cache = open_training_cache(uri, fingerprint, train.image_ids, build if cfg.cache.build_if_missing else None)
     # Views replayed in training must be the ones the cache drew: same K, same probabilities.
     cache.check_views(cfg.cache.views, view_recipe(runtime_augment_config(cfg.augment, cfg.student.input_size)))
-    cache.check_covers(train.image_ids)
     return cache
 
 
@@ -178,7 +177,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
                                             storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
             summary = {**run_summary(run, cfg.tracking.experiment, result, best),
                        "gam_history": _gam_history(result.checkpoint)}
-            summary.update(log_final_model(cfg, summary, run, best))
+            summary.update(log_final_model(cfg, run, best))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary
 

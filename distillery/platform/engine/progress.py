@@ -17,6 +17,8 @@ import time
 import warnings
 from typing import Any
 
+from distillery.students.training import TOTAL_PARTS
+
 __all__ = ["ProgressPrinter", "filter_ray_log_noise", "loss_terms", "quiet_driver_noise", "quiet_worker_noise",
            "WORKER_ENV"]
 
@@ -42,7 +44,7 @@ def loss_terms(parts: dict[str, float]) -> dict[str, float]:
     """Loss parts grouped by term ("loss_giou_dn_2" -> "giou"), in first-seen order."""
     terms: dict[str, float] = {}
     for name, value in parts.items():
-        if not name.startswith("loss_") or name == "loss_detection":  # (the sum of the criterion's terms)
+        if not name.startswith("loss_") or name in TOTAL_PARTS:
             continue
         base = _AUX_SUFFIX.sub("", name[len("loss_"):])
         terms[base] = terms.get(base, 0.0) + float(value)

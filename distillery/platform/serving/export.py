@@ -110,12 +110,12 @@ def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run: DistillRu
     plt.close(fig)
 
 
-def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run: DistillRun, best) -> dict[str, Any]:
+def log_final_model(cfg: DistillConfig, run: DistillRun, best) -> dict[str, Any]:
     """Export and log the best checkpoint; return paths for the job's summary."""
     if best is None:
         raise RuntimeError("training finished without a checkpoint: nothing to export")
     out: dict[str, Any] = {}
-    with tracking_uri_scope(summary["tracking_uri"]), best.as_directory() as ckpt_dir, \
+    with tracking_uri_scope(run.tracking_uri), best.as_directory() as ckpt_dir, \
             tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         state = json.loads((Path(ckpt_dir) / STATE_JSON).read_text())
@@ -139,7 +139,7 @@ def log_final_model(cfg: DistillConfig, summary: dict[str, Any], run: DistillRun
         if cfg.tracking.num_val_images:
             _plot_predictions(model, cfg, run, plots / "val_predictions.png", cfg.tracking.num_val_images)
 
-        with mlflow.start_run(run_id=summary["run_id"]):
+        with mlflow.start_run(run_id=run.run_id):
             mlflow.log_artifact(str(tmp / "config.yaml"))
             mlflow.log_artifacts(str(plots), artifact_path="plots")
             mlflow.log_dict(meta, "export/meta.json")
