@@ -1,4 +1,4 @@
-"""COCO-format instance annotations: a validating reader, category mapping, image decoding.
+"""COCO-format instance annotations: a validating reader, category mapping, the resize for models.
 
 The reader checks every record while it loads and names the file and the record in its errors:
 malformed JSON, duplicate image ids, unknown category ids, boxes with non-positive size or outside
@@ -14,7 +14,6 @@ mapping travels with the model so that detections are written back with the orig
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import itertools
 import logging
@@ -25,8 +24,9 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 import orjson
-from PIL import Image, UnidentifiedImageError
 
+from distillery.platform.datasets.image_files import (CorruptImageError, ImageDecodeError, decode_image, probe_photo,
+                                                      size_mismatch)
 from distillery.platform.io import storage
 from distillery.platform.errors import DeterministicError
 
@@ -55,10 +55,6 @@ BORDER_TOLERANCE_PX = 1.0
 
 class AnnotationError(ValueError, DeterministicError):
     """A bad annotation file or record; the message names the file and the record."""
-
-
-class CorruptImageError(ValueError, DeterministicError):
-    """An image file that is missing or cannot be decoded; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -148,16 +144,6 @@ class CocoDataset:
         return {"images": images, "annotations": anns, "categories": cats}
 
 
-def decode_image(data: bytes, uri: str) -> np.ndarray:
-    """Decode image bytes to an (H, W, 3) uint8 RGB array; CorruptImageError names the file."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return np.array(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImageError(f"image does not decode: {uri}: {exc}") from None
-
-
 def training_target(record: ImageRecord) -> dict[str, Any]:
     """A record's boxes as the students' criterion takes them: ``labels`` (int64) and ``boxes``
     in normalised cxcywh (float32), for single-process fitting and benchmarks."""
@@ -199,15 +185,10 @@ def _check_image(uri: str, mode: ImageCheck, width: int, height: int) -> str | N
     except FileNotFoundError:
         return "image file is missing"
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if mode == "decode":
-                img.load()
-            size = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        size = probe_photo(data, decode=mode == "decode")
+    except ImageDecodeError as exc:
         return f"image does not decode: {exc}"
-    if size != (width, height):
-        return f"image is {size[0]}x{size[1]} but the annotation says {width}x{height}"
-    return None
+    return size_mismatch(size, width, height, "the annotation")
 
 
 def _fail_or_skip(policy: BadRecordPolicy, skipped: list[SkippedRecord], rec: SkippedRecord) -> None:
@@ -346,6 +327,9 @@ def load_coco(annotation_uri: str, image_root: str, *, bad_records: BadRecordPol
 
     ``check_images``: ``none`` trusts the files, ``exists`` checks presence, ``header`` opens each
     file and compares its size with the annotation (cheap), ``decode`` fully decodes each image.
+    The size compared is the displayed one (EXIF orientation applied, :mod:`.image_files`): a
+    record's ``width``/``height`` and boxes are in the pixels labelling tools show; a record that
+    gives a rotated photo's stored size is a bad record whose reason says so.
     Images that fail later, mid-training, are handled by the data pipeline with the same policy.
     """
     if bad_records not in ("error", "skip"):

@@ -5,17 +5,16 @@ check with the COCO reader's border tolerance."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import (BORDER_TOLERANCE_PX, AnnotationError, BadRecordPolicy, CategoryMap,
                                                CocoDataset, ImageCheck, ImageRecord, SkippedRecord)
+from distillery.platform.datasets.image_files import ImageDecodeError, PhotoSize, probe_photo
 
 __all__ = ["SplitBuilder", "box_in_image", "probe_image"]
 
@@ -71,8 +70,8 @@ class SplitBuilder:
                            records=self.records, annotation_sha256=self.sha.hexdigest(), skipped=self.skipped)
 
 
-def probe_image(uri: str, mode: ImageCheck) -> tuple[tuple[int, int] | None, str | None]:
-    """((width, height), None) of an image file, or (None, reason). Reads the header; ``decode``
+def probe_image(uri: str, mode: ImageCheck) -> tuple[PhotoSize | None, str | None]:
+    """(displayed size, None) of an image file, or (None, reason). Reads the header; ``decode``
     decodes the whole image. ``none`` and ``exists`` read the header too when called: a YOLO
     label is normalised, so its image's size is needed to place the boxes."""
     try:
@@ -80,11 +79,8 @@ def probe_image(uri: str, mode: ImageCheck) -> tuple[tuple[int, int] | None, str
     except FileNotFoundError:
         return None, "image file is missing"
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if mode == "decode":
-                img.load()
-            return img.size, None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return probe_photo(data, decode=mode == "decode"), None
+    except ImageDecodeError as exc:
         return None, f"image does not decode: {exc}"
 
 
