@@ -12,7 +12,10 @@ Choices (the README repeats them):
   class is a bad record. Without it the classes are discovered: every object name in every XML
   file under ``Annotations/``, sorted (the official VOC order for the 20 VOC classes), so train
   and val agree even when a class is missing from one of them. Class ``k`` has category id
-  ``k + 1``.
+  ``k + 1``. Names are matched ignoring case and surrounding whitespace (``Dog`` and ``dog `` are
+  one class, as a labeller meant): discovery merges such spellings into the most frequent one
+  (the first in sorted order of equally frequent ones) with a warning naming each spelling and
+  a file using it; ``data.classes`` naming one class twice that way is refused.
 - VOC pixel coordinates are 1-based: ``xmin``/``ymin``/``xmax``/``ymax`` become the 0-based
   box ``[xmin - 1, ymin - 1, xmax - xmin, ymax - ymin]`` (as Ultralytics' and MMDetection's VOC
   conversions do); the one-pixel border tolerance absorbs the 0-based files some tools write.
@@ -23,6 +26,7 @@ Choices (the README repeats them):
 
 from __future__ import annotations
 
+import logging
 import math
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +37,12 @@ from defusedxml import DefusedXmlException
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import AnnotationError, BadRecordPolicy, CategoryMap, CocoDataset, ImageCheck
+from distillery.platform.datasets.image_files import size_mismatch
 from distillery.platform.datasets.split_builder import SplitBuilder, box_in_image, probe_image
 
-__all__ = ["discover_voc_classes", "load_voc"]
+__all__ = ["class_key", "discover_voc_classes", "load_voc"]
+
+log = logging.getLogger(__name__)
 
 
 def _parse_xml(data: bytes) -> ET.Element:
@@ -54,23 +61,39 @@ def _read_all(uris: list[str], io_threads: int) -> list[bytes | None]:
         return list(pool.map(_read, uris))
 
 
+def class_key(name: str) -> str:
+    """The form under which VOC class names are compared: case and surrounding whitespace ignored."""
+    return name.strip().casefold()
+
+
 def discover_voc_classes(root: str, io_threads: int = 16) -> list[str]:
     """Sorted object names of every XML file under ``root/Annotations`` (files that do not parse
-    are left to the split that lists them to report)."""
+    are left to the split that lists them to report); spellings of one name that differ only in
+    case or surrounding whitespace are merged into the most frequent, with a warning."""
     ann_dir = storage.join(root, "Annotations")
-    uris = [storage.join(ann_dir, n) for n in storage.listdir(ann_dir) if n.endswith(".xml")]
-    names: set[str] = set()
-    for data in _read_all(uris, io_threads):
+    uris = sorted(storage.join(ann_dir, n) for n in storage.listdir(ann_dir) if n.endswith(".xml"))
+    spellings: dict[str, dict[str, list]] = {}  # key -> spelling -> [objects, first file]
+    for uri, data in zip(uris, _read_all(uris, io_threads)):
         try:
             doc = _parse_xml(data) if data is not None else None
         except (ET.ParseError, DefusedXmlException):
             continue
-        if doc is not None:
-            names.update((o.findtext("name") or "").strip() for o in doc.findall("object"))
-    names.discard("")
-    if not names:
+        for obj in doc.findall("object") if doc is not None else []:
+            name = (obj.findtext("name") or "").strip()
+            if name:
+                seen = spellings.setdefault(class_key(name), {}).setdefault(name, [0, uri])
+                seen[0] += 1
+    if not spellings:
         raise AnnotationError(f"{ann_dir}: no object names found in any XML file to discover the classes from; "
                               "set data.classes")
+    names = []
+    for variants in spellings.values():
+        chosen = min(variants, key=lambda n: (-variants[n][0], n))
+        if len(variants) > 1:
+            log.warning("%s: VOC class names that differ only in case are one class, %r: %s", ann_dir, chosen,
+                        "; ".join(f"{n!r} ({count} objects, first in {first})"
+                                  for n, (count, first) in sorted(variants.items())))
+        names.append(chosen)
     return sorted(names)
 
 
@@ -103,7 +126,7 @@ def _objects(builder: SplitBuilder, xml_uri: str, doc: ET.Element, labels: dict[
     for k, obj in enumerate(doc.findall("object"), start=1):
         name = (obj.findtext("name") or "").strip()
         record_id = f"object {k} ({name!r})" if name else f"object {k}"
-        if name not in labels:
+        if class_key(name) not in labels or not name:
             reason = ("object has no <name>" if not name else
                       f"unknown class name {name!r} (not among the {len(labels)} classes of data.classes)")
             builder.bad(xml_uri, "annotation", record_id, reason)
@@ -123,7 +146,7 @@ def _objects(builder: SplitBuilder, xml_uri: str, doc: ET.Element, labels: dict[
             builder.bad(xml_uri, "annotation", record_id,
                         f"bndbox xmin {xmin:g} ymin {ymin:g} xmax {xmax:g} ymax {ymax:g} (1-based): {reason}")
             continue
-        objects.append((box, labels[name], difficult_flag))
+        objects.append((box, labels[class_key(name)], difficult_flag))
     return objects
 
 
@@ -134,9 +157,7 @@ def _image_problem(uri: str, mode: ImageCheck, width: int, height: int) -> str |
     if mode == "exists":
         return None if storage.exists(uri) else "image file is missing"
     size, problem = probe_image(uri, mode)
-    if problem is None and size != (width, height):
-        problem = f"image is {size[0]}x{size[1]} but the XML's <size> says {width}x{height}"
-    return problem
+    return problem if problem is not None else size_mismatch(size, width, height, "the XML's <size>")
 
 
 def _split_ids(builder: SplitBuilder, split_uri: str, split: str) -> list[str]:
@@ -168,10 +189,11 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, bad
     split_uri = storage.join(root, "ImageSets", "Main", f"{split}.txt")
     builder = SplitBuilder(split_uri, bad_records)
     names = list(classes) if classes else discover_voc_classes(root, io_threads)
-    if len(set(names)) != len(names):
-        raise AnnotationError(f"data.classes lists a class twice: {names}")
+    if len({class_key(n) for n in names}) != len(names):
+        raise AnnotationError(f"data.classes lists a class twice (names are compared ignoring case and "
+                              f"surrounding whitespace): {names}")
     builder.hash_file("classes", "\n".join(names).encode())
-    labels = {name: i for i, name in enumerate(names)}
+    labels = {class_key(name): i for i, name in enumerate(names)}
     ids = _split_ids(builder, split_uri, split)
     xml_uris = [storage.join(root, "Annotations", f"{i}.xml") for i in ids]
 

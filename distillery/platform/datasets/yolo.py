@@ -11,7 +11,10 @@ As in Ultralytics: a split entry is a directory (searched recursively for images
 them, or a ``.txt`` file listing image paths; an image's label file is its path with the last
 ``/images/`` replaced by ``/labels/`` and the extension by ``.txt``; an image without a label
 file (or with an empty one) is a background image; a line with more than five columns is a
-polygon (segmentation label) and its box is the polygon's extent. Where Ultralytics is silent we
+polygon (segmentation label) and its box is the polygon's extent; a line repeating an earlier
+line of its file (the same numbers) is dropped with a warning naming the file and both lines.
+Boxes are normalised to the image as displayed (EXIF orientation applied, as Ultralytics sizes
+JPEGs). Where Ultralytics is silent we
 are not: a label file without an image is a bad record, not an ignored file (``classes.txt``,
 written by labelling tools beside the labels, is not a label file).
 
@@ -23,6 +26,7 @@ the list file, other relative lines to the dataset root.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import posixpath
@@ -36,6 +40,8 @@ from distillery.platform.datasets.coco import AnnotationError, BadRecordPolicy, 
 from distillery.platform.datasets.split_builder import SplitBuilder, box_in_image, probe_image
 
 __all__ = ["IMAGE_SUFFIXES", "YoloSpec", "label_uri_of", "load_yolo", "read_yolo_yaml"]
+
+log = logging.getLogger(__name__)
 
 # The image types Ultralytics trains on that PIL decodes.
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
@@ -247,10 +253,10 @@ def load_yolo(root: str, split: str, *, bad_records: BadRecordPolicy = "error",
         if problem is not None:
             builder.bad(spec.yaml_uri, "image", file_name, f"{problem}: {uri}")
             continue
-        objects = _read_objects(builder, label_uri_of(uri), label, prefix, spec.names, *size)
+        objects = _read_objects(builder, label_uri_of(uri), label, prefix, spec.names, size.width, size.height)
         if objects is None:
             continue
-        builder.add(file_name, uri, size[0], size[1], objects)
+        builder.add(file_name, uri, size.width, size.height, objects)
     return builder.finish(spec.categories, spec.root, report_uri)
 
 
@@ -267,6 +273,7 @@ def _read_objects(builder: SplitBuilder, label_uri: str, label: bytes | None, ro
         builder.bad(label_uri, "image", posixpath.basename(label_uri), f"label file is not UTF-8 text: {exc}")
         return None
     objects = []
+    first_line: dict[tuple[float, ...], int] = {}
     for line_no, line in enumerate(text.splitlines(), start=1):
         tokens = line.split()
         if not tokens:
@@ -275,6 +282,12 @@ def _read_objects(builder: SplitBuilder, label_uri: str, label: bytes | None, ro
         if reason is not None:
             builder.bad(label_uri, "annotation", f"line {line_no}", reason)
             continue
+        values = tuple(float(t) for t in tokens)
+        if values in first_line:  # one object labelled twice: Ultralytics drops the repeat and warns too
+            log.warning("%s: line %d repeats line %d (the same class and box): dropped", label_uri, line_no,
+                        first_line[values])
+            continue
+        first_line[values] = line_no
         objects.append((box, cls, False))
     return objects
 
