@@ -27,7 +27,7 @@ import random
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -35,8 +35,9 @@ import torch
 from distillery.platform.io import storage
 from distillery.platform.errors import DeterministicError
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointRecord", "EngineState", "find_latest_checkpoint",
-           "load_engine_state", "read_record", "save_checkpoint_files", "verify_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointRecord", "EngineState", "best_checkpoint",
+           "find_latest_checkpoint", "load_engine_state", "read_record", "save_checkpoint_files",
+           "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,22 @@ def verify_checkpoint(directory: str) -> int:
         if name.startswith("rng_rank") and name.endswith(".pt"):
             _verify_torch_file(storage.join(directory, name))
     return epoch
+
+
+T = TypeVar("T")
+
+
+def best_checkpoint(candidates: Iterable[tuple[T, Mapping[str, Any] | None]]) -> T | None:
+    """The "best" checkpoint, one rule for the job's summary, the registry and predict: of
+    ``(checkpoint, metrics)`` pairs, the one with the highest finite val ``AP``; of equal APs the
+    first given (pass them in report order: Ray Train lists equal scores that way); None when no
+    metrics hold a finite AP (the caller then takes the latest checkpoint)."""
+    best, best_ap = None, -float("inf")
+    for checkpoint, metrics in candidates:
+        ap = (metrics or {}).get("AP")
+        if isinstance(ap, (int, float)) and not isinstance(ap, bool) and ap == ap and ap > best_ap:
+            best, best_ap = checkpoint, float(ap)
+    return best
 
 
 def _checkpoints_newest_first(run_path: str) -> tuple[list[str], list[str]]:

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from distillery.platform.datasets.coco import CocoDataset
 from distillery.platform.datasets.formats import load_split
+from distillery.platform.engine.checkpoints import best_checkpoint
 from distillery.platform.engine.progress import WORKER_ENV
 from distillery.platform.engine.run_spec import RunDescription, worker_config
 from distillery.platform.io import storage
@@ -98,10 +99,10 @@ def fit_on_ray_train(worker, cfg, run: RunDescription, train_ds, *, name: str, s
         run_config=run_config, datasets={"train": train_ds})
     install_failure_policy()
     result = trainer.fit()
-    # Ray keeps the top checkpoints by AP, listed in report order: pick the best one.
-    scored = [(c, m.get("AP", float("-inf"))) for c, m in (result.best_checkpoints or [])]
-    scored = [(c, ap if ap == ap else float("-inf")) for c, ap in scored]  # NaN -> lowest
-    best = max(scored, key=lambda cm: cm[1])[0] if scored else result.checkpoint
+    # Ray keeps the top checkpoints by AP (equal APs in report order): pick the best one.
+    best = best_checkpoint(result.best_checkpoints or [])
+    if best is None:
+        best = result.checkpoint
     return result, best
 
 
