@@ -15,8 +15,8 @@ from distillery.platform.config.distill import DistillConfig
 from distillery.platform.config.sections import load_config
 from distillery.platform.distill.teacher_signal import CachedTeacher, NoTeacher, OnlineTeacher, teacher_signal
 from distillery.platform.engine.checkpoints import (ENGINE_STATE, STATE_JSON, CheckpointRecord, DistillRecord,
-                                                    EngineState, MoETuneRecord, load_engine_state, read_record,
-                                                    save_checkpoint_files)
+                                                    EngineState, MoETuneRecord, best_checkpoint, load_engine_state,
+                                                    read_record, save_checkpoint_files)
 from distillery.platform.engine.run_spec import DistillRun, GamSettings, MoETuneRun, from_worker_config, worker_config
 from distillery.students.moe import MoEFFN, collect_aux_loss
 from distillery.students.training import compute_losses
@@ -35,6 +35,15 @@ def test_run_description_crosses_train_loop_config_typed():
                      parameter_counts={"dense": {"total": 1}}, steps_per_epoch=1, val_annotations="a",
                      val_images="b", run_storage="c")
     assert from_worker_config({"cfg": config["cfg"], "run": moe.to_dict()}, DistillConfig)[1] == moe
+
+
+def test_the_best_checkpoint_is_the_first_of_the_highest_finite_ap():
+    """One rule for the job's summary (Ray's best_checkpoints, equal APs in report order), the
+    registry (which logs that checkpoint) and predict --model <run dir>."""
+    assert best_checkpoint([("a", {"AP": 0.2}), ("b", {"AP": 0.3}), ("c", {"AP": 0.3}), ("d", {"AP": 0.1})]) == "b"
+    assert best_checkpoint([("a", {"AP": float("nan")}), ("b", {"AP": 0.0}), ("c", {})]) == "b"
+    assert best_checkpoint([("a", {"AP": float("nan")}), ("b", None), ("c", {"AP": True}), ("d", {"AP": "1"})]) is None
+    assert best_checkpoint([]) is None
 
 
 def test_checkpoint_files_round_trip_typed(tmp_path):

@@ -9,11 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 from pycocotools.coco import COCO
+from safetensors.torch import save_file
 
-from distillery.platform.serving.predict import PredictError, main
+from distillery.platform.serving.predict import PredictError, load_detector, main
 from distillery.platform.datasets.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_coco
 from distillery.students import build_student
 
@@ -94,3 +98,97 @@ def test_predict_a_bare_release_file_needs_the_architecture(tmp_path, val_set):
     with pytest.raises(PredictError, match="no such directory"):
         main(["--model", str(release), "--student", "rtdetrv4_tiny", "--images", str(tmp_path / "nowhere"),
               "--out", str(tmp_path / "o2")])
+
+
+# --------------------------------------------------------------------------- photos, exports, defaults
+
+class RedSquareFinder(torch.nn.Module):
+    """A detector with one query that finds the red pixels of its input (their extent, score 1):
+    where predict puts its box on the original photo is then known exactly."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        r, g, b = images[:, 0], images[:, 1], images[:, 2]
+        red = (r > 0.6) & (g < 0.4) & (b < 0.4)
+        side = images.shape[-1]
+        boxes = []
+        for mask in red:
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            x0, x1 = xs.min().float() / side, (xs.max().float() + 1) / side
+            y0, y1 = ys.min().float() / side, (ys.max().float() + 1) / side
+            boxes.append(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]))
+        return {"pred_logits": torch.full((len(images), 1, 1), 10.0), "pred_boxes": torch.stack(boxes)[:, None]}
+
+
+def test_predict_on_a_rotated_phone_photo_returns_and_draws_boxes_where_it_is_displayed(tmp_path, monkeypatch):
+    from test_image_files import phone_jpeg
+
+    from distillery.platform.serving import predict
+
+    displayed = np.full((240, 400, 3), 90, np.uint8)
+    displayed[40:120, 80:200] = (220, 20, 20)  # a red card in the displayed top-left
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "IMG_2041.jpg").write_bytes(phone_jpeg(np.rot90(displayed, k=1), 6))  # stored turned, tag 6
+    detector = predict.Detector(RedSquareFinder(), "red_square_finder", 128, [7], ["card"], "test", "none")
+    monkeypatch.setattr(predict, "load_detector", lambda *a, **k: detector)
+    main(["--model", "unused", "--images", str(photos), "--out", str(tmp_path / "out"), "--draw", "--device", "cpu"])
+
+    (found,) = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert found["category_id"] == 7 and np.allclose(found["bbox"], [80, 40, 120, 80], atol=4), found["bbox"]
+    images = json.loads((tmp_path / "out" / "dataset.json").read_text())["images"]
+    assert (images[0]["width"], images[0]["height"]) == (400, 240)
+    drawn = np.asarray(Image.open(tmp_path / "out" / "drawn" / "IMG_2041.jpg"))
+    assert drawn.shape == (240, 400, 3)
+    outline = drawn[40:120, 78:82].astype(int)  # the box's left edge, drawn over grey and red
+    assert np.abs(outline - drawn[40:120, 60:62].mean(axis=(0, 1))).mean() > 20
+
+
+def _export_dir(root: Path) -> Path:
+    """What a distillation run logs under export/: weights.safetensors, meta.json (a YOLO dataset's
+    classes: ids 0 and 1), config.yaml with the architecture overrides."""
+    export = root / "export"
+    export.mkdir()
+    torch.manual_seed(0)
+    model = build_student("rtdetrv4_tiny", num_classes=2, eval_spatial_size=SIZE, dsi=False, **OVERRIDES)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export / "weights.safetensors"))
+    (export / "meta.json").write_text(json.dumps({"input_size": SIZE, "category_ids": [0, 1],
+                                                  "category_names": ["bolt", "nut"], "student": "rtdetrv4_tiny",
+                                                  "checkpoint_epoch": 3, "metrics": {"AP": 0.2}}))
+    (export / "config.yaml").write_text(yaml.safe_dump({"student": {"overrides": OVERRIDES}}))
+    return export
+
+
+def test_a_bare_exported_weights_file_uses_the_meta_json_beside_it(tmp_path):
+    export = _export_dir(tmp_path)
+    detector = load_detector(str(export / "weights.safetensors"), student="rtdetrv4_tiny")
+    assert (detector.input_size, detector.category_ids, detector.category_names) == (SIZE, [0, 1], ["bolt", "nut"])
+    assert load_detector(str(export)).category_ids == [0, 1]  # the directory: the same description
+    (export / "meta.json").write_text(json.dumps({"input_size": SIZE}))
+    with pytest.raises(ValueError, match=r"meta\.json is not a Distillery export's meta\.json: it lacks student"):
+        load_detector(str(export / "weights.safetensors"), student="rtdetrv4_tiny")
+
+
+def test_a_run_directory_gives_the_first_of_equal_best_aps(tmp_path):
+    run = _write_run_dir(tmp_path)
+    for name, ap in (("checkpoint_000001", 0.3), ("checkpoint_000002", 0.3)):
+        record = json.loads((run / name / "distillery_state.json").read_text())
+        (run / name / "distillery_state.json").write_text(json.dumps({**record, "metrics": {"AP": ap}}))
+    assert Path(load_detector(str(run)).weights).name == "checkpoint_000001"  # as the summary and the registry
+    for name in ("checkpoint_000001", "checkpoint_000002"):
+        (run / name / "distillery_state.json").write_text(json.dumps({"epoch": int(name[-1]), "metrics": {}}))
+    assert Path(load_detector(str(run)).weights).name == "checkpoint_000002"  # no AP anywhere: the latest
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "-0.1", "nan"])
+def test_a_score_threshold_outside_0_1_is_refused_before_any_work(tmp_path, val_set, threshold):
+    images, _ = val_set
+    with pytest.raises(PredictError, match=rf"^--score-threshold {threshold} is outside \[0, 1\]"):
+        main(["--model", str(tmp_path / "nothing"), "--images", str(images), "--out", str(tmp_path / "out"),
+              "--score-threshold", threshold])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_score_threshold_is_stated_in_help():
+    help_text = subprocess.run([sys.executable, str(ROOT / "jobs" / "predict.py"), "--help"], capture_output=True,
+                               text=True, cwd=ROOT).stdout
+    assert "default 0.3" in " ".join(help_text.split())
