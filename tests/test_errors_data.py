@@ -142,6 +142,39 @@ def _truncated_shard_with_edited_size(r):
     return shard
 
 
+def _exif_turned(orientation: int) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def _rotated_photo_with_its_stored_size(r):
+    """Image 2 becomes a phone JPEG stored 64x32 with orientation 6 (displayed 32x64); its record
+    keeps the stored size, as a tool that ignores EXIF writes it."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(r / "data/images/train/00000002.jpg", exif=_exif_turned(6))
+
+    def edit(d):
+        d["images"][1].update(width=64, height=32)
+        for a in d["annotations"]:
+            if a["image_id"] == 2:
+                a["bbox"] = [1, 1, 5, 5]
+    _edit_annotations(r, edit)
+
+
+def _float_tiff_as_image_3(r):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64), np.float32)).save(r / "data/images/train/00000003.tif")
+    _edit_annotations(r, lambda d: d["images"][2].update(file_name="00000003.tif"))
+
+
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+
+
 @dataclass
 class Case:
     id: str
@@ -210,6 +243,19 @@ CASES = [
          lambda r: lambda: __import__("distillery.platform.cache.job", fromlist=["_decode_shard"])._decode_shard(
              {"shard": 0, "image_ids": [3], "uris": [str(r / "data/images/train/00000003.jpg")]}, 32),
          CorruptImageError, r".*00000003\.jpg"),
+    Case("phone photo whose record has the stored size", _rotated_photo_with_its_stored_size, _load, AnnotationError,
+         r".*instances_train\.json: image 2: image is 32x64 as displayed \(EXIF orientation 6 turns its stored "
+         r"64x32 pixels\) but the annotation says 64x32: .*exiftool -Orientation= FILE\): .*00000002\.jpg$"),
+    Case("32-bit float TIFF at decode check", _float_tiff_as_image_3, lambda r: _load(r, check_images="decode"),
+         AnnotationError, r".*instances_train\.json: image 3: image does not decode: 32-bit floating-point pixels "
+                          r"\(mode F\) .*: .*00000003\.tif$"),
+    Case("iPhone HEIC saved as .jpg", lambda r: (r / "data/images/train/00000002.jpg").write_bytes(HEIC), _load,
+         AnnotationError, r".*instances_train\.json: image 2: image does not decode: a HEIC/HEIF/AVIF photo .*"
+                          r"convert it to JPEG or PNG: .*00000002\.jpg$"),
+    Case("not an image, at training decode", lambda r: _write_text(r / "data/images/train/00000003.jpg", "hello"),
+         lambda r: lambda: __import__("distillery.platform.datasets.coco", fromlist=["x"]).load_image_resized(
+             str(r / "data/images/train/00000003.jpg"), 32), CorruptImageError,
+         r"image does not decode: .*00000003\.jpg: not an image file Pillow can identify \(JPEG, PNG"),
     # --- the feature cache
     Case("shard checksum zeroed in the manifest",
          lambda r: _edit_manifest(r, lambda d: d["shards"][1].update(sha256="0" * 64)), _read_grids,

@@ -207,6 +207,18 @@ def test_yolo_box_tolerance_is_one_pixel_and_clipped(yolo):
         load_yolo(str(yolo), "train")
 
 
+def test_yolo_repeated_label_line_is_dropped_with_a_warning(yolo, caplog):
+    label = _first_label(yolo)
+    first = label.read_text().splitlines()[0]
+    again = "  ".join(t + "0" if "." in t else t for t in first.split())  # line 1's numbers, written otherwise
+    label.write_text(label.read_text() + again + "\n")
+    name = f"images/train/{label.stem}.jpg"
+    with caplog.at_level("WARNING"):
+        rec = next(r for r in load_yolo(str(yolo), "train").records if r.file_name == name)
+    assert len(rec.boxes) == 2
+    assert f"{label}: line 3 repeats line 1 (the same class and box): dropped" in caplog.text
+
+
 def test_yolo_label_without_image_and_missing_image(yolo, tmp_path):
     orphan = yolo.parent / "labels" / "train" / "ghost.txt"
     orphan.write_text("0 0.5 0.5 0.1 0.1\n")
@@ -313,6 +325,33 @@ def test_voc_split_file_and_duplicate_class_errors(voc):
         load_voc(str(voc), "trainval")
     with pytest.raises(AnnotationError, match="lists a class twice"):
         load_voc(str(voc), "train", classes=["circle", "circle"])
+    with pytest.raises(AnnotationError, match=r"lists a class twice \(names are compared ignoring case"):
+        load_voc(str(voc), "train", classes=["circle", "Circle "])
+
+
+def test_voc_names_differing_in_case_or_spaces_are_one_class(voc, caplog):
+    """A labeller typed 'Circle' once and 'circle ' once among the 'circle's: one class, named by
+    the most frequent spelling, with a warning naming each spelling and a file that uses it."""
+    reference = load_voc(str(voc), "train")
+    files = sorted((voc / "Annotations").glob("*.xml"))
+    name = max(reference.categories.names, key=lambda n: sum(p.read_text().count(f">{n}<") for p in files))
+    label = reference.categories.names.index(name)
+    edited = []
+    for path in [p for p in files if f">{name}<" in p.read_text()][:2]:
+        tree = ET.parse(path)
+        obj = next(o for o in tree.getroot().iter("object") if o.findtext("name") == name)
+        obj.find("name").text = f" {name}\t" if edited else name.capitalize()
+        tree.write(path)
+        edited.append(path)
+    with caplog.at_level("WARNING"):
+        ds = load_voc(str(voc), "train")
+    assert ds.categories == reference.categories
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(ds.records, reference.records))
+    assert f"VOC class names that differ only in case are one class, {name!r}" in caplog.text
+    assert f"{name.capitalize()!r} (1 objects, first in {edited[0]})" in caplog.text
+    assert label in np.concatenate([r.labels for r in ds.records])
+    assert np.array_equal(load_voc(str(voc), "train", classes=reference.categories.names).records[0].labels,
+                          reference.records[0].labels)
 
 
 def test_convert_cli_round_trip(yolo_clean, voc_clean, synthetic_data, tmp_path):

@@ -5,6 +5,7 @@ images and a contact sheet."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,13 +180,43 @@ def test_a_run_directory_gives_the_first_of_equal_best_aps(tmp_path):
     assert Path(load_detector(str(run)).weights).name == "checkpoint_000002"  # no AP anywhere: the latest
 
 
-@pytest.mark.parametrize("threshold", ["1.5", "-0.1", "nan"])
-def test_a_score_threshold_outside_0_1_is_refused_before_any_work(tmp_path, val_set, threshold):
+REFUSED = [  # (options a new user tries, the first line of the error)
+    (["--score-threshold", "1.5"], r"--score-threshold 1\.5 is outside \[0, 1\]: detection scores are probabilities"),
+    (["--score-threshold", "-0.1"], r"--score-threshold -0\.1 is outside \[0, 1\]"),
+    (["--score-threshold", "nan"], r"--score-threshold nan is outside \[0, 1\]"),
+    (["--batch-size", "0"], r"--batch-size 0 must be at least 1$"),
+    (["--num-top", "0"], r"--num-top 0 must be at least 1$"),
+    (["--input-size", "100"], r"--input-size 100 must be a positive multiple of 32"),
+    (["--input-size", "0"], r"--input-size 0 must be a positive multiple of 32"),
+]
+
+
+@pytest.mark.parametrize("options,first_line", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
+def test_bad_options_are_refused_before_any_work(tmp_path, val_set, options, first_line):
     images, _ = val_set
-    with pytest.raises(PredictError, match=rf"^--score-threshold {threshold} is outside \[0, 1\]"):
-        main(["--model", str(tmp_path / "nothing"), "--images", str(images), "--out", str(tmp_path / "out"),
-              "--score-threshold", threshold])
+    with pytest.raises(PredictError) as info:
+        main(["--model", str(tmp_path / "nothing"), "--images", str(images), "--out", str(tmp_path / "out"), *options])
+    assert re.match(first_line, str(info.value).splitlines()[0]), str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_image_files_predict_cannot_read_are_named(tmp_path, caplog):
+    """A folder of iPhone photos: .HEIC files beside JPEGs are left out with a warning naming them;
+    one given alone is refused saying what it is; TIFF and uppercase suffixes are read."""
+    from distillery.platform.serving.predict import list_images
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "IMG_0001.JPG")
+    Image.new("RGB", (8, 8)).save(photos / "scan.tiff")
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    (photos / "IMG_0002.HEIC").write_bytes(heic)
+    with caplog.at_level("WARNING"):
+        assert [Path(u).name for u in sorted(list_images(str(photos)))] == ["IMG_0001.JPG", "scan.tiff"]
+    assert "1 files without an image suffix" in caplog.text and "IMG_0002.HEIC" in caplog.text
+    with pytest.raises(PredictError, match=r"^image does not decode: .*IMG_0002\.HEIC: a HEIC/HEIF/AVIF photo"):
+        main(["--model", str(_export_dir(tmp_path)), "--images", str(photos / "IMG_0002.HEIC"),
+              "--out", str(tmp_path / "out")])
 
 
 def test_the_default_score_threshold_is_stated_in_help():

@@ -421,5 +421,11 @@ def load_coco(annotation_uri: str, image_root: str, *, bad_records: BadRecordPol
     if not any(len(r.boxes) for r in records):
         raise AnnotationError(f"{f}: none of its {len(doc['annotations'])} annotations is usable: "
                               "there are no boxes to train or evaluate on")
+    used = set(np.concatenate([r.labels for r in records]).tolist())
+    unused = [f"{cid} {name!r}" for k, (cid, name) in enumerate(zip(categories.category_ids, categories.names))
+              if k not in used]
+    if unused:  # e.g. the dataset's own name, which Roboflow exports as category 0
+        log.warning("%s: %d categories have no annotation in this file (classes it cannot teach): %s", f,
+                    len(unused), ", ".join(unused[:10]) + (", ..." if len(unused) > 10 else ""))
     return CocoDataset(annotation_uri=annotation_uri, image_root=image_root, categories=categories,
                        records=records, annotation_sha256=sha, skipped=skipped)

@@ -30,8 +30,12 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from distillery.platform.errors import DeterministicError
 
-__all__ = ["CorruptImageError", "ImageDecodeError", "PhotoSize", "decode_image", "probe_photo",
+__all__ = ["IMAGE_SUFFIXES", "CorruptImageError", "ImageDecodeError", "PhotoSize", "decode_image", "probe_photo",
            "size_mismatch"]
+
+# The image files the readers and predict take (by suffix, any case): the types Ultralytics
+# trains on that Pillow decodes.
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
 
 # What Pillow raises for a file that is not an image or is damaged.
 _PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
@@ -78,6 +82,11 @@ def _orientation(img: Image.Image) -> int:
 def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftyphevc", b"ftypavif"):
+            raise ImageDecodeError("a HEIC/HEIF/AVIF photo (an iPhone's default format), which Pillow does not "
+                                   "read: convert it to JPEG or PNG") from None
+        raise ImageDecodeError("not an image file Pillow can identify (JPEG, PNG, BMP, TIFF, WebP)") from None
     except _PIL_ERRORS as exc:
         raise ImageDecodeError(str(exc)) from None
 

@@ -37,14 +37,13 @@ import yaml
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import AnnotationError, BadRecordPolicy, CategoryMap, CocoDataset, ImageCheck
+from distillery.platform.datasets.image_files import IMAGE_SUFFIXES
 from distillery.platform.datasets.split_builder import SplitBuilder, box_in_image, probe_image
 
 __all__ = ["IMAGE_SUFFIXES", "YoloSpec", "label_uri_of", "load_yolo", "read_yolo_yaml"]
 
 log = logging.getLogger(__name__)
 
-# The image types Ultralytics trains on that PIL decodes.
-IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)

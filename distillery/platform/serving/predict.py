@@ -36,7 +36,7 @@ import yaml
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 
-from distillery.platform.datasets.coco import decode_image
+from distillery.platform.datasets.image_files import IMAGE_SUFFIXES, decode_image
 from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, STATE_JSON, best_checkpoint
 from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
@@ -49,7 +49,6 @@ from distillery.students.weights import COCO_CLASS_NAMES, read_student_checkpoin
 __all__ = ["Detector", "list_images", "load_detector", "main", "predict_images", "run_predict"]
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Detections scoring lower are dropped by default: the untuned 0.0 drew 60-90 boxes on every image.
 # Ultralytics keeps conf >= 0.25 and RF-DETR >= 0.5 by default; 0.3 lies between.
 DEFAULT_SCORE_THRESHOLD = 0.3
@@ -199,9 +198,15 @@ def list_images(images: str) -> list[str]:
         return [images]
     if not storage.exists(images):
         raise FileNotFoundError(f"--images {images}: no such directory")
-    found = [storage.join(images, n) for n in storage.listdir(images) if n.lower().endswith(IMAGE_SUFFIXES)]
+    names = storage.listdir(images)
+    found = [storage.join(images, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    others = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
     if not found:
-        raise FileNotFoundError(f"--images {images}: no {'/'.join(IMAGE_SUFFIXES)} files there")
+        raise FileNotFoundError(f"--images {images}: no {'/'.join(IMAGE_SUFFIXES)} files there"
+                                + (f" ({len(others)} other files, e.g. {others[0]})" if others else ""))
+    if others:  # a folder of iPhone .HEIC photos beside JPEGs must not shrink without a word
+        log.warning("--images %s: %d files without an image suffix (%s) are left out: %s%s", images, len(others),
+                    "/".join(IMAGE_SUFFIXES), ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
     return found
 
 
@@ -332,6 +337,11 @@ def run_predict(model: str, images: str, out: str | Path, *, student: str | None
     if not 0.0 <= score_threshold <= 1.0:  # (NaN fails too) scores are probabilities
         raise ValueError(f"--score-threshold {score_threshold} is outside [0, 1]: detection scores are "
                          f"probabilities (default {DEFAULT_SCORE_THRESHOLD})")
+    for flag, value in (("--batch-size", batch_size), ("--num-top", num_top)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1")
+    if input_size is not None and (input_size < 32 or input_size % 32):
+        raise ValueError(f"--input-size {input_size} must be a positive multiple of 32 (the students' stride)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     uris = list_images(images)
