@@ -8,7 +8,12 @@
   a run's ``export/``), or ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (the
   registered run's export, downloaded through MLflow);
 * a bare weights file (official RT-DETRv4 / DEIMv2 release ``.pth``, a state dict,
-  ``.safetensors``): ``--student`` names the architecture; 80 classes are COCO's.
+  ``.safetensors``): ``--student`` names the architecture; 80 classes are COCO's. An exported
+  ``weights.safetensors`` with the export's ``meta.json`` beside it is read as that export.
+
+Images are decoded as photos (``datasets/image_files.py``: EXIF orientation applied, so boxes
+are in the displayed image's pixels; 16-bit scaled; CMYK, palette and alpha to RGB). Detections
+below ``--score-threshold`` (default :data:`DEFAULT_SCORE_THRESHOLD`) are dropped.
 
 Writes into ``--out``: ``detections.json``, a COCO result list (``image_id``, ``category_id``,
 ``bbox`` [x, y, w, h] in pixels, ``score``, plus ``category_name`` and ``file_name``) that
