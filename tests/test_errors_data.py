@@ -246,6 +246,11 @@ CASES = [
     Case("phone photo whose record has the stored size", _rotated_photo_with_its_stored_size, _load, AnnotationError,
          r".*instances_train\.json: image 2: image is 32x64 as displayed \(EXIF orientation 6 turns its stored "
          r"64x32 pixels\) but the annotation says 64x32: .*exiftool -Orientation= FILE\): .*00000002\.jpg$"),
+    Case("file_name with Windows separators",
+         lambda r: _edit_annotations(r, lambda d: d["images"][1].update(file_name="train\\00000002.jpg")),
+         lambda r: _load(r, check_images="exists"), AnnotationError,
+         r".*instances_train\.json: image 2: image file is missing \(its file_name separates folders with '\\'; "
+         r"COCO paths use '/'\): .*train\\00000002\.jpg$"),
     Case("32-bit float TIFF at decode check", _float_tiff_as_image_3, lambda r: _load(r, check_images="decode"),
          AnnotationError, r".*instances_train\.json: image 3: image does not decode: 32-bit floating-point pixels "
                           r"\(mode F\) .*: .*00000003\.tif$"),

@@ -389,7 +389,10 @@ def load_coco(annotation_uri: str, image_root: str, *, bad_records: BadRecordPol
             for iid in ordered for name in (images[iid]["file_name"],)}
 
     def check(iid: int) -> str | None:
-        return _check_image(uris[iid], check_images, images[iid]["width"], images[iid]["height"])
+        problem = _check_image(uris[iid], check_images, images[iid]["width"], images[iid]["height"])
+        if problem == "image file is missing" and "\\" in images[iid]["file_name"]:  # written on Windows
+            problem += " (its file_name separates folders with '\\'; COCO paths use '/')"
+        return problem
 
     with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
         problems = list(pool.map(check, ordered)) if check_images != "none" else [None] * len(ordered)
