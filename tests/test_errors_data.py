@@ -172,6 +172,25 @@ def _float_tiff_as_image_3(r):
     _edit_annotations(r, lambda d: d["images"][2].update(file_name="00000003.tif"))
 
 
+def _roboflow_export(r):
+    """The pristine train split as Roboflow exports COCO: train/_annotations.coco.json beside its images."""
+    shutil.copytree(r / "data/images/train", r / "rf/train")
+    shutil.copy(_ann(r), r / "rf/train/_annotations.coco.json")
+
+
+def _prepare_dataset(root: Path, *overrides: str):
+    """What a job's driver does first (jobs/distill.py data.root=ROOT ...): generate the synthetic
+    dataset when configured and absent, then load the train split."""
+    def run():
+        from distillery.platform.cache.job import CacheFeaturesConfig, ensure_dataset
+        from distillery.platform.datasets.formats import load_split
+
+        cfg = load_config(CacheFeaturesConfig, None, [f"data.root={root}", *overrides])
+        ensure_dataset(cfg.data)
+        load_split(cfg.data, "train")
+    return run
+
+
 HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
 
 
@@ -261,6 +280,18 @@ CASES = [
          lambda r: lambda: __import__("distillery.platform.datasets.coco", fromlist=["x"]).load_image_resized(
              str(r / "data/images/train/00000003.jpg"), 32), CorruptImageError,
          r"image does not decode: .*00000003\.jpg: not an image file Pillow can identify \(JPEG, PNG"),
+    # --- datasets a job is pointed at
+    Case("own photos folder with data.synthetic left on", lambda r: _write_text(r / "data/images/notes.txt", "x"),
+         lambda r: _prepare_dataset(r / "data" / "images"), AnnotationError,
+         r"annotation file not found: .*images/annotations/instances_train\.json; data\.root .*images holds other "
+         r"files \(notes\.txt, train, val\), so the synthetic dataset \(data\.synthetic\) is not generated there"),
+    Case("Roboflow COCO export with the default paths", _roboflow_export, lambda r: _prepare_dataset(r / "rf"),
+         AnnotationError, r"annotation file not found: .*rf/annotations/instances_train\.json; .*rf holds a Roboflow "
+                          r"COCO export \(train/_annotations\.coco\.json\): read it with data\.train_annotations="
+                          r"train/_annotations\.coco\.json data\.train_images=train .* data\.synthetic=null$"),
+    Case("Roboflow COCO export, synthetic off", _roboflow_export,
+         lambda r: _prepare_dataset(r / "rf", "data.synthetic=null"), AnnotationError,
+         r"annotation file not found: .*; .*rf holds a Roboflow COCO export .*data\.val_images=valid$"),
     # --- the feature cache
     Case("shard checksum zeroed in the manifest",
          lambda r: _edit_manifest(r, lambda d: d["shards"][1].update(sha256="0" * 64)), _read_grids,

@@ -33,11 +33,12 @@ import numpy as np
 import ray
 
 from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
-from distillery.platform.datasets.formats import load_split
+from distillery.platform.datasets.formats import load_split, refuse_roboflow_export_without_its_paths
 from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import resolve_weights_source
-from distillery.platform.datasets.coco import CocoDataset, CorruptImageError, decode_image, load_image_resized
+from distillery.platform.datasets.coco import (AnnotationError, CocoDataset, CorruptImageError, decode_image,
+                                               load_image_resized)
 from distillery.platform.config.augment import runtime_augment_config
 # The job's config (its sections are defined with the other config sections, in config.cache).
 from distillery.platform.config.cache import CacheComputeConfig, CacheFeaturesConfig, CacheSettings, ViewRecipe
@@ -61,12 +62,22 @@ class CacheInterrupted(RuntimeError):
 # --------------------------------------------------------------------------- helpers
 
 def ensure_dataset(data: DataConfig) -> None:
-    """Generate the synthetic dataset if it is configured and absent (COCO format only)."""
+    """Generate the synthetic dataset if it is configured and absent (COCO format only), into a
+    new or empty ``data.root`` (or one holding only its own unfinished ``images/``/``annotations/``):
+    a folder of the user's own files is refused, never written into or trained on as shapes."""
     if data.format != "coco":
         return
     ann, _ = data.split_paths("train")
     if storage.exists(ann) or data.synthetic is None:
         return
+    present = sorted(storage.listdir(data.root)) if storage.exists(data.root) else []
+    if set(present) - {"images", "annotations"}:
+        refuse_roboflow_export_without_its_paths(data, ann)
+        raise AnnotationError(
+            f"annotation file not found: {ann}; data.root {data.root} holds other files "
+            f"({', '.join(present[:5])}{', ...' if len(present) > 5 else ''}), so the synthetic dataset "
+            "(data.synthetic) is not generated there: to train on your files set data.synthetic=null and "
+            "data.format, data.train_annotations / data.train_images and data.val_* to them")
     s = data.synthetic
     log.info("generating the synthetic dataset under %s", data.root)
     generate_synthetic_coco(data.root, train=s.train, val=s.val, size=s.size, seed=s.seed)

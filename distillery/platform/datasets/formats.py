@@ -38,7 +38,7 @@ from distillery.platform.datasets.yolo import load_yolo
 if TYPE_CHECKING:
     from distillery.platform.config.sections import DataConfig
 
-__all__ = ["DatasetFormat", "coco_split_paths", "load_split"]
+__all__ = ["DatasetFormat", "coco_split_paths", "load_split", "refuse_roboflow_export_without_its_paths"]
 
 DatasetFormat = Literal["coco", "yolo", "voc"]
 
@@ -53,6 +53,7 @@ def load_split(data: "DataConfig", split: Literal["train", "val"], *, report_uri
     check = check_images or data.check_images
     if data.format == "coco":
         ann, images = data.split_paths(split)
+        refuse_roboflow_export_without_its_paths(data, ann)
         return load_coco(ann, images, bad_records=data.bad_records, check_images=check, report_uri=report_uri)
     name = data.train_split if split == "train" else data.val_split
     if data.format == "yolo":
@@ -62,6 +63,20 @@ def load_split(data: "DataConfig", split: Literal["train", "val"], *, report_uri
         return load_yolo(data.root, name, bad_records=data.bad_records, check_images=check, report_uri=report_uri)
     return load_voc(data.root, name, classes=data.classes, bad_records=data.bad_records, check_images=check,
                     report_uri=report_uri)
+
+
+ROBOFLOW_SPLITS = {"train": "train", "val": "valid"}  # Roboflow's COCO export: <split>/_annotations.coco.json
+
+
+def refuse_roboflow_export_without_its_paths(data: "DataConfig", ann: str) -> None:
+    """A Roboflow COCO export under ``data.root`` read with the default COCO paths: say which
+    overrides read it, rather than only that ``annotations/instances_train.json`` is missing."""
+    if storage.exists(ann) or not storage.exists(storage.join(data.root, "train", "_annotations.coco.json")):
+        return
+    overrides = " ".join(f"data.{s}_annotations={d}/_annotations.coco.json data.{s}_images={d}"
+                         for s, d in ROBOFLOW_SPLITS.items()) + (" data.synthetic=null" if data.synthetic else "")
+    raise AnnotationError(f"annotation file not found: {ann}; {data.root} holds a Roboflow COCO export "
+                          f"(train/_annotations.coco.json): read it with {overrides}")
 
 
 def coco_split_paths(data: "DataConfig", split: Literal["train", "val"], dataset: CocoDataset,
