@@ -138,6 +138,17 @@ def test_float_images_and_non_images_are_refused_naming_the_file():
         decode_image(b"hello", "notes.jpg")
 
 
+def test_an_image_past_pillows_pixel_limit_is_refused_naming_the_file():
+    """A 200-megapixel phone photo, or a header that claims one: refused, not a traceback."""
+    header = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 16384, 12288, 8, 2, 0, 0, 0))
+              + _png_chunk(b"IEND", b""))
+    with pytest.raises(CorruptImageError, match=r"image does not decode: huge\.png: Image size \(201326592 pixels\) "
+                                                r"exceeds limit"):
+        decode_image(header, "huge.png")
+    with pytest.raises(ImageDecodeError, match="exceeds limit"):
+        probe_photo(header)
+
+
 # --------------------------------------------------------------------------- the readers
 
 # The object: a red square in the displayed image's top-left quarter, 8..20 x 4..12 (x, y) on a

@@ -37,8 +37,9 @@ __all__ = ["IMAGE_SUFFIXES", "CorruptImageError", "ImageDecodeError", "PhotoSize
 # trains on that Pillow decodes.
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
 
-# What Pillow raises for a file that is not an image or is damaged.
-_PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+# What Pillow raises for a file that is not an image, is damaged, or declares more pixels than its
+# safety limit (Image.MAX_IMAGE_PIXELS x 2, 179 million: a 200-megapixel phone photo exceeds it).
+_PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
