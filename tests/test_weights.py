@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -203,16 +204,8 @@ def test_https_sources_are_downloaded_once_with_their_sha256(tmp_path):
     assert resolve_weights_source(url, cache_dir=tmp_path / "cache") == (path, sha)  # server gone: the cache
 
 
-def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our tiny RT-DETRv4's state dict under the official repository's key names (the reverse of
-    distillery.students.official's renaming), with the buffers the official model also saves."""
-    import re
-
-    rules = ((r"^backbone\.body\.stem\.", "backbone.stem."),
-             (r"^backbone\.body\.stages_(\d+)\.", r"backbone.stages.\1."),
-             (r"^encoder\.aifi\.", "encoder.encoder.0.layers.0."),
-             (r"^encoder\.downsample_convs\.(\d+)\.", r"encoder.downsample_convs.\1.0."),
-             (r"^decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."), (r"^dsi\.", "encoder.feature_projector.0."))
+def _renamed(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    """``state`` with each key through the first of ``rules`` (regex, replacement) that matches it."""
     out = {}
     for key, value in state.items():
         for pattern, replacement in rules:
@@ -220,6 +213,18 @@ def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if hit:
                 break
         out[key] = value
+    return out
+
+
+def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tiny RT-DETRv4's state dict under the official repository's key names (the reverse of
+    distillery.students.official's renaming), with the buffers the official model also saves."""
+    rules = ((r"^backbone\.body\.stem\.", "backbone.stem."),
+             (r"^backbone\.body\.stages_(\d+)\.", r"backbone.stages.\1."),
+             (r"^encoder\.aifi\.", "encoder.encoder.0.layers.0."),
+             (r"^encoder\.downsample_convs\.(\d+)\.", r"encoder.downsample_convs.\1.0."),
+             (r"^decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."), (r"^dsi\.", "encoder.feature_projector.0."))
+    out = _renamed(state, rules)
     out.update({"decoder.anchors": torch.zeros(1, 84, 4), "decoder.valid_mask": torch.ones(1, 84, 1, dtype=torch.bool),
                 "decoder.decoder.up": torch.tensor([0.5]), "decoder.decoder.reg_scale": torch.tensor([4.0]),
                 "decoder.decoder.layers.0.cross_attn.num_points_scale": torch.ones(12)})
@@ -249,8 +254,6 @@ def _official_deimv2_vit_names(state: dict[str, torch.Tensor]) -> dict[str, torc
     distillery.students.official): Meta's DINOv3 layout under ``backbone.dinov3.`` (fused ``qkv.bias``
     with its k-bias mask, storage tokens, ``ls1/ls2.gamma``, RoPE periods, one more block than ours
     uses), the STA under ``backbone.``, RMSNorm ``scale`` and ``swish_ffn`` in the decoder."""
-    import re
-
     rules = ((r"^backbone\.vit\.", "backbone.dinov3."),
              (r"^sta\.detail\.stem\.", "backbone.sta.stem."), (r"^sta\.detail\.down8\.", "backbone.sta.conv2."),
              (r"^sta\.detail\.down16\.", "backbone.sta.conv3."), (r"^sta\.detail\.down32\.", "backbone.sta.conv4."),
@@ -259,11 +262,7 @@ def _official_deimv2_vit_names(state: dict[str, torch.Tensor]) -> dict[str, torc
              (r"^encoder\.downsample_convs\.(\d+)\.", r"encoder.downsample_convs.\1.0."),
              (r"^decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."))
     out = {}
-    for key, value in state.items():
-        for pattern, replacement in rules:
-            key, hit = re.subn(pattern, replacement, key)
-            if hit:
-                break
+    for key, value in _renamed(state, rules).items():
         key = key.replace(".swiglu.", ".swish_ffn.").replace("reg_token", "storage_tokens")
         key = key.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
         if re.match(r"^decoder\.decoder\.layers\.\d+\.(norm\d|gateway\.norm)\.weight$", key):
