@@ -63,8 +63,9 @@ runs average the running statistics instead). Backbones live in :mod:`.deimv2_ba
 
 Not here: the ``wide`` decoder layers (``layer_scale`` > 1; every DEIMv2 recipe has 1), the
 ``discrete`` cross-attention and ``agnostic`` query selection options, and DEIMv2's
-extra-level input projections (no recipe uses them). The criterion is RT-DETRv4's (DEIM's);
-the ultra-light recipes leave out the FGL/DDF losses, which is a criterion setting.
+extra-level input projections (no recipe uses them). The criterion is RT-DETRv4's (DEIM's),
+with each size's official settings (:func:`~.criterion.criterion_options`: the matcher change,
+and for the ultra-light sizes no FGL/DDF losses and no union set).
 """
 
 from __future__ import annotations
