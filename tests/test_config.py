@@ -189,3 +189,33 @@ def test_fine_tuning_augments_with_flips_only():
     cfg = runtime_augment_config(load_config(MoETuneConfig, None, ["train.flip_prob=0.25"]).train.augment(), 256)
     assert (cfg.flip_prob, cfg.multiscale_stop_epoch, cfg.policy_epochs[0], cfg.mixup_epochs[0]) == (0.25, 0, NEVER,
                                                                                                      NEVER)
+
+
+def test_the_job_criterion_is_the_sizes_official_one_with_the_recipes_overrides():
+    """DistillConfig.criterion_options(): the student's official settings (students.criterion_options),
+    the ``criterion`` section on top; the job builds its criterion from it and hands the matcher the
+    epoch at each epoch start (DistillJob.step_batches)."""
+    from distillery.platform.distill.job import DistillJob
+    from distillery.students import build_criterion
+
+    pico = load_config(DistillConfig, None, ["student.name=deimv2_pico"])
+    assert pico.criterion_options() == {"local_losses": False, "use_union_set": False, "matcher_change_epoch": 450,
+                                        "iou_order_alpha": 4.0}
+    assert load_config(DistillConfig, None, []).criterion_options() == {}  # rtdetrv4_tiny: no matcher change
+    recipe = load_config(DistillConfig, None, ["student.name=deimv2_pico", "criterion.matcher_change_epoch=3",
+                                               "criterion.weight_dict={loss_bbox: 4.0}"])
+    assert recipe.criterion_options()["matcher_change_epoch"] == 3
+    assert recipe.criterion_options()["weight_dict"] == {"loss_bbox": 4.0}
+    off = load_config(DistillConfig, None, ["student.name=deimv2_s", "criterion.change_matcher=false"])
+    assert "matcher_change_epoch" not in off.criterion_options()
+    with pytest.raises(ConfigError, match="change_matcher is true but neither"):
+        load_config(DistillConfig, None, ["criterion.change_matcher=true"])
+    with pytest.raises(ConfigError, match=r"criterion\.weight_dict.*loss_vfl"):
+        load_config(DistillConfig, None, ["criterion.weight_dict={loss_vfl: 1.0}"])
+
+    job = DistillJob.__new__(DistillJob)  # the epoch hook alone (no workers)
+    job.cfg, job.criterion = recipe, build_criterion(3, **recipe.criterion_options())
+    job.step_batches(2)
+    assert not job.criterion.matcher.changed
+    job.step_batches(3)
+    assert job.criterion.matcher.changed

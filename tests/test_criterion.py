@@ -183,3 +183,46 @@ def test_negative_predicted_size_is_clamped_to_zero_as_officially():
     mal = criterion.loss_mal({"pred_logits": logits, "pred_boxes": negative}, [target], match, 1.0, 2)
     mal_zero = criterion.loss_mal({"pred_logits": logits, "pred_boxes": zero_width}, [target], match, 1.0, 2)
     torch.testing.assert_close(mal, mal_zero)
+
+
+def test_each_size_has_its_official_criterion_settings():
+    from distillery.students.criterion import OFFICIAL_CRITERION_OPTIONS, criterion_options
+    from distillery.students.deimv2 import DEIMV2_SPECS
+    from distillery.students.rtdetrv4 import STUDENT_SPECS
+
+    assert set(OFFICIAL_CRITERION_OPTIONS) == {*STUDENT_SPECS, *DEIMV2_SPECS}
+    change = {name: criterion_options(name).get("matcher_change_epoch") for name in OFFICIAL_CRITERION_OPTIONS}
+    assert change == {"rtdetrv4_s": None, "rtdetrv4_m": None, "rtdetrv4_l": None, "rtdetrv4_x": None,
+                      "rtdetrv4_tiny": None, "deimv2_n": 136, "deimv2_s": 100, "deimv2_m": 80, "deimv2_l": 50,
+                      "deimv2_x": 45, "deimv2_pico": 450, "deimv2_femto": 450, "deimv2_atto": 450,
+                      "deimv2_tiny": 100}
+    for name in ("deimv2_pico", "deimv2_femto", "deimv2_atto"):
+        assert criterion_options(name) == {"local_losses": False, "use_union_set": False,
+                                           "matcher_change_epoch": 450, "iou_order_alpha": 4.0}
+    assert criterion_options("deimv2_pico", {"matcher_change_epoch": 5})["matcher_change_epoch"] == 5
+    criterion_options("deimv2_pico")["local_losses"] = True  # a copy: the table is unchanged
+    assert criterion_options("deimv2_pico")["local_losses"] is False
+    with pytest.raises(KeyError, match="yolo"):
+        criterion_options("yolo")
+
+
+def test_ultralight_criterion_terms_and_the_epoch_reaching_the_matcher():
+    """Pico's official loss set: MAL and boxes only, each set's own matching; set_epoch switches the matcher."""
+    from distillery.students.criterion import criterion_options
+
+    torch.manual_seed(0)
+    model = build_student("deimv2_pico", num_classes=8, eval_spatial_size=SIZE, encoder_hidden_dim=32,
+                          decoder_hidden_dim=32, decoder_ffn_dim=64, num_queries=12, num_denoising=6).train()
+    targets = _targets(with_empty=False)
+    out = model(torch.rand(2, 3, SIZE, SIZE), targets)
+    criterion = build_criterion(8, **criterion_options("deimv2_pico"))
+    losses = criterion(out, targets)
+    assert {k.split("_")[1] for k in losses} == {"mal", "bbox", "giou"}
+    assert not criterion.use_union_set and not criterion.matcher.changed
+    criterion.set_epoch(449)
+    assert not criterion.matcher.changed
+    criterion.set_epoch(450)
+    assert criterion.matcher.changed and criterion.matcher.iou_order_alpha == 4.0
+    changed = criterion(out, targets)
+    assert sorted(changed) == sorted(losses) and all(torch.isfinite(v) for v in changed.values())
+    assert any(abs(changed[k].item() - losses[k].item()) > 1e-6 for k in losses)  # other matches, other losses

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from distillery.students import build_criterion, build_student
+from distillery.students import WeightsError, build_criterion, build_student
 from distillery.students.decoder import DFINEDecoder, RMSNorm, SwiGLUFFN
 from distillery.students.deimv2 import (
     DEIMV2_SPECS,
@@ -70,10 +70,10 @@ OFFICIAL_PARAMS = {  # sum(p.numel()) of the official model built from its recip
     "deimv2_femto": 983_945,
     "deimv2_atto": 508_985,
 }
-# up + reg_scale (2); ViT-S/S+: per-block q/k/v bias + mask token (masked k bias, zero q/v bias).
+# up + reg_scale (2); ViT-S/S+: per-block k bias (masked to zero there, a fixed zero here) + mask token.
 EXPECTED_DIFFERENCE = {
-    "deimv2_x": 2 + 12 * 3 * 384 + 384,
-    "deimv2_l": 2 + 12 * 3 * 384 + 384,
+    "deimv2_x": 2 + 12 * 384 + 384,
+    "deimv2_l": 2 + 12 * 384 + 384,
     "deimv2_m": 2,
     "deimv2_s": 2,
     "deimv2_n": 2, "deimv2_pico": 2, "deimv2_femto": 2, "deimv2_atto": 2,
@@ -378,7 +378,7 @@ def test_vit_weights_timm_and_official_distilled_layouts(tmp_path):
 
     broken = {k: v for k, v in source.vit.state_dict().items() if "blocks.1.mlp.fc1" not in k}
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(WeightsError) as info:
         build_deimv2("deimv2_tiny", backbone_weights=tmp_path / "broken.pth")
     assert "blocks.1.mlp.fc1.weight" in str(info.value) and "broken.pth" in str(info.value)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
@@ -457,7 +457,7 @@ def test_pruned_hgnetv2_loads_the_b0_tensors_that_fit(tmp_path):
         assert any(k.startswith("stages.3.") for k in report["skipped_from_file"])  # B0's stage 4
         assert (not any(k.startswith("stages.2.") for k in report["not_in_file"])) == pruned_stage_fits
     torch.save({"something.else": torch.zeros(3)}, tmp_path / "wrong.pth")
-    with pytest.raises(KeyError, match="wrong.pth"):
+    with pytest.raises(WeightsError, match="wrong.pth"):
         PrunedHGNetv2("hgnetv2_femto", weights=tmp_path / "wrong.pth")
 
 

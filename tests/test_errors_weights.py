@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,108 @@ def test_student_weights_first_line_names_file_and_problem(tmp_path, case, make,
     first = str(err.value).splitlines()[0]
     assert str(path) in first and re.search(first_line, first), first
     assert "weights_only=False" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- wrong-family student files
+# Each loader (the official key converter, the strict whole-student check, the backbone loaders)
+# raises WeightsError, which the jobs print as one `error:` line; when the file is recognisably
+# another family, size or backbone, the first line says what it is and what the student expects.
+
+PARITY = Path(__file__).parent / "fixtures" / "parity"
+RTDETRV4_S_SMALL = dict(encoder_hidden_dim=64, encoder_ffn_dim=128, encoder_heads=4, decoder_hidden_dim=64,
+                        decoder_ffn_dim=128, decoder_heads=4, num_decoder_layers=2, num_queries=30, num_denoising=20,
+                        num_classes=80, eval_spatial_size=128, dsi=False)
+DEIMV2_S_SMALL = dict(vit_dim=64, vit_heads=2, sta_channels=8, encoder_hidden_dim=64, encoder_ffn_dim=128,
+                      decoder_hidden_dim=64, decoder_ffn_dim=128, num_decoder_layers=2, num_queries=30,
+                      num_denoising=20, num_classes=80, eval_spatial_size=128)
+PICO_SMALL = dict(encoder_hidden_dim=64, decoder_hidden_dim=64, decoder_ffn_dim=128, num_queries=30,
+                  num_denoising=20, num_classes=80, eval_spatial_size=128)
+
+
+def _release_from_fixture(tmp: Path, case: str) -> Path:
+    """A parity fixture's official state dict (written by the official code) as the official solver
+    saves a release: ``{"model": ..., "ema": {"module": ...}}``."""
+    from safetensors.torch import load_file
+
+    weights = {k[len("weights/"):]: v.float() if v.is_floating_point() else v
+               for k, v in load_file(PARITY / f"{case}.safetensors").items() if k.startswith("weights/")}
+    path = tmp / f"{case}.pth"
+    torch.save({"model": weights, "ema": {"module": weights, "updates": 1}}, path)
+    return path
+
+
+def deimv2_s_release(tmp: Path) -> Path:
+    return _release_from_fixture(tmp, "deimv2_s_reduced")
+
+
+def rtdetrv4_s_release(tmp: Path) -> Path:
+    return _release_from_fixture(tmp, "rtdetrv4_s_reduced")
+
+
+def deimv2_s_full_size_ours(tmp: Path) -> Path:
+    """A full-size DEIMv2-S in our layout (a Distillery export): shapes from a meta-device build."""
+    from distillery.students import build_student
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shapes = {k: (v.shape, v.dtype) for k, v in build_student("deimv2_s").state_dict().items()}
+    torch.save({k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}, tmp / "deimv2_s.pth")
+    return tmp / "deimv2_s.pth"
+
+
+def vit_file_as_hgnet_backbone(tmp: Path) -> Path:
+    torch.save(source_model("vit_small_patch16_dinov3").state_dict(), tmp / "vit.pth")
+    return tmp / "vit.pth"
+
+
+# (case, file maker, student, build_student overrides, regex for the first line)
+FAMILY_CASES = [
+    ("DEIMv2-S release, rtdetrv4_s", deimv2_s_release, "rtdetrv4_s", RTDETRV4_S_SMALL,
+     r"does not fit rtdetrv4_s: this is a DEIMv2 checkpoint \(64-wide distilled DINOv3 ViT backbone\); "
+     r"rtdetrv4_s expects an HGNetv2-B0 one$"),
+    ("DEIMv2-S release, deimv2_pico", deimv2_s_release, "deimv2_pico", PICO_SMALL,
+     r"this is a DEIMv2 checkpoint \(64-wide distilled DINOv3 ViT backbone\); deimv2_pico expects a pruned "
+     r"HGNetv2 \(Pico\) one$"),
+    ("RT-DETRv4-S release, deimv2_s", rtdetrv4_s_release, "deimv2_s", DEIMV2_S_SMALL,
+     # (the reduced fixture has rtdetrv4_tiny's backbone and decoder numbers, so it is named as one)
+     r"this is an RT-DETRv4-Tiny checkpoint \(HGNetv2-B0 backbone\); deimv2_s expects a distilled DINOv3 ViT-Tiny "
+     r"one$"),
+    ("full-size DEIMv2-S, ours, rtdetrv4_s", deimv2_s_full_size_ours, "rtdetrv4_s", RTDETRV4_S_SMALL,
+     r"this is a DEIMv2-S checkpoint \(distilled DINOv3 ViT-Tiny backbone\); rtdetrv4_s expects an HGNetv2-B0 one$"),
+    ("ViT file as HGNetv2 backbone_weights", vit_file_as_hgnet_backbone, "rtdetrv4_s",
+     {**RTDETRV4_S_SMALL, "weights_kwarg": "backbone_weights"}, r"backbone weights .* do not fit hgnetv2_b0"),
+    ("truncated backbone_weights", truncated, "rtdetrv4_s", {**RTDETRV4_S_SMALL, "weights_kwarg": "backbone_weights"},
+     r"could not read backbone weights file .* \(truncated or corrupt\?\)"),
+    ("empty ViT backbone_weights", empty, "deimv2_s", {**DEIMV2_S_SMALL, "weights_kwarg": "backbone_weights"},
+     r"backbone weights file .* is empty \(0 bytes\)"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:DEIMv2 backbone")
+@pytest.mark.parametrize("case,make,student,overrides,first_line", FAMILY_CASES, ids=[c[0] for c in FAMILY_CASES])
+def test_wrong_family_files_say_what_they_are(tmp_path, capsys, case, make, student, overrides, first_line):
+    from distillery.platform.errors import exit_on_user_error, find_deterministic_error
+    from distillery.platform.io.weights_source import weights_file_errors
+    from distillery.students import WeightsError, build_student
+
+    path = make(tmp_path)
+    overrides = dict(overrides)
+    kwarg = overrides.pop("weights_kwarg", "weights")
+
+    def attempt():
+        with weights_file_errors():  # what the jobs wrap build_student in
+            return build_student(student, **{kwarg: path}, **overrides)
+
+    with pytest.raises(WeightsError) as err:
+        build_student(student, **{kwarg: path}, **overrides)
+    first = str(err.value).splitlines()[0]
+    assert str(path) in first and re.search(first_line, first), first
+    assert "weights_only=False" not in str(err.value)
+    with pytest.raises(SystemExit) as exited:
+        exit_on_user_error(attempt)
+    assert exited.value.code == 2
+    printed = capsys.readouterr().err.splitlines()
+    assert printed[0].startswith("error: ") and str(path) in printed[0], printed
+    with pytest.raises(Exception) as again:
+        attempt()
+    assert find_deterministic_error(again.value) is again.value

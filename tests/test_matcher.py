@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from distillery.students import HungarianMatcher
 from distillery.students.criterion import union_matching
-from distillery.students.matcher import matching_cost
+from distillery.students.matcher import iou_order_cost, matching_cost
 
 
 def _random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -124,3 +125,59 @@ def test_negative_predicted_size_costs_as_a_zero_size_box():
     cost = matching_cost(logits, boxes, torch.tensor([0]), targets)
     l1_difference = 5 * (0.2 + 0.1)
     assert cost[0, 0].item() == pytest.approx(cost[1, 0].item() + l1_difference, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- DEIMv2's matcher change
+def _iou_xyxy(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_iou_order_cost_matches_formula():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 4, generator=g)
+    boxes = _random_boxes(5, g)
+    labels = torch.tensor([3, 0, 3])
+    targets = _random_boxes(3, g)
+    for alpha in (1.0, 4.0):
+        cost = iou_order_cost(logits, boxes, labels, targets, alpha)
+        for q, j in itertools.product(range(5), range(3)):
+            p = torch.sigmoid(logits[q, labels[j]]).item()
+            iou = _iou_xyxy(_cxcywh_to_xyxy(boxes[q].tolist()), _cxcywh_to_xyxy(targets[j].tolist()))
+            assert cost[q, j].item() == pytest.approx(-(p * iou ** alpha), abs=1e-6)
+
+
+def test_matcher_change_switches_the_assignment_at_its_epoch():
+    """Query 0 sits exactly on the object with p = 0.5; query 1 is shifted by 0.04 (IoU 2/3) with
+    p = sigmoid(3). The focal + L1 + GIoU cost prefers query 1 (-5.27 vs -2.17, by hand); the
+    IoU-order cost -(p IoU^4) prefers query 0 (-0.5 vs -0.189), and ignores the class/L1/GIoU weights."""
+    outputs = {"pred_logits": torch.tensor([[[0.0], [3.0]]]),
+               "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.54, 0.5, 0.2, 0.2]]])}
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    p1 = torch.sigmoid(torch.tensor(3.0)).item()
+    focal = [2 * (0.25 * 0.25 * math.log(2) - 0.75 * 0.25 * math.log(2)) - 2.0,
+             2 * (0.25 * (1 - p1) ** 2 * -math.log(p1 + 1e-8) - 0.75 * p1 ** 2 * -math.log(1 - p1 + 1e-8))
+             + 5 * 0.04 - 2 * (2 / 3)]
+    cost = matching_cost(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"],
+                         targets[0]["boxes"])
+    assert cost[:, 0].tolist() == pytest.approx(focal, abs=1e-5)
+    changed = iou_order_cost(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"],
+                             targets[0]["boxes"], 4.0)
+    assert changed[:, 0].tolist() == pytest.approx([-0.5, -p1 * (2 / 3) ** 4], abs=1e-5)
+
+    matcher = HungarianMatcher(change_epoch=50, iou_order_alpha=4.0)
+    for epoch, query in ((0, 1), (49, 1), (50, 0), (67, 0)):
+        matcher.set_epoch(epoch)
+        (rows, cols), = matcher(outputs, targets)
+        assert rows.tolist() == [query] and cols.tolist() == [0], epoch
+    class_heavy = HungarianMatcher(cost_class=100.0, cost_bbox=0.0, cost_giou=0.0, change_epoch=10)
+    (rows, _), = class_heavy(outputs, targets)
+    assert rows.tolist() == [1]  # the class cost alone: the confident query
+    class_heavy.set_epoch(10)
+    (rows, _), = class_heavy(outputs, targets)
+    assert rows.tolist() == [0]  # the changed cost replaces the weighted sum; the weights do not enter
+    assert HungarianMatcher().changed is False and HungarianMatcher(change_epoch=0).changed is True
+    with pytest.raises(ValueError, match="change_epoch"):
+        HungarianMatcher(change_epoch=-1)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distillery.students import build_criterion, build_student
+from distillery.students import WeightsError, build_criterion, build_student, criterion_options
 from distillery.students.official import convert_official_state_dict, looks_official
 from distillery.students.postprocess import postprocess
 
@@ -93,7 +93,11 @@ def test_training_losses_match_the_official_code(case):
     targets = targets_of(tensors)
     torch.manual_seed(meta["loss_seed"])  # the denoising queries draw as the official ones do
     out = model(tensors["images"], targets)
-    criterion = build_criterion(meta["student_overrides"]["num_classes"], **meta["criterion_overrides"])
+    # The size's official criterion as the jobs build it (the fixture's options are a part of it; its
+    # losses were computed at epoch 0, before any matcher change).
+    options = criterion_options(meta["student"])
+    assert meta["criterion_overrides"].items() <= options.items()
+    criterion = build_criterion(meta["student_overrides"]["num_classes"], **options)
     losses = criterion(out, targets)
     official = meta["losses"]
     assert sorted(losses) == sorted(official)
@@ -106,30 +110,40 @@ def test_converter_names_what_it_cannot_map():
     _, tensors = load_case("rtdetrv4_s_reduced")
     state = official_weights(tensors)
     state["encoder.encoder.0.layers.1.linear1.weight"] = torch.zeros(1)  # a second AIFI layer: not ours
-    with pytest.raises(ValueError, match=r"1 of \d+ official keys have no counterpart.*layers\.1\.linear1"):
+    with pytest.raises(WeightsError, match=r"(?s)1 of \d+ official keys have no counterpart.*layers\.1\.linear1"):
         convert_official_state_dict("rtdetrv4_s", state)
     with pytest.raises(KeyError, match="not an RT-DETRv4"):
         convert_official_state_dict("yolo", state)
 
 
 def test_dinov3_vit_layout_of_deimv2_l_converts_as_the_backbone_loader_does():
-    """DEIMv2-L/X checkpoints hold Meta's DINOv3 layout under ``backbone.dinov3.``."""
+    """DEIMv2-L/X checkpoints hold Meta's DINOv3 layout under ``backbone.dinov3.``, with the query and
+    value biases the official model trains (the key bias masked to zero)."""
     from distillery.students.deimv2 import DINOv3ViTBackbone
 
     torch.manual_seed(0)
-    source = DINOv3ViTBackbone("vit_small_patch16_dinov3", layers=(5, 8, 11), norm_outputs=True)
+    source = DINOv3ViTBackbone("vit_small_patch16_dinov3_qkvb", layers=(5, 8, 11), norm_outputs=True)
+    with torch.no_grad():
+        for name, p in source.vit.named_parameters():
+            if name.endswith(("q_bias", "v_bias")):
+                p.normal_()
     meta_layout = {"backbone.dinov3.mask_token": torch.zeros(1, 384),
                    "backbone.dinov3.rope_embed.periods": torch.ones(16)}
-    for key, value in source.vit.state_dict().items():
+    state = source.vit.state_dict()
+    for key, value in state.items():
         key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        if key.endswith("attn.q_bias"):
+            key, value = key.replace("q_bias", "qkv.bias"), torch.cat(
+                [value, torch.zeros(384), state[key.replace("q_bias", "v_bias")]])
+        elif key.endswith(("attn.v_bias", "attn.k_bias")):
+            continue
         meta_layout[f"backbone.dinov3.{key}"] = value
-        if key.endswith("attn.qkv.weight"):
-            meta_layout[f"backbone.dinov3.{key.replace('weight', 'bias')}"] = torch.zeros(3 * 384)
     converted = convert_official_state_dict("deimv2_l", meta_layout)
-    expected = {f"backbone.vit.{k}": v for k, v in source.vit.state_dict().items()}
+    expected = {f"backbone.vit.{k}": v for k, v in state.items() if not k.endswith("k_bias")}
     assert sorted(converted) == sorted(expected)
     for key, value in expected.items():
         assert torch.equal(converted[key], value), key
-    meta_layout["backbone.dinov3.blocks.2.attn.qkv.bias"] = torch.ones(3 * 384)  # a real q/v bias cannot be dropped
-    with pytest.raises(ValueError, match="_qkvb"):
-        convert_official_state_dict("deimv2_l", meta_layout)
+    # A ViT without q/v biases (the plain timm variant) cannot drop trained ones.
+    plain = DINOv3ViTBackbone("vit_small_patch16_dinov3", layers=(5, 8, 11), norm_outputs=True).vit
+    with pytest.raises(WeightsError, match="non-zero query/value biases.*_qkvb"):
+        convert_official_state_dict("deimv2_l", meta_layout, vit=plain)

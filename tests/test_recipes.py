@@ -76,3 +76,27 @@ def test_embedded_defaults_are_the_recorded_ones():
         differ = {k: (keys.get(k), now.get(k)) for k in keys.keys() | now.keys() if keys.get(k) != now.get(k)}
         assert not differ, f"{job}: (recorded, now) differ: {differ}"
     assert recorded.keys() == current.keys()
+
+
+OFFICIAL_SIZES = [f"rtdetrv4_{s}" for s in ("s", "m", "l", "x")] + [
+    f"deimv2_{s}" for s in ("atto", "femto", "pico", "n", "s", "m", "l", "x")]
+
+
+@pytest.mark.parametrize("size", OFFICIAL_SIZES)
+def test_each_official_size_has_a_recipe_that_builds_its_criterion(size):
+    """configs/<size>.yaml trains that student with its official criterion (the recipe's criterion
+    section spells out what the size's official settings already are), on 8 GPU workers, with the
+    matcher change and the no-augmentation tail inside the run."""
+    from distillery.platform.config.distill import DistillConfig
+    from distillery.students import build_criterion, criterion_options
+
+    cfg = load_config(DistillConfig, CONFIGS / f"{size}.yaml")
+    assert cfg.student.name == size and cfg.train.num_workers == 8 and cfg.train.use_gpu is True
+    options = cfg.criterion_options()
+    assert options == criterion_options(size)
+    criterion = build_criterion(80, **options)
+    assert criterion.matcher.change_epoch == options.get("matcher_change_epoch")
+    if criterion.matcher.change_epoch is not None:
+        assert 0 < criterion.matcher.change_epoch < cfg.train.epochs
+    assert cfg.optim.no_aug_epochs < cfg.train.epochs and cfg.optim.ema_decay == 0.9999
+    assert cfg.augment.policy_epochs[-1] <= cfg.train.epochs - cfg.optim.no_aug_epochs  # strong ops end first

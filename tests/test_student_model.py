@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, box_convert
 
-from distillery.students import RTDETRv4, build_student
+from distillery.students import RTDETRv4, WeightsError, build_student
 from distillery.students.box_ops import (
     box_to_edge_distances,
     edge_distance_bins,
@@ -208,7 +208,7 @@ def test_backbone_weights_load(tmp_path):
     broken.pop("stages.1.blocks.0.layers.0.conv.weight")
     broken["stages.9.extra.weight"] = torch.zeros(1)
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(WeightsError) as info:
         build_student("rtdetrv4_tiny", backbone_weights=tmp_path / "broken.pth")
     assert "stages_1.blocks.0.layers.0.conv.weight" in str(info.value)
     assert "stages_9.extra.weight" in str(info.value)
@@ -217,7 +217,7 @@ def test_backbone_weights_load(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_student("rtdetrv4_tiny", backbone_weights=tmp_path / "nowhere.pth")
     torch.save(source.state_dict(), tmp_path / "b2_mismatch.pth")
-    with pytest.raises(KeyError, match="hgnetv2_b2"):
+    with pytest.raises(WeightsError, match="hgnetv2_b2"):
         build_student("rtdetrv4_tiny", backbone="hgnetv2_b2", backbone_weights=tmp_path / "b2_mismatch.pth")
 
 

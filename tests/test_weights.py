@@ -5,8 +5,10 @@ ids when offline."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from distillery.students import WeightsError, build_student
+from distillery.students import WeightsError, build_student, load_student_weights
 from distillery.students.weights import COCO_CLASS_NAMES, class_map_from_names, is_class_dependent
 
 SMALL = dict(eval_spatial_size=64, num_queries=10, num_denoising=4, dsi=False)
@@ -202,16 +204,8 @@ def test_https_sources_are_downloaded_once_with_their_sha256(tmp_path):
     assert resolve_weights_source(url, cache_dir=tmp_path / "cache") == (path, sha)  # server gone: the cache
 
 
-def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our tiny RT-DETRv4's state dict under the official repository's key names (the reverse of
-    distillery.students.official's renaming), with the buffers the official model also saves."""
-    import re
-
-    rules = ((r"^backbone\.body\.stem\.", "backbone.stem."),
-             (r"^backbone\.body\.stages_(\d+)\.", r"backbone.stages.\1."),
-             (r"^encoder\.aifi\.", "encoder.encoder.0.layers.0."),
-             (r"^encoder\.downsample_convs\.(\d+)\.", r"encoder.downsample_convs.\1.0."),
-             (r"^decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."), (r"^dsi\.", "encoder.feature_projector.0."))
+def _renamed(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    """``state`` with each key through the first of ``rules`` (regex, replacement) that matches it."""
     out = {}
     for key, value in state.items():
         for pattern, replacement in rules:
@@ -219,6 +213,18 @@ def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if hit:
                 break
         out[key] = value
+    return out
+
+
+def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tiny RT-DETRv4's state dict under the official repository's key names (the reverse of
+    distillery.students.official's renaming), with the buffers the official model also saves."""
+    rules = ((r"^backbone\.body\.stem\.", "backbone.stem."),
+             (r"^backbone\.body\.stages_(\d+)\.", r"backbone.stages.\1."),
+             (r"^encoder\.aifi\.", "encoder.encoder.0.layers.0."),
+             (r"^encoder\.downsample_convs\.(\d+)\.", r"encoder.downsample_convs.\1.0."),
+             (r"^decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."), (r"^dsi\.", "encoder.feature_projector.0."))
+    out = _renamed(state, rules)
     out.update({"decoder.anchors": torch.zeros(1, 84, 4), "decoder.valid_mask": torch.ones(1, 84, 1, dtype=torch.bool),
                 "decoder.decoder.up": torch.tensor([0.5]), "decoder.decoder.reg_scale": torch.tensor([4.0]),
                 "decoder.decoder.layers.0.cross_attn.num_points_scale": torch.ones(12)})
@@ -235,3 +241,85 @@ def test_official_key_layout_is_translated(tmp_path):
     assert model.weights_report.layout == "official-ema"
     fewer = build_student("rtdetrv4_tiny", weights=path, num_classes=2, class_map={0: 0, 1: 2}, **SMALL)
     assert fewer.weights_report.dropped == ["dsi.bias", "dsi.weight"] and len(fewer.weights_report.reinitialised) == 7
+
+
+# DEIMv2 L/X reduced: the real timm DINOv3 ViT-S / S+ (3 of its blocks), small STA, encoder, decoder.
+REDUCED_VIT = dict(num_classes=3, eval_spatial_size=64, vit_layers=(0, 1, 2), sta_channels=8, sta_dim=64,
+                   encoder_hidden_dim=64, encoder_ffn_dim=128, expansion=0.34, depth_mult=0.34, decoder_hidden_dim=64,
+                   decoder_ffn_dim=128, num_decoder_layers=2, num_queries=10, num_denoising=4)
+
+
+def _official_deimv2_vit_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DEIMv2 ViT-size state dict of ours under the official DEIMv2 names (the reverse of
+    distillery.students.official): Meta's DINOv3 layout under ``backbone.dinov3.`` (fused ``qkv.bias``
+    with its k-bias mask, storage tokens, ``ls1/ls2.gamma``, RoPE periods, one more block than ours
+    uses), the STA under ``backbone.``, RMSNorm ``scale`` and ``swish_ffn`` in the decoder."""
+    rules = ((r"^backbone\.vit\.", "backbone.dinov3."),
+             (r"^sta\.detail\.stem\.", "backbone.sta.stem."), (r"^sta\.detail\.down8\.", "backbone.sta.conv2."),
+             (r"^sta\.detail\.down16\.", "backbone.sta.conv3."), (r"^sta\.detail\.down32\.", "backbone.sta.conv4."),
+             (r"^sta\.fuse\.(\d+)\.0\.", r"backbone.convs.\1."), (r"^sta\.fuse\.(\d+)\.1\.", r"backbone.norms.\1."),
+             (r"^encoder\.aifi\.", "encoder.encoder.0.layers.0."),
+             (r"^encoder\.downsample_convs\.(\d+)\.", r"encoder.downsample_convs.\1.0."),
+             (r"^decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."))
+    out = {}
+    for key, value in _renamed(state, rules).items():
+        key = key.replace(".swiglu.", ".swish_ffn.").replace("reg_token", "storage_tokens")
+        key = key.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        if re.match(r"^decoder\.decoder\.layers\.\d+\.(norm\d|gateway\.norm)\.weight$", key):
+            key = key[:-len("weight")] + "scale"
+        out[key] = value
+    for key in [k for k in out if k.endswith("attn.q_bias")]:
+        q, v = out.pop(key), out.pop(key.replace("q_bias", "v_bias"))
+        out[key.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.randn_like(q), v])  # k bias: masked out
+        out[key.replace("q_bias", "qkv.bias_mask")] = torch.cat([torch.ones_like(q), torch.zeros_like(q),
+                                                                 torch.ones_like(v)])
+    for key in [k for k in out if k.startswith("backbone.dinov3.blocks.2.")]:  # a block the model prunes
+        out[key.replace("blocks.2.", "blocks.3.")] = out[key].clone()
+    width = out["backbone.dinov3.cls_token"].shape[-1]
+    out.update({"backbone.dinov3.mask_token": torch.zeros(1, width), "backbone.dinov3.rope_embed.periods": torch.ones(16),
+                "decoder.anchors": torch.zeros(1, 20, 4), "decoder.valid_mask": torch.ones(1, 20, 1, dtype=torch.bool),
+                "decoder.decoder.up": torch.tensor([0.5]), "decoder.decoder.reg_scale": torch.tensor([4.0])})
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:DEIMv2 backbone")
+@pytest.mark.parametrize("name", ["deimv2_l", "deimv2_x"])
+def test_deimv2_l_x_release_checkpoints_with_trained_qv_biases_load(tmp_path, name):
+    """The official L/X train the DINOv3 ViT's query and value biases (k masked): a release file with
+    non-zero ones loads, the biases are the file's, and they change the outputs."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11)
+    source = build_student(name, **REDUCED_VIT).state_dict()
+    state = {k: (0.02 * torch.randn(v.shape, generator=gen) + (1.0 if k.endswith((".weight", "gamma_1", "gamma_2",
+                                                                                 "running_var")) and v.dim() == 1
+                                                              else 0.0))
+             if v.is_floating_point() else v.clone() for k, v in source.items()}
+    assert any(k.endswith("attn.q_bias") for k in state)  # the registered L/X backbones have q/v biases
+    official = _official_deimv2_vit_names(state)
+    path = tmp_path / f"{name}_coco.pth"
+    torch.save({"model": official, "ema": {"module": {f"module.{k}": v for k, v in official.items()}, "updates": 3},
+                "last_epoch": 67}, path)
+    model = build_student(name, weights=path, **REDUCED_VIT).eval()
+    assert model.weights_report.layout == "official-ema"
+    own = model.state_dict()
+    for block in range(3):
+        bias = official[f"backbone.dinov3.blocks.{block}.attn.qkv.bias"]
+        assert torch.equal(own[f"backbone.vit.blocks.{block}.attn.q_bias"], bias.chunk(3)[0])
+        assert torch.equal(own[f"backbone.vit.blocks.{block}.attn.v_bias"], bias.chunk(3)[2])
+    _assert_loaded(model, state, skip=lambda k: k.endswith(("q_bias", "v_bias")))
+
+    unbiased = {k: (torch.zeros_like(v) if k.endswith("attn.qkv.bias") else v) for k, v in official.items()}
+    torch.save({"ema": {"module": unbiased}}, tmp_path / "zero_qv.pth")
+    zero = copy.deepcopy(model)
+    load_student_weights(zero, tmp_path / "zero_qv.pth", name)
+    images = torch.rand(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        out, out_zero = model(images), zero(images)
+    assert (out["pred_logits"] - out_zero["pred_logits"]).abs().max() > 1e-4
+
+    # The variant without q/v biases cannot drop trained ones: the first line names the file and the fix.
+    plain = "vit_small_plus_patch16_dinov3" if name == "deimv2_x" else "vit_small_patch16_dinov3"
+    with pytest.raises(WeightsError) as err:
+        build_student(name, weights=path, backbone=plain, **REDUCED_VIT)
+    first = str(err.value).splitlines()[0]
+    assert str(path) in first and "non-zero query/value biases" in first and "_qkvb" in first, first

@@ -5,7 +5,7 @@ RT-DETRv4: :func:`build_student` (model) and :func:`build_criterion` (DEIM detec
 :func:`load_student_weights` reads official / Distillery / plain checkpoints into a student.
 """
 
-from .criterion import DEFAULT_LOSS_WEIGHTS, RTDETRv4Criterion, build_criterion
+from .criterion import DEFAULT_LOSS_WEIGHTS, RTDETRv4Criterion, build_criterion, criterion_options
 from .dsi import dsi_loss
 from .matcher import HungarianMatcher
 from .rtdetrv4 import COMPONENTS, RTDETRv4, STUDENT_SPECS, StudentSpec, build_student
@@ -23,6 +23,7 @@ __all__ = [
     "WeightsReport",
     "build_criterion",
     "build_student",
+    "criterion_options",
     "dsi_loss",
     "load_student_weights",
 ]

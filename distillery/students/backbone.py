@@ -29,6 +29,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from distillery.torch_files import load_torch_file
+
+from .errors import WeightsError
+
 __all__ = ["HGNetv2Backbone", "HGNETV2_VARIANTS", "load_state_dict_file"]
 
 HGNETV2_VARIANTS = ("hgnetv2_b0", "hgnetv2_b1", "hgnetv2_b2", "hgnetv2_b3", "hgnetv2_b4", "hgnetv2_b5",
@@ -46,19 +50,20 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     if path.suffix == ".safetensors":
-        state = load_file(str(path), device="cpu")
-    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path), device="cpu")
         except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong
-            raise ValueError(f"could not read backbone weights {path}: {exc}") from exc
+            raise WeightsError(f"could not read backbone weights file {path} (safetensors): "
+                               f"{type(exc).__name__}: {exc}") from None
+    else:
+        state = load_torch_file(path, "backbone weights file", WeightsError)
     if isinstance(state, dict):
         for wrapper in ("state_dict", "model"):
             if set(state) == {wrapper} and isinstance(state[wrapper], dict):
                 state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
-        raise ValueError(f"backbone weights {path} is not a mapping of parameter names to tensors")
+        raise WeightsError(f"backbone weights {path} is not a mapping of parameter names to tensors")
     return state
 
 
@@ -99,14 +104,14 @@ class HGNetv2Backbone(nn.Module):
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise KeyError(f"backbone weights {path} do not fit {self.variant}: "
+            raise WeightsError(f"backbone weights {path} do not fit {self.variant}: "
                            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
                            f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} "
                            f"({len(unexpected)})")
         wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                  for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
         if wrong:
-            raise ValueError(f"backbone weights {path} have wrong shapes for {self.variant}: {wrong[:20]}")
+            raise WeightsError(f"backbone weights {path} have wrong shapes for {self.variant}: {wrong[:20]}")
         self.body.load_state_dict(state, strict=True)
 
     def freeze(self, *, freeze_at: int = -1, freeze_stem_only: bool = True, freeze_norm: bool = False) -> None:

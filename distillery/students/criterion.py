@@ -29,8 +29,16 @@ Normalisers (number of objects, size of the union set) are averaged over ranks w
 
 Dense O2O (DEIM) is a data-side change (mosaic / mixup raise the number of objects per image
 so that one-to-one matching yields more positives); on the loss side it needs nothing beyond
-one-to-one matching and normalisation by the (larger) number of objects. Nothing here depends
-on the epoch; the reference criterion receives the epoch and ignores it.
+one-to-one matching and normalisation by the (larger) number of objects. The one thing that
+depends on the epoch is DEIMv2's matcher change (:mod:`.matcher`): :meth:`RTDETRv4Criterion.set_epoch`
+hands the epoch to the matcher, as the official criterion's ``forward(..., epoch)`` does.
+
+Per size (:data:`OFFICIAL_CRITERION_OPTIONS`, :func:`criterion_options`): the official recipes'
+settings, keyed by student name. RT-DETRv4 (``configs/base/rtv4.yml``): MAL, boxes, FGL/DDF, union
+set, no matcher change. DEIMv2 (``configs/base/deimv2.yml`` and ``configs/deimv2/*.yml``): the
+same losses, plus the matcher change with ``iou_order_alpha`` 4 at epoch 136 / 100 / 80 / 50 / 45
+for N / S / M / L / X; Pico / Femto / Atto use MAL and boxes only (``losses: [mal, boxes]``), no
+union set (``use_uni_set: False``), matcher change at epoch 450.
 
 The DSI loss is not part of this criterion: see :func:`distillery.students.dsi.dsi_loss`, whose
 weight GAM controls.
@@ -40,7 +48,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -52,7 +60,8 @@ from .box_ops import cxcywh_to_xyxy, edge_distance_bins
 from .denoising import DenoisingMeta
 from .matcher import HungarianMatcher
 
-__all__ = ["DEFAULT_LOSS_WEIGHTS", "RTDETRv4Criterion", "build_criterion", "union_matching"]
+__all__ = ["DEFAULT_LOSS_WEIGHTS", "OFFICIAL_CRITERION_OPTIONS", "RTDETRv4Criterion", "build_criterion",
+           "criterion_options", "union_matching"]
 
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "loss_mal": 1.0,
@@ -60,6 +69,22 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "loss_giou": 2.0,
     "loss_fgl": 0.15,
     "loss_ddf": 1.5,
+}
+
+# The official recipes' criterion settings per student (build_criterion options); every other
+# option (loss weights, MAL gamma 1.5, matcher costs 2 / 5 / 2, focal alpha 0.25 / gamma 2) is the
+# same for every size and is build_criterion's default. The tiny sizes take S's settings.
+_IOU_ORDER = {"iou_order_alpha": 4.0}
+_ULTRALIGHT = {"local_losses": False, "use_union_set": False, "matcher_change_epoch": 450, **_IOU_ORDER}
+OFFICIAL_CRITERION_OPTIONS: dict[str, dict[str, Any]] = {
+    "rtdetrv4_s": {}, "rtdetrv4_m": {}, "rtdetrv4_l": {}, "rtdetrv4_x": {}, "rtdetrv4_tiny": {},
+    "deimv2_x": {"matcher_change_epoch": 45, **_IOU_ORDER},
+    "deimv2_l": {"matcher_change_epoch": 50, **_IOU_ORDER},
+    "deimv2_m": {"matcher_change_epoch": 80, **_IOU_ORDER},
+    "deimv2_s": {"matcher_change_epoch": 100, **_IOU_ORDER},
+    "deimv2_n": {"matcher_change_epoch": 136, **_IOU_ORDER},
+    "deimv2_pico": dict(_ULTRALIGHT), "deimv2_femto": dict(_ULTRALIGHT), "deimv2_atto": dict(_ULTRALIGHT),
+    "deimv2_tiny": {"matcher_change_epoch": 100, **_IOU_ORDER},
 }
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
@@ -127,6 +152,12 @@ class RTDETRv4Criterion(nn.Module):
         self.use_union_set = use_union_set
         # FGL / DDF; the official DEIMv2 Pico/Femto/Atto recipes leave them out (losses: [mal, boxes]).
         self.local_losses = local_losses
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch the next losses belong to (DEIMv2's matcher change reads it)."""
+        set_epoch = getattr(self.matcher, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
 
     # ------------------------------------------------------------------------------------ losses
     @staticmethod
@@ -299,6 +330,15 @@ class RTDETRv4Criterion(nn.Module):
         return indices
 
 
+def criterion_options(student_name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`build_criterion` options of ``student_name``'s official recipe, ``overrides`` (a
+    recipe's) on top. Unknown students raise ``KeyError`` naming the known ones."""
+    if student_name not in OFFICIAL_CRITERION_OPTIONS:
+        raise KeyError(f"criterion_options: no official criterion settings for {student_name!r}; known: "
+                       f"{sorted(OFFICIAL_CRITERION_OPTIONS)}")
+    return {**copy.deepcopy(OFFICIAL_CRITERION_OPTIONS[student_name]), **dict(overrides or {})}
+
+
 def build_criterion(num_classes: int = 80, **overrides) -> RTDETRv4Criterion:
     """The RT-DETRv4 criterion with the official weights; keyword overrides, unknown ones refused.
 
@@ -306,10 +346,12 @@ def build_criterion(num_classes: int = 80, **overrides) -> RTDETRv4Criterion:
     (1.5), ``mal_alpha`` (None), ``ddf_temperature`` (5), ``use_union_set`` (True), ``local_losses``
     (True; False drops FGL/DDF as the official DEIMv2 ultra-light recipes do), and the
     matcher's ``cost_class`` (2), ``cost_bbox`` (5), ``cost_giou`` (2), ``matcher_alpha`` (0.25),
-    ``matcher_gamma`` (2).
+    ``matcher_gamma`` (2), ``matcher_change_epoch`` (None: never) and ``iou_order_alpha`` (4).
+    A job's criterion is ``build_criterion(num_classes, **criterion_options(student_name))``.
     """
     matcher_keys = {"cost_class": "cost_class", "cost_bbox": "cost_bbox", "cost_giou": "cost_giou",
-                    "matcher_alpha": "alpha", "matcher_gamma": "gamma"}
+                    "matcher_alpha": "alpha", "matcher_gamma": "gamma", "matcher_change_epoch": "change_epoch",
+                    "iou_order_alpha": "iou_order_alpha"}
     criterion_keys = {"weight_dict", "mal_gamma", "mal_alpha", "ddf_temperature", "use_union_set", "local_losses"}
     unknown = sorted(set(overrides) - set(matcher_keys) - criterion_keys)
     if unknown:

@@ -53,15 +53,19 @@ of a B0 checkpoint that fit (the official code does the same) and report what di
 Training details that follow the official code: the distilled ViT of S/M learns its attention
 key bias (a parameter, loaded from official weights; timm's ``Eva`` would hold a fixed zero);
 L/X rescale the RoPE coordinates in training (``vit_rope_rescale_coords=2``, the official
-``pos_embed_rope_rescale_coords``). The official STA and runtime (``sync_bn: True``) use
+``pos_embed_rope_rescale_coords``) and train the DINOv3 ViT's query and value biases (the official
+``qkv_bias: True`` with the key bias masked, ``finetune: True``): their backbones are timm's
+``_qkvb`` variants, so release checkpoints with trained q/v biases load and keep them. The
+official STA and runtime (``sync_bn: True``) use
 SyncBatchNorm for multi-GPU training: here the modules hold BatchNorm2d (same state-dict keys)
 and :mod:`distillery.platform.engine.norm_sync` converts them to SyncBatchNorm on NCCL runs (CPU/gloo
 runs average the running statistics instead). Backbones live in :mod:`.deimv2_backbone`.
 
 Not here: the ``wide`` decoder layers (``layer_scale`` > 1; every DEIMv2 recipe has 1), the
 ``discrete`` cross-attention and ``agnostic`` query selection options, and DEIMv2's
-extra-level input projections (no recipe uses them). The criterion is RT-DETRv4's (DEIM's);
-the ultra-light recipes leave out the FGL/DDF losses, which is a criterion setting.
+extra-level input projections (no recipe uses them). The criterion is RT-DETRv4's (DEIM's),
+with each size's official settings (:func:`~.criterion.criterion_options`: the matcher change,
+and for the ultra-light sizes no FGL/DDF losses and no union set).
 """
 
 from __future__ import annotations
@@ -153,10 +157,10 @@ _LITE = dict(normalize_input=False, encoder="lite", ccff_block="elan4", expansio
              num_decoder_layers=3, num_points=(4, 2), use_gateway=False, share_bbox_head=True)
 
 DEIMV2_SPECS: dict[str, DEIMv2Spec] = {
-    "deimv2_x": DEIMv2Spec(backbone="vit_small_plus_patch16_dinov3", **_DINOV3_L_X, sta_channels=64, sta_dim=256,
+    "deimv2_x": DEIMv2Spec(backbone="vit_small_plus_patch16_dinov3_qkvb", **_DINOV3_L_X, sta_channels=64, sta_dim=256,
                            encoder_hidden_dim=256, encoder_ffn_dim=1024, expansion=1.25, depth_mult=1.37,
                            decoder_hidden_dim=256, decoder_ffn_dim=2048, num_decoder_layers=6),
-    "deimv2_l": DEIMv2Spec(backbone="vit_small_patch16_dinov3", **_DINOV3_L_X, sta_channels=32, sta_dim=224,
+    "deimv2_l": DEIMv2Spec(backbone="vit_small_patch16_dinov3_qkvb", **_DINOV3_L_X, sta_channels=32, sta_dim=224,
                            encoder_hidden_dim=224, encoder_ffn_dim=896, expansion=1.0, depth_mult=1.0,
                            decoder_hidden_dim=224, decoder_ffn_dim=1792, num_decoder_layers=4),
     "deimv2_m": DEIMv2Spec(backbone=DISTILLED_VIT, vit_dim=256, vit_heads=4, sta_channels=16,

@@ -29,6 +29,7 @@ from timm.models.hgnet import HighPerfGpuStage, StemV2
 from torch import nn
 
 from .backbone import HGNetv2Backbone, load_state_dict_file
+from .errors import WeightsError
 
 __all__ = [
     "DISTILLED_VIT",
@@ -83,9 +84,9 @@ def convert_vit_state(state: dict[str, torch.Tensor], vit: nn.Module,
         for key in [k for k in state if k.endswith("attn.qkv.bias")]:
             q, _, v = state.pop(key).chunk(3, dim=0)
             if bool(q.any()) or bool(v.any()):
-                raise ValueError(f"backbone weights {path}: {key} has non-zero query/value biases but the "
-                                 f"backbone has none; use the '_qkvb' timm variant (e.g. backbone="
-                                 f"'vit_small_patch16_dinov3_qkvb')")
+                raise WeightsError(f"backbone weights {path}: {key} has non-zero query/value biases but the "
+                                   f"backbone has none; use the '_qkvb' timm variant (e.g. backbone="
+                                   f"'vit_small_patch16_dinov3_qkvb')")
     if "storage_tokens" in state or any(".ls1.gamma" in k for k in state):
         # Official DINOv3 layout: timm's own converter (storage tokens, layer scale, q/v bias split).
         return timm_eva_checkpoint_filter(state, vit)
@@ -188,17 +189,22 @@ class DINOv3ViTBackbone(nn.Module):
             if key not in state and key.replace("k_bias", "q_bias") in state:
                 # timm layout saved before the key bias was a parameter: it was a fixed zero then.
                 state[key] = torch.zeros_like(own[key])
+        for key in [k for k in own if k.endswith(("attn.q_bias", "attn.v_bias"))]:
+            if key not in state and key.rsplit(".", 1)[0] + ".qkv.weight" in state:
+                # a timm file of the variant without q/v biases (e.g. vit_small_patch16_dinov3) into the
+                # '_qkvb' one: zero biases, as Meta's released ViT-S/S+ hold them
+                state[key] = torch.zeros_like(own[key])
         missing = sorted(set(own) - set(state))
         unexpected = sorted(k for k in set(state) - set(own) if k not in dict(self.vit.named_buffers()))
         if missing or unexpected:
-            raise KeyError(f"backbone weights {path} do not fit {self.variant} (width {self.embed_dim}): "
+            raise WeightsError(f"backbone weights {path} do not fit {self.variant} (width {self.embed_dim}): "
                            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
                            f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} "
                            f"({len(unexpected)})")
         wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(p.shape)}" for k, p in own.items()
                  if tuple(state[k].shape) != tuple(p.shape)]
         if wrong:
-            raise ValueError(f"backbone weights {path} have wrong shapes for {self.variant}: {wrong[:20]}")
+            raise WeightsError(f"backbone weights {path} have wrong shapes for {self.variant}: {wrong[:20]}")
         self.vit.load_state_dict({k: state[k] for k in own}, strict=False)
 
 
@@ -268,7 +274,7 @@ class PrunedHGNetv2(nn.Module):
         own = self.state_dict()
         fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
         if not fitting:
-            raise KeyError(f"backbone weights {path}: no tensor fits {self.variant} by name and shape "
+            raise WeightsError(f"backbone weights {path}: no tensor fits {self.variant} by name and shape "
                            f"(expected HGNetv2-B0 keys such as 'stem.stem1.conv.weight')")
         self.load_state_dict(fitting, strict=False)
         report = {"not_in_file": sorted(set(own) - set(fitting)),

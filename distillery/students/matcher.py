@@ -10,6 +10,15 @@ with ``p = sigmoid(logit_q[class_j])``, boxes normalised ``cxcywh`` for L1 and `
 (negative predicted widths/heights clamped to 0 first, as the official ``box_cxcywh_to_xyxy``).
 Defaults are the reference's (class 2, bbox 5, giou 2, alpha 0.25, gamma 2). Each image is
 solved with ``scipy.optimize.linear_sum_assignment``; NaN costs are replaced by 1 as there.
+
+DEIMv2's matcher change (official ``change_matcher``, ``iou_order_alpha``, ``matcher_change_epoch``):
+from epoch ``change_epoch`` on, the cost is
+
+    C = -(p * IoU(b_q, b_j)^iou_order_alpha)
+
+alone: the class, L1 and GIoU weights no longer enter (the official matcher replaces the whole
+cost, it does not add this term). The epoch comes from :meth:`HungarianMatcher.set_epoch`
+(the criterion's, called by the job at each epoch start); ``change_epoch=None`` never changes.
 """
 
 from __future__ import annotations
@@ -17,11 +26,11 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import generalized_box_iou
+from torchvision.ops import box_iou, generalized_box_iou
 
 from .box_ops import cxcywh_to_xyxy
 
-__all__ = ["HungarianMatcher", "matching_cost"]
+__all__ = ["HungarianMatcher", "iou_order_cost", "matching_cost"]
 
 
 @torch.no_grad()
@@ -39,16 +48,42 @@ def matching_cost(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tenso
     return cost_bbox * l1 + cost_class * class_cost - cost_giou * giou
 
 
+@torch.no_grad()
+def iou_order_cost(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, target_boxes: torch.Tensor,
+                   iou_order_alpha: float = 4.0) -> torch.Tensor:
+    """(Q, n) cost of DEIMv2's changed matcher: ``-(sigmoid(logit_q[class_j]) * IoU(b_q, b_j)^alpha)``."""
+    prob = logits.float().sigmoid()[:, labels]
+    iou = box_iou(cxcywh_to_xyxy(boxes.float()), cxcywh_to_xyxy(target_boxes.float()))
+    return -(prob * iou.pow(iou_order_alpha))
+
+
 class HungarianMatcher(nn.Module):
-    """``matcher(outputs, targets) -> [(pred_idx, target_idx), ...]`` per image, int64 on CPU."""
+    """``matcher(outputs, targets) -> [(pred_idx, target_idx), ...]`` per image, int64 on CPU.
+
+    ``change_epoch`` (None: never) and ``iou_order_alpha``: DEIMv2's matcher change (module docstring).
+    """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 alpha: float = 0.25, gamma: float = 2.0):
+                 alpha: float = 0.25, gamma: float = 2.0, change_epoch: int | None = None,
+                 iou_order_alpha: float = 4.0):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: cost_class, cost_bbox and cost_giou cannot all be 0")
+        if change_epoch is not None and change_epoch < 0:
+            raise ValueError(f"HungarianMatcher: change_epoch must be >= 0 or None, got {change_epoch}")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
+        self.change_epoch, self.iou_order_alpha = change_epoch, float(iou_order_alpha)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch (0-based, as the official solver counts) the next matchings belong to."""
+        self.epoch = int(epoch)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the IoU-order cost is in use (the epoch has reached ``change_epoch``)."""
+        return self.change_epoch is not None and self.epoch >= self.change_epoch
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,8 +105,12 @@ class HungarianMatcher(nn.Module):
         # moved to the CPU once; image b's block is its own predictions x its own objects.
         labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes.device)
-        cost = matching_cost(logits.flatten(0, 1), boxes.flatten(0, 1), labels, target_boxes, self.cost_class,
-                             self.cost_bbox, self.cost_giou, self.alpha, self.gamma)
+        if self.changed:
+            cost = iou_order_cost(logits.flatten(0, 1), boxes.flatten(0, 1), labels, target_boxes,
+                                  self.iou_order_alpha)
+        else:
+            cost = matching_cost(logits.flatten(0, 1), boxes.flatten(0, 1), labels, target_boxes, self.cost_class,
+                                 self.cost_bbox, self.cost_giou, self.alpha, self.gamma)
         cost = torch.nan_to_num(cost, nan=1.0).reshape(batch, num_queries, -1).cpu()
         indices = []
         for b, block in enumerate(cost.split(sizes, dim=-1)):

@@ -38,9 +38,11 @@ import warnings
 from typing import Callable, Mapping
 
 import torch
+from torch import nn
 
 from .deimv2 import DEIMV2_SPECS
 from .deimv2_backbone import PRUNED_HGNETV2, DINOv3ViTBackbone, convert_vit_state
+from .errors import WeightsError
 
 __all__ = ["convert_official_state_dict", "looks_official"]
 
@@ -128,37 +130,48 @@ def _split_qkv_bias(vit_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def _convert_dinov3_vit(student_name: str, vit_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _convert_dinov3_vit(student_name: str, vit_state: dict[str, torch.Tensor], vit: nn.Module | None,
+                        source: str) -> dict[str, torch.Tensor]:
     """Meta's DINOv3 ViT-S/S+ layout (L/X) -> our timm Eva, as the backbone loader converts it.
 
-    Our ViT is built on the meta device (no memory) so that timm's own converter sees the
-    architecture; zero query/value biases are dropped (non-zero ones raise, naming the ``_qkvb``
-    variant), and what our backbone prunes (blocks after the last used one, the unused final norm,
-    the classification head) is left out.
+    timm's own converter needs the architecture: ``vit``, the ViT of the model the weights go into
+    (its ``backbone`` override honoured: with the ``_qkvb`` variants, the registered L/X backbones,
+    trained query/value biases are kept), or else the registered size's ViT built on the meta
+    device (no memory). A backbone without q/v biases drops zero ones and refuses non-zero ones,
+    naming the ``_qkvb`` variant; what our backbone prunes (blocks after the last used one, the
+    unused final norm, the classification head) is left out.
     """
-    spec = DEIMV2_SPECS[student_name]
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "randomly initialised": this copy only describes the architecture
-        backbone = DINOv3ViTBackbone(spec.backbone, layers=spec.vit_layers, norm_outputs=spec.vit_norm)
-    converted = convert_vit_state(vit_state, backbone.vit, f"official {student_name} state dict")
-    depth = len(backbone.vit.blocks)
+    if vit is None:
+        spec = DEIMV2_SPECS[student_name]
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "randomly initialised": this copy only describes the architecture
+            vit = DINOv3ViTBackbone(spec.backbone, layers=spec.vit_layers, norm_outputs=spec.vit_norm).vit
+    depth = len(vit.blocks)
+    vit_state = {k: v for k, v in vit_state.items()  # blocks our backbone prunes, before timm's filter sees them
+                 if not (re.match(r"^blocks\.(\d+)\.", k) and int(k.split(".")[1]) >= depth)}
+    converted = convert_vit_state(vit_state, vit, source)
+    keeps_norm = not isinstance(getattr(vit, "norm", None), nn.Identity)
     keep = []
     for key in converted:
         block = re.match(r"^blocks\.(\d+)\.", key)
         if (block and int(block.group(1)) >= depth) or re.match(r"^(head|fc_norm|head_drop)\.", key) or (
-                key.startswith("norm.") and not spec.vit_norm) or key == "mask_token":
+                key.startswith("norm.") and not keeps_norm) or key == "mask_token":
             continue
         keep.append(key)
     return {k: converted[k] for k in keep}
 
 
-def convert_official_state_dict(student_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_official_state_dict(student_name: str, state_dict: Mapping[str, torch.Tensor], *,
+                                vit: nn.Module | None = None, source: str = "official state dict"
+                                ) -> dict[str, torch.Tensor]:
     """Official RT-DETRv4 / DEIMv2 model keys -> the keys of ``build_student(student_name)``.
 
-    ``state_dict`` is the bare model state dict (a release ``.pth``'s ``ema.module`` or ``model``).
-    Raises ``ValueError`` when a key has the official layout's shape of name but no mapping
-    (a summary with counts first, then the names); checking the result against the model
-    (missing / unexpected / mis-shaped keys) is the loader's job.
+    ``state_dict`` is the bare model state dict (a release ``.pth``'s ``ema.module`` or ``model``);
+    ``vit`` the ViT of the model it goes into (DEIMv2 L/X: the architecture timm's converter
+    needs; by default the registered size's), ``source`` what errors call the state dict (the
+    file). Raises :class:`~.errors.WeightsError` when a key has the official layout's shape of
+    name but no mapping (a summary with counts first, then the names); checking the result against
+    the model (missing / unexpected / mis-shaped keys) is the loader's job.
     """
     kind = _backbone_kind(student_name)
     rules = _COMMON_RULES + (_HGNET_TIMM_RULES if kind == "hgnet_timm" else ())
@@ -187,11 +200,11 @@ def convert_official_state_dict(student_name: str, state_dict: Mapping[str, torc
     if (vit_distilled or vit_dinov3) and kind != "vit":
         unmapped.extend(f"backbone.dinov3.{k}" for k in (*vit_distilled, *vit_dinov3))
     if unmapped:
-        raise ValueError(f"convert_official_state_dict({student_name!r}): {len(unmapped)} of {len(state_dict)} "
-                         f"official keys have no counterpart ({dropped} recomputed keys dropped): "
-                         f"{sorted(unmapped)[:20]}{' ...' if len(unmapped) > 20 else ''}")
+        raise WeightsError(f"{source} does not fit {student_name}: {len(unmapped)} of {len(state_dict)} "
+                           f"official keys have no counterpart ({dropped} recomputed keys dropped)\n  "
+                           f"{sorted(unmapped)[:20]}{' ...' if len(unmapped) > 20 else ''}")
     if vit_distilled:
         out.update({f"backbone.vit.{k}": v for k, v in _split_qkv_bias(vit_distilled).items()})
     if vit_dinov3:
-        out.update({f"backbone.vit.{k}": v for k, v in _convert_dinov3_vit(student_name, vit_dinov3).items()})
+        out.update({f"backbone.vit.{k}": v for k, v in _convert_dinov3_vit(student_name, vit_dinov3, vit, source).items()})
     return out

@@ -34,10 +34,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from distillery.errors import DeterministicError
 from distillery.torch_files import load_torch_file, strip_wrapper_prefixes
 
 from . import official
+from .errors import WeightsError
+from .identify import mismatch_phrase
 
 __all__ = ["COCO_CLASS_NAMES", "WeightsError", "WeightsReport", "class_map_from_names", "is_class_dependent",
            "load_student_weights", "read_student_checkpoint"]
@@ -59,11 +60,6 @@ COCO_CLASS_NAMES = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
     "hair drier", "toothbrush",
 )
-
-
-class WeightsError(ValueError, DeterministicError):
-    """A weights file that does not fit the student; the first line counts, then a few names.
-    Deterministic: a Ray Train retry would read the same file again."""
 
 
 @dataclass
@@ -159,12 +155,23 @@ def read_student_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
     return strip_wrapper_prefixes(state), layout
 
 
-def to_model_layout(student_name: str, state: dict[str, torch.Tensor], layout: str
-                     ) -> tuple[dict[str, torch.Tensor], str]:
-    """Official key names translated (when the file has them) by the parity helper's converter."""
+def to_model_layout(student_name: str, state: dict[str, torch.Tensor], layout: str, *, vit: nn.Module | None = None,
+                    source: str = "official state dict") -> tuple[dict[str, torch.Tensor], str]:
+    """Official key names translated (when the file has them) by the parity helper's converter;
+    ``vit``: the ViT of the model they go into (see :func:`.official.convert_official_state_dict`)."""
     if official.looks_official(state):
-        return official.convert_official_state_dict(student_name, state), f"official-{layout}"
+        return official.convert_official_state_dict(student_name, state, vit=vit, source=source), f"official-{layout}"
     return state, layout
+
+
+def _named_error(error: WeightsError, path: Path, student_name: str, file_state: Mapping[str, torch.Tensor]
+                 ) -> WeightsError:
+    """``error`` with a first line that names the file and, when it can be told, what the file is
+    ("this is a DEIMv2-S checkpoint (...); rtdetrv4_s expects an HGNetv2-B0 one")."""
+    phrase = mismatch_phrase(file_state, student_name)
+    if phrase is None:
+        return error
+    return WeightsError(f"weights file {path} does not fit {student_name}: {phrase}\n{error}")
 
 
 def _checkpoint_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
@@ -207,8 +214,12 @@ def load_student_weights(model: nn.Module, path: str | os.PathLike, student_name
     ``class_map`` maps a model class index to a checkpoint class index: those rows of the
     class-dependent tensors are copied from the file when the class counts differ.
     """
-    state, layout = read_student_checkpoint(path)
-    state, layout = to_model_layout(student_name, state, layout)
+    file_state, layout = read_student_checkpoint(path)
+    vit = getattr(getattr(model, "backbone", None), "vit", None)
+    try:
+        state, layout = to_model_layout(student_name, file_state, layout, vit=vit, source=f"weights file {path}")
+    except WeightsError as exc:
+        raise _named_error(exc, Path(path), student_name, file_state) from None
     own = model.state_dict()
     report = WeightsReport(path=str(path), layout=layout, checkpoint_num_classes=_checkpoint_num_classes(state),
                            model_num_classes=getattr(model, "num_classes", None))
@@ -228,7 +239,8 @@ def load_student_weights(model: nn.Module, path: str | os.PathLike, student_name
                        for k in own if k in state and state[k].shape != own[k].shape
                        and not (classes_differ and is_class_dependent(k)))
     if missing or unexpected or misshaped:
-        raise _mismatch_error(Path(path), student_name, missing, unexpected, misshaped)
+        raise _named_error(_mismatch_error(Path(path), student_name, missing, unexpected, misshaped), Path(path),
+                           student_name, file_state)
 
     to_load = {k: v for k, v in state.items() if not (classes_differ and is_class_dependent(k))}
     model.load_state_dict({**own, **to_load}, strict=True)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from test_parity_official import load_case, our_model, targets_of  # noqa: E402
 
-from distillery.students import build_criterion  # noqa: E402
+from distillery.students import build_criterion, criterion_options  # noqa: E402
 from distillery.students.postprocess import postprocess  # noqa: E402
 
 
@@ -42,8 +42,8 @@ def measure(case: str) -> dict:
     model.train()
     targets = targets_of(tensors)
     torch.manual_seed(meta["loss_seed"])
-    losses = build_criterion(meta["student_overrides"]["num_classes"], **meta["criterion_overrides"])(
-        model(tensors["images"], targets), targets)
+    losses = build_criterion(meta["student_overrides"]["num_classes"], **criterion_options(meta["student"]))(
+        model(tensors["images"], targets), targets)  # the size's criterion, as the jobs build it
     return {
         "case": case,
         "student": meta["student"],

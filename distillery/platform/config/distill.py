@@ -19,6 +19,7 @@ from distillery.platform.config.sections import (AdamWSettings, DataConfig, Debu
                                                  JobConfig, RunOutputSettings, StrictModel, TeacherConfig,
                                                  TrackingSettings, TrainSettings, random_init_teacher)
 from distillery.platform.io.weights_source import check_weights_source
+from distillery.students.criterion import DEFAULT_LOSS_WEIGHTS, criterion_options
 from distillery.students.deimv2 import DEIMV2_SPECS, DISTILLED_VIT, TIMM_DINOV3_VITS
 from distillery.students.rtdetrv4 import STUDENT_SPECS
 
@@ -132,6 +133,48 @@ class GAMSettings(StrictModel):
         return self
 
 
+class CriterionSettings(StrictModel):
+    """Overrides of the student size's official criterion (``distillery.students.criterion_options``:
+    losses, union set, matcher change per size); an unset field keeps the size's official value."""
+
+    weight_dict: dict[str, float] | None = None  # partial: e.g. {loss_bbox: 5.0}
+    local_losses: bool | None = None  # FGL + DDF
+    use_union_set: bool | None = None
+    mal_gamma: float | None = Field(None, gt=0)
+    cost_class: float | None = Field(None, ge=0)
+    cost_bbox: float | None = Field(None, ge=0)
+    cost_giou: float | None = Field(None, ge=0)
+    # DEIMv2's matcher change: off (False), or at this epoch with this IoU exponent.
+    change_matcher: bool | None = None
+    matcher_change_epoch: int | None = Field(None, ge=0)
+    iou_order_alpha: float | None = Field(None, gt=0)
+
+    @field_validator("weight_dict")
+    @classmethod
+    def _known_losses(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        unknown = sorted(set(weights or {}) - set(DEFAULT_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {unknown}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+        return weights
+
+    @model_validator(mode="after")
+    def _change_is_on_or_off(self) -> "CriterionSettings":
+        if self.change_matcher is False and self.matcher_change_epoch is not None:
+            raise ValueError("criterion.change_matcher is false but criterion.matcher_change_epoch is set; keep one")
+        return self
+
+    def overrides(self, official: dict[str, Any]) -> dict[str, Any]:
+        """``official`` (the size's ``criterion_options``) with the fields set here applied."""
+        out = dict(official)
+        out.update(self.model_dump(exclude_none=True, exclude={"change_matcher"}))
+        if self.change_matcher is False:
+            out.pop("matcher_change_epoch", None)
+        elif self.change_matcher and out.get("matcher_change_epoch") is None:
+            raise ValueError("criterion.change_matcher is true but neither the recipe nor the student's official "
+                             "settings give criterion.matcher_change_epoch")
+        return out
+
+
 class DistillOptimSettings(AdamWSettings):
     """AdamW plus the distillation schedule (flat epochs, the no-augmentation tail) and the EMA."""
 
@@ -165,6 +208,7 @@ class DistillConfig(JobConfig):
     student: StudentSettings = Field(default_factory=StudentSettings)
     gam: GAMSettings = Field(default_factory=GAMSettings)
     optim: DistillOptimSettings = Field(default_factory=DistillOptimSettings)
+    criterion: CriterionSettings = Field(default_factory=CriterionSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -178,6 +222,16 @@ class DistillConfig(JobConfig):
             raise ValueError(
                 f"teacher.input_size ({self.teacher.input_size}) must equal student.input_size "
                 f"({self.student.input_size}): the teacher sees the student's input image")
+        return self
+
+    def criterion_options(self) -> dict[str, Any]:
+        """The ``build_criterion`` options of this run: the student size's official ones, this
+        config's ``criterion`` section on top."""
+        return self.criterion.overrides(criterion_options(self.student.name))
+
+    @model_validator(mode="after")
+    def _criterion_resolves(self) -> "DistillConfig":
+        self.criterion_options()  # e.g. change_matcher: true with no change epoch anywhere
         return self
 
     @model_validator(mode="after")

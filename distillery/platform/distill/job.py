@@ -29,7 +29,7 @@ from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext
 from distillery.platform.engine.worker import deepspeed_engine, lockstep, shard_batches
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import student_weight_kwargs, weights_file_errors
-from distillery.students import build_criterion, build_student
+from distillery.students import RTDETRv4Criterion, build_criterion, build_student
 from distillery.students.ema import ModelEMA
 from distillery.students.gam import GAMController
 from distillery.students.optim import build_lr_scheduler, build_optimizer
@@ -52,6 +52,7 @@ class DistillJob(TrainingJob):
         self.monitor: SystemMetricsMonitor | None = None
         self.preview_due = False
         self.gam: GAMController | None = None
+        self.criterion: RTDETRv4Criterion | None = None
 
     @property
     def input_size(self) -> int:
@@ -76,7 +77,9 @@ class DistillJob(TrainingJob):
         self.preview_due = (ctx.rank == 0 and not restoring and cfg.tracking.augment_preview > 0
                             and self.teacher.previews)
         self._start_system_metrics()
-        return Built(engine=engine, criterion=build_criterion(num_classes=run.num_classes), ema=ema, gam=gam)
+        # The size's official losses and matcher change (criterion_options), the recipe's criterion section on top.
+        self.criterion = build_criterion(num_classes=run.num_classes, **cfg.criterion_options())
+        return Built(engine=engine, criterion=self.criterion, ema=ema, gam=gam)
 
     def _student(self) -> torch.nn.Module:
         cfg, run = self.cfg, self.run
@@ -141,6 +144,10 @@ class DistillJob(TrainingJob):
     # ------------------------------------------------------------------ batches
 
     def step_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        self.criterion.set_epoch(epoch)  # the epoch start: DEIMv2's matcher change reads it
+        return self._epoch_batches(epoch)
+
+    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         limit = cfg.debug.max_steps_per_epoch
         max_steps = limit * cfg.deepspeed.gradient_accumulation_steps if limit is not None else None

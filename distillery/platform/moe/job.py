@@ -52,7 +52,7 @@ from distillery.platform.moe.analysis import analysis_metrics, expert_analysis
 from distillery.platform.moe.dense_phase import train_dense_base
 from distillery.platform.moe.expert_parallel import DeepSpeedMoEFFN, gather_moe_ffn, to_deepspeed_moe
 from distillery.platform.moe.model_files import build_detector, save_tuned_model, weights_from_bytes
-from distillery.students.criterion import build_criterion
+from distillery.students.criterion import build_criterion, criterion_options
 from distillery.students.moe import MoEFFN, collect_aux_loss
 from distillery.students.open_vocab import moe_tune_decoder
 from distillery.students.optim import build_lr_scheduler, build_param_groups
@@ -99,7 +99,7 @@ class MoETuneJob(TrainingJob):
             self.ctx.device)
 
     def build(self, restoring: bool) -> Built:
-        criterion = build_criterion(num_classes=len(self.run.phrases))
+        criterion = build_criterion(num_classes=len(self.run.phrases), **criterion_options(self.cfg.model.name))
         model = self.dense_model()
         dense_probe = None
         if not restoring:   # a restored checkpoint holds everything; else the dense base first
