@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillery.platform.io import storage
+from distillery.platform.cache.codec import dequantize_per_token, quantize_per_token
 from distillery.platform.cache.checks import (REPAIR_HINT, CacheError, CacheShardError, FingerprintMismatchError,
                                               manifest_problems, missing_shard_error, parse_shard, read_shard_columns,
                                               read_verified_shard, shard_name)
@@ -105,15 +106,10 @@ def plan_shards(image_ids: Iterable[int], shard_size: int) -> list[list[int]]:
 
 def quantize_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-token int8: returns (int8 (T, C), float32 scale (T,)); x ~= q * scale."""
-    tokens = np.asarray(tokens, dtype=np.float32)
-    scale = np.abs(tokens).max(axis=-1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(tokens / scale[..., None]), -127, 127).astype(np.int8)
-    return q, scale
+    return quantize_per_token(tokens, 8, np.float32)
 
 
-def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale[..., None]
+dequantize_int8 = dequantize_per_token
 
 
 def encode_features(grid: np.ndarray, dtype: StorageDtype) -> tuple[bytes, bytes | None]:
