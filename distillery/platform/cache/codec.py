@@ -34,14 +34,16 @@ from typing import Any
 
 import numpy as np
 
+from distillery.platform.cache.checks import CacheError
+
 __all__ = ["CODEC_FILE", "CodecFileError", "PcaCodec", "TokenMoments", "dequantize_per_token", "fit_codec",
-           "load_verified_codec", "pack_codes", "quantize_per_token", "tokens_of", "unpack_codes"]
+           "load_verified_codec", "pack_codes", "read_verified_codec", "quantize_per_token", "tokens_of", "unpack_codes"]
 
 CODEC_FILE = "codec-pca.safetensors"
 SCALE_DTYPE = np.float16  # one scale per token: 2 bytes (the int8 dtype keeps float32 for fp16 parity)
 
 
-class CodecFileError(ValueError):
+class CodecFileError(CacheError):
     """A codec file that is missing, damaged, or not the one a manifest records."""
 
 
@@ -261,8 +263,13 @@ class PcaCodec:
 
 @functools.lru_cache(maxsize=8)
 def load_verified_codec(uri: str, sha256: str) -> PcaCodec:
-    """The codec file at ``uri``, checked against ``sha256`` (once per process and file: the
-    training ingest decodes every row with it)."""
+    """:func:`read_verified_codec`, once per process and (file, sha256): the training ingest
+    decodes every row with it."""
+    return read_verified_codec(uri, sha256)
+
+
+def read_verified_codec(uri: str, sha256: str) -> PcaCodec:
+    """The codec file at ``uri``, checked against ``sha256`` (its manifest's record)."""
     from distillery.platform.io import storage
 
     try:
