@@ -11,11 +11,14 @@ codec; int8's cosine against fp16 alongside.
 
     python benchmarks/cache_compression.py [--teachers tiny,vitb16-256] [--images 48] [--fit-images 24]
                                            [--codecs default,16x4,...] [--weights PATH]
+        [--teachers custom --model-name vit_small_patch16_dinov3 --model-kwargs '{...}' --input-size 128]
 
 Teachers: ``tiny`` is the CI teacher (configs/distill_tiny.yaml: 32 channels, one block, 128 px,
 4x4 grid); ``vitb16-256`` a DINOv3 ViT-B/16 (768 channels) at 256 px (8x8 grid); ``vitb16-640``
-the RT-DETRv4 input (20x20 grid). Without ``--weights`` the teachers have random weights
-(stated in the output): a trained teacher's features may compress differently.
+the RT-DETRv4 input (20x20 grid); ``custom`` the one given by ``--model-name``, ``--model-kwargs``
+and ``--input-size`` (e.g. a domain teacher's file with ``--weights``). Without ``--weights`` the
+teachers have random weights (stated in the output): a trained teacher's features may compress
+differently.
 ``--codecs``: ``DxB`` (D components, or a fraction of the channels when D < 1, at B bits) or
 ``default`` (the ``cache.pca`` defaults).
 """
@@ -59,10 +62,12 @@ def measure_teacher(name: str, args) -> dict:
     from distillery.platform.datasets.synthetic import generate_synthetic_coco
     from distillery.teachers import DinoV3Teacher
 
-    spec = TEACHERS[name]
+    spec = TEACHERS[name] if name != "custom" else {
+        "input_size": args.input_size, "model_kwargs": json.loads(args.model_kwargs) or None, "codecs": "default"}
     size = spec["input_size"]
-    teacher = DinoV3Teacher(weights=args.weights, allow_random_init=args.weights is None, input_size=size,
-                            model_kwargs=spec["model_kwargs"])
+    model_name = args.model_name if name == "custom" else "vit_base_patch16_dinov3"
+    teacher = DinoV3Teacher(model_name=model_name, weights=args.weights, allow_random_init=args.weights is None,
+                            input_size=size, model_kwargs=spec["model_kwargs"])
     work = Path(tempfile.mkdtemp(prefix="compression-"))
     generate_synthetic_coco(work / "data", train=args.images, val=1, size=max(size, 128), seed=args.seed)
     ds = load_coco(str(work / "data" / "annotations" / "instances_train.json"), str(work / "data" / "images" / "train"))
@@ -109,7 +114,7 @@ def measure_teacher(name: str, args) -> dict:
                        "shard_bytes_per_image": shard_bytes_per_image("pca", codec),
                        "explained_variance": round(codec.explained_variance, 5),
                        "cos_mean": round(float(cos.mean()), 5), "cos_min": round(float(cos.min()), 5)})
-    return {"teacher": name, "weights": args.weights or "random-init", "input_size": size, "grid": [c, h, w],
+    return {"teacher": name, "model_name": model_name, "weights": args.weights or "random-init", "input_size": size, "grid": [c, h, w],
             "fit_images": len(fit), "held_out_images": len(held), "held_out_tokens": int(len(reference)),
             "fp16_bytes_per_image": fp16_bytes, "int8_bytes_per_image": int8_bytes,
             "fp16_shard_bytes_per_image": shard_bytes_per_image("fp16"),
@@ -126,6 +131,9 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=8)
     parser.add_argument("--codecs", default=None, help="comma-separated DxB or 'default' (else per teacher)")
     parser.add_argument("--weights", default=None, help="a DINOv3 checkpoint (else random weights)")
+    parser.add_argument("--model-name", default="vit_base_patch16_dinov3", help="timm model of --teachers custom")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON model overrides of --teachers custom")
+    parser.add_argument("--input-size", type=int, default=128, help="input size of --teachers custom")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
