@@ -31,16 +31,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import types
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from write_fixtures import OFFICIAL_REPOS, official_commit  # noqa: E402  (tools/parity/write_fixtures.py)
 
 ITERS_PER_EPOCH = 50
 WARMUP_EVERY = 25  # warm-up: its first WARMUP_EVERY iterations, then every WARMUP_EVERY-th, and its end
@@ -65,18 +66,6 @@ SIZES = {
     },
 }
 LR_SIZES = ("rtdetrv4_s", "deimv2_s", "deimv2_pico")
-OFFICIAL_REPOS = {"rtdetrv4": "RT-DETRs/RT-DETRv4", "deimv2": "Intellindust-AI-Lab/DEIMv2"}
-
-
-def official_commit(repo: Path) -> str:
-    """The checkout's commit: ``git rev-parse HEAD``, or a ``COMMIT`` file for an exported tree."""
-    marker = repo / "COMMIT"
-    if marker.is_file():
-        return marker.read_text().strip()
-    result = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{repo}: not a git checkout and no COMMIT file; cannot record the official commit")
-    return result.stdout.strip()
 
 
 def official_module(repo: Path, package: str, directory: str, module: str) -> types.ModuleType:
