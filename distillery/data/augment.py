@@ -61,6 +61,7 @@ class AugmentConfig:
     iou_crop_prob: float = 0.8
     flip_prob: float = 0.5
     multiscale_stop_epoch: int = 120
+    multiscale_repeat: int = 3  # the base size's count in the size list (official base_size_repeat)
     fill: int = 0
     # DEIMv2's Copy-Blend (distillery.data.copy_blend): off in the RT-DETRv4 recipe; the
     # DEIMv2 recipes use it in [copyblend_epochs[0], copyblend_epochs[1]) for batches Mixup skips.
@@ -132,7 +133,7 @@ class Augmenter:
             donors = list(out)
             out = [copy_blend(s, donors, self.rng) for s in donors]
         if epoch < self.cfg.multiscale_stop_epoch:
-            size = self.rng.choice(multiscale_sizes(self.cfg.size))
+            size = self.rng.choice(multiscale_sizes(self.cfg.size, self.cfg.multiscale_repeat))
             if size != self.cfg.size:
                 out = [resize(s, (size, size)) for s in out]
         return out

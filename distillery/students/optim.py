@@ -18,6 +18,24 @@ the RT-DETRv4 file's ``optimizer.params`` replaces D-FINE's) they mean:
   underneath did exclude encoder/decoder biases; RT-DETRv4 replaced that list).
   -> ``decay_biases=True``; ``False`` reproduces the D-FINE choice.
 
+DEIMv2 (``configs/deimv2/deimv2_*_coco.yml``):
+
+* HGNetv2 sizes (Femto/Pico/N; Atto's head group leaves out ``bias``: ``decay_biases=True``): ``'^(?=.*backbone)(?!.*norm|bn).*$'`` (backbone rate, with
+  decay: the backbone's BatchNorms included, as above), ``'^(?=.*backbone)(?=.*norm|bn).*$'``
+  (backbone rate, no decay: no HGNetv2 name contains ``norm``) and
+  ``'^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$'`` (base rate, no decay: head norms
+  *and biases*). -> ``norm_rule="head", decay_biases=False``.
+* DINOv3 sizes (S/M/L/X): the ViT's weights at the backbone rate with decay, the ViT's
+  norms and biases at the backbone rate *without* decay, STA/encoder/decoder norms and biases
+  at the base rate without decay, the rest at the base rate with decay.
+  -> ``norm_rule="split", decay_biases=False`` (``split``: backbone norms (and, without
+  ``decay_biases``, backbone biases) go to a ``backbone_no_decay`` group at the backbone rate;
+  ``sta`` counts as a head component).
+* A bias is any parameter whose own name contains ``bias`` (``bias``, ``in_proj_bias``,
+  ``q_bias``), as the official regexes match it.
+
+:data:`PARAM_GROUP_RULES` holds each size's rules; :func:`param_group_rules` looks them up.
+
 Here the same groups come from explicit rules instead of regular expressions: the component is
 the first component of the parameter name (``backbone``, ``encoder``, ``decoder``, ...; wrapper
 prefixes ``module.`` / ``_orig_mod.`` ignored), and a parameter is a normalisation parameter when
@@ -57,6 +75,7 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "is_norm_module",
+    "param_group_rules",
 ]
 
 # Per-size training recipes of the official configs (after include/merge):
@@ -82,6 +101,23 @@ OPTIM_DEFAULTS: dict[str, dict] = {
                    "epochs": 58, "flat_epochs": 29, "no_aug_epochs": 8},
 }
 
+# Per-size parameter-group rules of the official configs (see the module docstring).
+PARAM_GROUP_RULES: dict[str, dict] = {
+    **{name: {"norm_rule": "all", "decay_biases": True} for name in ("rtdetrv4_s", "rtdetrv4_m")},
+    **{name: {"norm_rule": "head", "decay_biases": True} for name in ("rtdetrv4_l", "rtdetrv4_x")},
+    "deimv2_atto": {"norm_rule": "head", "decay_biases": True},  # its head group names no bias
+    **{name: {"norm_rule": "head", "decay_biases": False} for name in ("deimv2_femto", "deimv2_pico", "deimv2_n")},
+    **{name: {"norm_rule": "split", "decay_biases": False}
+       for name in ("deimv2_s", "deimv2_m", "deimv2_l", "deimv2_x")},
+}
+
+
+def param_group_rules(student_name: str) -> dict:
+    """``norm_rule`` / ``decay_biases`` of ``student_name``'s official recipe; other students
+    (the tiny test ones) get the RT-DETRv4-S rules."""
+    return dict(PARAM_GROUP_RULES.get(student_name, PARAM_GROUP_RULES["rtdetrv4_s"]))
+
+
 NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm*
     nn.LayerNorm,
@@ -89,8 +125,8 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.RMSNorm,
     nn.LocalResponseNorm,
 )
-_HEAD_COMPONENTS = ("encoder", "decoder")
-NormRule = Literal["all", "head"]
+_HEAD_COMPONENTS = ("encoder", "decoder", "sta")  # sta: DEIMv2's STA (ours is top-level)
+NormRule = Literal["all", "head", "split"]
 
 
 # Trainable PEFT adapter parameters inside a frozen backbone (distillery.students.peft):
@@ -117,7 +153,7 @@ def _classify(model: nn.Module) -> Iterable[tuple[str, nn.Parameter, str, bool, 
             seen.add(id(param))
             full = strip_wrapper_prefix(f"{module_name}.{param_name}" if module_name else param_name)
             component = full.split(".", 1)[0] if "." in full else ""
-            yield full, param, component, norm, param_name == "bias"
+            yield full, param, component, norm, "bias" in param_name
 
 
 def build_param_groups(
@@ -131,18 +167,20 @@ def build_param_groups(
 ) -> list[dict]:
     """AdamW parameter groups as the official recipes build them (see the module docstring).
 
-    Returns the non-empty groups among ``backbone`` (backbone_lr, weight_decay), ``no_decay``
-    (base_lr, 0) and ``default`` (base_lr, weight_decay), each a dict with ``params``, ``lr``,
+    Returns the non-empty groups among ``backbone`` (backbone_lr, weight_decay),
+    ``backbone_no_decay`` (backbone_lr, 0; ``norm_rule="split"`` only), ``no_decay`` (base_lr, 0)
+    and ``default`` (base_lr, weight_decay), each a dict with ``params``, ``lr``,
     ``weight_decay``, ``name`` and ``param_names``. Frozen parameters are left out.
     """
-    if norm_rule not in ("all", "head"):
-        raise ValueError(f"build_param_groups: norm_rule must be 'all' or 'head', got {norm_rule!r}")
+    if norm_rule not in ("all", "head", "split"):
+        raise ValueError(f"build_param_groups: norm_rule must be 'all', 'head' or 'split', got {norm_rule!r}")
     for key, value in (("base_lr", base_lr), ("backbone_lr", backbone_lr), ("weight_decay", weight_decay)):
         if value < 0 or not math.isfinite(value):
             raise ValueError(f"build_param_groups: {key} must be a finite value >= 0, got {value!r}")
 
     groups = {
         "backbone": {"lr": backbone_lr, "weight_decay": weight_decay},
+        "backbone_no_decay": {"lr": backbone_lr, "weight_decay": 0.0},
         "no_decay": {"lr": base_lr, "weight_decay": 0.0},
         "default": {"lr": base_lr, "weight_decay": weight_decay},
     }
@@ -153,6 +191,8 @@ def build_param_groups(
         elif component == "backbone":
             if norm and norm_rule == "all":
                 target = "no_decay"
+            elif norm_rule == "split" and (norm or (bias and not decay_biases)):
+                target = "backbone_no_decay"
             else:
                 target = "backbone"
         elif norm and (norm_rule == "all" or component in _HEAD_COMPONENTS):

@@ -32,6 +32,7 @@ class AugmentSettings(StrictModel):
     flip_prob: float = Field(0.5, ge=0, le=1)
     multiscale: bool = False
     multiscale_stop_epoch: int = Field(9, ge=0)
+    multiscale_repeat: int = Field(3, ge=1)  # times the base size is in the size list (official base_size_repeat)
     # DEIMv2's Copy-Blend (objects of other batch images blended in; 0 = off, as RT-DETRv4 trains).
     copyblend_prob: float = Field(0.0, ge=0, le=1)
     copyblend_epochs: tuple[int, int] = (3, 9)

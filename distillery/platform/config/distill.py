@@ -20,6 +20,7 @@ from distillery.platform.config.sections import (AdamWSettings, DataConfig, Debu
                                                  TrackingSettings, TrainSettings, random_init_teacher)
 from distillery.platform.io.weights_source import check_weights_source
 from distillery.students.criterion import DEFAULT_LOSS_WEIGHTS, criterion_options
+from distillery.students.optim import param_group_rules
 from distillery.students.deimv2 import DEIMV2_SPECS, DISTILLED_VIT, TIMM_DINOV3_VITS
 from distillery.students.rtdetrv4 import STUDENT_SPECS
 
@@ -182,6 +183,17 @@ class DistillOptimSettings(AdamWSettings):
     no_aug_epochs: int = Field(3, ge=0)
     ema_decay: float = Field(0.999, gt=0, lt=1)
     ema_warmups: int = Field(50, ge=0)
+    # Parameter groups (students/optim.py): None -> the student size's official rules.
+    norm_rule: Literal["all", "head", "split"] | None = None
+    decay_biases: bool | None = None
+
+    def param_group_rules(self, student_name: str) -> dict[str, Any]:
+        """``build_optimizer``'s ``norm_rule`` / ``decay_biases``: the size's official ones
+        (``param_group_rules``), the fields set here on top."""
+        rules = param_group_rules(student_name)
+        rules.update({k: v for k, v in (("norm_rule", self.norm_rule), ("decay_biases", self.decay_biases))
+                      if v is not None})
+        return rules
 
 
 class DistillTrackingSettings(TrackingSettings):

@@ -94,7 +94,7 @@ class DistillJob(TrainingJob):
     def _optimizer_and_scheduler(self, model: torch.nn.Module):
         o = self.cfg.optim
         optimizer = build_optimizer(model, lr=o.lr, backbone_lr=o.backbone_lr, weight_decay=o.weight_decay,
-                                    betas=o.betas)
+                                    betas=o.betas, **o.param_group_rules(self.cfg.student.name))
         scheduler = build_lr_scheduler(optimizer, steps_per_epoch=self.run.steps_per_epoch,
                                        epochs=self.cfg.train.epochs, flat_epochs=o.flat_epochs,
                                        no_aug_epochs=o.no_aug_epochs, warmup_steps=o.warmup_steps,
