@@ -1,0 +1,228 @@
+"""Operations, table-driven where it fits: ``models:/`` URIs resolved on the driver against the
+jobs' own store (never creating one), ``student.weights=<run dir>``, faults that end in one
+``error:`` line naming the path (a read-only output directory, a full disk, ``predict --out``
+naming a file), two jobs with one ``output.name``, and the checks a multi-node cluster needs at
+start. Every case asserts the FIRST LINE names the URI, path or key, and that nothing was
+half-written. No case starts Ray: each calls the function the job calls."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillery.platform.config.distill import DistillConfig
+from distillery.platform.config.sections import load_config
+from distillery.platform.errors import DeterministicError, UserFacingError
+
+SIZE = 64
+OVERRIDES = {"num_queries": 10, "num_denoising": 4}
+NAMES = ["circle", "square"]
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_globals_restored(monkeypatch):
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _tiny_student():
+    from distillery.students import build_student
+
+    torch.manual_seed(0)
+    return build_student("rtdetrv4_tiny", num_classes=len(NAMES), eval_spatial_size=SIZE, dsi=False,
+                         teacher_dim=None, **OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A job home ``<home>/runs/mlflow.db`` (the jobs' default store) with one registered model,
+    ``tiny-student`` version 1 (alias ``champion``), whose run holds ``export/`` as the jobs log it."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import save_file
+
+    from distillery.platform.tracking.runs import create_run
+
+    home = tmp_path_factory.mktemp("home")
+    (home / "runs").mkdir()
+    uri = f"sqlite:///{home / 'runs' / 'mlflow.db'}"
+    run_id = create_run(uri, "distillery", "trained", {})
+    export = home / "staging" / "export"
+    export.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in _tiny_student().state_dict().items()}, str(export / "weights.safetensors"))
+    (export / "meta.json").write_text(json.dumps({"student": "rtdetrv4_tiny", "input_size": SIZE,
+                                                  "category_ids": [0, 1], "category_names": NAMES}))
+    (home / "staging" / "config.yaml").write_text(yaml.safe_dump({"student": {"overrides": OVERRIDES}}))
+    client = MlflowClient(uri, registry_uri=uri)
+    client.log_artifacts(run_id, str(export), "export")
+    client.log_artifact(run_id, str(home / "staging" / "config.yaml"))
+    client.create_registered_model("tiny-student")
+    version = client.create_model_version("tiny-student", f"runs:/{run_id}/export", run_id=run_id)
+    client.set_registered_model_alias("tiny-student", "champion", version.version)
+    return home, uri
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic_coco(root, train=1, val=2, size=64, seed=3)
+    return root / "images" / "val"
+
+
+def _stores(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.db"))
+
+
+# --------------------------------------------------------------------------- models:/ in predict
+def test_predict_finds_the_jobs_registry_without_a_tracking_uri(registry, images, tmp_path, monkeypatch):
+    from distillery.platform.serving.predict import main
+
+    home, _ = registry
+    monkeypatch.chdir(home)  # where the jobs ran: runs/mlflow.db, found as the jobs find it
+    summary = main(["--model", "models:/tiny-student@champion", "--images", str(images), "--out", str(tmp_path / "p"),
+                    "--device", "cpu"])
+    assert summary["student"] == "rtdetrv4_tiny" and summary["images"] == 2
+    dataset = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    assert [c["name"] for c in dataset["categories"]] == NAMES
+    assert _stores(home) == [home / "runs" / "mlflow.db"] and not (home / "mlruns").exists()
+
+
+PREDICT_REGISTRY_CASES = [
+    # (id, model URI, --tracking-uri (None: the default rule), what the first line must say)
+    ("no store here", "models:/tiny-student@champion", None, "no MLflow store at {cwd}/runs/mlflow.db"),
+    ("no such model", "models:/other@champion", "{store}", "no registered model 'other' in the store {store}"),
+    ("no such alias", "models:/tiny-student@staging", "{store}", "has no alias 'staging' in the store {store}"),
+    ("no such version", "models:/tiny-student/7", "{store}", "has no version 7 in the store {store}"),
+    ("malformed", "models:/tiny-student", "{store}", "expected models:/<name>@<alias> or models:/<name>/<version>"),
+    ("store file missing", "models:/tiny-student@champion", "sqlite:///{cwd}/elsewhere/mlflow.db",
+     "no MLflow store at {cwd}/elsewhere/mlflow.db"),
+]
+
+
+@pytest.mark.parametrize("model,tracking,says", [c[1:] for c in PREDICT_REGISTRY_CASES],
+                         ids=[c[0] for c in PREDICT_REGISTRY_CASES])
+def test_predict_registry_errors_name_the_uri_and_the_store(registry, images, tmp_path, monkeypatch, capsys,
+                                                            model, tracking, says):
+    """One ``error:`` line (exit 2) naming the URI and the store; no mlflow.db appears anywhere."""
+    from distillery.platform.errors import exit_on_user_error
+    from distillery.platform.serving.predict import main
+
+    home, store = registry
+    before = snapshot(home)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    fill = {"cwd": str(work.resolve()), "store": store}
+    argv = ["--model", model, "--images", str(images), "--out", str(work / "p"), "--device", "cpu"]
+    if tracking:
+        argv += ["--tracking-uri", tracking.format(**fill)]
+    with pytest.raises(SystemExit) as code:
+        exit_on_user_error(lambda: main(argv))
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"error: {model}") and says.format(**fill) in err[0], err
+    assert len(err) == 1, err
+    assert _stores(tmp_path) == [] and snapshot(home) == before and not (work / "mlruns").exists()
+    assert not (work / "p" / "detections.json").exists()
+
+
+# --------------------------------------------------------------------------- student.weights on the driver
+def _distill_cfg(tmp_path: Path, weights: str) -> DistillConfig:
+    return load_config(DistillConfig, None, [f"student.weights={weights}", f"output.local_dir={tmp_path / 'runs'}"])
+
+
+def test_student_weights_from_the_registry_are_a_local_export_before_ray(registry, tmp_path):
+    from distillery.platform.distill.driver import resolve_student_weights
+    from distillery.students.weights import read_student_checkpoint
+
+    _, store = registry
+    cfg = resolve_student_weights(_distill_cfg(tmp_path, "models:/tiny-student@champion"), store, tmp_path / "runs")
+    local = Path(cfg.student.weights)
+    assert local == tmp_path / "runs" / "models" / "tiny-student-v1"
+    assert {"weights.safetensors", "meta.json", "config.yaml"} <= {p.name for p in local.iterdir()}
+    state, layout = read_student_checkpoint(local)  # what the workers read
+    assert layout == "distillery-export" and state.keys() == _tiny_student().state_dict().keys()
+    assert not [p for p in (tmp_path / "runs" / "models").iterdir() if p.name.startswith(".")]  # no partial download
+    again = resolve_student_weights(_distill_cfg(tmp_path, "models:/tiny-student/1"), store, tmp_path / "runs")
+    assert again.student.weights == str(local)
+
+
+def _run_dir(root: Path) -> Path:
+    """A run storage folder as the distillation job leaves it; checkpoint 1 has the better AP."""
+    run = root / "distill-run"
+    run.mkdir()
+    (run / "distillery_model.json").write_text(json.dumps({"student": "rtdetrv4_tiny", "input_size": SIZE}))
+    for epoch, ap in ((1, 0.3), (2, 0.2)):
+        ckpt = run / f"checkpoint_{epoch:06d}"
+        ckpt.mkdir()
+        (ckpt / "distillery_state.pt").write_bytes(b"state")
+        (ckpt / "distillery_state.json").write_text(json.dumps({"epoch": epoch, "metrics": {"AP": ap}}))
+    return run
+
+
+def test_student_weights_run_directory_is_its_best_checkpoint(tmp_path):
+    from distillery.platform.distill.driver import resolve_student_weights
+
+    run = _run_dir(tmp_path)
+    cfg = resolve_student_weights(_distill_cfg(tmp_path, str(run)), "sqlite:///unused.db", tmp_path / "runs")
+    assert cfg.student.weights == str(run / "checkpoint_000001")  # as predict --model <run dir> picks it
+
+
+STUDENT_WEIGHTS_CASES = [
+    # (id, student.weights relative to tmp_path, what the first line must say)
+    ("missing file", "nope.pth", "student.weights={tmp}/nope.pth: no such file or directory"),
+    ("a folder without weights", "empty", "student.weights={tmp}/empty: this directory is neither a run directory"),
+    ("registry without a store", "models:/tiny-student@champion", "no MLflow store at {tmp}/runs/mlflow.db"),
+]
+
+
+@pytest.mark.parametrize("weights,says", [c[1:] for c in STUDENT_WEIGHTS_CASES], ids=[c[0] for c in STUDENT_WEIGHTS_CASES])
+def test_student_weights_refused_on_the_driver(tmp_path, weights, says):
+    from distillery.platform.distill.driver import resolve_student_weights
+    from distillery.platform.io.weights_source import registry_tracking_uri
+
+    (tmp_path / "empty").mkdir()
+    source = weights if weights.startswith("models:/") else str(tmp_path / weights)
+    store = registry_tracking_uri(None, tmp_path / "runs")
+    with pytest.raises(DeterministicError) as err:
+        resolve_student_weights(_distill_cfg(tmp_path, source), store, tmp_path / "runs")
+    assert says.format(tmp=tmp_path) in first_line(err.value), str(err.value)
+    assert _stores(tmp_path) == []
+
+
+def test_registry_store_rule_is_the_jobs_and_creates_nothing(tmp_path, monkeypatch):
+    from distillery.platform.io.weights_source import registry_tracking_uri, resolve_weights_source
+
+    monkeypatch.chdir(tmp_path)
+    assert registry_tracking_uri(None, "runs") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert registry_tracking_uri("sqlite:///x/m.db", "runs") == f"sqlite:///{tmp_path / 'x' / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert registry_tracking_uri(None, "runs") == "http://127.0.0.1:9"
+    assert registry_tracking_uri("sqlite:////a/b.db", "runs") == "sqlite:////a/b.db"
+    assert not (tmp_path / "runs").exists()
+    # A worker never looks a models:/ URI up in MLflow's default store (the old race to create one).
+    with pytest.raises(ValueError, match="resolved on the driver"):
+        resolve_weights_source("models:/tiny-student@champion")
+    assert list(tmp_path.iterdir()) == []
