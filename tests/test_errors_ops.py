@@ -226,3 +226,209 @@ def test_registry_store_rule_is_the_jobs_and_creates_nothing(tmp_path, monkeypat
     with pytest.raises(ValueError, match="resolved on the driver"):
         resolve_weights_source("models:/tiny-student@champion")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- faults: one line naming the path
+def _read_only(monkeypatch, directory: Path) -> None:
+    """Make ``directory`` refuse new files: permission bits where they bind (not root), else (root,
+    as in CI) the kernel's answer on a read-only mount, EROFS, at the probe's file creation."""
+    import tempfile
+
+    from distillery.platform.io import storage
+
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        monkeypatch.setattr(directory, "chmod", directory.chmod)  # restored below by the finalizer
+        return
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == directory.resolve():
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", mkstemp)
+
+
+def _cli_error(capsys, run) -> list[str]:
+    """Run a job's entry point as its command line does; return stderr's lines (exit status 2)."""
+    from distillery.platform.errors import exit_on_user_error
+
+    with pytest.raises(SystemExit) as code:
+        exit_on_user_error(run)
+    assert code.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("key", ["output.local_dir", "output.storage_path"])
+def test_read_only_output_directory_is_refused_before_ray(tmp_path, monkeypatch, capsys, key):
+    import ray
+
+    from distillery.platform.distill.driver import run_distill
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _read_only(monkeypatch, locked)
+    paths = {"output.local_dir": tmp_path / "runs", "output.storage_path": tmp_path / "runs" / "train"}
+    paths[key] = locked / "sub"
+    cfg = load_config(DistillConfig, None, [f"{k}={v}" for k, v in paths.items()] +
+                      [f"data.root={tmp_path / 'data'}", f"cache.uri={tmp_path / 'cache'}"])
+    err = _cli_error(capsys, lambda: run_distill(cfg))
+    assert err[0] == f"error: {key}={locked / 'sub'}: {locked} is not writable " \
+                     f"({'Read-only file system' if os.geteuid() == 0 else 'Permission denied'}): " \
+                     "choose a writable directory", err
+    assert len(err) == 1 and not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]  # no data, cache, runs: nothing started
+
+
+def test_read_only_cache_directory_is_refused_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from distillery.platform.cache.job import run_cache_job
+    from distillery.platform.config.cache import CacheFeaturesConfig
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _read_only(monkeypatch, locked)
+    cfg = load_config(CacheFeaturesConfig, None, [f"cache.uri={locked / 'cache'}", f"data.root={tmp_path / 'data'}"])
+    err = _cli_error(capsys, lambda: run_cache_job(cfg))
+    assert err[0].startswith(f"error: cache.uri={locked / 'cache'}: {locked} is not writable"), err
+    assert len(err) == 1 and not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
+
+
+def test_an_output_path_under_a_file_is_named(tmp_path):
+    from distillery.platform.io.storage import OutputNotWritableError, require_writable
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputNotWritableError) as err:
+        require_writable(tmp_path / "a-file" / "runs", "output.local_dir")
+    assert first_line(err.value) == f"output.local_dir={tmp_path / 'a-file' / 'runs'}: {tmp_path / 'a-file'} is a " \
+                                    "file, not a directory"
+    require_writable(tmp_path / "new" / "deeper", "output.local_dir")  # a folder to be created: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def _writer(uri: Path):
+    from distillery.platform.cache.feature_cache import FeatureCacheWriter
+
+    return FeatureCacheWriter(uri=str(uri), fingerprint={"model": "tiny"}, grid=[4, 2, 2], dtype="fp16", shard_size=2,
+                              dataset={"num_images": 4})
+
+
+def test_a_full_disk_during_the_cache_build_names_the_shard_and_a_rerun_recovers(tmp_path, monkeypatch):
+    """ENOSPC while a shard is written: one error naming that shard's path, no partial file (the
+    temporary is removed, no manifest), and the rerun writes exactly the missing shard."""
+    import numpy as np
+
+    from distillery.platform.cache.feature_cache import FeatureCache
+    from distillery.platform.io import storage
+
+    uri = tmp_path / "cache"
+    shards = [[1, 2], [3, 4]]
+    grids = np.random.default_rng(0).normal(size=(2, 4, 2, 2)).astype(np.float32)
+    writer = _writer(uri)
+    assert writer.begin(shards) == [0, 1]
+    first = writer.write_shard(0, shards[0], grids)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if "shard-00001" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    with pytest.raises(storage.DiskFullError) as err:
+        writer.write_shard(1, shards[1], grids)
+    assert first_line(err.value).startswith(f"no space left on the device writing {uri / 'shard-00001.parquet'} (")
+    assert "free some space and rerun" in first_line(err.value) and isinstance(err.value, DeterministicError)
+    assert sorted(p.name for p in uri.iterdir()) == ["plan.json", "shard-00000.parquet"]  # nothing half-written
+
+    monkeypatch.setattr(storage.os, "fsync", real_fsync)
+    rerun = _writer(uri)
+    assert rerun.begin(shards) == [1]  # the intact shard is kept
+    rerun.finalize(2, [rerun.write_shard(1, shards[1], grids)])
+    cache = FeatureCache(str(uri), expected_fingerprint={"model": "tiny"})
+    cache.check_shards()
+    assert first.sha256 in {s["sha256"] for s in json.loads((uri / "manifest.json").read_text())["shards"]}
+
+
+def test_the_cache_build_checks_free_space_before_it_starts(tmp_path, monkeypatch):
+    import collections
+
+    from distillery.platform.cache.job import cache_split, expected_cache_bytes
+    from distillery.platform.config.cache import CacheFeaturesConfig
+    from distillery.platform.datasets.formats import load_split
+    from distillery.platform.datasets.synthetic import generate_synthetic_coco
+    from distillery.platform.io import storage
+
+    generate_synthetic_coco(tmp_path / "data", train=6, val=1, size=64, seed=0)
+    cfg = load_config(CacheFeaturesConfig, None, [f"data.root={tmp_path / 'data'}", f"cache.uri={tmp_path / 'cache'}",
+                                                  "cache.shard_size=4"])
+    train = load_split(cfg.data, "train")
+    grid = [768, 14, 14]
+    needed = expected_cache_bytes(6, grid, "fp16", 1)
+    assert needed == 6 * 768 * 14 * 14 * 2 and expected_cache_bytes(6, grid, "int8", 2) == 12 * (768 * 196 + 196 * 4)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - needed + 1, needed - 1))
+    with pytest.raises(storage.DiskFullError) as err:
+        cache_split(cfg, "train", train, {"model": "tiny"}, grid, "float32", False)
+    assert first_line(err.value) == (f"cache.uri={tmp_path / 'cache' / 'train'}: the train cache (2 shards) needs about "
+                                     f"{needed / 1e6:.1f} MB, {(needed - 1) / 1e6:.1f} MB are free on {tmp_path / 'cache' / 'train'}: "
+                                     "free some space or choose another cache.uri")
+    assert not list((tmp_path / "cache" / "train").glob("shard-*"))  # no shard started
+
+
+def test_predict_out_naming_an_existing_file_is_one_line(tmp_path, images, capsys):
+    from distillery.platform.serving.predict import main
+
+    out = tmp_path / "preds.json"
+    out.write_text("keep me")
+    err = _cli_error(capsys, lambda: main(["--model", str(tmp_path / "unused"), "--images", str(images),
+                                           "--out", str(out)]))
+    assert err == [f"error: --out {out} is an existing file, not a directory: name a directory (detections.json, "
+                   "dataset.json and drawn/ are written into it)"]
+    assert out.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- two jobs, one output.name
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_job_with_the_same_name_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    import socket
+
+    import ray
+
+    from distillery.platform.distill.driver import run_distill
+    from distillery.platform.engine.launch import LOCK_FILE, RunInUseError, run_lock
+
+    run_dir = tmp_path / "train" / "same-name"
+    cfg = load_config(DistillConfig, None, [f"output.local_dir={tmp_path}", f"output.storage_path={tmp_path / 'train'}",
+                                            "output.name=same-name", f"data.root={tmp_path / 'data'}"])
+    with run_lock(str(run_dir)) as lock:  # the first job, running
+        held = json.loads(Path(lock).read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+        err = _cli_error(capsys, lambda: run_distill(cfg))
+        assert err[0].startswith(f"error: output.name: the run directory {run_dir} is in use by another job (pid "
+                                 f"{os.getpid()} on {socket.gethostname()}"), err
+        assert len(err) == 1 and not ray.is_initialized() and not (tmp_path / "data").exists()
+        with pytest.raises(RunInUseError):
+            with run_lock(str(run_dir)):
+                pass
+    assert not (run_dir / LOCK_FILE).exists()  # released at the end
+
+    # A job that died without releasing it (kill -9): its lock is stale and taken over.
+    (run_dir / LOCK_FILE).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "started": "x"}))
+    with run_lock(str(run_dir)) as lock:
+        assert json.loads(Path(lock).read_text())["pid"] == os.getpid()
+    # One held on another machine cannot be checked: refused, with the owner named.
+    (run_dir / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "x"}))
+    with pytest.raises(RunInUseError, match="pid 1 on elsewhere"):
+        with run_lock(str(run_dir)):
+            pass

@@ -204,6 +204,16 @@ def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, 
 
 # --------------------------------------------------------------------------- the job
 
+def expected_cache_bytes(num_images: int, grid: list[int], dtype: str, views: int) -> int:
+    """About how many bytes ``num_images`` images' grids take in the cache (the parquet files
+    barely compress features): fp16 two bytes per value; int8 one, plus a float32 scale per
+    token; any other storage dtype counted at four bytes, to be safe."""
+    channels, height, width = grid
+    per_value = {"fp16": 2, "int8": 1}.get(dtype, 4)
+    per_row = channels * height * width * per_value + (height * width * 4 if dtype == "int8" else 0)
+    return num_images * max(1, views) * per_row
+
+
 def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fingerprint: dict[str, Any],
                  grid: list[int], dtype: str, use_gpu: bool) -> dict[str, Any]:
     uri = storage.join(cfg.cache.uri, split)
@@ -221,6 +231,8 @@ def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fing
     writer = FeatureCacheWriter(**writer_args)
     shards = plan_shards(dataset.image_ids, cfg.cache.shard_size)
     todo = writer.begin(shards)
+    storage.require_free_space(uri, expected_cache_bytes(sum(len(shards[i]) for i in todo), grid, cfg.cache.dtype,
+                                                         views), "cache.uri", f"the {split} cache ({len(todo)} shards)")
     uri_of = {r.image_id: r.uri for r in dataset.records}
     log.info("%s: %d shards planned, %d to compute, %d already written", uri, len(shards), len(todo),
              len(shards) - len(todo))
@@ -330,6 +342,7 @@ def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, di
     included, uses them), local paths made absolute, then each split loaded and validated."""
     storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     cfg = with_absolute_paths(cfg)  # relative local paths resolved here: Ray workers run elsewhere
+    storage.require_writable(cfg.cache.uri, "cache.uri")  # before any work: one line, not a task's traceback
     ensure_dataset(cfg.data)
     datasets = {}
     for split in cfg.cache.splits:

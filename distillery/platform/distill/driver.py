@@ -27,7 +27,8 @@ from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.distill.teacher_signal import teacher_signal
 from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, find_latest_checkpoint, read_record
 from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
-                                               mlflow_status, run_summary, steps_per_epoch)
+                                               mlflow_status, require_writable_outputs, run_lock, run_summary,
+                                               steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise, quiet_driver_noise
 from distillery.platform.engine.run_spec import DistillRun, GamSettings
 from distillery.platform.io import storage
@@ -141,7 +142,20 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
 
     ``callbacks`` are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``);
     ``parent_run_id`` makes the MLflow run a child (one per sweep trial); ``extra_tags`` are
-    added to it."""
+    added to it. The run directory (``output.storage_path/output.name``) is locked for the job:
+    a second job with the same name is refused while this one runs (:func:`run_lock`)."""
+    cfg = with_absolute_paths(cfg)
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
+    if not cfg.output.name:  # named once, here: the lock and the run agree on the folder
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(
+            update={"name": time.strftime("distill-%Y%m%d-%H%M%S")})})
+    require_writable_outputs(cfg)
+    with run_lock(storage.join(cfg.output.storage_path, cfg.output.name)):
+        return _run_distill(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
+
+
+def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: str | None,
+                 extra_tags: dict[str, str] | None) -> dict[str, Any]:
     # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
     from distillery.platform.distill.job import distill_worker
 

@@ -6,20 +6,29 @@ the train/val splits, quiet Ray Data, count the steps, run the workers on Ray Tr
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from distillery.platform.cache.feature_cache import MANIFEST
 from distillery.platform.datasets.coco import CocoDataset
 from distillery.platform.datasets.formats import load_split
 from distillery.platform.engine.progress import WORKER_ENV
 from distillery.platform.engine.run_spec import RunDescription, worker_config
+from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
 
 __all__ = ["configure_ray_data", "fit_on_ray_train", "git_commit", "load_train_val", "mlflow_status",
-           "run_summary", "steps_per_epoch"]
+           "require_writable_outputs", "run_lock", "run_summary", "steps_per_epoch"]
+
+log = logging.getLogger(__name__)
 
 
 def configure_ray_data() -> None:
@@ -34,6 +43,19 @@ def configure_ray_data() -> None:
     # A data error raised in an ingest task (a corrupt image) keeps its own class instead of
     # Ray Data's UserCodeException (whose cause is lost on the way): deterministic, no retry.
     context.raise_original_map_exception = True
+
+
+def require_writable_outputs(cfg) -> None:
+    """Every local directory the job will write, checked writable before any work (Ray not
+    started): a read-only one is one error line naming its key and path. The cache folder only
+    when this job may build it (``cache.build_if_missing`` and no manifest yet)."""
+    keys = {"output.local_dir": cfg.output.local_dir, "output.storage_path": cfg.output.storage_path}
+    cache = getattr(cfg, "cache", None)
+    if cache is not None and getattr(cache, "build_if_missing", False) and \
+            not storage.exists(storage.join(cache.uri, "train", MANIFEST)):
+        keys["cache.uri"] = cache.uri
+    for key, uri in keys.items():
+        storage.require_writable(uri, key)
 
 
 def steps_per_epoch(cfg, num_images: int, limit: int | None) -> int:
@@ -136,3 +158,66 @@ def mlflow_status(tracking_uri: str, run_id: str):
         raise
     client.set_terminated(run_id, "FINISHED")
 
+
+
+class RunInUseError(RuntimeError, DeterministicError):
+    """Another live job holds this run directory (the same ``output.name``)."""
+
+
+LOCK_FILE = ".distillery.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_storage: str, key: str = "output.name"):
+    """Hold ``<run_storage>/.distillery.lock`` (the owner's pid, host and start time) for the
+    block: a second job started with the same ``output.name`` while the first runs is refused at
+    once, naming the owner, instead of interleaving its checkpoints with the first's. A lock left
+    by a process that is gone (same host, pid not running) is stale and taken over, so a rerun
+    after a crash or Ctrl-C resumes. On S3 the check and the write are two requests (no atomic
+    create): two jobs started within that window are not told apart."""
+    lock = storage.join(run_storage, LOCK_FILE)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    payload = json.dumps(owner).encode()
+    for _ in range(2):
+        try:
+            if storage.is_remote(lock):
+                if storage.exists(lock):
+                    raise FileExistsError(lock)
+                storage.write_bytes(lock, payload)
+            else:
+                os.makedirs(os.path.dirname(lock), exist_ok=True)
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(payload)
+            break
+        except FileExistsError:
+            try:
+                held = json.loads(storage.read_bytes(lock))
+            except (OSError, ValueError):
+                held = {}
+            if held.get("host") == owner["host"] and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+                log.warning("%s: stale lock of pid %s (not running), taken over", lock, held["pid"])
+                storage.remove(lock)
+                continue
+            raise RunInUseError(f"{key}: the run directory {run_storage} is in use by another job (pid "
+                                f"{held.get('pid', '?')} on {held.get('host', '?')}, started {held.get('started', '?')}; "
+                                f"lock {lock}): choose another {key}, or wait for it to finish") from None
+    else:
+        raise RunInUseError(f"{key}: could not take the lock {lock} of {run_storage}")
+    try:
+        yield lock
+    finally:
+        try:
+            storage.remove(lock)
+        except OSError as exc:  # the run's outcome matters more than a lock left behind (stale next time)
+            log.warning("could not remove %s: %s", lock, exc)

@@ -41,7 +41,8 @@ from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.engine.checkpoints import (ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE,
                                                     find_latest_checkpoint, read_record)
 from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
-                                               mlflow_status, run_summary, steps_per_epoch)
+                                               mlflow_status, require_writable_outputs, run_lock, run_summary,
+                                               steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise
 from distillery.platform.engine.run_spec import MoETuneRun
 from distillery.platform.io import storage
@@ -93,7 +94,20 @@ def prompt_vocabulary(cfg: MoETuneConfig, categories) -> tuple[list[str], torch.
 
 def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_run_id: str | None = None,
                  extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a summary."""
+    """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a
+    summary. The run directory is locked for the job, as the distillation job's (``run_lock``)."""
+    cfg = with_absolute_paths(cfg)
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
+    if not cfg.output.name:  # named once, here: the lock and the run agree on the folder
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(
+            update={"name": time.strftime("moe-tune-%Y%m%d-%H%M%S")})})
+    require_writable_outputs(cfg)
+    with run_lock(storage.join(cfg.output.storage_path, cfg.output.name)):
+        return _run_moe_tune(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
+
+
+def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: str | None,
+                  extra_tags: dict[str, str] | None) -> dict[str, Any]:
     # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
     from distillery.platform.moe.job import moe_tune_worker
 
