@@ -432,3 +432,167 @@ def test_a_second_job_with_the_same_name_is_refused_and_a_stale_lock_taken_over(
     with pytest.raises(RunInUseError, match="pid 1 on elsewhere"):
         with run_lock(str(run_dir)):
             pass
+
+
+# --------------------------------------------------------------------------- a worker's error: its line first
+# What the driver of a distillation job on a cache with one flipped byte received from Ray's
+# processes (abridged from a real run: ANSI colours, two ranks, the ingest's coordinator, Ray's
+# de-duplicated repeats), around a rank 0 progress line that must still show.
+WORKER_LOGS = [
+    ({"pid": 23179, "actor_name": "RayTrainWorker"}, [
+        "epoch 0 step 1/4 loss 41.2 (vfl 1.1, bbox 0.9, giou 1.3) lambda 1.000 3.1 img/s",
+        "Error in training function:",
+        "Traceback (most recent call last):",
+        '  File "/site-packages/ray/data/_internal/block_batching/util.py", line 178, in __next__',
+        "    return self._transform_fn(next(self._input_iter))",
+        "                              ^^^^^^^^^^^^^^^^^^^^^^",
+        "ray.exceptions.RayTaskError(CacheShardError): \x1b[36mray::FlatMap(_image_rows_of_shard)()\x1b[39m (pid=26148)",
+        "",
+        "The above exception was the direct cause of the following exception:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "/work/distillery/platform/cache/checks.py", line 104, in read_verified_shard',
+        "distillery.platform.cache.checks.CacheShardError: cache shard /c/train/shard-00001.parquet does not match "
+        "its checksum in /c/train/manifest.json (sha256 0763e5c6d9d4..., manifest 6c6e85e16fc6...): rerun the cache job",
+        "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).",
+        "To change retry attempts, backoff, or which errors are retried, configure `ray.data.DataContext`",
+    ]),
+    ({"pid": 25791, "actor_name": "SplitCoordinator"}, [
+        'An exception was raised from a task of operator "FlatMap(_image_rows_of_shard)". Dataset execution will now '
+        "abort. To ignore this exception and continue, set DataContext.max_errored_blocks.",
+        "Traceback (most recent call last):\x1b[32m [repeated 3x across cluster] (Ray deduplicates logs by default.)\x1b[0m",
+        "    raise e\x1b[32m [repeated 8x across cluster]\x1b[0m",
+    ]),
+    ({"pid": 23206, "actor_name": "RayTrainWorker"}, [
+        "Traceback (most recent call last):",
+        "    raise self._exception",
+    ]),
+    ({"pid": 23179, "actor_name": "RayTrainWorker"}, ["epoch 0 done: val AP 0.000"]),
+]
+
+
+def test_worker_tracebacks_are_held_back_and_the_error_line_comes_first(tmp_path, monkeypatch, capsys):
+    from ray._private import worker as ray_worker
+
+    from distillery.platform import errors
+    from distillery.platform.cache.checks import CacheShardError
+
+    printed: list[str] = []
+    monkeypatch.setattr(ray_worker, "print_worker_logs", lambda data, *a, **k: printed.extend(data["lines"]))
+    monkeypatch.setattr(errors, "_held", None)
+    monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
+    path = errors.hold_worker_tracebacks(str(tmp_path))
+    assert path == str(tmp_path / "logs" / "distillery-tracebacks.log")
+    (tmp_path / "logs").mkdir()
+
+    def job():
+        for data, lines in WORKER_LOGS:
+            ray_worker.print_worker_logs({**data, "lines": lines}, None)
+        # As Ray re-raises it on the driver: Ray Data's retry advice appended to the message.
+        raise CacheShardError("cache shard /c/train/shard-00001.parquet does not match its checksum in "
+                              "/c/train/manifest.json: rerun the cache job\nFailed to apply UDF transform after 1/1 "
+                              "attempts (total backoff 0.0s).\nTo change retry attempts, backoff, or which errors are "
+                              "retried, configure it")
+
+    err = _cli_error(capsys, job)
+    assert err == ["error: cache shard /c/train/shard-00001.parquet does not match its checksum in "
+                   "/c/train/manifest.json: rerun the cache job",
+                   f"(the workers' tracebacks: {path}; --debug prints them)"]
+    assert printed == [WORKER_LOGS[0][1][0], "epoch 0 done: val AP 0.000"]  # progress kept, every traceback held
+    held = Path(path).read_text().splitlines()
+    assert len(held) == sum(len(lines) for _, lines in WORKER_LOGS) - 2
+    assert "(RayTrainWorker pid=23179) distillery.platform.cache.checks.CacheShardError: cache shard" in "\n".join(held)
+
+    # --debug: nothing held, and the driver's own traceback propagates.
+    printed.clear()
+    monkeypatch.setenv(errors.DEBUG_ENV, "1")
+    monkeypatch.setattr(errors, "_held", None)
+    monkeypatch.setattr(ray_worker, "print_worker_logs", lambda data, *a, **k: printed.extend(data["lines"]))
+    assert errors.hold_worker_tracebacks(str(tmp_path)) is None
+    with pytest.raises(CacheShardError):
+        errors.exit_on_user_error(job)
+    assert len(printed) == sum(len(lines) for _, lines in WORKER_LOGS)
+
+
+def test_debug_flag_on_the_jobs_command_line(monkeypatch):
+    from distillery.platform.config.sections import parse_job_args
+    from distillery.platform.errors import DEBUG_ENV, debug_requested
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    parse_job_args(DistillConfig, ["train.epochs=12"])
+    assert not debug_requested()
+    parse_job_args(DistillConfig, ["--debug", "train.epochs=12"])
+    assert debug_requested()
+
+
+# --------------------------------------------------------------------------- a cluster of several nodes
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """Two Ray nodes of 2 CPUs on this machine (``ray.cluster_utils.Cluster``: random ports, its own
+    temp dir), its address; the jobs connect to it from their own process (``ray.address``). The
+    "current cluster" file Ray writes for ``ray.init()`` goes to the test's folder, not /tmp/ray
+    where another Ray on this machine would find it."""
+    import tempfile
+
+    import ray._private.utils as ray_utils
+    from ray.cluster_utils import Cluster
+
+    folder = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live under it
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ray_utils, "get_ray_address_file", lambda temp_dir=None: str(folder / "ray_current_cluster"))
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "temp_dir": str(folder), "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+        mp.undo()
+
+
+CLUSTER_CASES = [
+    # (id, overrides, the first line)
+    ("local paths on 2 nodes", [], "error: data.root={data}/images/train/"),
+    ("no CPU left for the ingest", ["ray.shared_paths=true", "train.cpus_per_worker=2"],
+     "error: train.cpus_per_worker=2: 2 workers x 2 CPUs hold 4 of the cluster's 4 CPUs (in all), leaving 0 for the "
+     "Ray Data ingest, which needs 1 per task: lower train.cpus_per_worker or train.num_workers, or add CPUs"),
+]
+
+
+@pytest.mark.parametrize("overrides,says", [c[1:] for c in CLUSTER_CASES], ids=[c[0] for c in CLUSTER_CASES])
+def test_a_job_that_cannot_run_on_the_cluster_says_so_at_start(two_node_cluster, tmp_path, overrides, says):
+    """On a cluster of 2 nodes x 2 CPUs (the issue's, where train.cpus_per_worker=2 hung for 15
+    minutes): refused at start, in the job's own process, one line naming the key."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    data = tmp_path / "data"
+    argv = [sys.executable, str(root / "jobs" / "distill.py"), "--config", str(root / "configs" / "distill_tiny.yaml"),
+            f"ray.address={two_node_cluster}", f"data.root={data}", f"cache.uri={tmp_path / 'cache'}",
+            f"output.local_dir={tmp_path / 'runs'}", f"output.storage_path={tmp_path / 'runs' / 'train'}", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors and errors[0].startswith(says.format(data=data)), proc.stderr[-3000:]
+    if not overrides:
+        assert "a local path, on a Ray cluster of 2 nodes whose other nodes cannot see it" in errors[0]
+        assert "tracking.tracking_uri=sqlite:///" in proc.stderr  # also named, on the next line
+    assert not (tmp_path / "cache").exists()  # nothing ran: no cache built, no checkpoint, the lock released
+    assert not [p for p in (tmp_path / "runs" / "train").rglob("*") if p.is_file()]
+
+
+def test_a_worker_larger_than_every_node_is_refused(monkeypatch):
+    from distillery.platform.cluster import runtime
+
+    monkeypatch.setattr(runtime, "_max_cluster_cpus", lambda: (4.0, "in all"))
+    monkeypatch.setattr(runtime, "alive_nodes", lambda: [{"Resources": {"CPU": 2.0}}, {"Resources": {"CPU": 2.0}}])
+    runtime.require_ingest_cpus(1, 2)  # 2 of 4 held, a node fits it
+    with pytest.raises(runtime.ClusterFitError) as err:
+        runtime.require_ingest_cpus(1, 3)
+    assert first_line(err.value) == ("train.cpus_per_worker=3: no node has that many CPUs (the largest has 2); Ray "
+                                     "cannot place a worker")
+    monkeypatch.setattr(runtime, "_max_cluster_cpus", lambda: (64.0, "at most, as its autoscaler allows"))
+    runtime.require_ingest_cpus(1, 3)  # an autoscaling cluster adds the node it needs

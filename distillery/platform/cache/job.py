@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
+from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session, require_shared_paths
 from distillery.platform.datasets.formats import load_split
 from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.platform.io import storage
@@ -355,6 +355,9 @@ def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
     """Build (or resume) the feature cache of every configured split; return a summary per split."""
     cfg, datasets = load_cache_inputs(cfg)
     with ray_session(cfg.ray, cfg.storage):
+        # Decode and write tasks run on any node: the images and the cache must be shared.
+        first = next((ds.records[0].uri for ds in datasets.values() if ds.records), cfg.data.root)
+        require_shared_paths({"data.root": first, "cache.uri": cfg.cache.uri}, cfg.ray.shared_paths)
         use_gpu = cluster_has_gpus() and cfg.compute.gpus_per_actor != 0
         dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)
         # The driver builds the teacher once (CPU) for its fingerprint and grid shape.

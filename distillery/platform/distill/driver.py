@@ -27,7 +27,8 @@ from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.distill.teacher_signal import teacher_signal
 from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, find_latest_checkpoint, read_record
 from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
-                                               mlflow_status, require_writable_outputs, run_lock, run_summary,
+                                               mlflow_status, require_cluster_fit, require_writable_outputs, run_lock,
+                                               run_summary,
                                                steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise, quiet_driver_noise
 from distillery.platform.engine.run_spec import DistillRun, GamSettings
@@ -184,6 +185,8 @@ def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: s
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
         filter_ray_log_noise()
         quiet_driver_noise()
+        require_cluster_fit(cfg, train, tracking_uri, **{"cache.uri": cfg.cache.uri if signal.needs_cache else None,
+                                                         "student.weights": cfg.student.weights})
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         teacher_dim, cache_meta, fingerprint, teacher_dtype = None, None, None, None
         dataset_cache = None

@@ -26,7 +26,7 @@ from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
 
 __all__ = ["configure_ray_data", "fit_on_ray_train", "git_commit", "load_train_val", "mlflow_status",
-           "require_writable_outputs", "run_lock", "run_summary", "steps_per_epoch"]
+           "require_cluster_fit", "require_writable_outputs", "run_lock", "run_summary", "steps_per_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,20 @@ def require_writable_outputs(cfg) -> None:
         keys["cache.uri"] = cache.uri
     for key, uri in keys.items():
         storage.require_writable(uri, key)
+
+
+def require_cluster_fit(cfg, train: CocoDataset, tracking_uri: str, **paths: str | None) -> None:
+    """At start, on the cluster the job runs on (Ray connected, nothing scheduled yet): its
+    training workers leave a CPU for the Ray Data ingest (one per decode task:
+    ``datasets.ingest``), and on several nodes every path a worker reads or writes is shared
+    (the images, the run storage, the tracking store, and ``paths``: key -> path)."""
+    # Imported here: see fit_on_ray_train (this module is loaded before the inputs are checked).
+    from distillery.platform.cluster.runtime import require_ingest_cpus, require_shared_paths
+
+    require_ingest_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker, ingest_cpus=1.0)
+    images = train.records[0].uri if train.records else cfg.data.root
+    require_shared_paths({"data.root": images, "output.storage_path": cfg.output.storage_path,
+                          "tracking.tracking_uri": tracking_uri, **paths}, cfg.ray.shared_paths)
 
 
 def steps_per_epoch(cfg, num_images: int, limit: int | None) -> int:

@@ -41,7 +41,8 @@ from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.engine.checkpoints import (ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE,
                                                     find_latest_checkpoint, read_record)
 from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
-                                               mlflow_status, require_writable_outputs, run_lock, run_summary,
+                                               mlflow_status, require_cluster_fit, require_writable_outputs, run_lock,
+                                               run_summary,
                                                steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise
 from distillery.platform.engine.run_spec import MoETuneRun
@@ -164,6 +165,7 @@ def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: 
     tags.update(extra_tags or {})
 
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
+        require_cluster_fit(cfg, train, tracking_uri)
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         filter_ray_log_noise()
         configure_ray_data()
