@@ -466,6 +466,18 @@ WORKER_LOGS = [
     ({"pid": 23206, "actor_name": "RayTrainWorker"}, [
         "Traceback (most recent call last):",
         "    raise self._exception",
+        "StopIteration",
+        "",
+        "During handling of the above exception, another exception occurred:",
+    ]),
+    ({"pid": 8250, "actor_name": "SplitCoordinator"}, [
+        "\u26a0\ufe0f  Dataset train_035Af02nRoxRsV7qUbZGi9_0 execution failed",
+        "Split 1 epoch 0 get() failed after 0 rows: \x1b[36mray::FlatMap(_image_rows_of_shard)()\x1b[39m (pid=9799)",
+        "    for block in block_iter:",
+    ]),
+    ({"pid": 4549, "actor_name": "RayTrainWorker"}, [""]),
+    ({"pid": 1581, "actor_name": "TrainController"}, [
+        "not retrying (no retry can fix this; max_failures untouched): cache shard /c/train/shard-00001.parquet ...",
     ]),
     ({"pid": 23179, "actor_name": "RayTrainWorker"}, ["epoch 0 done: val AP 0.000"]),
 ]
@@ -498,9 +510,10 @@ def test_worker_tracebacks_are_held_back_and_the_error_line_comes_first(tmp_path
     assert err == ["error: cache shard /c/train/shard-00001.parquet does not match its checksum in "
                    "/c/train/manifest.json: rerun the cache job",
                    f"(the workers' tracebacks: {path}; --debug prints them)"]
-    assert printed == [WORKER_LOGS[0][1][0], "epoch 0 done: val AP 0.000"]  # progress kept, every traceback held
+    # Progress kept, every traceback held; a blank line from a process that printed none is kept.
+    assert printed == [WORKER_LOGS[0][1][0], "", "epoch 0 done: val AP 0.000"]
     held = Path(path).read_text().splitlines()
-    assert len(held) == sum(len(lines) for _, lines in WORKER_LOGS) - 2
+    assert len(held) == sum(len(lines) for _, lines in WORKER_LOGS) - 3
     assert "(RayTrainWorker pid=23179) distillery.platform.cache.checks.CacheShardError: cache shard" in "\n".join(held)
 
     # --debug: nothing held, and the driver's own traceback propagates.

@@ -91,31 +91,36 @@ def debug_requested() -> bool:
 
 # A traceback as Ray's processes print it, one line at a time (prefix and colours stripped): its
 # head, its frames and source lines (indented), the chain markers, and the exception lines.
-_TRACEBACK_START = re.compile(r"^(Traceback \(most recent call last\):|Error in training function:|"
-                              r"Exception in thread .*:|An exception was raised from a task of operator)")
-_TRACEBACK_BODY = re.compile(r"^(\s|$|During handling of the above exception|The above exception was the direct|"
-                             r"[\w.]+(Error|Exception|Interrupt|Exit)(\([\w.]+\))?(:|$)|"
-                             r"Failed to [^\n]* after \d+/\d+ attempts|To change retry attempts)")
+_TRACEBACK_START = re.compile(
+    r"^(Traceback \(most recent call last\):|Error in training function:|Exception in thread .*:"
+    r"|An exception was raised from a task of operator|During handling of the above exception"
+    r"|The above exception was the direct cause|Split \d+ epoch \d+ get\(\) failed|\W*Dataset \S+ execution failed"
+    r"|not retrying \(no retry can fix this)")
+_TRACEBACK_BODY = re.compile(r"^(\s|$|[A-Za-z_][\w.]*(\([\w.]+\))?(:\s|:?$)|Failed to .* after \d+/\d+ attempts"
+                             r"|To change retry attempts)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _DEDUP_SUFFIX = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
 
 
 class _HeldTracebacks:
     """Worker log lines that are part of a traceback, kept out of the console (see
-    :func:`hold_worker_tracebacks`): per process, a traceback runs from its head to the first
-    line that is not part of one."""
+    :func:`hold_worker_tracebacks`): per process, a traceback (or Ray's report of a failed task
+    or dataset) runs from its head to the first line that is not part of one."""
 
     def __init__(self, path: str):
         self.path = path
         self.count = 0
         self._open: set[str] = set()  # the processes inside a traceback now
+        self._seen: set[str] = set()  # the processes that printed one (their blank lines go with them)
 
     def keep(self, data: dict, line: str) -> bool:
         """True: print ``line``; False: it went to the log file."""
         plain = _DEDUP_SUFFIX.sub("", _ANSI.sub("", line))
         source = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}"
-        if _TRACEBACK_START.match(plain) or (source in self._open and _TRACEBACK_BODY.match(plain)):
+        if _TRACEBACK_START.match(plain) or (source in self._open and _TRACEBACK_BODY.match(plain)) or \
+                (source in self._seen and not plain.strip()):
             self._open.add(source)
+            self._seen.add(source)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(f"({source}) {plain}\n")
             self.count += 1
