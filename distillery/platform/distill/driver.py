@@ -26,9 +26,8 @@ from distillery.platform.datasets.formats import coco_split_paths, load_split
 from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.distill.teacher_signal import teacher_signal
 from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, find_latest_checkpoint, read_record
-from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
-                                               mlflow_status, require_cluster_fit, require_writable_outputs, run_lock,
-                                               run_summary,
+from distillery.platform.engine.launch import (claimed_run_folder, configure_ray_data, fit_on_ray_train, git_commit,
+                                               load_train_val, mlflow_status, require_cluster_fit, run_summary,
                                                steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise, quiet_driver_noise
 from distillery.platform.engine.run_spec import DistillRun, GamSettings
@@ -145,13 +144,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     ``parent_run_id`` makes the MLflow run a child (one per sweep trial); ``extra_tags`` are
     added to it. The run directory (``output.storage_path/output.name``) is locked for the job:
     a second job with the same name is refused while this one runs (:func:`run_lock`)."""
-    cfg = with_absolute_paths(cfg)
-    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
-    if not cfg.output.name:  # named once, here: the lock and the run agree on the folder
-        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(
-            update={"name": time.strftime("distill-%Y%m%d-%H%M%S")})})
-    require_writable_outputs(cfg)
-    with run_lock(storage.join(cfg.output.storage_path, cfg.output.name)):
+    with claimed_run_folder(cfg, "distill") as cfg:
         return _run_distill(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
 
 
@@ -161,10 +154,8 @@ def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: s
     from distillery.platform.distill.job import distill_worker
 
     t0 = time.time()
-    cfg = with_absolute_paths(cfg)
-    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
     local_dir = Path(cfg.output.local_dir)
-    name = cfg.output.name or time.strftime("distill-%Y%m%d-%H%M%S")
+    name = cfg.output.name  # (claimed_run_folder: absolute paths, S3 configured, named)
     storage_path = cfg.output.storage_path
     run_storage = storage.join(storage_path, name)
 

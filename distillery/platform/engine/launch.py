@@ -18,6 +18,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from distillery.platform.cache.feature_cache import MANIFEST
+from distillery.platform.config.sections import with_absolute_paths
 from distillery.platform.datasets.coco import CocoDataset
 from distillery.platform.datasets.formats import load_split
 from distillery.platform.engine.progress import WORKER_ENV
@@ -25,7 +26,7 @@ from distillery.platform.engine.run_spec import RunDescription, worker_config
 from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
 
-__all__ = ["configure_ray_data", "fit_on_ray_train", "git_commit", "load_train_val", "mlflow_status",
+__all__ = ["claimed_run_folder", "configure_ray_data", "fit_on_ray_train", "git_commit", "load_train_val", "mlflow_status",
            "require_cluster_fit", "require_writable_outputs", "run_lock", "run_summary", "steps_per_epoch"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,22 @@ def configure_ray_data() -> None:
     # A data error raised in an ingest task (a corrupt image) keeps its own class instead of
     # Ray Data's UserCodeException (whose cause is lost on the way): deterministic, no retry.
     context.raise_original_map_exception = True
+
+
+@contextlib.contextmanager
+def claimed_run_folder(cfg, prefix: str):
+    """A training job's config ready to run, for the block: local paths absolute, S3 configured,
+    a run name (``<prefix>-<timestamp>`` when ``output.name`` is unset: named once, so the lock
+    and the run agree on the folder), its output directories writable, its run folder locked
+    (:func:`run_lock`). Everything here is checked before any other work."""
+    cfg = with_absolute_paths(cfg)
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
+    if not cfg.output.name:
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(
+            update={"name": time.strftime(f"{prefix}-%Y%m%d-%H%M%S")})})
+    require_writable_outputs(cfg)
+    with run_lock(storage.join(cfg.output.storage_path, cfg.output.name)):
+        yield cfg
 
 
 def require_writable_outputs(cfg) -> None:

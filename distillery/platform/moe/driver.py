@@ -35,14 +35,13 @@ import yaml
 from distillery.platform.cache.job import ensure_dataset
 from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
 from distillery.platform.config.moe import MoETuneConfig
-from distillery.platform.config.sections import config_hash, flatten_config, with_absolute_paths
+from distillery.platform.config.sections import config_hash, flatten_config
 from distillery.platform.datasets.formats import coco_split_paths
 from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.engine.checkpoints import (ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE,
                                                     find_latest_checkpoint, read_record)
-from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
-                                               mlflow_status, require_cluster_fit, require_writable_outputs, run_lock,
-                                               run_summary,
+from distillery.platform.engine.launch import (claimed_run_folder, configure_ray_data, fit_on_ray_train, git_commit,
+                                               load_train_val, mlflow_status, require_cluster_fit, run_summary,
                                                steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise
 from distillery.platform.engine.run_spec import MoETuneRun
@@ -97,13 +96,7 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
                  extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a
     summary. The run directory is locked for the job, as the distillation job's (``run_lock``)."""
-    cfg = with_absolute_paths(cfg)
-    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
-    if not cfg.output.name:  # named once, here: the lock and the run agree on the folder
-        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(
-            update={"name": time.strftime("moe-tune-%Y%m%d-%H%M%S")})})
-    require_writable_outputs(cfg)
-    with run_lock(storage.join(cfg.output.storage_path, cfg.output.name)):
+    with claimed_run_folder(cfg, "moe-tune") as cfg:
         return _run_moe_tune(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
 
 
@@ -113,10 +106,8 @@ def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: 
     from distillery.platform.moe.job import moe_tune_worker
 
     t0 = time.time()
-    cfg = with_absolute_paths(cfg)
     local_dir = Path(cfg.output.local_dir)
-    name = cfg.output.name or time.strftime("moe-tune-%Y%m%d-%H%M%S")
-    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
+    name = cfg.output.name  # (claimed_run_folder: absolute paths, S3 configured, named)
     storage_path = cfg.output.storage_path
     run_storage = storage.join(storage_path, name)
 
