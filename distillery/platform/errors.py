@@ -111,16 +111,15 @@ class _HeldTracebacks:
         self.path = path
         self.count = 0
         self._open: set[str] = set()  # the processes inside a traceback now
-        self._seen: set[str] = set()  # the processes that printed one (their blank lines go with them)
 
     def keep(self, data: dict, line: str) -> bool:
         """True: print ``line``; False: it went to the log file."""
         plain = _DEDUP_SUFFIX.sub("", _ANSI.sub("", line))
         source = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}"
-        if _TRACEBACK_START.match(plain) or (source in self._open and _TRACEBACK_BODY.match(plain)) or \
-                (source in self._seen and not plain.strip()):
+        if not plain.strip() and source not in self._open:
+            return False  # a blank line (Ray Train prints one before a rank's error report): nothing to show
+        if _TRACEBACK_START.match(plain) or (source in self._open and _TRACEBACK_BODY.match(plain)):
             self._open.add(source)
-            self._seen.add(source)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(f"({source}) {plain}\n")
             self.count += 1
