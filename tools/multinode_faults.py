@@ -88,19 +88,19 @@ def start_cluster(work: Path, head_cpus: int, node_cpus: list[int]):
 
     temp = Path(tempfile.mkdtemp(prefix="drill", dir="/tmp"))  # short: Ray's socket paths live under it
     ray_utils.get_ray_address_file = lambda temp_dir=None: str(temp / "ray_current_cluster")
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": head_cpus, "temp_dir": str(temp), "include_dashboard": False})
+    cluster = Cluster(initialize_head=False, connect=False)
+    add_node(cluster, head_cpus, temp_dir=str(temp), include_dashboard=False)  # the first one is the head
     for cpus in node_cpus:
         add_node(cluster, cpus)
     cluster.wait_for_nodes()
     return cluster
 
 
-def add_node(cluster, cpus: int, tries: int = 3):
-    """A worker node; Ray gives a raylet 30 s to register, which a loaded 2-core machine can miss."""
+def add_node(cluster, cpus: int, tries: int = 3, **node_args):
+    """A node; Ray gives a raylet 30 s to register, which a loaded 2-core machine can miss."""
     for attempt in range(1, tries + 1):
         try:
-            return cluster.add_node(num_cpus=cpus)
+            return cluster.add_node(num_cpus=cpus, **node_args)
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for it
             if attempt == tries:
                 raise
