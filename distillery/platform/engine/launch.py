@@ -219,6 +219,7 @@ def run_lock(run_storage: str, key: str = "output.name"):
     lock = storage.join(run_storage, LOCK_FILE)
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     payload = json.dumps(owner).encode()
+    created = False  # the run folder was made for the lock (removed again if the job wrote nothing)
     for _ in range(2):
         try:
             if storage.is_remote(lock):
@@ -226,7 +227,8 @@ def run_lock(run_storage: str, key: str = "output.name"):
                     raise FileExistsError(lock)
                 storage.write_bytes(lock, payload)
             else:
-                os.makedirs(os.path.dirname(lock), exist_ok=True)
+                created = created or not os.path.isdir(run_storage)
+                os.makedirs(run_storage, exist_ok=True)
                 fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(payload)
@@ -250,5 +252,7 @@ def run_lock(run_storage: str, key: str = "output.name"):
     finally:
         try:
             storage.remove(lock)
+            if created and not os.listdir(run_storage):  # a job refused before it wrote anything
+                os.rmdir(run_storage)
         except OSError as exc:  # the run's outcome matters more than a lock left behind (stale next time)
             log.warning("could not remove %s: %s", lock, exc)
