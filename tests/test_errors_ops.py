@@ -532,7 +532,7 @@ def test_debug_flag_on_the_jobs_command_line(monkeypatch):
     from distillery.platform.config.sections import parse_job_args
     from distillery.platform.errors import DEBUG_ENV, debug_requested
 
-    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setenv(DEBUG_ENV, "0")  # recorded, so that the flag's "1" is undone after the test
     parse_job_args(DistillConfig, ["train.epochs=12"])
     assert not debug_requested()
     parse_job_args(DistillConfig, ["--debug", "train.epochs=12"])
@@ -588,6 +588,7 @@ def test_a_job_that_cannot_run_on_the_cluster_says_so_at_start(two_node_cluster,
             f"output.local_dir={tmp_path / 'runs'}", f"output.storage_path={tmp_path / 'runs' / 'train'}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(root)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("DISTILLERY_DEBUG", None)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and errors and errors[0].startswith(says.format(data=data)), proc.stderr[-3000:]
