@@ -13,9 +13,9 @@ tracking is an MLflow server (artifacts proxied by it). The jobs run as they wou
   once undisturbed and once with a worker node removed after the first shards are on S3; the
   two manifests must list the same shards with the same sha256.
 - ``distill``: the tiny distillation recipe with its 2 training workers on 2 different nodes (each
-  node has 1 CPU, a third node the ingest's); once epoch 0's checkpoint is on S3, the node of
-  a training worker is removed and a replacement node added: Ray Train restarts the workers
-  from that checkpoint (``train.max_failures``) and the job finishes.
+  node has 1 CPU, a third node the ingest's); during epoch 2 (epoch 1's checkpoint on S3), the
+  node of a training worker is removed and a replacement node added: Ray Train restarts the
+  workers from that checkpoint (``train.max_failures``) and the job finishes.
 
 Prints one JSON line per part with what it saw. Takes minutes on 2 cores; not part of CI.
 """
@@ -190,8 +190,11 @@ def distill_part(work: Path, endpoint: str, tracking: str) -> dict:
         job = run_job("distill.py", args, work / "distill.log")
         removed, replaced_at = None, None
         while job.poll() is None:
+            # Mid-epoch 2: epoch 1's checkpoint is then on S3 and reported (its files alone could
+            # still be uploading, before Ray Train knows of it).
+            in_epoch_2 = "[train] epoch 2/" in (work / "distill.log").read_text(errors="replace")
             checkpoints = {k.split("/")[2] for k in s3_keys(endpoint, "runs/drill/") if "/checkpoint_" in k}
-            if removed is None and checkpoints:
+            if removed is None and in_epoch_2 and checkpoints:
                 hosts = _worker_nodes_of_training(cluster)
                 if hosts:
                     cluster.remove_node(hosts[0])
