@@ -206,7 +206,10 @@ def distill_part(work: Path, endpoint: str, tracking: str) -> dict:
         summary = next((json.loads(line) for line in log.splitlines() if line.startswith("{")), {})
         return {"part": "distill", "rc": job.returncode, "seconds": round(time.time() - t0, 1),
                 "checkpoints_when_removed": removed, "node_removed_and_replaced_at_s": replaced_at,
-                "resumed_lines": [line[-160:] for line in log.splitlines() if "resumed from" in line][:4],
+                # Where the restarted workers began: epoch 2 (restored), not epoch 1 (from scratch).
+                "first_progress_after_removal": next((line.split("[train] ", 1)[1][:60] for line in
+                                                      log.split("its node has died", 1)[-1].splitlines()
+                                                      if "[train] epoch" in line), None),
                 "checkpoints_at_end": final, "checkpoint_epoch": summary.get("checkpoint_epoch"),
                 "AP": (summary.get("metrics") or {}).get("AP")}
     finally:
