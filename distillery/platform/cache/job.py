@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
+from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session, require_shared_paths
 from distillery.platform.datasets.formats import load_split, refuse_roboflow_export_without_its_paths
 from distillery.platform.datasets.synthetic import generate_synthetic_coco
 from distillery.platform.io import storage
@@ -315,6 +315,21 @@ def load_or_fit_codec(cfg: CacheFeaturesConfig, uri: str, dataset: CocoDataset, 
     return codec, record, forwards
 
 
+def expected_cache_bytes(num_images: int, grid: list[int], dtype: str, views: int,
+                         codec: PcaCodec | None = None) -> int:
+    """About how many bytes ``num_images`` images' grids take in the cache (the parquet files
+    barely compress features): fp16 two bytes per value; int8 one, plus a float32 scale per
+    token; pca what ``codec`` stores per grid; any other storage dtype counted at four bytes, to
+    be safe."""
+    channels, height, width = grid
+    if codec is not None:
+        per_row = codec.bytes_per_image(height * width)
+    else:
+        per_value = {"fp16": 2, "int8": 1}.get(dtype, 4)
+        per_row = channels * height * width * per_value + (height * width * 4 if dtype == "int8" else 0)
+    return num_images * max(1, views) * per_row
+
+
 def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fingerprint: dict[str, Any],
                  grid: list[int], dtype: str, use_gpu: bool) -> dict[str, Any]:
     uri = storage.join(cfg.cache.uri, split)
@@ -335,6 +350,8 @@ def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fing
     writer = FeatureCacheWriter(**writer_args)
     shards = plan_shards(dataset.image_ids, cfg.cache.shard_size)
     todo = writer.begin(shards)
+    storage.require_free_space(uri, expected_cache_bytes(sum(len(shards[i]) for i in todo), grid, cfg.cache.dtype,
+                                                         views, codec), "cache.uri", f"the {split} cache ({len(todo)} shards)")
     uri_of = {r.image_id: r.uri for r in dataset.records}
     log.info("%s: %d shards planned, %d to compute, %d already written", uri, len(shards), len(todo),
              len(shards) - len(todo))
@@ -426,6 +443,7 @@ def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, di
     included, uses them), local paths made absolute, then each split loaded and validated."""
     storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     cfg = with_absolute_paths(cfg)  # relative local paths resolved here: Ray workers run elsewhere
+    storage.require_writable(cfg.cache.uri, "cache.uri")  # before any work: one line, not a task's traceback
     ensure_dataset(cfg.data)
     datasets = {}
     for split in cfg.cache.splits:
@@ -438,6 +456,9 @@ def run_cache_job(cfg: CacheFeaturesConfig) -> dict[str, Any]:
     """Build (or resume) the feature cache of every configured split; return a summary per split."""
     cfg, datasets = load_cache_inputs(cfg)
     with ray_session(cfg.ray, cfg.storage):
+        # Decode and write tasks run on any node: the images and the cache must be shared.
+        first = next((ds.records[0].uri for ds in datasets.values() if ds.records), cfg.data.root)
+        require_shared_paths({"data.root": first, "cache.uri": cfg.cache.uri}, cfg.ray.shared_paths)
         use_gpu = cluster_has_gpus() and cfg.compute.gpus_per_actor != 0
         dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)
         # The driver builds the teacher once (CPU) for its fingerprint and grid shape.

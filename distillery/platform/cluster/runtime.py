@@ -14,10 +14,12 @@ from typing import Iterator
 import ray
 from ray._private import ray_constants
 
+from distillery.platform.errors import DeterministicError, hold_worker_tracebacks
 from distillery.platform.io import storage
 from distillery.platform.config.sections import RayConfig, StorageConfig
 
-__all__ = ["cluster_has_gpus", "ray_session", "runtime_env_vars"]
+__all__ = ["ClusterFitError", "alive_nodes", "cluster_has_gpus", "ray_session", "require_ingest_cpus",
+           "require_shared_paths", "runtime_env_vars"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
         # (without it, it logs a warning every few seconds); bound to 127.0.0.1, any free port.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=None, **kwargs)
+    hold_worker_tracebacks(_session_dir())  # a failed job's error line first; tracebacks in a file
     watchdog = None if address else _start_watchdog()
     try:
         yield
@@ -74,6 +77,13 @@ def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None,
         if watchdog is not None:
             watchdog.stdin.close()  # (what a killed driver's exit does too)
             watchdog.wait(timeout=30)
+
+
+def _session_dir() -> str | None:
+    try:
+        return ray._private.worker.global_worker.node.get_session_dir_path()
+    except AttributeError:  # another Ray layout: the file goes to the temp directory
+        return None
 
 
 def _start_watchdog() -> subprocess.Popen | None:
@@ -112,3 +122,65 @@ def runtime_env_vars(storage_cfg: StorageConfig | None) -> dict[str, str]:
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+class ClusterFitError(ValueError, DeterministicError):
+    """A job that cannot run on the cluster it was given (paths the other nodes cannot see, no
+    CPU left for its ingest); refused at start, naming the key."""
+
+
+def alive_nodes() -> list[dict]:
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def require_shared_paths(paths: dict[str, str | None], shared_paths: bool = False) -> None:
+    """On a cluster of several nodes, refuse a local path that workers on other nodes would read
+    or write (``paths``: config key -> path or URI): they cannot see this node's disk, and a
+    sqlite tracking store there would be a different, new file on each node. ``shared_paths``
+    (``ray.shared_paths``) says local paths are on a file system every node mounts at the same
+    place (NFS): then they pass."""
+    nodes = alive_nodes()
+    if len(nodes) < 2 or shared_paths:
+        return
+    local = {key: uri for key, uri in paths.items() if uri and not storage.is_remote(uri.removeprefix("sqlite:///"))
+             and not uri.startswith(("http://", "https://"))}
+    if not local:
+        return
+    key, uri = next(iter(local.items()))
+    others = ", ".join(f"{k}={v}" for k, v in list(local.items())[1:])
+    raise ClusterFitError(f"{key}={uri}: a local path, on a Ray cluster of {len(nodes)} nodes whose other nodes "
+                          "cannot see it: use s3:// (an http:// MLflow server for tracking.tracking_uri), or set "
+                          "ray.shared_paths=true if every node mounts it at the same place"
+                          + (f"\nalso local: {others}" if others else ""))
+
+
+def _max_cluster_cpus() -> tuple[float, str]:
+    """The CPUs the cluster has, or can grow to when an autoscaler publishes its limits (what
+    Ray Data's own autoscaling reads), and which of the two it is."""
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - another Ray layout: the nodes there are now
+        limits = None
+    if limits and limits.get("CPU"):
+        return float(limits["CPU"]), "at most, as its autoscaler allows"
+    return float(ray.cluster_resources().get("CPU", 0)), "in all"
+
+
+def require_ingest_cpus(num_workers: int, cpus_per_worker: float, ingest_cpus: float = 1.0) -> None:
+    """Refuse training workers that leave no CPU for the job's Ray Data ingest: its decode tasks
+    would wait for a CPU for ever, and the job would print nothing (``ingest_cpus``: what one
+    ingest task needs). Likewise a worker larger than every node, which Ray can never place."""
+    total, how = _max_cluster_cpus()
+    held = num_workers * cpus_per_worker
+    if total - held < ingest_cpus:
+        raise ClusterFitError(
+            f"train.cpus_per_worker={cpus_per_worker:g}: {num_workers} workers x {cpus_per_worker:g} CPUs hold "
+            f"{held:g} of the cluster's {total:g} CPUs ({how}), leaving {max(total - held, 0):g} for the Ray Data "
+            f"ingest, which needs {ingest_cpus:g} per task: lower train.cpus_per_worker or train.num_workers, "
+            "or add CPUs")
+    node_cpus = [node.get("Resources", {}).get("CPU", 0) for node in alive_nodes()]
+    if how == "in all" and node_cpus and max(node_cpus) < cpus_per_worker:
+        raise ClusterFitError(f"train.cpus_per_worker={cpus_per_worker:g}: no node has that many CPUs (the largest "
+                              f"has {max(node_cpus):g}); Ray cannot place a worker")

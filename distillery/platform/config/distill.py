@@ -67,8 +67,9 @@ class StudentSettings(StrictModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
     peft: PeftSettings = Field(default_factory=PeftSettings)
     # Whole-model weights loaded after the build (build_student(weights=...)): an official
-    # RT-DETRv4 / DEIMv2 release .pth, a Distillery checkpoint or export, a state dict or
-    # .safetensors; a local path, hf-hub:<repo> or https:// URL.
+    # RT-DETRv4 / DEIMv2 release .pth, a Distillery checkpoint, export or run directory (its best
+    # checkpoint), a state dict or .safetensors; a local path, hf-hub:<repo>, https:// URL or
+    # models:/<name>@<alias> (resolved on the driver: distill.driver.resolve_student_weights).
     weights: str | None = None
     # Checkpoint trained on other classes: "coco" keeps the class rows of the dataset categories
     # named like COCO's; {category name: checkpoint class index} keeps those; None re-initialises.

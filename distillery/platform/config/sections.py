@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
 
-from distillery.platform.errors import DeterministicError
+from distillery.platform.errors import DEBUG_ENV, DeterministicError
 from distillery.platform.io import storage as storage_io
 from distillery.platform.io.weights_source import HUB_PREFIX, check_weights_source
 
@@ -160,11 +160,17 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: Seque
 
 
 def parse_job_args(model: type[M], argv: Sequence[str] | None = None, description: str = "") -> M:
-    """The CLI every job shares: ``--config FILE`` and positional ``dotted.key=value`` overrides."""
+    """The CLI every job shares: ``--config FILE``, positional ``dotted.key=value`` overrides and
+    ``--debug`` (tracebacks printed: :func:`distillery.platform.errors.hold_worker_tracebacks`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML recipe (default: the embedded default)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the workers' and the driver's tracebacks of a failed job (by default the error "
+                             "line comes alone and the tracebacks go to a log file it names)")
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     try:
         return load_config(model, args.config, args.overrides)
     except ConfigError as exc:
@@ -362,6 +368,9 @@ class RayConfig(StrictModel):
 
     address: str | None = None
     num_cpus: PositiveInt | None = None
+    # Local paths are on a file system every node mounts at the same place (NFS): a job on a
+    # cluster of several nodes accepts them (by default it refuses them, naming the key).
+    shared_paths: bool = False
 
 
 class StorageConfig(StrictModel):

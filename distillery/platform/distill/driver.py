@@ -25,18 +25,21 @@ from distillery.platform.datasets.coco import CocoDataset
 from distillery.platform.datasets.formats import coco_split_paths, load_split
 from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.distill.teacher_signal import teacher_signal
-from distillery.platform.engine.checkpoints import find_latest_checkpoint, read_record
-from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
-                                               mlflow_status, run_summary, steps_per_epoch)
+from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, find_latest_checkpoint, read_record
+from distillery.platform.engine.launch import (claimed_run_folder, configure_ray_data, fit_on_ray_train, git_commit,
+                                               load_train_val, mlflow_status, require_cluster_fit, run_summary,
+                                               steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise, quiet_driver_noise
 from distillery.platform.engine.run_spec import DistillRun, GamSettings
 from distillery.platform.io import storage
+from distillery.platform.io.weights_source import StudentWeightsError, is_remote_source, resolve_registry_weights
+from distillery.platform.serving.predict import best_run_checkpoint  # predict --model's rule
 from distillery.platform.serving.export import log_final_model
 from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, tracking_reachable
 from distillery.students.gam import GAM_DEFAULTS
 from distillery.platform.cache.feature_cache import FeatureCache, fingerprint_digest, manifest_sha256
 
-__all__ = ["prepare_inputs", "resolve_gam", "run_distill"]
+__all__ = ["prepare_inputs", "resolve_gam", "resolve_student_weights", "run_distill"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,36 @@ def _grid_of(fp: dict[str, Any]) -> tuple[int, int]:
     return side, side
 
 
+def resolve_student_weights(cfg: DistillConfig, tracking_uri: str, local_dir: Path) -> DistillConfig:
+    """``student.weights`` as the workers will read it, resolved here on the driver before Ray
+    starts: ``models:/<name>@<alias>`` (or ``/<version>``) looked up in the job's own tracking
+    store and downloaded under ``output.local_dir/models/``; a run directory (the Ray Train run
+    storage: ``distillery_model.json`` + ``checkpoint_*``) as its best checkpoint, as
+    ``predict --model <run dir>`` picks it; a local path that is not there, or a directory that
+    holds no weights, refused at once. ``hf-hub:`` and ``https://`` sources stay as they are."""
+    source = cfg.student.weights
+    if not source or is_remote_source(source):
+        return cfg
+    if source.startswith("models:/"):
+        resolved = resolve_registry_weights(source, tracking_uri, local_dir)
+    else:
+        path = Path(source).expanduser().resolve()
+        if not path.exists():
+            raise StudentWeightsError(f"student.weights={source}: no such file or directory")
+        resolved = str(path)
+        if path.is_dir():
+            if (path / MODEL_JSON).is_file():  # a run directory: its best checkpoint
+                resolved = str(best_run_checkpoint(path))
+            elif not any((path / name).is_file() for name in (ENGINE_STATE, "weights.safetensors",
+                                                              "export/weights.safetensors")):
+                raise StudentWeightsError(f"student.weights={source}: this directory is neither a run directory "
+                                          f"({MODEL_JSON} + checkpoint_*), a checkpoint ({ENGINE_STATE}) nor an "
+                                          "export (weights.safetensors)")
+    if resolved != source:
+        log.info("student.weights %s -> %s", source, resolved)
+    return cfg.model_copy(update={"student": cfg.student.model_copy(update={"weights": resolved})})
+
+
 def prepare_inputs(cfg: DistillConfig) -> None:
     """Make sure the dataset and, in cached mode, the train split's feature cache exist.
 
@@ -110,15 +143,20 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
 
     ``callbacks`` are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``);
     ``parent_run_id`` makes the MLflow run a child (one per sweep trial); ``extra_tags`` are
-    added to it."""
+    added to it. The run directory (``output.storage_path/output.name``) is locked for the job:
+    a second job with the same name is refused while this one runs (:func:`run_lock`)."""
+    with claimed_run_folder(cfg, "distill") as cfg:
+        return _run_distill(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
+
+
+def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: str | None,
+                 extra_tags: dict[str, str] | None) -> dict[str, Any]:
     # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
     from distillery.platform.distill.job import distill_worker
 
     t0 = time.time()
-    cfg = with_absolute_paths(cfg)
-    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
     local_dir = Path(cfg.output.local_dir)
-    name = cfg.output.name or time.strftime("distill-%Y%m%d-%H%M%S")
+    name = cfg.output.name  # (claimed_run_folder: absolute paths, S3 configured, named)
     storage_path = cfg.output.storage_path
     run_storage = storage.join(storage_path, name)
 
@@ -129,6 +167,8 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     train, val = load_train_val(cfg.data, storage.join(str(local_dir), "bad_records", name))
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
     tracking_reachable(tracking_uri)
+    weights_source = cfg.student.weights
+    cfg = resolve_student_weights(cfg, tracking_uri, local_dir)
     gam = GamSettings(**resolve_gam(cfg))
     signal = teacher_signal(cfg)
 
@@ -137,6 +177,8 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
         filter_ray_log_noise()
         quiet_driver_noise()
+        require_cluster_fit(cfg, train, tracking_uri, **{"cache.uri": cfg.cache.uri if signal.needs_cache else None,
+                                                         "student.weights": cfg.student.weights})
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         teacher_dim, cache_meta, fingerprint, teacher_dtype = None, None, None, None
         dataset_cache = None
@@ -157,6 +199,8 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
         tags = {"distillery.run_storage": run_storage, "distillery.git_commit": git_commit(),
                 "distillery.config_hash": config_hash(cfg), "distillery.dataset_sha256": train.annotation_sha256,
                 "distillery.teacher_mode": signal.mode}
+        if weights_source and weights_source != cfg.student.weights:  # as given, before resolve_student_weights
+            tags["distillery.student_weights_source"] = weights_source
         if fingerprint is not None:
             tags["distillery.teacher_fingerprint"] = fingerprint_digest(fingerprint)
         if dataset_cache is not None:

@@ -6,21 +6,31 @@ the train/val splits, quiet Ray Data, count the steps, run the workers on Ray Tr
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from distillery.platform.cache.feature_cache import MANIFEST
+from distillery.platform.config.sections import with_absolute_paths
 from distillery.platform.datasets.coco import CocoDataset
 from distillery.platform.datasets.formats import load_split
 from distillery.platform.engine.checkpoints import best_checkpoint
 from distillery.platform.engine.progress import WORKER_ENV
 from distillery.platform.engine.run_spec import RunDescription, worker_config
+from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
 
-__all__ = ["configure_ray_data", "fit_on_ray_train", "git_commit", "load_train_val", "mlflow_status",
-           "run_summary", "steps_per_epoch"]
+__all__ = ["claimed_run_folder", "configure_ray_data", "fit_on_ray_train", "git_commit", "load_train_val", "mlflow_status",
+           "require_cluster_fit", "require_writable_outputs", "run_lock", "run_summary", "steps_per_epoch"]
+
+log = logging.getLogger(__name__)
 
 
 def configure_ray_data() -> None:
@@ -35,6 +45,49 @@ def configure_ray_data() -> None:
     # A data error raised in an ingest task (a corrupt image) keeps its own class instead of
     # Ray Data's UserCodeException (whose cause is lost on the way): deterministic, no retry.
     context.raise_original_map_exception = True
+
+
+@contextlib.contextmanager
+def claimed_run_folder(cfg, prefix: str):
+    """A training job's config ready to run, for the block: local paths absolute, S3 configured,
+    a run name (``<prefix>-<timestamp>`` when ``output.name`` is unset: named once, so the lock
+    and the run agree on the folder), its output directories writable, its run folder locked
+    (:func:`run_lock`). Everything here is checked before any other work."""
+    cfg = with_absolute_paths(cfg)
+    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
+    if not cfg.output.name:
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(
+            update={"name": time.strftime(f"{prefix}-%Y%m%d-%H%M%S")})})
+    require_writable_outputs(cfg)
+    with run_lock(storage.join(cfg.output.storage_path, cfg.output.name)):
+        yield cfg
+
+
+def require_writable_outputs(cfg) -> None:
+    """Every local directory the job will write, checked writable before any work (Ray not
+    started): a read-only one is one error line naming its key and path. The cache folder only
+    when this job may build it (``cache.build_if_missing`` and no manifest yet)."""
+    keys = {"output.local_dir": cfg.output.local_dir, "output.storage_path": cfg.output.storage_path}
+    cache = getattr(cfg, "cache", None)
+    if cache is not None and getattr(cache, "build_if_missing", False) and \
+            not storage.exists(storage.join(cache.uri, "train", MANIFEST)):
+        keys["cache.uri"] = cache.uri
+    for key, uri in keys.items():
+        storage.require_writable(uri, key)
+
+
+def require_cluster_fit(cfg, train: CocoDataset, tracking_uri: str, **paths: str | None) -> None:
+    """At start, on the cluster the job runs on (Ray connected, nothing scheduled yet): its
+    training workers leave a CPU for the Ray Data ingest (one per decode task:
+    ``datasets.ingest``), and on several nodes every path a worker reads or writes is shared
+    (the images, the run storage, the tracking store, and ``paths``: key -> path)."""
+    # Imported here: see fit_on_ray_train (this module is loaded before the inputs are checked).
+    from distillery.platform.cluster.runtime import require_ingest_cpus, require_shared_paths
+
+    require_ingest_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker, ingest_cpus=1.0)
+    images = train.records[0].uri if train.records else cfg.data.root
+    require_shared_paths({"data.root": images, "output.storage_path": cfg.output.storage_path,
+                          "tracking.tracking_uri": tracking_uri, **paths}, cfg.ray.shared_paths)
 
 
 def steps_per_epoch(cfg, num_images: int, limit: int | None) -> int:
@@ -137,3 +190,70 @@ def mlflow_status(tracking_uri: str, run_id: str):
         raise
     client.set_terminated(run_id, "FINISHED")
 
+
+
+class RunInUseError(RuntimeError, DeterministicError):
+    """Another live job holds this run directory (the same ``output.name``)."""
+
+
+LOCK_FILE = ".distillery.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_storage: str, key: str = "output.name"):
+    """Hold ``<run_storage>/.distillery.lock`` (the owner's pid, host and start time) for the
+    block: a second job started with the same ``output.name`` while the first runs is refused at
+    once, naming the owner, instead of interleaving its checkpoints with the first's. A lock left
+    by a process that is gone (same host, pid not running) is stale and taken over, so a rerun
+    after a crash or Ctrl-C resumes. On S3 the check and the write are two requests (no atomic
+    create): two jobs started within that window are not told apart."""
+    lock = storage.join(run_storage, LOCK_FILE)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    payload = json.dumps(owner).encode()
+    created = False  # the run folder was made for the lock (removed again if the job wrote nothing)
+    for _ in range(2):
+        try:
+            if storage.is_remote(lock):
+                if storage.exists(lock):
+                    raise FileExistsError(lock)
+                storage.write_bytes(lock, payload)
+            else:
+                created = created or not os.path.isdir(run_storage)
+                os.makedirs(run_storage, exist_ok=True)
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(payload)
+            break
+        except FileExistsError:
+            try:
+                held = json.loads(storage.read_bytes(lock))
+            except (OSError, ValueError):
+                held = {}
+            if held.get("host") == owner["host"] and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+                log.warning("%s: stale lock of pid %s (not running), taken over", lock, held["pid"])
+                storage.remove(lock)
+                continue
+            raise RunInUseError(f"{key}: the run directory {run_storage} is in use by another job (pid "
+                                f"{held.get('pid', '?')} on {held.get('host', '?')}, started {held.get('started', '?')}; "
+                                f"lock {lock}): choose another {key}, or wait for it to finish") from None
+    else:
+        raise RunInUseError(f"{key}: could not take the lock {lock} of {run_storage}")
+    try:
+        yield lock
+    finally:
+        try:
+            storage.remove(lock)
+            if created and not os.listdir(run_storage):  # a job refused before it wrote anything
+                os.rmdir(run_storage)
+        except OSError as exc:  # the run's outcome matters more than a lock left behind (stale next time)
+            log.warning("could not remove %s: %s", lock, exc)

@@ -18,10 +18,13 @@ S3 endpoint and credentials come from the standard AWS environment variables
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,9 +33,11 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
-from distillery.platform.errors import UserFacingError
+from distillery.platform.errors import DeterministicError, UserFacingError
 
 __all__ = [
+    "DiskFullError",
+    "OutputNotWritableError",
     "StorageError",
     "configure_s3",
     "exists",
@@ -50,6 +55,8 @@ __all__ = [
     "read_bytes_sha256",
     "read_text",
     "remove",
+    "require_free_space",
+    "require_writable",
     "s3_endpoint",
     "storage_env",
     "write_bytes",
@@ -61,6 +68,15 @@ _S3_OPTIONS: dict[str, Any] = {}
 
 class StorageError(OSError, UserFacingError):
     """A storage operation failed; the message names the URI (never credentials)."""
+
+
+class OutputNotWritableError(StorageError, DeterministicError):
+    """An output directory this job cannot write; checked before any work starts."""
+
+
+class DiskFullError(StorageError, DeterministicError):
+    """No space left where a job writes (before it starts, or during a write); the message names
+    the path. Deterministic: a retry finds the same full disk, so Ray does not spend one."""
 
 
 # The S3 clients that are not ours (MLflow's artifact store: boto3; pyarrow) read the endpoint
@@ -286,6 +302,11 @@ def open_atomic(uri: str | Path) -> Iterator[Any]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(f"no space left on the device writing {uri} ({_free(directory)} free there): free "
+                            "some space and rerun (complete files are kept; this one was not written)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -305,3 +326,52 @@ def remove(uri: str | Path, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def _existing_ancestor(path: str) -> Path:
+    """``path`` itself or its nearest ancestor that exists (what a job's first write would land in)."""
+    current = Path(os.path.abspath(path))
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _free(path: str | Path) -> str:
+    try:
+        return f"{shutil.disk_usage(_existing_ancestor(str(path))).free / 1e6:.1f} MB"
+    except OSError:
+        return "unknown space"
+
+
+def require_writable(uri: str | Path, key: str) -> None:
+    """Refuse a local output location this process cannot write (a read-only directory or file
+    system, a file where a directory is expected), naming ``key`` and the path; creates nothing.
+    A probe file is created and removed in the nearest existing directory: permission bits alone
+    say nothing to root, nor about a read-only mount. Remote URIs are checked by their first write."""
+    uri = str(uri)
+    if is_remote(uri):
+        return
+    path = filesystem(uri)[1]
+    target = _existing_ancestor(path)
+    if not target.is_dir():
+        raise OutputNotWritableError(f"{key}={uri}: {target} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".distillery-write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise OutputNotWritableError(f"{key}={uri}: {target} is not writable ({exc.strerror or exc}): "
+                                     "choose a writable directory") from None
+
+
+def require_free_space(uri: str | Path, needed_bytes: int, key: str, what: str) -> None:
+    """Refuse to start writing about ``needed_bytes`` (``what`` says what they are) to a local
+    ``uri`` whose file system has less free space, naming ``key`` and the path. Remote: no check."""
+    uri = str(uri)
+    if is_remote(uri):
+        return
+    target = _existing_ancestor(filesystem(uri)[1])
+    free = shutil.disk_usage(target).free
+    if free < needed_bytes:
+        raise DiskFullError(f"{key}={uri}: {what} needs about {needed_bytes / 1e6:.1f} MB, {free / 1e6:.1f} MB are "
+                            f"free on {target}: free some space or choose another {key}")

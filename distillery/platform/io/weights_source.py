@@ -6,8 +6,10 @@ the file and pass its path. The process that builds the model calls :func:`resol
 which returns a local file: hub files through ``huggingface_hub`` (timm's own hub loading, same
 file names and cache), URLs downloaded once into a cache directory (atomic rename; the sha256 is
 kept next to the file and returned, for the fingerprint / MLflow). ``models:/<name>@<alias>``
-(or ``/<version>``) is a registered Distillery model: its run's ``export/`` directory (weights
-and meta) is downloaded.
+(or ``/<version>``) is a registered Distillery model, looked up on the driver in the jobs' store
+(:func:`registry_tracking_uri`; a missing store is an error, never created): its run's ``export/``
+directory (weights and meta) is downloaded under the job's local directory
+(:func:`resolve_registry_weights`) and the workers read that.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import urllib.parse
@@ -24,9 +27,9 @@ from pathlib import Path
 
 from distillery.platform.errors import DeterministicError
 
-__all__ = ["HUB_PREFIX", "check_weights_source", "fetch_registry_export", "is_remote_source",
-           "resolve_weights_source", "sha256_of", "student_weight_kwargs", "StudentWeightsError",
-           "weights_file_errors"]
+__all__ = ["HUB_PREFIX", "RegistryLookupError", "check_weights_source", "fetch_registry_export", "is_remote_source",
+           "registry_tracking_uri", "registry_version", "resolve_registry_weights", "resolve_weights_source",
+           "sha256_of", "student_weight_kwargs", "StudentWeightsError", "weights_file_errors"]
 
 log = logging.getLogger(__name__)
 HUB_PREFIX = "hf-hub:"
@@ -124,37 +127,120 @@ def _download_hub(repo: str) -> str:
     raise FileNotFoundError(f"hf-hub:{repo} has none of {list(HUB_FILENAMES)}")
 
 
-def fetch_registry_export(uri: str, dest: str | os.PathLike, tracking_uri: str | None = None) -> Path:
-    """The ``export/`` artifacts (weights.safetensors, meta.json) of the run behind a registered
-    model ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, downloaded into ``dest``."""
-    from mlflow.tracking import MlflowClient  # here: see _download_hub
+class RegistryLookupError(FileNotFoundError, DeterministicError):
+    """A ``models:/`` URI that the registry cannot resolve: no store, no model, no such alias or
+    version. The message names the URI and the store."""
 
-    name, sep, ref = uri[len("models:/"):].partition("@")
-    client = MlflowClient(tracking_uri)
-    if sep:
-        version = client.get_model_version_by_alias(name, ref)
+
+def registry_tracking_uri(configured: str | None, local_dir: str | os.PathLike) -> str:
+    """The store a ``models:/`` URI is looked up in: the jobs' rule (``tracking.tracking_uri``,
+    else ``MLFLOW_TRACKING_URI``, else ``<local_dir>/mlflow.db``), with nothing created: a lookup
+    must not leave a new, empty store behind (MLflow creates a sqlite file on first open)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(local_dir) / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
+    return uri
+
+
+def _check_store(uri: str, tracking_uri: str) -> None:
+    """Refuse a store that does not exist (before MLflow would create it) or does not answer."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise RegistryLookupError(f"{uri}: no MLflow store at {path} (the jobs' store: tracking.tracking_uri, "
+                                      "else MLFLOW_TRACKING_URI, else runs/mlflow.db where the jobs ran); "
+                                      "pass the store the model was registered in (--tracking-uri or "
+                                      "tracking.tracking_uri)")
+    elif tracking_uri.startswith(("http://", "https://")):
+        from distillery.platform.tracking.runs import tracking_reachable  # here: see _download_hub (mlflow)
+
+        try:
+            tracking_reachable(tracking_uri)
+        except ConnectionError as exc:
+            raise RegistryLookupError(f"{uri}: {exc}") from None
     else:
-        name, _, number = uri[len("models:/"):].rpartition("/")
+        local = tracking_uri[len("file://"):] if tracking_uri.startswith("file://") else tracking_uri
+        if "://" not in local and not Path(local).is_dir():
+            raise RegistryLookupError(f"{uri}: no MLflow store at {local}")
+
+
+def registry_version(uri: str, tracking_uri: str):
+    """(client, model version) behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in
+    the store ``tracking_uri`` (which must exist: nothing is created)."""
+    from mlflow.exceptions import MlflowException  # here: see _download_hub
+    from mlflow.tracking import MlflowClient
+
+    ref = uri[len("models:/"):]
+    name, sep, alias = ref.partition("@")
+    if not sep:
+        name, _, number = ref.rpartition("/")
         if not name or not number.isdigit():
-            raise ValueError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-        version = client.get_model_version(name, number)
-    local = client.download_artifacts(version.run_id, "export", str(dest))
+            raise RegistryLookupError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    _check_store(uri, tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise RegistryLookupError(f"{uri}: no registered model {name!r} in the store {tracking_uri}") from None
+    try:
+        version = client.get_model_version_by_alias(name, alias) if sep else client.get_model_version(name, number)
+    except MlflowException:
+        what = f"alias {alias!r}" if sep else f"version {number}"
+        raise RegistryLookupError(f"{uri}: registered model {name!r} has no {what} in the store {tracking_uri}") from None
+    if not version.run_id:
+        raise RegistryLookupError(f"{uri}: version {version.version} has no source run in the store {tracking_uri}")
+    return client, version
+
+
+def fetch_registry_export(uri: str, dest: str | os.PathLike, tracking_uri: str) -> Path:
+    """The ``export/`` artifacts (weights.safetensors, meta.json) of the run behind a registered
+    model ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in the store ``tracking_uri``,
+    downloaded into ``dest``."""
+    from mlflow.exceptions import MlflowException  # here: see _download_hub
+
+    client, version = registry_version(uri, tracking_uri)
+    try:
+        local = client.download_artifacts(version.run_id, "export", str(dest))
+    except (MlflowException, OSError) as exc:
+        raise RegistryLookupError(f"{uri} (version {version.version}, run {version.run_id}): its export/ artifacts "
+                                  f"cannot be read from the store {tracking_uri} ({exc})") from None
     try:  # the run's config: architecture overrides (num_queries, ...) the weights were trained with
         client.download_artifacts(version.run_id, "config.yaml", str(dest))
     except Exception as exc:  # noqa: BLE001 - older runs: the plain architecture
         log.warning("%s: no config.yaml in run %s (%s); building the plain architecture", uri, version.run_id, exc)
     if not (Path(local) / "weights.safetensors").is_file():
-        raise FileNotFoundError(f"{uri} (run {version.run_id}) has no export/weights.safetensors: logged with "
-                                "tracking.log_model: false?")
+        raise RegistryLookupError(f"{uri} (run {version.run_id}) has no export/weights.safetensors: logged with "
+                                  "tracking.log_model: false?")
     return Path(local)
 
 
+def resolve_registry_weights(uri: str, tracking_uri: str, local_dir: str | os.PathLike) -> str:
+    """A driver's ``models:/`` weights as a local export directory under ``<local_dir>/models/``
+    (``<name>-v<version>``, downloaded once, renamed into place whole), for the workers to read."""
+    client, version = registry_version(uri, tracking_uri)
+    target = Path(local_dir) / "models" / f"{version.name}-v{version.version}"
+    if (target / "weights.safetensors").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        export = fetch_registry_export(uri, tmp, tracking_uri)  # export/ (weights, meta), config.yaml beside it
+        if (tmp / "config.yaml").is_file():
+            os.replace(tmp / "config.yaml", export / "config.yaml")
+        os.replace(export, target)  # whole: a folder at target is complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: version %s (run %s) -> %s", uri, version.version, version.run_id, target)
+    return str(target)
+
+
 def resolve_weights_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
-    """(local path, sha256) for a local path, ``hf-hub:<repo>``, ``https://`` URL or ``models:/`` URI
-    (a directory then, and no sha256)."""
+    """(local path, sha256) for a local path, ``hf-hub:<repo>`` or ``https://`` URL (a directory:
+    no sha256). A ``models:/`` URI is refused: the driver resolves it (:func:`resolve_registry_weights`)."""
     source = os.fspath(source)
     if source.startswith("models:/"):
-        return str(fetch_registry_export(source, tempfile.mkdtemp(prefix="distillery-model-"))), ""
+        raise ValueError(f"{source}: a models:/ URI is resolved on the driver, in the jobs' tracking store "
+                         "(resolve_registry_weights); a worker never looks it up")
     if source.startswith(HUB_PREFIX):
         path = _download_hub(source[len(HUB_PREFIX):].strip("/"))
         return path, sha256_of(path)

@@ -35,13 +35,14 @@ import yaml
 from distillery.platform.cache.job import ensure_dataset
 from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
 from distillery.platform.config.moe import MoETuneConfig
-from distillery.platform.config.sections import config_hash, flatten_config, with_absolute_paths
+from distillery.platform.config.sections import config_hash, flatten_config
 from distillery.platform.datasets.formats import coco_split_paths
 from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.engine.checkpoints import (ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE,
                                                     find_latest_checkpoint, read_record)
-from distillery.platform.engine.launch import (configure_ray_data, fit_on_ray_train, git_commit, load_train_val,
-                                               mlflow_status, run_summary, steps_per_epoch)
+from distillery.platform.engine.launch import (claimed_run_folder, configure_ray_data, fit_on_ray_train, git_commit,
+                                               load_train_val, mlflow_status, require_cluster_fit, run_summary,
+                                               steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise
 from distillery.platform.engine.run_spec import MoETuneRun
 from distillery.platform.io import storage
@@ -93,15 +94,20 @@ def prompt_vocabulary(cfg: MoETuneConfig, categories) -> tuple[list[str], torch.
 
 def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_run_id: str | None = None,
                  extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a summary."""
+    """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a
+    summary. The run directory is locked for the job, as the distillation job's (``run_lock``)."""
+    with claimed_run_folder(cfg, "moe-tune") as cfg:
+        return _run_moe_tune(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
+
+
+def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: str | None,
+                  extra_tags: dict[str, str] | None) -> dict[str, Any]:
     # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
     from distillery.platform.moe.job import moe_tune_worker
 
     t0 = time.time()
-    cfg = with_absolute_paths(cfg)
     local_dir = Path(cfg.output.local_dir)
-    name = cfg.output.name or time.strftime("moe-tune-%Y%m%d-%H%M%S")
-    storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)  # before the first storage access
+    name = cfg.output.name  # (claimed_run_folder: absolute paths, S3 configured, named)
     storage_path = cfg.output.storage_path
     run_storage = storage.join(storage_path, name)
 
@@ -150,6 +156,7 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
     tags.update(extra_tags or {})
 
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
+        require_cluster_fit(cfg, train, tracking_uri)
         use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
         filter_ray_log_noise()
         configure_ray_data()

@@ -45,13 +45,13 @@ from distillery.platform.datasets.image_files import IMAGE_SUFFIXES, decode_imag
 from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, STATE_JSON, best_checkpoint
 from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
-from distillery.platform.io.weights_source import fetch_registry_export
+from distillery.platform.io.weights_source import fetch_registry_export, registry_tracking_uri
 from distillery.students import build_student
 from distillery.students.postprocess import postprocess
 from distillery.students.rtdetrv4 import STUDENT_SPECS
 from distillery.students.weights import COCO_CLASS_NAMES, read_student_checkpoint, to_model_layout
 
-__all__ = ["Detector", "list_images", "load_detector", "main", "predict_images", "run_predict"]
+__all__ = ["Detector", "best_run_checkpoint", "list_images", "load_detector", "main", "predict_images", "run_predict"]
 
 log = logging.getLogger(__name__)
 # Detections scoring lower are dropped by default: the untuned 0.0 drew 60-90 boxes on every image.
@@ -81,7 +81,7 @@ class Detector:
 
 # --------------------------------------------------------------------------- loading the model
 
-def _best_checkpoint(run_dir: Path) -> Path:
+def best_run_checkpoint(run_dir: Path) -> Path:
     """The checkpoint of a run directory the job's summary and the registry call best
     (:func:`~distillery.platform.engine.checkpoints.best_checkpoint`: the highest val AP, the
     earliest epoch of equal ones); the latest when none has an AP."""
@@ -135,7 +135,7 @@ def _description(model_dir: Path) -> tuple[dict[str, Any], Path]:
     for run_dir in (model_dir, model_dir.parent):
         if (run_dir / MODEL_JSON).is_file():
             desc = json.loads((run_dir / MODEL_JSON).read_text())
-            weights = model_dir if (model_dir / ENGINE_STATE).is_file() else _best_checkpoint(run_dir)
+            weights = model_dir if (model_dir / ENGINE_STATE).is_file() else best_run_checkpoint(run_dir)
             return desc, weights
     for export in (model_dir, model_dir / "export"):
         if (export / "meta.json").is_file() and (export / "weights.safetensors").is_file():
@@ -173,8 +173,8 @@ def load_detector(model: str, *, student: str | None = None, input_size: int | N
                   device: str | torch.device = "cpu", tracking_uri: str | None = None) -> Detector:
     """The inference student (eval mode, no DSI projector) behind ``model`` (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="distillery-predict-") as tmp:
-        if model.startswith("models:/"):
-            path = fetch_registry_export(model, tmp, tracking_uri)
+        if model.startswith("models:/"):  # the jobs' store (runs/mlflow.db here by default), never created
+            path = fetch_registry_export(model, tmp, registry_tracking_uri(tracking_uri, "runs"))
         else:
             path = Path(model)
             if not path.exists():
@@ -348,6 +348,9 @@ def run_predict(model: str, images: str, out: str | Path, *, student: str | None
     if input_size is not None and (input_size < 32 or input_size % 32):
         raise ValueError(f"--input-size {input_size} must be a positive multiple of 32 (the students' stride)")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is an existing file, not a directory: name a directory "
+                              "(detections.json, dataset.json and drawn/ are written into it)")
     out.mkdir(parents=True, exist_ok=True)
     uris = list_images(images)
     detector = load_detector(model, student=student, input_size=input_size, device=device, tracking_uri=tracking_uri)
@@ -393,14 +396,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--input-size", type=int, help="model input side (default: the model's)")
     parser.add_argument("--num-top", type=int, default=100, help="detections kept per image before the threshold")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--tracking-uri", help="MLflow store for models:/ (default: MLFLOW_TRACKING_URI, else runs/mlflow.db here, "
+                             "the jobs' default; never created)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         summary = run_predict(args.model, args.images, args.out, student=args.student, draw=args.draw,
                               score_threshold=args.score_threshold, batch_size=args.batch_size, device=args.device,
                               input_size=args.input_size, num_top=args.num_top, tracking_uri=args.tracking_uri)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # bad paths, files that do not fit: no traceback
+    except (OSError, ValueError, RuntimeError) as exc:  # bad paths, files that do not fit: no traceback
         raise PredictError(str(exc)) from exc
     print(json.dumps(summary))
     return summary
