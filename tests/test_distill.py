@@ -1,5 +1,6 @@
 """The distillation job on Ray Train + DeepSpeed (gloo, 2 CPU workers): rank agreement, MLflow
-contents, ZeRO-2 with S3 checkpoints and an injected worker failure, resume_from, bad inputs."""
+contents, ZeRO-2 with S3 checkpoints and an injected worker failure, resume_from, reproducible
+runs (stopped and resumed ones too), bad inputs."""
 
 import json
 from pathlib import Path
@@ -32,7 +33,8 @@ def last_state(run_path: str) -> dict:
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, synthetic_data, tiny_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill")
-    cfg = tiny_config(tmp, synthetic_data, cache=tiny_cache)
+    # Every step's losses logged: the reproducibility test compares them step by step.
+    cfg = tiny_config(tmp, synthetic_data, "train.log_every=1", cache=tiny_cache)
     return cfg, run_distill(cfg), tmp
 
 
@@ -209,3 +211,97 @@ def test_bad_inputs_fail_before_training(ray_local, synthetic_data, tmp_path):
     with pytest.raises(FingerprintMismatchError, match="random-init:seed=7"):
         run_distill(run_cfg)
     assert not (tmp_path / "train" / "run").exists()  # nothing was started
+
+
+# Timings differ from run to run (epoch/..., and best/... for the best epoch); nothing else a run
+# logs may.
+TIMING_METRICS = ("epoch_seconds", "images_per_second")
+
+
+def metric_histories(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
+    """Every metric a run logged to MLflow (per-step train/* losses, lr and lambda; per-epoch
+    epoch/* AP, GAM, mean loss; best/*), as {name: {step: value}}, timings left out."""
+    client = MlflowClient(tracking_uri)
+    names = client.get_run(run_id).data.metrics
+    return {name: {m.step: m.value for m in client.get_metric_history(run_id, name)}
+            for name in names if name.rpartition("/")[2] not in TIMING_METRICS}
+
+
+def checkpoint_of_epoch(run_storage: str, epoch: int) -> Path:
+    for state in Path(run_storage).glob("checkpoint_*/distillery_state.json"):
+        if json.loads(state.read_text())["epoch"] == epoch:
+            return state.parent
+    raise AssertionError(f"{run_storage} has no checkpoint of epoch {epoch}")
+
+
+def checkpoint_weights(directory: Path) -> dict:
+    """A checkpoint's trained weights (DeepSpeed's module state) and EMA weights."""
+    import torch
+
+    from distillery.platform.engine.checkpoints import deepspeed_safe_globals
+
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        module = torch.load(directory / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=True)["module"]
+    ema = torch.load(directory / "distillery_state.pt", map_location="cpu", weights_only=True)["ema"]["module"]
+    return {**{f"model.{k}": v for k, v in module.items()}, **{f"ema.{k}": v for k, v in ema.items()}}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+def assert_same_histories(a: dict, b: dict, expected_steps: list[int], epochs: list[int]) -> None:
+    """``b``'s per-step losses at exactly ``expected_steps`` and its per-epoch metrics at exactly
+    ``epochs`` equal ``a``'s, value for value."""
+    assert sorted(b["train/loss"]) == expected_steps and sorted(b["epoch/AP"]) == epochs
+    for name in sorted(a.keys() & b.keys()):
+        if name.startswith(("train/", "epoch/")):
+            assert {s: a[name][s] for s in b[name]} == b[name], name
+
+
+def test_runs_are_reproducible_and_resume_equals_uninterrupted(two_worker_run, synthetic_data, tiny_cache):
+    """Same config, same seed: the same run, and a run stopped and resumed is the run that never
+    stopped. A second run of two_worker_run's config (2 workers), killed in its second epoch
+    (``train.max_failures=0``: the run fails), logs the same per-step losses, learning rates and
+    lambdas and the same first-epoch AP and GAM record, and its first checkpoint holds bitwise the
+    same weights and EMA weights; resumed from that checkpoint with ``output.resume_from``, it
+    logs the second epoch's steps and metrics alike and ends with bitwise the final weights of
+    the run that never stopped. (RNGs are seeded per (seed, rank, epoch), the ingest hands every
+    rank the same rows in the same order, and the checkpoint brings back the optimizer, LR
+    schedule, EMA and GAM.)"""
+    import ray.train
+
+    cfg, summary, tmp = two_worker_run
+    steps = 24 // (cfg.train.batch_size * cfg.train.num_workers)  # per epoch (24 train images)
+    reference = metric_histories(summary["tracking_uri"], summary["run_id"])
+    assert sorted(reference["train/loss"]) == list(range(1, cfg.train.epochs * steps + 1))
+
+    stopped = tiny_config(tmp, synthetic_data, "train.log_every=1", "output.name=stopped",
+                          "tracking.log_model=false", "train.max_failures=0",
+                          f"debug.kill={{rank: 1, step: {steps + 1}}}", cache=tiny_cache)
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_distill(stopped)
+    stopped_storage = str(tmp / "train" / "stopped")
+    assert json.loads(Path(find_latest_checkpoint(stopped_storage), "distillery_state.json").read_text())["epoch"] == 0
+    client = MlflowClient(summary["tracking_uri"])
+    [stopped_run] = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                       filter_string="attributes.run_name = 'stopped'")
+    assert stopped_run.info.status == "FAILED"
+    first_epoch = metric_histories(summary["tracking_uri"], stopped_run.info.run_id)
+    first_epoch["train/loss"] = {s: v for s, v in first_epoch["train/loss"].items() if s <= steps}
+    assert_same_histories(reference, first_epoch, list(range(1, steps + 1)), [0])
+    assert_same_weights(checkpoint_weights(checkpoint_of_epoch(summary["run_storage"], 0)),
+                        checkpoint_weights(checkpoint_of_epoch(stopped_storage, 0)))
+
+    resumed = run_distill(tiny_config(tmp, synthetic_data, "train.log_every=1", "output.name=resumed-stopped",
+                                      "tracking.log_model=false", f"output.resume_from={stopped_storage}",
+                                      cache=tiny_cache))
+    assert_same_histories(reference, metric_histories(resumed["tracking_uri"], resumed["run_id"]),
+                          list(range(steps + 1, 2 * steps + 1)), [1])
+    assert_same_weights(checkpoint_weights(checkpoint_of_epoch(summary["run_storage"], 1)),
+                        checkpoint_weights(checkpoint_of_epoch(resumed["run_storage"], 1)))

@@ -1,7 +1,7 @@
 """The engine's typed boundaries, without Ray: the run description through ``train_loop_config``,
 the checkpoint record and engine state as written and read back (and as older runs wrote them),
-the teacher signal chosen from ``teacher_mode``, and the step's extension point for a job's own
-loss (the MoE load-balancing loss)."""
+the teacher signal chosen from ``teacher_mode``, the step's extension point for a job's own
+loss (the MoE load-balancing loss), and the per-epoch seeds that make runs reproducible."""
 
 from __future__ import annotations
 
@@ -107,3 +107,29 @@ def test_the_step_adds_a_jobs_own_loss():
     assert with_aux.total.item() == pytest.approx(plain.total.item() + aux.item(), rel=1e-6)
     with_aux.total.backward()
     assert model.ffn.router.piece_weight.grad is not None   # the balancing loss reaches the router
+
+
+def test_epoch_seeds_depend_on_seed_rank_and_epoch_alone():
+    """What an epoch draws (torch, NumPy, Python; the augmenter's stream) is fixed by (seed, rank,
+    epoch): not by what was drawn before, so a resumed run draws as an uninterrupted one; and no
+    two of those triples, nor two streams, share a seed."""
+    import random
+
+    import numpy as np
+
+    from distillery.platform.engine.worker import derived_seed, seed_epoch
+
+    def draws() -> tuple:
+        return torch.rand(4).tolist(), np.random.rand(2).tolist(), random.random()
+
+    seed_epoch(3, 1, 5)
+    first = draws()
+    torch.rand(100), np.random.rand(7), random.random()  # what ran before must not matter
+    seed_epoch(3, 1, 5)
+    assert draws() == first
+    triples = [(s, r, e) for s in range(3) for r in range(4) for e in range(40)]
+    seeds = {derived_seed(stream, *t) for stream in ("torch", "augment", "shuffle") for t in triples}
+    assert len(seeds) == 3 * len(triples)
+    assert all(0 <= x < 2 ** 32 for x in seeds)  # a valid NumPy / Ray Data local_shuffle_seed
+    seed_epoch(3, 0, 5)
+    assert draws() != first

@@ -26,7 +26,7 @@ from distillery.platform.engine.checkpoints import MODEL_JSON, DistillRecord
 from distillery.platform.engine.preview import log_augment_preview
 from distillery.platform.engine.run_spec import DistillRun
 from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext, run_job
-from distillery.platform.engine.worker import deepspeed_engine, lockstep, shard_batches
+from distillery.platform.engine.worker import deepspeed_engine, derived_seed, lockstep, shard_batches
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import student_weight_kwargs, weights_file_errors
 from distillery.students import RTDETRv4Criterion, build_criterion, build_student
@@ -152,6 +152,8 @@ class DistillJob(TrainingJob):
         limit = cfg.debug.max_steps_per_epoch
         max_steps = limit * cfg.deepspeed.gradient_accumulation_steps if limit is not None else None
         self.view_samples, self.samples_seen = 0, 0
+        # Mosaic and Mixup partners, crops, flips, multi-scale sizes: drawn per (seed, rank, epoch).
+        self.augmenter.rng.seed(derived_seed("augment", cfg.train.seed, self.ctx.rank, epoch))
         rows = shard_batches(self.ctx.shard, cfg.train, epoch, self.ctx.rank)
         for batch in lockstep(rows, self.ctx.device, max_steps):
             yield self._step_batch(batch, epoch)

@@ -149,7 +149,8 @@ def fit_on_ray_train(worker, cfg, run: RunDescription, train_ds, *, name: str, s
         worker, train_loop_config=worker_config(cfg, run),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=run_config, datasets={"train": train_ds})
+        run_config=run_config, datasets={"train": train_ds},
+        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest_options()))
     install_failure_policy()
     result = trainer.fit()
     # Ray keeps the top checkpoints by AP (equal APs in report order): pick the best one.
@@ -157,6 +158,20 @@ def fit_on_ray_train(worker, cfg, run: RunDescription, train_ds, *, name: str, s
     if best is None:
         best = result.checkpoint
     return result, best
+
+
+def ordered_ingest_options():
+    """Ray Train's ingest options with ``preserve_order``: every epoch's blocks leave the pipeline in
+    the dataset's order, and ``streaming_split`` hands each to the split with the fewest rows so
+    far (locality hints are ignored then), so every rank gets the same rows in the same order in
+    every run. Without it, blocks go out as their tasks finish, and which rank trains on which
+    image changes from run to run. Its cost (a finished block waits for the ones before it): the
+    ``ordered`` pipeline of ``benchmarks/ingest_epoch_start.py``."""
+    import ray.train  # (see fit_on_ray_train)
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def install_failure_policy() -> None:

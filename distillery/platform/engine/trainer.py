@@ -29,7 +29,7 @@ from distillery.platform.engine.checkpoints import (DS_TAG, CheckpointError, Che
 from distillery.platform.engine.norm_sync import average_norm_statistics
 from distillery.platform.engine.progress import ProgressPrinter, quiet_worker_noise
 from distillery.platform.engine.run_spec import RunDescription, from_worker_config
-from distillery.platform.engine.worker import (evaluate_on_ranks, gather_floats, inject_fault,
+from distillery.platform.engine.worker import (evaluate_on_ranks, gather_floats, inject_fault, seed_epoch,
                                                setup_worker, sum_across_ranks, zero_local_grads)
 from distillery.platform.tracking.runs import MetricsLogger
 from distillery.students.ema import ModelEMA
@@ -197,6 +197,9 @@ class Trainer:
     def train_epoch(self, epoch: int, progress: ProgressPrinter | None) -> dict[str, Any]:
         engine = self.built.engine
         engine.train()
+        # Every epoch draws from RNGs seeded by (seed, rank, epoch) alone (the job's own, such as
+        # the augmenter's, in its step_batches): a run resumed at this epoch draws the same.
+        seed_epoch(self.cfg.train.seed, self.ctx.rank, epoch)
         t_epoch = time.perf_counter()
         if progress is not None:
             progress.start_epoch_timer()

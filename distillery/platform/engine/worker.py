@@ -7,6 +7,7 @@ The loop itself is :class:`distillery.platform.engine.trainer.Trainer`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -27,8 +28,9 @@ from distillery.platform.engine.batchnorm import batchnorm_for_backend
 from distillery.platform.engine.checkpoints import FAULT_MARKER, safe_checkpoint_engine
 from distillery.platform.io import storage
 
-__all__ = ["all_ranks", "build_deepspeed_config", "deepspeed_engine", "evaluate_on_ranks", "gather_floats",
-           "inject_fault", "lockstep", "setup_worker", "shard_batches", "sum_across_ranks", "zero_local_grads"]
+__all__ = ["all_ranks", "build_deepspeed_config", "deepspeed_engine", "derived_seed", "evaluate_on_ranks",
+           "gather_floats", "inject_fault", "lockstep", "seed_epoch", "setup_worker", "shard_batches",
+           "sum_across_ranks", "zero_local_grads"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_seed(stream: str, seed: int, rank: int, epoch: int) -> int:
+    """A 32-bit seed for one random stream (``"torch"``, ``"augment"``, ``"shuffle"``) of one rank in
+    one epoch: a hash of all four (a sum like ``seed * 7919 + epoch * 31 + rank`` gives epoch 1 of
+    rank 0 the seed of epoch 0 of rank 31), and nothing else, so that a resumed run draws what an
+    uninterrupted one draws from epoch k on, whatever was drawn before."""
+    digest = hashlib.sha256(f"distillery-{stream}:{int(seed)}:{int(rank)}:{int(epoch)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed torch, NumPy and Python's global RNGs for ``epoch`` of ``rank`` (the training engine does it at
+    the start of every epoch): what they feed (torchvision's photometric distortion, the
+    denoising queries, dropout) depends on (seed, rank, epoch) alone, not on what ran before, so
+    a run resumed at epoch k draws as one that never stopped."""
+    seed_everything(derived_seed("torch", seed, rank, epoch))
+
+
 def setup_worker(cfg) -> tuple[int, int, torch.device, bool]:
     """A Ray Train worker's common start: threads from ``cfg.train.cpus_per_worker``, per-rank
     seeds, S3 settings, DeepSpeed's communication layer over Ray Train's process group. Returns
@@ -118,10 +137,12 @@ def lockstep(batches, device: torch.device, max_steps: int | None = None) -> Ite
 
 def shard_batches(shard, train, epoch: int, rank: int) -> Iterator[dict[str, Any]]:
     """One pass over this rank's Ray Data shard (numpy batches of ``train.batch_size``, shuffled
-    locally from (seed, epoch, rank))."""
+    locally from (seed, rank, epoch)). The shard's rows come in a fixed order (the ingest runs
+    with ``preserve_order``: :func:`~distillery.platform.engine.launch.fit_on_ray_train`), so the
+    seeded shuffle gives the same batches in every run."""
     return shard.iter_batches(batch_size=train.batch_size, batch_format="numpy", drop_last=True,
                               local_shuffle_buffer_size=train.shuffle_buffer or None,
-                              local_shuffle_seed=train.seed * 7919 + epoch * 31 + rank)
+                              local_shuffle_seed=derived_seed("shuffle", train.seed, rank, epoch))
 
 
 def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from distillery.platform.datasets.ingest import rows_to_samples
 from distillery.platform.engine.checkpoints import ANALYSIS_JSON, MODEL_FILE, PROBE_FILE, MoETuneRecord
 from distillery.platform.engine.run_spec import MoETuneRun
 from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext, run_job
-from distillery.platform.engine.worker import deepspeed_engine, gather_floats, lockstep, shard_batches
+from distillery.platform.engine.worker import deepspeed_engine, derived_seed, gather_floats, lockstep, shard_batches
 from distillery.platform.io import storage
 from distillery.platform.moe.analysis import analysis_metrics, expert_analysis
 from distillery.platform.moe.dense_phase import train_dense_base
@@ -196,6 +196,7 @@ class MoETuneJob(TrainingJob):
 
     def step_batches(self, epoch: int, max_steps: int | None = None) -> Iterator[dict[str, Any]]:
         micro_steps = self.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps
+        self.augmenter.rng.seed(derived_seed("augment", self.cfg.train.seed, self.ctx.rank, epoch))  # as distill's
         rows = shard_batches(self.ctx.shard, self.cfg.train, epoch, self.ctx.rank)
         for batch in lockstep(rows, self.ctx.device, micro_steps if max_steps is None else max_steps):
             b = collate(self.augmenter.batch(rows_to_samples(batch, None), 0), f5_hw=None)
