@@ -250,6 +250,19 @@ def _read_only(monkeypatch, directory: Path) -> None:
     monkeypatch.setattr(storage.tempfile, "mkstemp", mkstemp)
 
 
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """A job that must stop before Ray starts: ray.init fails the test, whether or not an earlier
+    test in this process left a Ray session up (the job is made to see none)."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ray.init was called: the job should have stopped before Ray starts")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 def _cli_error(capsys, run) -> list[str]:
     """Run a job's entry point as its command line does; return stderr's lines (exit status 2)."""
     from distillery.platform.errors import exit_on_user_error
@@ -261,9 +274,7 @@ def _cli_error(capsys, run) -> list[str]:
 
 
 @pytest.mark.parametrize("key", ["output.local_dir", "output.storage_path"])
-def test_read_only_output_directory_is_refused_before_ray(tmp_path, monkeypatch, capsys, key):
-    import ray
-
+def test_read_only_output_directory_is_refused_before_ray(tmp_path, monkeypatch, capsys, key, ray_must_not_start):
     from distillery.platform.distill.driver import run_distill
 
     locked = tmp_path / "locked"
@@ -277,13 +288,11 @@ def test_read_only_output_directory_is_refused_before_ray(tmp_path, monkeypatch,
     assert err[0] == f"error: {key}={locked / 'sub'}: {locked} is not writable " \
                      f"({'Read-only file system' if os.geteuid() == 0 else 'Permission denied'}): " \
                      "choose a writable directory", err
-    assert len(err) == 1 and not ray.is_initialized()
+    assert len(err) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]  # no data, cache, runs: nothing started
 
 
-def test_read_only_cache_directory_is_refused_before_ray(tmp_path, monkeypatch, capsys):
-    import ray
-
+def test_read_only_cache_directory_is_refused_before_ray(tmp_path, monkeypatch, capsys, ray_must_not_start):
     from distillery.platform.cache.job import run_cache_job
     from distillery.platform.config.cache import CacheFeaturesConfig
 
@@ -293,7 +302,7 @@ def test_read_only_cache_directory_is_refused_before_ray(tmp_path, monkeypatch, 
     cfg = load_config(CacheFeaturesConfig, None, [f"cache.uri={locked / 'cache'}", f"data.root={tmp_path / 'data'}"])
     err = _cli_error(capsys, lambda: run_cache_job(cfg))
     assert err[0].startswith(f"error: cache.uri={locked / 'cache'}: {locked} is not writable"), err
-    assert len(err) == 1 and not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
+    assert len(err) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
 
 
 def test_an_output_path_under_a_file_is_named(tmp_path):
@@ -400,10 +409,8 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_a_second_job_with_the_same_name_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+def test_a_second_job_with_the_same_name_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys, ray_must_not_start):
     import socket
-
-    import ray
 
     from distillery.platform.distill.driver import run_distill
     from distillery.platform.engine.launch import LOCK_FILE, RunInUseError, run_lock
@@ -417,7 +424,7 @@ def test_a_second_job_with_the_same_name_is_refused_and_a_stale_lock_taken_over(
         err = _cli_error(capsys, lambda: run_distill(cfg))
         assert err[0].startswith(f"error: output.name: the run directory {run_dir} is in use by another job (pid "
                                  f"{os.getpid()} on {socket.gethostname()}"), err
-        assert len(err) == 1 and not ray.is_initialized() and not (tmp_path / "data").exists()
+        assert len(err) == 1 and not (tmp_path / "data").exists()
         with pytest.raises(RunInUseError):
             with run_lock(str(run_dir)):
                 pass
