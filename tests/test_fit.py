@@ -102,9 +102,13 @@ def _small_student(**overrides):
 def test_fit_runs_gam_each_epoch_and_weights_the_dsi_loss():
     model = _small_student(teacher_dim=16)
     gam = GAMController(**GAM_DEFAULTS["rtdetrv4_tiny"])
-    result = fit(model, build_criterion(num_classes=3), _tiny_batches(16), steps=6, steps_per_epoch=3,
-                 lr=1e-4, gam=gam)
+    # The epoch hook sees each epoch once, after GAM's update, with the steps taken so far.
+    seen = []
+    result = fit(model, build_criterion(num_classes=3), _tiny_batches(16), steps=7, steps_per_epoch=3,
+                 lr=1e-4, gam=gam, on_epoch_end=lambda epoch, r: seen.append(
+                     (epoch, len(gam.history), r.history[-1]["step"], r.ema is not None)))
 
+    assert seen == [(0, 1, 3, True), (1, 2, 6, True)]  # step 7 opens an epoch it does not finish
     assert [h["epoch"] for h in gam.history] == [0, 1]
     assert [h["steps"] for h in gam.history] == [3, 3]
     for record in gam.history:
@@ -114,8 +118,9 @@ def test_fit_runs_gam_each_epoch_and_weights_the_dsi_loss():
     # The weight used in epoch e is the one GAM set at the end of epoch e - 1.
     lambdas = [h["lambda"] for h in result.history]
     assert lambdas[:3] == [GAM_DEFAULTS["rtdetrv4_tiny"]["lambda0"]] * 3
-    assert lambdas[3:] == [gam.history[0]["lambda_after"]] * 3
-    assert gam.current_lambda == gam.history[1]["lambda_after"]
+    assert lambdas[3:6] == [gam.history[0]["lambda_after"]] * 3
+    assert lambdas[6] == gam.current_lambda == gam.history[1]["lambda_after"]
+    assert gam.steps_accumulated == 1  # the unfinished epoch's step stays in the controller
     for h in result.history:
         assert math.isfinite(h["loss_dsi"]) and 0.0 <= h["loss_dsi"] <= 2.0
         terms = sum(v for k, v in h.items() if k.startswith("loss_") and k not in ("loss_dsi", "loss_detection"))

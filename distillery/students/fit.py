@@ -96,7 +96,8 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
         flat_steps: int | None = None, min_lr_ratio: float = 0.5, clip_max_norm: float = 0.1,
         ema_decay: float | None = 0.9999, ema_warmups: int = 1000, gam: GAMController | None = None,
         steps_per_epoch: int | None = None, log_every: int = 1,
-        autocast_dtype: torch.dtype | None = None) -> FitResult:
+        autocast_dtype: torch.dtype | None = None,
+        on_epoch_end: Callable[[int, FitResult], None] | None = None) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps on the first ``steps`` batches of ``batches``.
 
     Optimizer: AdamW over the recipe's parameter groups (backbone at ``backbone_lr``, default
@@ -108,6 +109,9 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
     ``steps_per_epoch`` steps (default: all ``steps`` are one epoch) ``gam.end_epoch`` updates it;
     the steps of an unfinished last epoch stay in the controller (its state dict keeps them).
     Without ``gam`` the DSI loss of a batch with a teacher grid is computed and logged, weight 0.
+
+    ``on_epoch_end(epoch, result)`` (0-based epoch) runs after every ``steps_per_epoch`` steps,
+    after GAM's update: the place to evaluate (``result.ema.module``) or record per-epoch numbers.
     """
     if steps < 1:
         raise ValueError(f"fit: steps must be >= 1, got {steps}")
@@ -142,8 +146,11 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
         if taken % log_every == 0 or taken == steps:
             # as_floats() is the one host sync of a logged step.
             result.history.append({"step": taken, "lr": lr_now, "lambda": lam, **out.as_floats()})
-        if gam is not None and taken % steps_per_epoch == 0:
-            gam.end_epoch(taken // steps_per_epoch - 1)
+        if taken % steps_per_epoch == 0:
+            if gam is not None:
+                gam.end_epoch(taken // steps_per_epoch - 1)
+            if on_epoch_end is not None:
+                on_epoch_end(taken // steps_per_epoch - 1, result)
     if taken < steps:
         raise ValueError(f"fit: batches ran out after {taken} of {steps} steps (pass an endless iterator)")
     result.seconds = time.perf_counter() - start
