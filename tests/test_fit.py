@@ -152,6 +152,14 @@ def test_fit_schedule_clipping_and_errors():
     assert float(seen[0]) <= 0.5 + 1e-5
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
 
+    # A job's extra loss (the MoE load-balancing loss, in the MoE ablation) is part of the step.
+    model = _small_student(dsi=False)
+    weight = next(model.decoder.parameters())
+    result = fit(model, criterion, _tiny_batches(16), steps=2, ema_decay=None,
+                 aux_loss=lambda m: 0.5 * weight.square().sum())
+    for h in result.history:
+        assert h["loss_aux"] > 0 and h["loss"] == pytest.approx(h["loss_detection"] + h["loss_aux"], rel=1e-5)
+
     with pytest.raises(ValueError, match="ran out after 1 of 3"):
         fit(model, criterion, [next(_tiny_batches(16))], steps=3, ema_decay=None)
     with pytest.raises(ValueError, match="steps must be >= 1"):

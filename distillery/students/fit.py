@@ -27,7 +27,7 @@ from .ema import ModelEMA
 from .gam import GAMController
 from .optim import build_lr_scheduler, build_optimizer
 from .postprocess import postprocess
-from .training import StepResult, train_step
+from .training import AuxLoss, StepResult, train_step
 
 __all__ = ["FitResult", "fit", "make_step", "predict"]
 
@@ -43,9 +43,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip_max_norm: float = 0.1,
               ema: ModelEMA | None = None, gam: GAMController | None = None,
-              autocast_dtype: torch.dtype | None = None) -> Callable[[dict], StepResult]:
+              autocast_dtype: torch.dtype | None = None, aux_loss: AuxLoss | None = None
+              ) -> Callable[[dict], StepResult]:
     """``step(batch) -> StepResult``: one optimizer step of :func:`~.training.train_step` with a
-    plain optimizer (backward, GAM reads the gradients, clip, update, schedule, EMA).
+    plain optimizer (backward, GAM reads the gradients, clip, update, schedule, EMA). ``aux_loss``:
+    a job's extra loss read from the model after its forward (e.g.
+    :func:`~.moe.collect_aux_loss`, the MoE load-balancing loss).
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on CUDA) runs the forward and the losses under
     autocast; the weights and the optimizer stay in float32.
@@ -72,7 +75,7 @@ def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Opt
                     else contextlib.nullcontext())
         with autocast:
             result = train_step(model, criterion, _to_device(batch, device), backward=backward,
-                                step=apply_update, gam=gam)
+                                step=apply_update, gam=gam, aux_loss=aux_loss)
         if ema is not None:
             ema.update(model)
         return result
@@ -96,7 +99,7 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
         flat_steps: int | None = None, min_lr_ratio: float = 0.5, clip_max_norm: float = 0.1,
         ema_decay: float | None = 0.9999, ema_warmups: int = 1000, gam: GAMController | None = None,
         steps_per_epoch: int | None = None, log_every: int = 1,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | None = None, aux_loss: AuxLoss | None = None,
         on_epoch_end: Callable[[int, FitResult], None] | None = None) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps on the first ``steps`` batches of ``batches``.
 
@@ -110,8 +113,9 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
     the steps of an unfinished last epoch stay in the controller (its state dict keeps them).
     Without ``gam`` the DSI loss of a batch with a teacher grid is computed and logged, weight 0.
 
-    ``on_epoch_end(epoch, result)`` (0-based epoch) runs after every ``steps_per_epoch`` steps,
-    after GAM's update: the place to evaluate (``result.ema.module``) or record per-epoch numbers.
+    ``aux_loss``: see :func:`make_step`. ``on_epoch_end(epoch, result)`` (0-based epoch) runs after
+    every ``steps_per_epoch`` steps, after GAM's update: the place to evaluate
+    (``result.ema.module``) or record per-epoch numbers.
     """
     if steps < 1:
         raise ValueError(f"fit: steps must be >= 1, got {steps}")
@@ -131,7 +135,7 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
                                    no_aug_epochs=0, warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
     ema = ModelEMA(model, decay=ema_decay, warmups=ema_warmups) if ema_decay is not None else None
     step = make_step(model, criterion, optimizer, scheduler=scheduler, clip_max_norm=clip_max_norm, ema=ema,
-                     gam=gam, autocast_dtype=autocast_dtype)
+                     gam=gam, autocast_dtype=autocast_dtype, aux_loss=aux_loss)
 
     # The logged rate is the base one (the backbone group may run at its own rate).
     base_group = next((g for g in optimizer.param_groups if g["name"] != "backbone"), optimizer.param_groups[0])
