@@ -48,11 +48,14 @@ AdamW parameter groups, flat-cosine schedule, clipping at 0.1, EMA, GAM):
   epoch the EMA weights are scored on the val split (COCO AP, ``distillery.evaluation``).
 * DSI weight, chosen before the runs: lambda = 5 (the pilot in issue 22 gained +0.058 AP at 5
   and nothing at 1; clipping at 0.1 bounds the DSI gradient with the detection one, so a larger
-  weight also shrinks the detection step). ``dsi_fixed`` keeps it fixed (a GAM controller past
-  its stop epoch: the weight stays, the AIFI share is still measured). The GAM rows start at 5
-  with the band centred on the AIFI share a calibration run measures at lambda 5 (the online
-  domain teacher, 2 epochs, a seed outside the benchmark's; delta 10% of rho, as the RT-DETRv4
-  maintainers advise), GAM off in the last (no-augmentation) epoch.
+  weight also shrinks the detection step). ``dsi_fixed`` keeps it fixed (``fit(dsi_weight=5)``).
+  The GAM rows start at 5 with the band centred on the AIFI share a calibration run measures at
+  lambda 5 (the online domain teacher, 2 epochs, a seed outside the benchmark's; a GAM controller
+  past its stop epoch keeps the weight and still measures the share; delta 10% of rho, as the
+  RT-DETRv4 maintainers advise), GAM off in the last (no-augmentation) epoch.
+* teachers: the domain teacher (``teacher_pretrain.ensure_domain_teacher``: a 6-block, 192-wide
+  DINOv3 trained on a synthetic pool of its own seed, disjoint from the student's images; built
+  on first use beside the dataset) and a random-weight network of the same architecture.
 
 Sizes (measured on the 2-core VM shared with other jobs, one intra-op thread per process):
 a training step of rtdetrv4_tiny at 128 px, batch 8, costs about 0.45 CPU-s; an evaluation of
@@ -83,16 +86,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.paired import (BaseSettings, EpochScorer, add_common_args, common_setup, log_runs, paired_difference,  # noqa: E402
-                              plot_curves, row_summary, run_all)
+from benchmarks.paired import (BaseSettings, EpochScorer, add_common_args, common_setup, log_runs,  # noqa: E402
+                              paired_difference, plot_curves, row_summary, run_all)
 from distillery.platform.config.augment import AugmentSettings, runtime_augment_config  # noqa: E402
 from distillery.platform.config.cache import CacheLocation  # noqa: E402
 from distillery.platform.config.sections import DataConfig, TeacherConfig  # noqa: E402
 from distillery.platform.io import storage  # noqa: E402
+from distillery.platform.teacher_pretrain.domain import DOMAIN_MODEL_KWARGS, DOMAIN_MODEL_NAME  # noqa: E402
 
 STUDENT = "rtdetrv4_tiny"
-# The pilot's teacher (issue 22): a 6-block, 192-wide DINOv3 ViT; pool 2 gives the 4x4 grid of F5 at 128 px.
-PILOT_TEACHER = {"embed_dim": 192, "depth": 6, "num_heads": 3}
 TINY_TEACHER = {"embed_dim": 32, "depth": 1, "num_heads": 2}  # --quick (configs/distill_tiny.yaml's)
 LAMBDA = 5.0
 CALIBRATION_SEED = 1_000_003  # outside every benchmark seed set
@@ -110,7 +112,10 @@ class Settings(BaseSettings):
     # DEIM's schedule compressed to 7 epochs: strong ops in [1, 6), Mosaic and Mixup in [1, 4).
     policy_epochs: tuple[int, int, int] = (1, 4, 6)
     mixup_epochs: tuple[int, int] = (1, 4)
-    teacher_kwargs: dict[str, Any] = field(default_factory=lambda: dict(PILOT_TEACHER))
+    # The teachers' architecture: the domain teacher's (6 blocks of width 192; pool 2 gives the 4x4
+    # grid of F5 at 128 px); the random teacher is the same network with random weights.
+    teacher_model: str = DOMAIN_MODEL_NAME
+    teacher_kwargs: dict[str, Any] = field(default_factory=lambda: dict(DOMAIN_MODEL_KWARGS))
 
     @property
     def steps(self) -> int:
@@ -132,6 +137,7 @@ class Row:
     features: str = "-"                 # "-", "online" or "cached"
     cache: str | None = None            # a key of CACHES
     gam: bool = False                   # DSI weight steered by GAM (else fixed at lambda0)
+    measure_share: bool = False         # the calibration: a fixed weight, the AIFI share measured
 
     @property
     def loss(self) -> str:
@@ -159,28 +165,21 @@ ROWS = (Row("baseline"),
 ONLINE_REFERENCE = "dsi_gam_online"
 
 
-# --------------------------------------------------------------------------- what this tree provides
+# --------------------------------------------------------------------------- teachers
 
-def domain_teacher(settings: Settings, data_root: str) -> TeacherConfig | str:
-    """The domain teacher's config (built on first use beside the dataset), or why there is none."""
-    try:
-        from distillery.platform.teacher_pretrain import ensure_domain_teacher
-    except ImportError:
-        return "no domain teacher in this tree (distillery.platform.teacher_pretrain.ensure_domain_teacher)"
+def domain_teacher(settings: Settings, data_root: str) -> TeacherConfig:
+    """The domain teacher (a DINOv3 trained on a synthetic pool of its own seed, disjoint from the
+    student's images; built on first use beside the dataset, reused after) as a teacher config."""
+    from distillery.platform.teacher_pretrain.domain import ensure_domain_teacher
+
     teacher = ensure_domain_teacher(data_root, image_size=settings.size)
     return TeacherConfig(**teacher.teacher_kwargs(), dtype="float32")
 
 
-def compressed_cache_skip() -> str:
-    return "no compressed cache codec in this tree (issue 22 item 5)"
-
-
-def random_teacher(domain: TeacherConfig | str, settings: Settings) -> TeacherConfig:
-    """A random-weight teacher of the domain teacher's architecture (the pilot's when there is none)."""
-    if isinstance(domain, TeacherConfig):
-        return domain.model_copy(update={"weights": None, "allow_random_init": True, "seed": 0})
-    return TeacherConfig(allow_random_init=True, seed=0, input_size=settings.size, pool=2, dtype="float32",
-                         model_kwargs=settings.teacher_kwargs)
+def random_teacher(settings: Settings) -> TeacherConfig:
+    """A random-weight teacher of the domain teacher's architecture (``--quick``: a tiny one)."""
+    return TeacherConfig(model_name=settings.teacher_model, model_kwargs=settings.teacher_kwargs,
+                         allow_random_init=True, seed=0, input_size=settings.size, pool=2, dtype="float32")
 
 
 # --------------------------------------------------------------------------- caches
@@ -225,15 +224,16 @@ class RunSpec:
 
 
 def _gam(spec: RunSpec):
+    """The row's GAM controller; None for the baseline and the fixed weight (``fit(dsi_weight=)``)."""
     from distillery.students.gam import GAMController
 
     s = spec.settings
-    if spec.row.teacher is None:
-        return None
-    if not spec.row.gam:
+    if spec.row.measure_share:
         # Past its stop epoch from the start: the weight is lambda0 in every epoch, and the AIFI
         # share is still measured (what the calibration reads).
         return GAMController(lambda0=s.lambda0, rho=0.5, delta=0.25, default_weight=s.lambda0, stop_epoch=0)
+    if spec.row.teacher is None or not spec.row.gam:
+        return None
     rho, delta = spec.gam_band
     return GAMController(lambda0=s.lambda0, rho=rho, delta=delta, default_weight=s.lambda0,
                          stop_epoch=s.policy_epochs[2])
@@ -334,7 +334,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     result = fit(model, criterion, batches, steps=steps, lr=s.lr,
                  backbone_lr=s.backbone_lr, warmup_steps=s.warmup_steps, flat_steps=min(s.flat_steps, steps),
                  ema_decay=s.ema_decay, ema_warmups=s.ema_warmups, gam=gam, steps_per_epoch=s.steps_per_epoch,
-                 on_epoch_end=scorer)
+                 dsi_weight=s.lambda0 if row.teacher is not None and gam is None else None, on_epoch_end=scorer)
     train_seconds = result.seconds - scorer.seconds
     curve = scorer.curve
     return {"row": row.name, "seed": spec.seed, "ap": curve[-1]["AP"], "ap50": curve[-1]["AP50"], "epochs": curve,
@@ -364,18 +364,12 @@ def main() -> None:
     seeds, jobs, work, tracking_uri, data = common_setup(args, settings.train, settings.val, settings.size,
                                                          settings.data_seed)
 
-    # Which rows this tree can run; the others are reported with the reason, never approximated.
-    needs_domain = any(r.teacher == "domain" for r in rows)
-    domain = domain_teacher(settings, data.root) if needs_domain else "not asked for"
-    teachers: dict[str, TeacherConfig] = {"random": random_teacher(domain, settings)}
-    if isinstance(domain, TeacherConfig):
-        teachers["domain"] = domain
-    skipped: dict[str, str] = {}
-    for r in rows:
-        if r.teacher == "domain" and "domain" not in teachers:
-            skipped[r.name] = domain
-        elif r.features == "cached" and r.cache is None:
-            skipped[r.name] = compressed_cache_skip()
+    teachers: dict[str, TeacherConfig] = {"random": random_teacher(settings)}
+    if any(r.teacher == "domain" for r in rows):
+        teachers["domain"] = domain_teacher(settings, data.root)
+    # A row whose part is not in this tree is reported with the reason, never approximated.
+    skipped = {r.name: "the compressed cache (issue 22 item 5) is not in this tree" for r in rows
+               if r.features == "cached" and r.cache is None}
     runnable = [r for r in rows if r.name not in skipped]
 
     from distillery.platform.cluster.runtime import ray_session
@@ -394,7 +388,7 @@ def main() -> None:
     band, calibration = None, None
     if any(r.gam for r in runnable):
         cal_teacher = "domain" if "domain" in teachers else "random"
-        cal_row = Row("calibration", cal_teacher, "online")
+        cal_row = Row("calibration", cal_teacher, "online", measure_share=True)
         cal = run_one(RunSpec(cal_row, CALIBRATION_SEED, settings, data, teachers[cal_teacher], teacher_dim, None,
                               None, args.threads, epochs=settings.calibration_epochs))
         rho = float(np.mean([e["aifi_share"] for e in cal["epochs"]]))

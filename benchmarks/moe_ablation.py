@@ -54,8 +54,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.distill_ablations import step_batches  # noqa: E402
-from benchmarks.paired import (BaseSettings, EpochScorer, add_common_args, common_setup, log_runs, paired_difference,  # noqa: E402
-                              plot_curves, row_summary, run_all)
+from benchmarks.paired import (BaseSettings, EpochScorer, add_common_args, common_setup, log_runs,  # noqa: E402
+                              paired_difference, plot_curves, row_summary, run_all)
 from distillery.platform.config.augment import AugmentSettings, runtime_augment_config  # noqa: E402
 from distillery.platform.config.sections import DataConfig  # noqa: E402
 from distillery.platform.io import storage  # noqa: E402

@@ -27,8 +27,8 @@ from scipy import stats
 
 from distillery.platform.config.sections import DataConfig, SyntheticDataConfig
 
-__all__ = ["BaseSettings", "EpochScorer", "add_common_args", "common_setup", "log_runs", "paired_difference", "plot_curves",
-           "row_summary", "run_all"]
+__all__ = ["BaseSettings", "EpochScorer", "add_common_args", "common_setup", "log_runs", "paired_difference",
+           "plot_curves", "row_summary", "run_all"]
 
 
 @dataclass(frozen=True)
