@@ -1,6 +1,7 @@
 """The feature-cache job end to end on a local Ray instance: local disk and moto S3, resume
 after a forced interruption (proved by counting teacher forwards), fingerprint refusal, CLI."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,10 +11,14 @@ import pytest
 import torch
 
 from distillery.platform.io import storage
-from distillery.platform.cache.job import CacheFeaturesConfig, CacheInterrupted, build_teacher, run_cache_job
+from distillery.platform.cache.codec import CODEC_FILE, CodecFileError, fit_codec
+from distillery.platform.cache.job import (CacheFeaturesConfig, CacheInterrupted, build_teacher, open_training_cache,
+                                           run_cache_job)
 from distillery.platform.datasets.coco import load_coco, load_image_resized
+from distillery.platform.datasets.ingest import build_train_dataset, rows_to_samples
 from distillery.platform.config.sections import load_config
-from distillery.platform.cache.feature_cache import CacheError, FeatureCache, FingerprintMismatchError
+from distillery.platform.cache.feature_cache import (CacheError, CodecMismatchError, FeatureCache,
+                                                     FingerprintMismatchError)
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 TINY_TEACHER = ["teacher.input_size=128", "teacher.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]
@@ -76,6 +81,61 @@ def test_other_teacher_is_refused(ray_local, synthetic_data, tmp_path):
         run_cache_job(other)  # resuming into a cache of another teacher is refused too
 
 
+def test_pca_cache_fits_once_resumes_and_decodes_in_the_ingest(ray_local, synthetic_data, tmp_path):
+    """cache.dtype=pca end to end: the basis is fitted by the first (interrupted) run and read back,
+    not refitted, by the resumed one; the training ingest decodes the rows close to the teacher's
+    own grids at <= 0.2x the fp16 bytes; a changed codec, a swapped or missing basis are refused."""
+    pca = ["cache.dtype=pca", "cache.pca.dims=16", "cache.pca.bits=4", "cache.pca.fit_images=10"]
+    uri = tmp_path / "pca"
+    with pytest.raises(CacheInterrupted):
+        run_cache_job(job_config(synthetic_data, uri, *pca, "debug.stop_after_shards=2"))
+    codec_file = uri / "train" / CODEC_FILE
+    basis = codec_file.read_bytes()
+    plan = json.loads((uri / "train" / "plan.json").read_text())
+    assert plan["dtype"] == "pca" and plan["codec"]["sha256"] == hashlib.sha256(basis).hexdigest()
+    cfg = job_config(synthetic_data, uri, *pca)
+    summary = run_cache_job(cfg)["train"]
+    assert summary["codec"]["fit_forwards"] == 0 and codec_file.read_bytes() == basis  # reused, not refitted
+    assert summary["teacher_forwards"] == 24 - 10 and summary["codec"]["dims"] == 16
+    teacher = build_teacher(cfg.teacher.model_dump(), "float32")
+    ds = load_coco(str(synthetic_data / "annotations" / "instances_train.json"), str(synthetic_data / "images" / "train"))
+    cache = open_training_cache(summary["uri"], teacher.fingerprint, ds.image_ids, codec=cfg.cache.codec_spec(32))
+    assert cache.manifest["codec"] == plan["codec"]
+
+    # The ingest's rows carry the codes (<= 0.2x fp16) and decode to the teacher's grids.
+    uri_of = {r.image_id: r.uri for r in ds.records}
+    cosines, seen = [], set()
+    for batch in build_train_dataset(ds, cache).iter_batches(batch_size=8, batch_format="numpy"):
+        assert all(len(f) + len(s) <= 0.2 * 16 * 32 * 2 for f, s in zip(batch["features"], batch["scale"]))
+        for sample in rows_to_samples(batch, cache.ingest_meta()):
+            image = torch.from_numpy(load_image_resized(uri_of[sample.image_id], 128))[None].float() / 255
+            online = teacher(image)[0].reshape(32, -1).T
+            decoded = sample.layers[0].grid.reshape(32, -1).T
+            assert np.array_equal(decoded.numpy(), cache.get(sample.image_id).reshape(32, -1).T)
+            cosines.append(torch.nn.functional.cosine_similarity(decoded, online, dim=1))
+            seen.add(sample.image_id)
+    cos = torch.cat(cosines)
+    assert seen == set(ds.image_ids) and cos.mean() >= 0.93 and cos.min() >= 0.6, (cos.mean(), cos.min())
+
+    # Refusals: another codec configured (reading, or building into the same uri), another or no basis.
+    with pytest.raises(CodecMismatchError, match=r"fields differ: cache\.pca\.bits, cache\.pca\.dims"):
+        FeatureCache(summary["uri"], expected_codec=job_config(synthetic_data, uri, *pca, "cache.pca.dims=8",
+                                                               "cache.pca.bits=8").cache.codec_spec(32))
+    with pytest.raises(CodecMismatchError, match=r"fields differ: cache\.dtype"):
+        open_training_cache(summary["uri"], teacher.fingerprint, ds.image_ids, codec={"dtype": "fp16"})
+    with pytest.raises(CacheError, match=r"codec-pca\.safetensors was fitted for another cache \(fields differ: dims\)"):
+        run_cache_job(job_config(synthetic_data, uri, *pca, "cache.pca.dims=8"))
+    other = fit_codec(np.random.default_rng(0).normal(size=(100, 32)), dims=16, bits=4)
+    codec_file.write_bytes(other.to_bytes())
+    with pytest.raises(CodecFileError, match=r"codec-pca\.safetensors is not the basis the cache was encoded with"):
+        open_training_cache(summary["uri"], teacher.fingerprint, ds.image_ids, codec=cfg.cache.codec_spec(32))
+    codec_file.unlink()
+    with pytest.raises(CodecFileError, match=r"codec-pca\.safetensors is missing"):
+        open_training_cache(summary["uri"], teacher.fingerprint, ds.image_ids, codec=cfg.cache.codec_spec(32))
+    with pytest.raises(CacheError, match=r"codec-pca\.safetensors, which is missing"):
+        run_cache_job(cfg)
+
+
 def test_cache_on_s3(ray_local, moto_s3, synthetic_data):
     uri = f"s3://{moto_s3['bucket']}/job-cache"
     summary = run_cache_job(job_config(synthetic_data, uri, "cache.dtype=int8"))["train"]
@@ -95,10 +155,10 @@ def test_cli_rejects_unknown_key_before_starting_ray(tmp_path):
 
 
 def _cache_recipe(cfg) -> dict:
-    """What decides a cache's bytes: the data it reads, the teacher, the storage settings."""
+    """What decides a cache's bytes: the data it reads, the teacher, the storage settings (the codec's too)."""
     return {"data": cfg.data.model_dump(exclude={"check_images"}),
             "teacher": cfg.teacher.model_dump(), "dtype": cfg.cache.dtype, "shard_size": cfg.cache.shard_size,
-            "views": cfg.cache.views}
+            "views": cfg.cache.views, "pca": cfg.cache.pca.model_dump() if cfg.cache.dtype == "pca" else None}
 
 
 def test_recipes_sharing_a_cache_uri_agree():

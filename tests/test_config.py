@@ -95,6 +95,18 @@ def test_job_config_validates_nested_sections():
         load_config(CacheFeaturesConfig, None, ["cache.shard_size=0"])
 
 
+def test_pca_cache_settings_resolve_against_the_teacher_width():
+    cfg = load_config(CacheFeaturesConfig, None, ["cache.dtype=pca", "cache.pca.dims=0.125"])
+    assert cfg.cache.codec_spec(768) == {"dtype": "pca", "dims": 96, "bits": 8, "fit_images": 64}
+    assert load_config(CacheFeaturesConfig, None, ["cache.dtype=pca"]).cache.codec_spec(32)["dims"] == 8
+    assert load_config(CacheFeaturesConfig, None, ["cache.dtype=int8"]).cache.codec_spec(768) == {"dtype": "int8"}
+    with pytest.raises(ValueError, match=r"cache\.pca\.dims=64 is more than the teacher's 32 channels"):
+        load_config(CacheFeaturesConfig, None, ["cache.dtype=pca", "cache.pca.dims=64"]).cache.codec_spec(32)
+    for bad in ("cache.pca.bits=3", "cache.pca.dims=-0.5", "cache.pca.fit_images=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(CacheFeaturesConfig, None, [bad])
+
+
 def test_partial_section_keeps_embedded_default_values():
     class WithFactory(StrictModel):
         inner: Inner = Field(default_factory=lambda: Inner(layers=9))

@@ -73,6 +73,47 @@ def test_write_read_and_manifest(tmp_path):
         cache.get(99)
 
 
+def test_pca_rows_decode_with_the_recorded_basis_and_bad_records_are_named(tmp_path):
+    """The pca dtype through the writer and reader (the cache job's codec fit: test_cache_job):
+    a row holds codes + float16 scales; a manifest whose codec record is damaged is refused,
+    naming the field."""
+    import hashlib
+
+    from distillery.platform.cache.codec import CODEC_FILE, fit_codec
+
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(4, GRID[0]))  # features with structure: 4 directions plus a little noise
+    feats = {i: (np.einsum("kc,khw->chw", mix, rng.normal(size=(4, *GRID[1:]))) + 0.01 * rng.normal(size=GRID))
+             .astype(np.float32) for i in range(1, 8)}
+    codec = fit_codec(np.stack(list(feats.values())), dims=6, bits=8)
+    data = codec.to_bytes()
+    uri = tmp_path / "c"
+    uri.mkdir()
+    (uri / CODEC_FILE).write_bytes(data)
+    record = {"method": "pca", "channels": GRID[0], "dims": 6, "bits": 8, "fit_images": 7, "file": CODEC_FILE,
+              "sha256": hashlib.sha256(data).hexdigest()}
+    writer = FeatureCacheWriter(str(uri), FP, GRID, "pca", 4, {}, codec=codec, codec_record=record)
+    shards = plan_shards(feats, 4)
+    writer.begin(shards)
+    writer.finalize(len(shards), [writer.write_shard(k, s, np.stack([feats[i] for i in s]))
+                                  for k, s in enumerate(shards)])
+    cache = FeatureCache(str(uri), expected_codec={"dtype": "pca", "dims": 6, "bits": 8, "fit_images": 7})
+    row = pq.read_table(uri / "shard-00000.parquet")
+    assert len(row.column("features")[0].as_py()) == 16 * 6 and len(row.column("scale")[0].as_py()) == 16 * 2
+    for i, f in feats.items():
+        x, y = f.reshape(GRID[0], -1), cache.get(i).reshape(GRID[0], -1)
+        assert ((x * y).sum(0) / np.linalg.norm(x, axis=0) / np.linalg.norm(y, axis=0)).min() > 0.999
+    manifest = json.loads((uri / "manifest.json").read_text())
+    manifest["codec"]["bits"] = 5
+    (uri / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="codec.bits must be 4 or 8, got 5"):
+        FeatureCache(str(uri))
+    del manifest["codec"]
+    (uri / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="codec must be the pca codec's record"):
+        FeatureCache(str(uri))
+
+
 def test_fingerprint_mismatch_prints_both(tmp_path):
     _build(str(tmp_path / "c"), [1, 2, 3])
     other = dict(FP, input_size=128)

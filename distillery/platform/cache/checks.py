@@ -58,8 +58,11 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     grid = manifest.get("grid")
     if not (isinstance(grid, list) and len(grid) == 3 and all(_is_count(v, 1) for v in grid)):
         problems.append(f"grid must be [channels, height, width] of positive integers, got {grid!r}")
-    if manifest.get("dtype") not in ("fp16", "int8"):
-        problems.append(f"dtype must be 'fp16' or 'int8', got {manifest.get('dtype')!r}")
+    if manifest.get("dtype") not in ("fp16", "int8", "pca"):
+        problems.append(f"dtype must be 'fp16', 'int8' or 'pca', got {manifest.get('dtype')!r}")
+    codec = manifest.get("codec")
+    if manifest.get("dtype") == "pca" or codec is not None:
+        problems.extend(_codec_problems(codec, manifest.get("dtype"), grid))
     if not _is_count(manifest.get("views", 1), 1):
         problems.append(f"views must be a positive integer, got {manifest.get('views')!r}")
     fp = manifest.get("fingerprint")
@@ -90,6 +93,33 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     counts = [s.get("count") for s in shards if isinstance(s, dict)]
     if all(_is_count(c) for c in counts) and manifest.get("count") != sum(counts):
         problems.append(f"count {manifest.get('count')!r} is not the sum of the shards' counts ({sum(counts)})")
+    return problems
+
+
+def _codec_problems(codec: Any, dtype: Any, grid: Any) -> list[str]:
+    if dtype != "pca":
+        return [f"codec is recorded but dtype is {dtype!r}, not 'pca'"]
+    if not isinstance(codec, dict):
+        return [f"codec must be the pca codec's record (a mapping), got {codec!r:.80}"]
+    problems = []
+    if codec.get("method") != "pca":
+        problems.append(f"codec.method must be 'pca', got {codec.get('method')!r}")
+    if codec.get("bits") not in (4, 8):
+        problems.append(f"codec.bits must be 4 or 8, got {codec.get('bits')!r}")
+    channels = grid[0] if isinstance(grid, list) and grid and _is_count(grid[0], 1) else None
+    if codec.get("channels") != channels:
+        problems.append(f"codec.channels must be the grid's channels ({channels}), got {codec.get('channels')!r}")
+    dims = codec.get("dims")
+    if not (_is_count(dims, 1) and (channels is None or dims <= channels)):
+        problems.append(f"codec.dims must be an integer from 1 to the grid's channels, got {dims!r}")
+    if not _is_count(codec.get("fit_images"), 1):
+        problems.append(f"codec.fit_images must be a positive integer, got {codec.get('fit_images')!r}")
+    name = codec.get("file")
+    if not (isinstance(name, str) and name and "/" not in name and not name.startswith(".")):
+        problems.append(f"codec.file must be a file name beside the manifest, got {name!r}")
+    sha = codec.get("sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX):
+        problems.append(f"codec.sha256 must be 64 hex digits, got {sha!r}")
     return problems
 
 

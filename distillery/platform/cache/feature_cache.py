@@ -11,8 +11,14 @@ Layout under the cache URI (local directory or ``s3://bucket/prefix``)::
 Each row holds one teacher grid of one image (``view`` 0: the plain image), token-major: ``features`` is the raw bytes of a
 (H*W, C) array in the storage dtype. ``fp16`` stores the grid as is; ``int8`` stores a symmetric
 per-token quantisation (one float32 scale per token = max|x| / 127), so each token keeps its own
-dynamic range. Columns are plain Parquet types, so Ray Data (``ray.data.read_parquet``), pandas
-or pyarrow read the shards natively from local disk and S3.
+dynamic range; ``pca`` stores each token's coefficients on a PCA basis of the teacher's channels,
+quantised per token to 8 or 4 bits (``features``: the packed codes, ``scale``: one float16 per
+token; see :mod:`distillery.platform.cache.codec`). A ``pca`` cache keeps its basis beside the
+manifest (``codec-pca.safetensors``, fitted by the cache job before the first shard); the plan
+and the manifest record its settings and sha256 (``codec``), and a reader refuses a cache whose
+codec is not the configured one, or whose basis file is missing or not the recorded one.
+Columns are plain Parquet types, so Ray Data (``ray.data.read_parquet``), pandas or pyarrow read
+the shards natively from local disk and S3.
 
 Views (``views: K`` > 1): each image has K rows, views 0..K-1, stored next to each other and
 sorted by (image_id, view). View 0 is the plain image; views 1..K-1 are the teacher grids of
@@ -45,6 +51,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillery.platform.io import storage
+from distillery.platform.cache.codec import (CodecFileError, PcaCodec, dequantize_per_token, quantize_per_token,
+                                             read_verified_codec)
 from distillery.platform.cache.checks import (REPAIR_HINT, CacheError, CacheShardError, FingerprintMismatchError,
                                               manifest_problems, missing_shard_error, parse_shard, read_shard_columns,
                                               read_verified_shard, shard_name)
@@ -52,6 +60,7 @@ from distillery.platform.cache.checks import (REPAIR_HINT, CacheError, CacheShar
 __all__ = [
     "CacheError",
     "CacheShardError",
+    "CodecMismatchError",
     "FeatureCache",
     "FeatureCacheWriter",
     "FingerprintMismatchError",
@@ -88,7 +97,13 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-StorageDtype = Literal["fp16", "int8"]
+StorageDtype = Literal["fp16", "int8", "pca"]
+CODEC_FIELDS = ("dims", "bits", "fit_images")  # the codec settings a reader compares with its config
+
+
+class CodecMismatchError(FingerprintMismatchError):
+    """The cache stores its features with another codec (dtype, or PCA settings) than configured:
+    refused like another teacher's cache, never rebuilt over."""
 
 
 def plan_shards(image_ids: Iterable[int], shard_size: int) -> list[list[int]]:
@@ -105,19 +120,14 @@ def plan_shards(image_ids: Iterable[int], shard_size: int) -> list[list[int]]:
 
 def quantize_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-token int8: returns (int8 (T, C), float32 scale (T,)); x ~= q * scale."""
-    tokens = np.asarray(tokens, dtype=np.float32)
-    scale = np.abs(tokens).max(axis=-1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(tokens / scale[..., None]), -127, 127).astype(np.int8)
-    return q, scale
+    return quantize_per_token(tokens, 8, np.float32)
 
 
-def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale[..., None]
+dequantize_int8 = dequantize_per_token
 
 
-def encode_features(grid: np.ndarray, dtype: StorageDtype) -> tuple[bytes, bytes | None]:
-    """(C, H, W) float grid -> (feature bytes, scale bytes or None), token-major."""
+def encode_features(grid: np.ndarray, dtype: StorageDtype, codec: PcaCodec | None = None) -> tuple[bytes, bytes | None]:
+    """(C, H, W) float grid -> (feature bytes, scale bytes or None), token-major (``pca``: with its ``codec``)."""
     c = grid.shape[0]
     tokens = np.ascontiguousarray(np.asarray(grid, dtype=np.float32).reshape(c, -1).T)  # (H*W, C)
     if dtype == "fp16":
@@ -125,11 +135,16 @@ def encode_features(grid: np.ndarray, dtype: StorageDtype) -> tuple[bytes, bytes
     if dtype == "int8":
         q, scale = quantize_int8(tokens)
         return q.tobytes(), scale.tobytes()
-    raise ValueError(f"unknown storage dtype {dtype!r} (expected 'fp16' or 'int8')")
+    if dtype == "pca":
+        if codec is None:
+            raise CacheError("pca storage needs its fitted codec")
+        codes, scale = codec.encode(tokens)
+        return codes.tobytes(), scale.tobytes()
+    raise ValueError(f"unknown storage dtype {dtype!r} (expected 'fp16', 'int8' or 'pca')")
 
 
 def decode_features(features: bytes, scale: bytes | None, dtype: StorageDtype,
-                    grid: Sequence[int]) -> np.ndarray:
+                    grid: Sequence[int], codec: PcaCodec | None = None) -> np.ndarray:
     """Inverse of :func:`encode_features`: returns a float32 (C, H, W) array."""
     c, h, w = grid
     if dtype == "fp16":
@@ -139,6 +154,10 @@ def decode_features(features: bytes, scale: bytes | None, dtype: StorageDtype,
             raise CacheError("int8 features without their scale column")
         tokens = dequantize_int8(np.frombuffer(features, dtype=np.int8).reshape(h * w, c),
                                  np.frombuffer(scale, dtype=np.float32))
+    elif dtype == "pca":
+        if scale is None or codec is None:
+            raise CacheError("pca features need their scale column and the cache's codec")
+        tokens = codec.decode_bytes(features, scale)
     else:
         raise ValueError(f"unknown storage dtype {dtype!r}")
     return np.ascontiguousarray(tokens.reshape(h * w, c).T.reshape(c, h, w))
@@ -154,10 +173,11 @@ _SCHEMA = pa.schema([
 
 
 def _shard_bytes(image_ids: Sequence[int], grids: np.ndarray, dtype: StorageDtype,
-                 views: Sequence[int] | None = None, params: Sequence[str] | None = None) -> bytes:
+                 views: Sequence[int] | None = None, params: Sequence[str] | None = None,
+                 codec: PcaCodec | None = None) -> bytes:
     feats, scales = [], []
     for g in grids:
-        f, s = encode_features(g, dtype)
+        f, s = encode_features(g, dtype, codec)
         feats.append(f)
         scales.append(s)
     table = pa.table({
@@ -168,7 +188,7 @@ def _shard_bytes(image_ids: Sequence[int], grids: np.ndarray, dtype: StorageDtyp
         "params": pa.array(list(params) if params is not None else [None] * len(image_ids), pa.string()),
     }, schema=_SCHEMA)
     buf = io.BytesIO()
-    # No compression: fp16/int8 activations barely compress, and reads stay cheap.
+    # No Parquet compression: fp16/int8 activations and quantised codes barely compress, and reads stay cheap.
     pq.write_table(table, buf, compression="none", write_statistics=["image_id"])
     return buf.getvalue()
 
@@ -190,13 +210,24 @@ class ShardInfo:
 
 
 class FeatureCacheWriter:
-    """Writes one cache: ``begin`` (plan), ``write_shard`` (any order, any process), ``finalize``."""
+    """Writes one cache: ``begin`` (plan), ``write_shard`` (any order, any process), ``finalize``.
+
+    A ``pca`` cache's writer holds the fitted ``codec`` and ``codec_record`` (its settings, file
+    name and sha256: what the plan and the manifest record); the codec file itself is written
+    beside them before ``begin`` (by the cache job)."""
 
     def __init__(self, uri: str, fingerprint: dict[str, Any], grid: Sequence[int], dtype: StorageDtype,
                  shard_size: int, dataset: dict[str, Any], views: int = 1, view_seed: int = 0,
-                 view_recipe: dict[str, Any] | None = None):
-        if dtype not in ("fp16", "int8"):
-            raise ValueError(f"cache dtype must be 'fp16' or 'int8', got {dtype!r}")
+                 view_recipe: dict[str, Any] | None = None, codec: PcaCodec | None = None,
+                 codec_record: dict[str, Any] | None = None):
+        if dtype not in ("fp16", "int8", "pca"):
+            raise ValueError(f"cache dtype must be 'fp16', 'int8' or 'pca', got {dtype!r}")
+        if (dtype == "pca") != (codec is not None and codec_record is not None):
+            raise ValueError("a pca cache needs its codec and codec_record; other dtypes take neither")
+        if codec is not None and codec.channels != int(grid[0]):
+            raise ValueError(f"the codec's basis has {codec.channels} channels, the grid {int(grid[0])}")
+        self.codec = codec
+        self.codec_record = dict(codec_record) if codec_record is not None else None
         self.uri = str(uri)
         self.fingerprint = dict(fingerprint)
         self.grid = [int(v) for v in grid]
@@ -218,13 +249,17 @@ class FeatureCacheWriter:
         # one written before views existed (so its earlier builds still resume).
         return {"view_seed": self.view_seed, "view_recipe": self.view_recipe} if self.views > 1 else {}
 
+    def _codec_fields(self) -> dict[str, Any]:
+        # Only pca caches carry the key (fp16/int8 plans and manifests stay byte-identical).
+        return {"codec": self.codec_record} if self.codec_record is not None else {}
+
     # The plan: everything that decides the bytes of the shards.
     def plan_doc(self, shards: list[list[int]]) -> dict[str, Any]:
         ids_digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
         return {"format_version": FORMAT_VERSION, "fingerprint_digest": fingerprint_digest(self.fingerprint),
                 "dtype": self.dtype, "grid": self.grid, "shard_size": self.shard_size, "views": self.views,
                 "num_shards": len(shards), "image_ids_sha256": ids_digest,
-                "dataset": self.dataset, **self._view_fields()}
+                "dataset": self.dataset, **self._view_fields(), **self._codec_fields()}
 
     def begin(self, shards: list[list[int]]) -> list[int]:
         """Record the plan (or check it against an earlier run's); return indices still to write."""
@@ -304,7 +339,7 @@ class FeatureCacheWriter:
         if self.views > 1 and (views is None or params is None or len(grids) != len(set(image_ids)) * self.views):
             raise CacheError(f"shard {index}: a cache with {self.views} views needs {self.views} rows per image, "
                              "each with its view index and params")
-        data = _shard_bytes(image_ids, grids, self.dtype, views, params)
+        data = _shard_bytes(image_ids, grids, self.dtype, views, params, self.codec)
         name = shard_name(index)
         storage.write_bytes(storage.join(self.uri, name), data)
         # count = images (a view cache has `views` rows per image).
@@ -351,6 +386,7 @@ class FeatureCacheWriter:
             "dataset": self.dataset,
             "shards": [s.to_dict() for s in shards],
             **self._view_fields(),
+            **self._codec_fields(),
         }
         all_skipped = sorted([*(skipped or []), *self._reused_skipped], key=lambda r: int(r["image_id"]))
         if all_skipped:  # only then: a clean cache's manifest stays byte-identical to earlier ones
@@ -369,7 +405,8 @@ class FeatureCache:
     the shards' ``image_id``/``view`` columns only; every grid read through it (and every shard an
     ingest task reads) is verified against the manifest's sha256 as its bytes stream in."""
 
-    def __init__(self, uri: str, expected_fingerprint: dict[str, Any] | None = None):
+    def __init__(self, uri: str, expected_fingerprint: dict[str, Any] | None = None,
+                 expected_codec: dict[str, Any] | None = None):
         self.uri = str(uri)
         self.manifest_uri = manifest_uri = storage.join(self.uri, MANIFEST)
         try:
@@ -394,9 +431,12 @@ class FeatureCache:
         self._shard_info = {s["name"]: s for s in self.manifest["shards"]}
         if expected_fingerprint is not None:
             self.check_fingerprint(expected_fingerprint)
+        if expected_codec is not None:
+            self.check_codec(expected_codec)
         self._rows: dict[tuple[int, int], tuple[str, int]] | None = None
         self._index: dict[int, tuple[str, int]] | None = None
         self._tables: dict[str, pa.Table] = {}
+        self._codec: PcaCodec | None = None
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -410,6 +450,59 @@ class FeatureCache:
     @property
     def dtype(self) -> StorageDtype:
         return self.manifest["dtype"]
+
+    @property
+    def codec_record(self) -> dict[str, Any] | None:
+        """A pca cache's codec as the manifest records it (settings, file name, sha256); else None."""
+        return self.manifest.get("codec")
+
+    @property
+    def codec_uri(self) -> str | None:
+        record = self.codec_record
+        return storage.join(self.uri, record["file"]) if record is not None else None
+
+    def codec(self) -> PcaCodec | None:
+        """A pca cache's fitted codec, read from its file and checked against the manifest's
+        sha256 (None for fp16/int8)."""
+        record = self.codec_record
+        if record is None:
+            return None
+        if self._codec is not None:
+            return self._codec
+        try:
+            self._codec = read_verified_codec(self.codec_uri, record["sha256"])
+            return self._codec
+        except CodecFileError as exc:
+            raise CodecFileError(f"feature cache {self.uri}: {exc}; the shards cannot be decoded without the basis "
+                                 f"they were encoded with: delete {self.uri} and rerun the cache job") from None
+
+    def ingest_meta(self) -> dict[str, Any]:
+        """What the training ingest needs to decode this cache's rows (``ingest.rows_to_samples``'s
+        ``cache_meta``): dtype, grid, views, uri and, for pca, where its basis is and its sha256."""
+        record = self.codec_record
+        return {"dtype": self.dtype, "grid": list(self.grid), "views": self.views, "uri": self.uri,
+                "codec": {"uri": self.codec_uri, "sha256": record["sha256"]} if record is not None else None}
+
+    def codec_spec(self) -> dict[str, Any]:
+        """What this cache stores, in the terms of ``CacheLocation.codec_spec``."""
+        record = self.codec_record or {}
+        return {"dtype": self.dtype, **{k: record[k] for k in CODEC_FIELDS if k in record}}
+
+    def check_codec(self, expected: dict[str, Any]) -> None:
+        """Refuse a cache stored with another codec than ``expected`` (``CacheLocation.codec_spec``),
+        naming the config fields that differ and both values."""
+        found = self.codec_spec()
+        differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+        if "dtype" in differ:  # the pca settings mean nothing to the other dtypes
+            differ = ["dtype"]
+        if differ:
+            names = ", ".join("cache.dtype" if k == "dtype" else f"cache.pca.{k}" for k in differ)
+            raise CodecMismatchError(
+                f"feature cache {self.uri} was stored with another codec (fields differ: {names})\n"
+                f"  configured: {json.dumps(expected, sort_keys=True)}\n"
+                f"  cache:      {json.dumps(found, sort_keys=True)}\n"
+                "Either set those fields to the cache's values, or build a cache with this codec into a "
+                "new cache.uri (jobs/cache_features.py).")
 
     @property
     def views(self) -> int:
@@ -492,6 +585,10 @@ class FeatureCache:
                 raise CacheShardError(f"cache shard {uri} has {sizes[s['name']]} bytes, {self.manifest_uri} "
                                       f"records {s['bytes']} (truncated or overwritten): {REPAIR_HINT}",
                                       uri, self.manifest_uri)
+        record = self.codec_record
+        if record is not None and record["file"] not in sizes:
+            raise CodecFileError(f"codec file {self.codec_uri} is missing (listed in {self.manifest_uri}): the "
+                                 f"shards cannot be decoded without it: delete {self.uri} and rerun the cache job")
 
     def read_shard(self, name: str) -> bytes:
         """A shard's bytes, verified against the manifest's sha256 as they are read."""
@@ -550,7 +647,7 @@ class FeatureCache:
         t = self._table(name)
         feats = t.column("features")[row].as_py()
         scale = t.column("scale")[row].as_py()
-        return decode_features(feats, scale, self.dtype, self.grid)
+        return decode_features(feats, scale, self.dtype, self.grid, self.codec())
 
     def params(self, image_id: int, view: int) -> dict[str, Any] | None:
         """A view's transform parameters (None in a cache without views)."""

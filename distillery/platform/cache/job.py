@@ -20,10 +20,18 @@ Views (``cache.views: K`` > 1): the decode task also renders, per image, K-1 pre
 ``cache.view_seed``; see ``distillery.data.views.make_views``), so a shard carries K teacher inputs per image
 and its rows record each view's parameters. K and the recipe are part of the plan: a URI built
 with another K (or recipe) is refused, never mixed.
+
+Compressed storage (``cache.dtype: pca``): before the first shard, the same decode -> teacher
+stages run over the first ``cache.pca.fit_images`` images (sorted ids, plain images), a map task
+reduces each shard's grids to their token moments, and the driver sums them in shard order and
+fits the PCA basis (``distillery.platform.cache.codec``). It is written beside the plan
+(``codec-pca.safetensors``) before the plan, which records its sha256; a resumed build reads it
+back (checked against its settings) instead of fitting again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -42,11 +50,12 @@ from distillery.platform.config.augment import runtime_augment_config
 # The job's config (its sections are defined with the other config sections, in config.cache).
 from distillery.platform.config.cache import CacheComputeConfig, CacheFeaturesConfig, CacheSettings, ViewRecipe
 from distillery.platform.config.sections import DataConfig, TeacherConfig, with_absolute_paths
-from distillery.platform.cache.feature_cache import (MANIFEST, CacheError, FeatureCache, FeatureCacheWriter,
-                                               FingerprintMismatchError, ShardInfo, plan_shards)
+from distillery.platform.cache.codec import CODEC_FILE, PcaCodec, TokenMoments, fit_codec
+from distillery.platform.cache.feature_cache import (MANIFEST, PLAN, CacheError, FeatureCache, FeatureCacheWriter,
+                                               FingerprintMismatchError, ShardInfo, fingerprint_digest, plan_shards)
 
 __all__ = ["CacheComputeConfig", "CacheFeaturesConfig", "CacheSettings", "ViewRecipe", "build_teacher",
-           "ensure_dataset", "load_cache_inputs", "open_training_cache", "resolve_teacher_dtype", "run_cache_job"]
+           "ensure_dataset", "load_cache_inputs", "load_or_fit_codec", "open_training_cache", "resolve_teacher_dtype", "run_cache_job"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +201,13 @@ class _TeacherActor:
         return out
 
 
+def _token_moments(row: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data map: one shard's teacher grids -> their token moments (the codec fit's input)."""
+    m = TokenMoments.of(np.asarray(row["features"], dtype=np.float32))
+    return {"shard": int(row["shard"]), "count": m.count, "mean": m.mean, "scatter": m.scatter,
+            "forwards": int(row["forwards"])}
+
+
 def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, Any]:
     writer = FeatureCacheWriter(**writer_args)
     views = [int(v) for v in row["views"]] if "views" in row else None
@@ -204,6 +220,90 @@ def _write_shard(row: dict[str, Any], writer_args: dict[str, Any]) -> dict[str, 
 
 # --------------------------------------------------------------------------- the job
 
+def _teacher_dataset(cfg: CacheFeaturesConfig, items: list[dict[str, Any]], dtype: str, use_gpu: bool,
+                     views: int | None = None):
+    """The decode -> teacher stages over planned shards ``items``: rows of (S, C, h, w) grids.
+    ``views`` (default ``cache.views``) = 1 renders the plain images only."""
+    views = cfg.cache.views if views is None else views
+    gpus = (1.0 if use_gpu else 0.0) if cfg.compute.gpus_per_actor == "auto" else float(cfg.compute.gpus_per_actor)
+    # A corrupt image keeps its own class (CorruptImageError, deterministic: one error line at
+    # the CLI) instead of Ray Data's UserCodeException, whose cause does not reach the driver.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    decode_cpus = cfg.compute.decode_cpus
+    # Decode in CPU tasks, not inside the teacher actor: Ray Data would fuse this map into
+    # the actor stage when their resources match; a remote-args function opts out of fusion.
+    if views > 1:
+        ds = ds.map(_decode_shard_views, fn_kwargs={"size": cfg.teacher.input_size, "views": views,
+                                                    "view_seed": cfg.cache.view_seed,
+                                                    "recipe": cfg.cache.view_recipe.model_dump(mode="json"),
+                                                    "bad_records": cfg.data.bad_records},
+                    ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
+    else:
+        ds = ds.map(_decode_shard, fn_kwargs={"size": cfg.teacher.input_size,
+                                              "bad_records": cfg.data.bad_records},
+                    ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
+    return ds.map_batches(
+        _TeacherActor, batch_size=1, batch_format="numpy",
+        fn_constructor_kwargs={"teacher_cfg": cfg.teacher.model_dump(), "dtype": dtype,
+                               "batch_size": cfg.compute.batch_size,
+                               "threads": max(1, int(cfg.compute.cpus_per_actor))},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.actors),
+        num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
+
+
+def load_or_fit_codec(cfg: CacheFeaturesConfig, uri: str, dataset: CocoDataset, fingerprint: dict[str, Any],
+                      grid: list[int], dtype: str, use_gpu: bool) -> tuple[PcaCodec, dict[str, Any], int]:
+    """A pca cache's codec: read back from ``uri`` when an earlier run fitted it (checked against
+    the configured settings), else fitted on the teacher's grids of the first
+    ``cache.pca.fit_images`` images and written there. Returns (codec, its plan/manifest record,
+    teacher forwards spent fitting it)."""
+    spec = cfg.cache.codec_spec(grid[0])
+    settings = {"method": "pca", "channels": grid[0], **{k: spec[k] for k in ("dims", "bits", "fit_images")},
+                "fingerprint_digest": fingerprint_digest(fingerprint)}
+    codec_uri, plan_uri = storage.join(uri, CODEC_FILE), storage.join(uri, PLAN)
+    forwards = 0
+    if storage.exists(codec_uri):
+        data = storage.read_bytes(codec_uri)
+        codec, meta = PcaCodec.from_bytes(data, codec_uri)
+        differ = sorted(k for k in settings if meta.get(k) != settings[k])
+        if differ:
+            raise CacheError(f"{codec_uri} was fitted for another cache (fields differ: {', '.join(differ)}): "
+                             f"use a new cache.uri, or delete {uri} to rebuild it")
+        log.info("%s: reusing the codec fitted by an earlier run", codec_uri)
+    else:
+        if storage.exists(plan_uri):  # shards may exist, encoded with a basis that is gone
+            started = json.loads(storage.read_text(plan_uri)).get("dtype")
+            if started == "pca":
+                raise CacheError(f"cache {uri} was started with the codec file {codec_uri}, which is missing: the "
+                                 f"shards written so far were encoded with it; delete {uri} and rerun, or use a new "
+                                 "cache.uri")
+            raise CacheError(f"cache {uri} was started with a different plan (fields differ: codec, dtype: "
+                             f"{started!r}, not 'pca'); use a new cache URI or delete the old one")
+        ids = sorted(dataset.image_ids)[:spec["fit_images"]]
+        uri_of = {r.image_id: r.uri for r in dataset.records}
+        items = [{"shard": k, "image_ids": chunk, "uris": [uri_of[i] for i in chunk]}
+                 for k, chunk in enumerate(plan_shards(ids, cfg.cache.shard_size))]
+        ds = _teacher_dataset(cfg, items, dtype, use_gpu, views=1).map(_token_moments, num_cpus=0.25)
+        moments = TokenMoments(0, np.zeros(grid[0]), np.zeros((grid[0], grid[0])))
+        for row in sorted(ds.iter_rows(), key=lambda r: int(r["shard"])):  # summed in shard order: deterministic
+            moments = moments.combine(TokenMoments(int(row["count"]), np.asarray(row["mean"]),
+                                                   np.asarray(row["scatter"])))
+            forwards += int(row["forwards"])
+        try:
+            codec = fit_codec(moments, spec["dims"], spec["bits"])
+        except ValueError as exc:
+            raise CacheError(f"cache {uri}: cannot fit the pca codec on {len(ids)} images (cache.pca): {exc}") from None
+        data = codec.to_bytes({k: settings[k] for k in ("fit_images", "fingerprint_digest")})
+        storage.makedirs(uri)
+        storage.write_bytes(codec_uri, data)
+        log.info("%s: pca codec fitted on %d images (%d components keep %.4f of the variance)", codec_uri, len(ids),
+                 codec.dims, codec.explained_variance)
+    record = {**{k: settings[k] for k in ("method", "channels", "dims", "bits", "fit_images")},
+              "file": CODEC_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+    return codec, record, forwards
+
+
 def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fingerprint: dict[str, Any],
                  grid: list[int], dtype: str, use_gpu: bool) -> dict[str, Any]:
     uri = storage.join(cfg.cache.uri, split)
@@ -211,8 +311,11 @@ def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fing
                     "num_images": len(dataset), "categories": dataset.categories.to_dict()}
     writer_args = dict(uri=uri, fingerprint=fingerprint, grid=grid, dtype=cfg.cache.dtype,
                        shard_size=cfg.cache.shard_size, dataset=dataset_info)
+    fit_forwards, codec = 0, None
+    if cfg.cache.dtype == "pca":  # fitted (or read back) before the plan: the plan records its sha256
+        codec, record, fit_forwards = load_or_fit_codec(cfg, uri, dataset, fingerprint, grid, dtype, use_gpu)
+        writer_args.update(codec=codec, codec_record=record)
     views = cfg.cache.views
-    recipe = cfg.cache.view_recipe.model_dump(mode="json")
     if views > 1:
         from distillery.data.views import view_recipe
 
@@ -238,30 +341,7 @@ def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fing
                         for r in dataset.records}
             for item in items:
                 item["boxes"] = [boxes_of[iid] for iid in item["image_ids"]]
-        gpus = (1.0 if use_gpu else 0.0) if cfg.compute.gpus_per_actor == "auto" else float(cfg.compute.gpus_per_actor)
-        # A corrupt image keeps its own class (CorruptImageError, deterministic: one error line at
-        # the CLI) instead of Ray Data's UserCodeException, whose cause does not reach the driver.
-        ray.data.DataContext.get_current().raise_original_map_exception = True
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        decode_cpus = cfg.compute.decode_cpus
-        # Decode in CPU tasks, not inside the teacher actor: Ray Data would fuse this map into
-        # the actor stage when their resources match; a remote-args function opts out of fusion.
-        if views > 1:
-            ds = ds.map(_decode_shard_views, fn_kwargs={"size": cfg.teacher.input_size, "views": views,
-                                                        "view_seed": cfg.cache.view_seed, "recipe": recipe,
-                                                        "bad_records": cfg.data.bad_records},
-                        ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
-        else:
-            ds = ds.map(_decode_shard, fn_kwargs={"size": cfg.teacher.input_size,
-                                                  "bad_records": cfg.data.bad_records},
-                        ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
-        ds = ds.map_batches(
-            _TeacherActor, batch_size=1, batch_format="numpy",
-            fn_constructor_kwargs={"teacher_cfg": cfg.teacher.model_dump(), "dtype": dtype,
-                                   "batch_size": cfg.compute.batch_size,
-                                   "threads": max(1, int(cfg.compute.cpus_per_actor))},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.actors),
-            num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor)
+        ds = _teacher_dataset(cfg, items, dtype, use_gpu)
         ds = ds.map(_write_shard, fn_kwargs={"writer_args": writer_args}, num_cpus=0.25)
         for row in ds.iter_rows():
             results.append(row)
@@ -290,14 +370,18 @@ def cache_split(cfg: CacheFeaturesConfig, split: str, dataset: CocoDataset, fing
             "bytes": sum(s["bytes"] for s in manifest["shards"]),
             "bytes_per_image": round(sum(s["bytes"] for s in manifest["shards"]) / max(1, manifest["count"]), 1),
             "grid": grid, "dtype": cfg.cache.dtype, "views": views,
+            **({"codec": {**codec.describe(), "explained_variance": round(codec.explained_variance, 5),
+                          "fit_forwards": fit_forwards}} if codec is not None else {}),
             "skipped_images": len(manifest.get("skipped", [])),
             "fingerprint_digest": manifest["fingerprint_digest"]}
 
 
-def open_training_cache(uri: str, fingerprint: dict[str, Any], image_ids, build=None) -> FeatureCache:
+def open_training_cache(uri: str, fingerprint: dict[str, Any], image_ids, build=None,
+                        codec: dict[str, Any] | None = None) -> FeatureCache:
     """Open the finished cache at ``uri`` for training, with every check on the driver before a
-    worker starts: the teacher fingerprint, the manifest's fields, each shard present with its
-    recorded size, the dataset's images covered (each shard's ``image_id``/``view`` columns: a few
+    worker starts: the teacher fingerprint, the storage codec (``codec``: the configured
+    ``CacheLocation.codec_spec``; a pca cache's basis file read and checked against its sha256),
+    the manifest's fields, each shard present with its recorded size, the dataset's images covered (each shard's ``image_id``/``view`` columns: a few
     KB per shard, never the grids). The grids' bytes are checked against the manifest's sha256
     where they are read: in the ingest tasks, every epoch (a damaged shard fails the run there,
     named, with the repair command).
@@ -311,12 +395,13 @@ def open_training_cache(uri: str, fingerprint: dict[str, Any], image_ids, build=
                 raise CacheError(f"no feature cache at {uri} ({storage.join(uri, MANIFEST)} not found): build it "
                                  "with jobs/cache_features.py (the same data, teacher and cache.uri), or set "
                                  "cache.build_if_missing=true")
-            cache = FeatureCache(uri, expected_fingerprint=fingerprint)
+            cache = FeatureCache(uri, expected_fingerprint=fingerprint, expected_codec=codec)
             cache.check_shards()
+            cache.codec()
             cache.check_covers(image_ids)
             return cache
         except FingerprintMismatchError:
-            raise  # another teacher's cache: never overwritten
+            raise  # another teacher's (or another codec's) cache: never overwritten
         except CacheError as exc:
             if build is None or attempt == 2:
                 raise

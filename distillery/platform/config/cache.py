@@ -7,7 +7,7 @@ DINOv3 ViT-B/16 at 640 px, fp16, 32 images per shard.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -15,7 +15,7 @@ from distillery.platform.config.sections import (DataConfig, JobConfig, LocalPat
                                                  random_init_teacher)
 
 __all__ = ["CacheComputeConfig", "CacheDebugConfig", "CacheFeaturesConfig", "CacheLocation", "CacheSettings",
-           "ViewRecipe"]
+           "PcaSettings", "ViewRecipe"]
 
 
 class ViewRecipe(StrictModel):
@@ -35,15 +35,46 @@ class ViewRecipe(StrictModel):
         return self
 
 
+class PcaSettings(StrictModel):
+    """The compressed storage (``cache.dtype: pca``): each token's projection on the top ``dims``
+    principal components of the teacher's channels, quantised per token to ``bits`` bits (one
+    float16 scale per token); the basis is fitted by the cache job on the teacher's features of
+    the first ``fit_images`` images and kept beside the manifest (``distillery.platform.cache.codec``).
+    Per token d * bits / 8 + 2 bytes against fp16's 2 * C: the defaults keep C/4 components at
+    8 bits, 0.126x fp16 for ViT-B/16 (C = 768: 192 components; benchmarks/cache_compression.py)."""
+
+    # An integer: that many components; a fraction in (0, 1): that share of the teacher's channels.
+    dims: PositiveInt | Annotated[float, Field(gt=0, lt=1)] = 0.25
+    bits: Literal[4, 8] = 8
+    fit_images: PositiveInt = 64
+
+    def resolved_dims(self, channels: int) -> int:
+        if isinstance(self.dims, float):
+            return max(1, round(self.dims * channels))
+        if self.dims > channels:
+            raise ValueError(f"cache.pca.dims={self.dims} is more than the teacher's {channels} channels")
+        return self.dims
+
+
 class CacheLocation(StrictModel):
     """Where a feature cache is and how its shards are laid out."""
 
     uri: LocalPath = "runs/cache/synthetic-dinov3-vitb16"
-    dtype: Literal["fp16", "int8"] = "fp16"
+    # fp16; int8 (per-token, 0.5x); pca (the `pca` section's codec, at most 0.2x with its defaults).
+    dtype: Literal["fp16", "int8", "pca"] = "fp16"
+    pca: PcaSettings = Field(default_factory=PcaSettings)
     shard_size: PositiveInt = 32
     # Teacher grids per image: 1 = the plain image only; K > 1 adds K-1 pre-augmented views
     # (K times the storage and teacher passes; see benchmarks/cache_fidelity.py for the trade-off).
     views: PositiveInt = Field(1, le=64)
+
+    def codec_spec(self, channels: int) -> dict[str, Any]:
+        """What a cache of this section stores, as the manifest records it (``dtype``, and for
+        ``pca`` the codec's settings): a cache read with another is refused, naming the fields."""
+        if self.dtype != "pca":
+            return {"dtype": self.dtype}
+        return {"dtype": "pca", "dims": self.pca.resolved_dims(channels), "bits": self.pca.bits,
+                "fit_images": self.pca.fit_images}
 
 
 class CacheSettings(CacheLocation):

@@ -34,6 +34,7 @@ import ray
 
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import CocoDataset, CorruptImageError, decode_image
+from distillery.platform.cache.codec import load_verified_codec
 from distillery.platform.cache.feature_cache import (CacheError, FeatureCache, decode_features, parse_shard,
                                                read_verified_shard)
 
@@ -193,6 +194,9 @@ def rows_to_samples(batch: dict[str, Any], cache_meta: dict[str, Any] | None, *,
 
     samples = []
     has_views = cache_meta is not None and "params" in batch
+    # A pca cache's rows decode with its basis (read once per process, checked against its sha256).
+    codec_ref = cache_meta.get("codec") if cache_meta is not None else None
+    codec = load_verified_codec(codec_ref["uri"], codec_ref["sha256"]) if codec_ref else None
     for i in range(len(batch["image_id"])):
         image_id = int(batch["image_id"][i])
         image = torch.from_numpy(np.array(batch["image"][i])).permute(2, 0, 1)
@@ -211,7 +215,7 @@ def rows_to_samples(batch: dict[str, Any], cache_meta: dict[str, Any] | None, *,
                 view = select_view(seed, view_epoch, image_id, k) if view_epoch is not None else 0
                 features, scale = _view_bytes(features, k, view), _view_bytes(scale, k, view)
                 params = all_params[view]
-            grid = torch.from_numpy(decode_features(features, scale, cache_meta["dtype"], cache_meta["grid"]))
+            grid = torch.from_numpy(decode_features(features, scale, cache_meta["dtype"], cache_meta["grid"], codec))
         if view == 0:
             samples.append(Sample.create(image, boxes, labels, grid=grid, image_id=image_id))
             continue

@@ -66,14 +66,15 @@ def _prepare_cache(cfg: DistillConfig, train: CocoDataset, fingerprint: dict[str
     def build() -> None:  # builds a missing cache, repairs a damaged one (cache.build_if_missing)
         log.info("building the feature cache at %s", uri)
         cache_cfg = CacheFeaturesConfig(data=cfg.data, teacher=cfg.teacher, ray=cfg.ray, storage=cfg.storage,
-                                        cache=CacheSettings(uri=cfg.cache.uri, dtype=cfg.cache.dtype,
+                                        cache=CacheSettings(uri=cfg.cache.uri, dtype=cfg.cache.dtype, pca=cfg.cache.pca,
                                                             shard_size=cfg.cache.shard_size, splits=["train"],
                                                             views=cfg.cache.views, view_recipe=cfg.augment.view_recipe()),
                                         compute=CacheComputeConfig())
         grid = [fingerprint["embed_dim"], *_grid_of(fingerprint)]
         cache_split(cache_cfg, "train", train, fingerprint, grid, dtype, use_gpu)
 
-    cache = open_training_cache(uri, fingerprint, train.image_ids, build if cfg.cache.build_if_missing else None)
+    cache = open_training_cache(uri, fingerprint, train.image_ids, build if cfg.cache.build_if_missing else None,
+                                codec=cfg.cache.codec_spec(fingerprint["embed_dim"]))
     # Views replayed in training must be the ones the cache drew: same K, same probabilities.
     cache.check_views(cfg.cache.views, view_recipe(runtime_augment_config(cfg.augment, cfg.student.input_size)))
     return cache
@@ -146,8 +147,7 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
             del teacher
         if signal.needs_cache:
             dataset_cache = _prepare_cache(cfg, train, fingerprint, teacher_dtype, use_gpu)
-            cache_meta = {"dtype": dataset_cache.dtype, "grid": list(dataset_cache.grid),
-                          "views": dataset_cache.views, "uri": dataset_cache.uri}
+            cache_meta = dataset_cache.ingest_meta()
         configure_ray_data()
         train_ds = build_train_dataset(train, dataset_cache, bad_records=cfg.data.bad_records,
                                        report_uri=storage.join(run_storage, "bad_records"))

@@ -53,7 +53,7 @@ class DistillRun(RunDescription):
     gam: GamSettings
     teacher_dim: int | None = None  # the teacher's embedding width (None: no teacher)
     teacher_dtype: str | None = None
-    cache_meta: dict[str, Any] | None = None  # the train cache's dtype, grid, views, uri (cached teacher)
+    cache_meta: dict[str, Any] | None = None  # the train cache's FeatureCache.ingest_meta() (cached teacher)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DistillRun":
