@@ -144,19 +144,23 @@ def _std(values: Sequence[float]) -> float | None:
 
 def paired_difference(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any] | None:
     """``values - reference`` over the seeds both have: mean, std, the 95% t-interval of the mean
-    (t with n - 1 degrees of freedom over the per-seed differences), how many seeds are better,
-    and the two-sided p-value of the paired t-test. None with fewer than 2 common seeds."""
+    (t with n - 1 degrees of freedom over the per-seed differences) and where it lies (above,
+    below or around zero), how many seeds are better, and the two-sided p-value of the paired
+    t-test. None with fewer than 2 common seeds."""
     seeds = sorted(set(values) & set(reference))
     if len(seeds) < 2:
         return None
     diffs = [values[s] - reference[s] for s in seeds]
     n = len(diffs)
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else (1.0 if mean == 0 else 0.0)
-    return {"seeds": seeds, "mean": round(mean, 4), "std": round(sd, 4),
-            "ci95": [round(mean - half, 4), round(mean + half, 4)], "better": sum(d > 0 for d in diffs),
-            "p": round(p, 4), "per_seed": [round(d, 4) for d in diffs]}
+    low, high = mean - half, mean + half
+    # Where the interval lies: a difference is resolved only when it excludes zero.
+    interval = "above zero" if low > 0 else ("below zero" if high < 0 else "contains zero")
+    return {"seeds": seeds, "mean": round(mean, 4), "std": round(sd, 4), "ci95": [round(low, 4), round(high, 4)],
+            "interval": interval, "better": sum(d > 0 for d in diffs), "p": round(p, 4),
+            "per_seed": [round(d, 4) for d in diffs]}
 
 
 def row_summary(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
