@@ -102,9 +102,13 @@ def _small_student(**overrides):
 def test_fit_runs_gam_each_epoch_and_weights_the_dsi_loss():
     model = _small_student(teacher_dim=16)
     gam = GAMController(**GAM_DEFAULTS["rtdetrv4_tiny"])
-    result = fit(model, build_criterion(num_classes=3), _tiny_batches(16), steps=6, steps_per_epoch=3,
-                 lr=1e-4, gam=gam)
+    # The epoch hook sees each epoch once, after GAM's update, with the steps taken so far.
+    seen = []
+    result = fit(model, build_criterion(num_classes=3), _tiny_batches(16), steps=7, steps_per_epoch=3,
+                 lr=1e-4, gam=gam, on_epoch_end=lambda epoch, r: seen.append(
+                     (epoch, len(gam.history), r.history[-1]["step"], r.ema is not None)))
 
+    assert seen == [(0, 1, 3, True), (1, 2, 6, True)]  # step 7 opens an epoch it does not finish
     assert [h["epoch"] for h in gam.history] == [0, 1]
     assert [h["steps"] for h in gam.history] == [3, 3]
     for record in gam.history:
@@ -114,8 +118,9 @@ def test_fit_runs_gam_each_epoch_and_weights_the_dsi_loss():
     # The weight used in epoch e is the one GAM set at the end of epoch e - 1.
     lambdas = [h["lambda"] for h in result.history]
     assert lambdas[:3] == [GAM_DEFAULTS["rtdetrv4_tiny"]["lambda0"]] * 3
-    assert lambdas[3:] == [gam.history[0]["lambda_after"]] * 3
-    assert gam.current_lambda == gam.history[1]["lambda_after"]
+    assert lambdas[3:6] == [gam.history[0]["lambda_after"]] * 3
+    assert lambdas[6] == gam.current_lambda == gam.history[1]["lambda_after"]
+    assert gam.steps_accumulated == 1  # the unfinished epoch's step stays in the controller
     for h in result.history:
         assert math.isfinite(h["loss_dsi"]) and 0.0 <= h["loss_dsi"] <= 2.0
         terms = sum(v for k, v in h.items() if k.startswith("loss_") and k not in ("loss_dsi", "loss_detection"))
@@ -147,6 +152,14 @@ def test_fit_schedule_clipping_and_errors():
     assert float(seen[0]) <= 0.5 + 1e-5
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
 
+    # A job's extra loss (the MoE load-balancing loss, in the MoE ablation) is part of the step.
+    model = _small_student(dsi=False)
+    weight = next(model.decoder.parameters())
+    result = fit(model, criterion, _tiny_batches(16), steps=2, ema_decay=None,
+                 aux_loss=lambda m: 0.5 * weight.square().sum())
+    for h in result.history:
+        assert h["loss_aux"] > 0 and h["loss"] == pytest.approx(h["loss_detection"] + h["loss_aux"], rel=1e-5)
+
     with pytest.raises(ValueError, match="ran out after 1 of 3"):
         fit(model, criterion, [next(_tiny_batches(16))], steps=3, ema_decay=None)
     with pytest.raises(ValueError, match="steps must be >= 1"):
@@ -166,3 +179,73 @@ def test_fit_under_bf16_autocast_keeps_float32_weights():
     assert {p.dtype for p in result.ema.module.parameters()} == {torch.float32}
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert {model.component_of(n) for n in changed} == {"backbone", "aifi", "ccff", "decoder", "dsi"}
+
+
+def test_fit_with_a_fixed_dsi_weight_trains_on_the_dsi_loss():
+    """``dsi_weight=w`` (no GAM): every step's loss is detection + w * DSI, and the DSI gradient
+    reaches the student (the projector and AIFI move differently than at weight 0)."""
+    criterion = build_criterion(num_classes=3)
+    runs = {}
+    for weight in (0.0, 5.0):
+        model = _small_student(teacher_dim=16)
+        with pytest.warns(UserWarning, match="NOT being distilled") if weight == 0.0 else _no_warning():
+            result = fit(model, criterion, _tiny_batches(16), steps=3, lr=1e-3, ema_decay=None,
+                         dsi_weight=weight)
+        runs[weight] = (model, result)
+        for h in result.history:
+            assert h["lambda"] == weight and h["dsi_trained"] is (weight > 0)
+            assert h["loss"] == pytest.approx(h["loss_detection"] + weight * h["loss_dsi"], rel=1e-4)
+    # Same start, same batches: at weight 0 the projector gets no gradient (weight decay alone
+    # moves it), at weight 5 it learns.
+    start = _small_student(teacher_dim=16).dsi.weight
+    still = (runs[0.0][0].dsi.weight - start).abs().max()
+    moved = (runs[5.0][0].dsi.weight - start).abs().max()
+    assert moved > 100 * still, (float(moved), float(still))
+
+
+class _no_warning:
+    """Fails the test if a 'not being distilled' warning is raised inside the block."""
+
+    def __enter__(self):
+        import warnings
+        self._catch = warnings.catch_warnings(record=True)
+        self._seen = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        assert not [w for w in self._seen if "NOT being distilled" in str(w.message)]
+        return False
+
+
+def test_weight_zero_with_a_teacher_grid_says_so_once_and_in_the_history():
+    import warnings
+
+    model = _small_student(teacher_dim=16)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = fit(model, build_criterion(num_classes=3), _tiny_batches(16), steps=3, ema_decay=None)
+    said = [w for w in seen if "NOT being distilled" in str(w.message)]
+    assert len(said) == 1 and "dsi_weight is None" in str(said[0].message)
+    assert [h["dsi_trained"] for h in result.history] == [False] * 3
+    assert all(h["lambda"] == 0.0 and h["loss"] == pytest.approx(h["loss_detection"], rel=1e-6)
+               for h in result.history)
+
+    # GAM's lambda at 0 is the same situation, named as such; no teacher grid, no warning, no field.
+    gam = GAMController(**{**GAM_DEFAULTS["rtdetrv4_tiny"], "lambda0": 0.0})
+    with pytest.warns(UserWarning, match="GAM's lambda is 0"):
+        fit(_small_student(teacher_dim=16), build_criterion(num_classes=3), _tiny_batches(16), steps=1,
+            ema_decay=None, gam=gam)
+    no_teacher = ({k: v for k, v in b.items() if k != "teacher_grid"} for b in _tiny_batches(16))
+    with _no_warning():
+        result = fit(_small_student(dsi=False), build_criterion(num_classes=3), no_teacher, steps=1, ema_decay=None)
+    assert "dsi_trained" not in result.history[0]
+
+    criterion = build_criterion(num_classes=3)
+    with pytest.raises(ValueError, match="not both"):
+        fit(model, criterion, _tiny_batches(16), steps=1, gam=GAMController(**GAM_DEFAULTS["rtdetrv4_tiny"]),
+            dsi_weight=1.0)
+    optimizer = build_optimizer(model, lr=1e-3, backbone_lr=1e-3, weight_decay=0.0)
+    with pytest.raises(ValueError, match="finite weight >= 0"):
+        make_step(model, criterion, optimizer, dsi_weight=-1.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -27,7 +28,7 @@ from .ema import ModelEMA
 from .gam import GAMController
 from .optim import build_lr_scheduler, build_optimizer
 from .postprocess import postprocess
-from .training import StepResult, train_step
+from .training import AuxLoss, StepResult, dsi_weight_of, train_step
 
 __all__ = ["FitResult", "fit", "make_step", "predict"]
 
@@ -42,15 +43,23 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip_max_norm: float = 0.1,
-              ema: ModelEMA | None = None, gam: GAMController | None = None,
-              autocast_dtype: torch.dtype | None = None) -> Callable[[dict], StepResult]:
+              ema: ModelEMA | None = None, gam: GAMController | None = None, dsi_weight: float | None = None,
+              autocast_dtype: torch.dtype | None = None, aux_loss: AuxLoss | None = None
+              ) -> Callable[[dict], StepResult]:
     """``step(batch) -> StepResult``: one optimizer step of :func:`~.training.train_step` with a
-    plain optimizer (backward, GAM reads the gradients, clip, update, schedule, EMA).
+    plain optimizer (backward, GAM reads the gradients, clip, update, schedule, EMA). ``aux_loss``:
+    a job's extra loss read from the model after its forward (e.g.
+    :func:`~.moe.collect_aux_loss`, the MoE load-balancing loss).
 
+    The DSI weight is ``gam.current_lambda`` with a GAM controller, else the fixed ``dsi_weight``
+    (default 0). A step whose batch has a teacher grid while the weight is 0 computes and logs
+    ``loss_dsi`` without training on it: the first such step warns (once per ``make_step``).
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on CUDA) runs the forward and the losses under
     autocast; the weights and the optimizer stay in float32.
     """
     device = next(model.parameters()).device
+    dsi_weight_of(gam, dsi_weight)  # refuse a bad weight (or both) before the first step
+    warned = False
 
     def backward(loss: torch.Tensor) -> None:
         # Autocast covers the forward and the losses only (as PyTorch's AMP recipe asks).
@@ -70,9 +79,17 @@ def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Opt
         model.train()
         autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
+        nonlocal warned
+        weight = dsi_weight_of(gam, dsi_weight)
         with autocast:
             result = train_step(model, criterion, _to_device(batch, device), backward=backward,
-                                step=apply_update, gam=gam)
+                                step=apply_update, gam=gam, dsi_weight=dsi_weight, aux_loss=aux_loss)
+        if weight == 0.0 and "loss_dsi" in result.parts and not warned:
+            warned = True
+            source = "GAM's lambda is 0" if gam is not None else f"dsi_weight is {dsi_weight}"
+            warnings.warn(f"the batches carry teacher grids and loss_dsi is computed and logged, but {source}: "
+                          "the student is NOT being distilled (pass dsi_weight=<w> or a GAM controller)",
+                          UserWarning, stacklevel=2)
         if ema is not None:
             ema.update(model)
         return result
@@ -95,8 +112,9 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
         backbone_lr: float | None = None, weight_decay: float = 1e-4, warmup_steps: int = 0,
         flat_steps: int | None = None, min_lr_ratio: float = 0.5, clip_max_norm: float = 0.1,
         ema_decay: float | None = 0.9999, ema_warmups: int = 1000, gam: GAMController | None = None,
-        steps_per_epoch: int | None = None, log_every: int = 1,
-        autocast_dtype: torch.dtype | None = None) -> FitResult:
+        steps_per_epoch: int | None = None, log_every: int = 1, dsi_weight: float | None = None,
+        autocast_dtype: torch.dtype | None = None, aux_loss: AuxLoss | None = None,
+        on_epoch_end: Callable[[int, FitResult], None] | None = None) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps on the first ``steps`` batches of ``batches``.
 
     Optimizer: AdamW over the recipe's parameter groups (backbone at ``backbone_lr``, default
@@ -107,7 +125,14 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
     GAM: with ``gam`` given, each step's DSI weight is ``gam.current_lambda`` and every
     ``steps_per_epoch`` steps (default: all ``steps`` are one epoch) ``gam.end_epoch`` updates it;
     the steps of an unfinished last epoch stay in the controller (its state dict keeps them).
-    Without ``gam`` the DSI loss of a batch with a teacher grid is computed and logged, weight 0.
+    Without ``gam`` the DSI weight is the fixed ``dsi_weight`` (the "DSI, fixed lambda" setting);
+    without either it is 0: the DSI loss of a batch with a teacher grid is computed and logged but
+    not trained on, which warns once, and every logged step with a ``loss_dsi`` says whether it
+    trained on it (``dsi_trained``). Each logged step's ``lambda`` is the weight it used.
+
+    ``aux_loss``: see :func:`make_step`. ``on_epoch_end(epoch, result)`` (0-based epoch) runs after
+    every ``steps_per_epoch`` steps, after GAM's update: the place to evaluate
+    (``result.ema.module``) or record per-epoch numbers.
     """
     if steps < 1:
         raise ValueError(f"fit: steps must be >= 1, got {steps}")
@@ -127,7 +152,7 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
                                    no_aug_epochs=0, warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
     ema = ModelEMA(model, decay=ema_decay, warmups=ema_warmups) if ema_decay is not None else None
     step = make_step(model, criterion, optimizer, scheduler=scheduler, clip_max_norm=clip_max_norm, ema=ema,
-                     gam=gam, autocast_dtype=autocast_dtype)
+                     gam=gam, dsi_weight=dsi_weight, autocast_dtype=autocast_dtype, aux_loss=aux_loss)
 
     # The logged rate is the base one (the backbone group may run at its own rate).
     base_group = next((g for g in optimizer.param_groups if g["name"] != "backbone"), optimizer.param_groups[0])
@@ -136,14 +161,20 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
     taken = 0
     for index, batch in enumerate(itertools.islice(batches, steps)):
         lr_now = base_group["lr"]
-        lam = gam.current_lambda if gam is not None else 0.0
+        lam = dsi_weight_of(gam, dsi_weight)
         out = step(batch)
         taken = index + 1
         if taken % log_every == 0 or taken == steps:
             # as_floats() is the one host sync of a logged step.
-            result.history.append({"step": taken, "lr": lr_now, "lambda": lam, **out.as_floats()})
-        if gam is not None and taken % steps_per_epoch == 0:
-            gam.end_epoch(taken // steps_per_epoch - 1)
+            row = {"step": taken, "lr": lr_now, "lambda": lam, **out.as_floats()}
+            if "loss_dsi" in row:
+                row["dsi_trained"] = lam > 0.0
+            result.history.append(row)
+        if taken % steps_per_epoch == 0:
+            if gam is not None:
+                gam.end_epoch(taken // steps_per_epoch - 1)
+            if on_epoch_end is not None:
+                on_epoch_end(taken // steps_per_epoch - 1, result)
     if taken < steps:
         raise ValueError(f"fit: batches ran out after {taken} of {steps} steps (pass an endless iterator)")
     result.seconds = time.perf_counter() - start

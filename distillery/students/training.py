@@ -8,6 +8,7 @@ definition of "a step" for both loops and keeps DeepSpeed out of this package.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -17,7 +18,7 @@ from torch import nn
 from .dsi import dsi_loss
 from .gam import GAMController
 
-__all__ = ["TOTAL_PARTS", "AuxLoss", "StepResult", "compute_losses", "named_grads", "train_step"]
+__all__ = ["TOTAL_PARTS", "AuxLoss", "StepResult", "compute_losses", "dsi_weight_of", "named_grads", "train_step"]
 
 AuxLoss = Callable[[nn.Module], "torch.Tensor | None"]  # a job's extra loss, read from the model after its forward
 # The parts of a step that are sums of other parts (logged beside them, not terms of their own).
@@ -64,6 +65,22 @@ def compute_losses(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
     return StepResult(total, parts)
 
 
+def dsi_weight_of(gam: GAMController | None, dsi_weight: float | None) -> float:
+    """The DSI weight of a step: GAM's current lambda, else the fixed ``dsi_weight``, else 0.
+
+    Refuses both at once (which one would win is not obvious) and a negative or non-finite weight."""
+    if gam is not None and dsi_weight is not None:
+        raise ValueError("a step takes its DSI weight from a GAM controller or a fixed dsi_weight, not both "
+                         "(a fixed weight: GAMController(enabled=False, lambda0=w) or no controller)")
+    if gam is not None:
+        return gam.current_lambda
+    if dsi_weight is None:
+        return 0.0
+    if not (float(dsi_weight) >= 0.0 and math.isfinite(float(dsi_weight))):
+        raise ValueError(f"dsi_weight must be a finite weight >= 0, got {dsi_weight!r}")
+    return float(dsi_weight)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
@@ -78,18 +95,20 @@ def named_grads(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 def train_step(model: nn.Module, criterion: nn.Module, batch: dict, *, backward: Callable[[torch.Tensor], None],
                step: Callable[[], None], gam: GAMController | None = None,
                grads: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
-               at_boundary: Callable[[], bool] = lambda: True, aux_loss: AuxLoss | None = None) -> StepResult:
+               at_boundary: Callable[[], bool] = lambda: True, aux_loss: AuxLoss | None = None,
+               dsi_weight: float | None = None) -> StepResult:
     """One training step on a collated batch (``images``, ``targets``, optional
     ``teacher_grid``/``teacher_mask``).
 
     ``backward(loss)`` and ``step()`` apply the update (optimizer + clipping, or a DeepSpeed
     engine); ``aux_loss``: see :func:`compute_losses`. At a gradient-accumulation boundary the GAM
     controller reads the gradients (from ``grads()``; default: ``param.grad``) before ``step()``
-    consumes them.
+    consumes them. The DSI weight is GAM's current lambda, or the fixed ``dsi_weight`` (not both;
+    neither: 0, the DSI loss is only logged; see :func:`dsi_weight_of`).
     """
     result = compute_losses(model, criterion, batch["images"], batch["targets"],
                             teacher_grid=batch.get("teacher_grid"), teacher_mask=batch.get("teacher_mask"),
-                            dsi_weight=gam.current_lambda if gam is not None else 0.0, aux_loss=aux_loss)
+                            dsi_weight=dsi_weight_of(gam, dsi_weight), aux_loss=aux_loss)
     backward(result.total)
     if gam is not None and at_boundary():
         gam.accumulate(grads() if grads is not None else named_grads(model))

@@ -52,7 +52,8 @@ from torch import nn
 
 from distillery.teachers.dinov3_weights import load_teacher_weights, sha256_file
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LAYER_NAME", "DinoV3Teacher", "fingerprint_diff", "fingerprint_digest"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LAYER_NAME", "DinoV3Teacher", "build_dinov3_vit", "fingerprint_diff",
+           "fingerprint_digest", "normalise_and_pool", "patch_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,50 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     if name not in _DTYPES:
         raise ValueError(f"teacher dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return name
+
+
+# --------------------------------------------------------------------------- the teacher's parts
+# Shared by the frozen teacher and by the code that trains one (distillery.teachers.dense_pretrain):
+# a trained model must see exactly what the frozen teacher will feed it.
+
+def build_dinov3_vit(model_name: str, model_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> nn.Module:
+    """The timm DINOv3 ViT a teacher wraps (no head), drawn from its own seeded RNG stream (the
+    caller's global RNG is left untouched); refuses a timm model that is not a DINOv3-style ViT."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # num_classes=0: we only read forward_features; Meta's checkpoints have no head.
+        model = timm.create_model(model_name, pretrained=False, **{"num_classes": 0, **dict(model_kwargs or {})})
+    if not (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+            and getattr(model, "rope", None) is not None):
+        raise ValueError(f"timm model {model_name!r} is not a DINOv3-style ViT (patch embedding, prefix tokens, "
+                         "RoPE); use one of timm's '*_dinov3*' models")
+    return model
+
+
+def normalise_and_pool(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, pool: int) -> torch.Tensor:
+    """RT-DETRv4's teacher input: (B, 3, S, S) in [0, 1], normalised at full resolution, then
+    average-pooled by ``pool``; ``mean``/``std`` are (1, 3, 1, 1)."""
+    x = (images.float() - mean) / std
+    if pool > 1:
+        x = F.avg_pool2d(x, kernel_size=pool, stride=pool)
+    return x
+
+
+def patch_grid(model: nn.Module, x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """The final-norm patch tokens of a timm DINOv3 ViT as a (B, C, h, w) grid (CLS and the
+    register tokens dropped; row-major patches)."""
+    tokens = model.forward_features(x)  # (B, prefix + h*w, C), after the final norm
+    h, w = grid_size
+    n_prefix = int(model.num_prefix_tokens)
+    if tokens.shape[1] != n_prefix + h * w:
+        raise RuntimeError(f"{_arch_name(model)} returned {tokens.shape[1]} tokens, expected "
+                           f"{n_prefix} prefix + {h}x{w} patches")
+    patches = tokens[:, n_prefix:]
+    return patches.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], h, w)
+
+
+def _arch_name(model: nn.Module) -> str:
+    return str((getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__)
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -152,15 +197,7 @@ class DinoV3Teacher(nn.Module):
         self.dtype_name = _dtype_name(dtype)
         self.compute_dtype = _DTYPES[self.dtype_name]
 
-        # Build; the random draw comes from its own seeded RNG stream, not the caller's.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            # num_classes=0: we only read forward_features; Meta's checkpoints have no head.
-            self.model = timm.create_model(model_name, pretrained=False, **{"num_classes": 0, **model_kwargs})
-        if not (hasattr(self.model, "patch_embed") and hasattr(self.model, "num_prefix_tokens")
-                and getattr(self.model, "rope", None) is not None):
-            raise ValueError(f"timm model {model_name!r} is not a DINOv3-style ViT (patch embedding, prefix tokens, "
-                             "RoPE); use one of timm's '*_dinov3*' models")
+        self.model = build_dinov3_vit(model_name, model_kwargs, seed)
         self.patch_size = int(self.model.patch_embed.patch_size[0])
         self.embed_dim = int(self.model.embed_dim)
         self.num_prefix_tokens = int(self.model.num_prefix_tokens)
@@ -233,18 +270,8 @@ class DinoV3Teacher(nn.Module):
         """(B, 3, S, S) in [0, 1] -> (B, embed_dim, *grid_size) float32 final-norm patch tokens."""
         self._check_images(images)
         with torch.no_grad():
-            # RT-DETRv4's order: normalise at full resolution, then average-pool.
-            x = (images.float() - self.mean) / self.std
-            if self.pool > 1:
-                x = F.avg_pool2d(x, kernel_size=self.pool, stride=self.pool)
+            x = normalise_and_pool(images, self.mean, self.std, self.pool)
             use_autocast = self.compute_dtype != torch.float32
             with torch.autocast(device_type=x.device.type, dtype=self.compute_dtype, enabled=use_autocast):
-                tokens = self.model.forward_features(x)  # (B, prefix + h*w, C), after the final norm
-            h, w = self.grid_size
-            n_expected = self.num_prefix_tokens + h * w
-            if tokens.shape[1] != n_expected:
-                raise RuntimeError(f"{self.model_name} returned {tokens.shape[1]} tokens, expected "
-                                   f"{self.num_prefix_tokens} prefix + {h}x{w} patches")
-            patches = tokens[:, self.num_prefix_tokens:]  # drop CLS + registers
-            grid = patches.transpose(1, 2).reshape(images.shape[0], self.embed_dim, h, w)
+                grid = patch_grid(self.model, x, self.grid_size)
             return grid.float().contiguous()

@@ -68,6 +68,7 @@ __all__ = [
     "read_state_dict",
     "set_rope_periods",
     "sha256_file",
+    "to_meta_state_dict",
 ]
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,56 @@ def set_rope_periods(model: nn.Module, periods: torch.Tensor) -> None:
         # Fixed-size models (dynamic_img_size=False) cache sin/cos at build time: rebuild it.
         if getattr(rope, "pos_embed_cached", None) is not None:
             rope.pos_embed_cached.copy_(rope._create_embed(rope.feat_shape, no_aug=True))
+
+
+def to_meta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A timm DINOv3 ViT's weights in Meta's official key layout: the inverse of
+    :func:`convert_meta_state_dict` (what ``torch.save`` of Meta's ``DinoVisionTransformer`` holds).
+
+    ======================================  ============================================
+    Meta                                    timm
+    ======================================  ============================================
+    ``storage_tokens``                      ``reg_token``
+    ``blocks.N.ls1.gamma`` / ``ls2.gamma``  ``blocks.N.gamma_1`` / ``gamma_2``
+    ``blocks.N.attn.qkv.bias`` (3 x width)  ``q_bias`` / ``k_bias`` / ``v_bias`` (zeros without qkv bias)
+    ``blocks.N.attn.qkv.bias_mask``         ones on q and v; on k, ones only where a k bias is non-zero
+    ``rope_embed.periods`` (bfloat16)       ``rope.periods`` (recomputed by timm, not in its state dict)
+    ``mask_token`` (1, width), zeros        - (pretraining only)
+    everything else                         the same name
+    ======================================  ============================================
+
+    Meta stores the RoPE periods in bfloat16 and its model runs with those; a file written here
+    gives back exactly this model only if the model already runs with bf16-rounded periods
+    (:func:`set_rope_periods` with ``rope.periods.bfloat16()``, as a trainer does before training);
+    otherwise the loaded teacher differs by that rounding. Refuses a model that is not a timm
+    DINOv3 ViT (no ``rope.periods``).
+    """
+    rope = getattr(model, "rope", None)
+    if rope is None or not hasattr(rope, "periods"):
+        raise TeacherWeightsError(f"{_model_name(model)} has no DINOv3 RoPE (rope.periods): not a timm DINOv3 ViT")
+    dim = int(model.embed_dim)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().clone()
+        if key == "reg_token":
+            out["storage_tokens"] = value
+        elif key.endswith(".gamma_1"):
+            out[key.removesuffix("gamma_1") + "ls1.gamma"] = value
+        elif key.endswith(".gamma_2"):
+            out[key.removesuffix("gamma_2") + "ls2.gamma"] = value
+        elif key.endswith((".attn.q_bias", ".attn.v_bias")):
+            continue  # packed into qkv.bias below
+        else:
+            out[key] = value
+    for i, block in enumerate(model.blocks):
+        parts = [getattr(block.attn, name, None) for name in ("q_bias", "k_bias", "v_bias")]
+        q, k, v = (torch.zeros(dim) if p is None else p.detach().float().cpu().clone() for p in parts)
+        k_kept = torch.ones(dim) if bool(k.abs().max() > 0) else torch.zeros(dim)
+        out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, k, v])
+        out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([torch.ones(dim), k_kept, torch.ones(dim)])
+    out["rope_embed.periods"] = rope.periods.detach().cpu().to(torch.bfloat16)
+    out["mask_token"] = torch.zeros(1, dim)
+    return out
 
 
 # --------------------------------------------------------------------------- key report

@@ -31,6 +31,7 @@ __all__ = [
     "DataConfig",
     "DebugSettings",
     "DeepSpeedSettings",
+    "DomainTeacherSettings",
     "JobConfig",
     "KillSpec",
     "LocalPath",
@@ -49,6 +50,7 @@ __all__ = [
     "absolute_uri",
     "apply_overrides",
     "config_hash",
+    "domain_teacher",
     "flatten_config",
     "load_config",
     "parse_job_args",
@@ -337,8 +339,29 @@ class DataConfig(StrictModel):
         return self.resolve(self.val_annotations), self.resolve(self.val_images)
 
 
+class DomainTeacherSettings(StrictModel):
+    """A DINOv3 trained on a synthetic pool of its own seed (disjoint from the student's images),
+    built on first use under ``<data.root>/teacher/`` and used as the teacher's weights
+    (:func:`distillery.platform.teacher_pretrain.ensure_domain_teacher`; ``jobs/pretrain_teacher.py``).
+    Its architecture replaces ``teacher.model_name`` / ``model_kwargs`` while it is in use."""
+
+    model_name: str = "vit_small_patch16_dinov3"
+    model_kwargs: dict[str, int | float | bool | str] = Field(
+        default_factory=lambda: {"embed_dim": 192, "depth": 6, "num_heads": 3})
+    seed: int = 1000
+    images: PositiveInt = 1500
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 16
+    lr: float = Field(1e-3, gt=0)
+
+
 class TeacherConfig(StrictModel):
-    """The frozen vision foundation model (DINOv3 through timm)."""
+    """The frozen vision foundation model (DINOv3 through timm).
+
+    Its weights, in this order: ``weights`` (a file: Meta's official ``.pth``, a timm state dict);
+    else random weights if ``allow_random_init`` (tests and plumbing); else the domain teacher of
+    ``domain`` (built on first use beside a synthetic dataset; the embedded defaults' choice).
+    One of the three is needed."""
 
     model_name: str = "vit_base_patch16_dinov3"
     weights: OptionalLocalPath = None
@@ -348,6 +371,7 @@ class TeacherConfig(StrictModel):
     pool: int = Field(2, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     model_kwargs: dict[str, int | float | bool | str] = Field(default_factory=dict)
+    domain: DomainTeacherSettings | None = None
 
     @field_validator("weights")
     @classmethod
@@ -355,11 +379,23 @@ class TeacherConfig(StrictModel):
         # hf-hub: ids and https:// URLs are fetched where the teacher is built; offline, say so now.
         return check_weights_source(weights, "teacher.weights")
 
+    @property
+    def uses_domain_teacher(self) -> bool:
+        """Whether the weights come from the domain teacher (no file given, no random weights asked)."""
+        return self.weights is None and not self.allow_random_init and self.domain is not None
+
 
 def random_init_teacher(**fields: Any) -> TeacherConfig:
-    """The embedded defaults' teacher. Nothing can be downloaded on a fresh machine: they ask
-    for random weights explicitly (a loud warning says so, and the fingerprint records it)."""
+    """A teacher with random weights, asked for explicitly (a loud warning says so, and the
+    fingerprint records it): plumbing only."""
     return TeacherConfig(allow_random_init=True, **fields)
+
+
+def domain_teacher(**fields: Any) -> TeacherConfig:
+    """The embedded defaults' teacher. Nothing can be downloaded on a fresh machine: the teacher is
+    a DINOv3 trained here, on first use, on synthetic images disjoint from the student's
+    (``teacher.domain``), unless ``teacher.weights`` names a file."""
+    return TeacherConfig(domain=DomainTeacherSettings(), **fields)
 
 
 class RayConfig(StrictModel):

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from distillery.platform.io import storage
 
-__all__ = ["SYNTHETIC_CATEGORIES", "generate_synthetic_coco", "main"]
+__all__ = ["SYNTHETIC_CATEGORIES", "generate_synthetic_coco", "main", "synthetic_images"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,18 @@ def _make_image(rng: np.random.Generator, size: int, max_objects: int
     return buf.getvalue(), anns
 
 
+def synthetic_images(count: int, size: int, seed: int, stream: int = 0, max_objects: int = 6
+                     ) -> Iterator[tuple[bytes, list[tuple[int, list[float]]]]]:
+    """``count`` images of one random stream: (JPEG bytes, [(category id, [x, y, w, h])]).
+
+    ``generate_synthetic_coco(seed=s)`` draws its train split from stream ``(s, 0)`` and its val
+    split from ``(s, 1)``; another seed gives images disjoint from both (the domain teacher's pool).
+    """
+    rng = np.random.default_rng([seed, stream])
+    for _ in range(count):
+        yield _make_image(rng, size, max_objects)
+
+
 def generate_synthetic_coco(out: str | os.PathLike, train: int = 200, val: int = 50,
                             size: int = 320, seed: int = 0, max_objects: int = 6) -> dict[str, str]:
     """Write the dataset under ``out`` (a local path or URI); return the annotation URIs per split."""
@@ -157,13 +170,11 @@ def generate_synthetic_coco(out: str | os.PathLike, train: int = 200, val: int =
     result: dict[str, str] = {}
     categories = [{"id": c.id, "name": c.name, "supercategory": "shape"} for c in SYNTHETIC_CATEGORIES]
     for split, count, id_base, split_seed in (("train", train, 1, 0), ("val", val, 100001, 1)):
-        rng = np.random.default_rng([seed, split_seed])
         images, annotations = [], []
         ann_id = 1 if split == "train" else 1_000_001
-        for i in range(count):
+        for i, (jpeg, anns) in enumerate(synthetic_images(count, size, seed, split_seed, max_objects)):
             image_id = id_base + i
             file_name = f"{image_id:08d}.jpg"
-            jpeg, anns = _make_image(rng, size, max_objects)
             storage.write_bytes(storage.join(out, "images", split, file_name), jpeg)
             images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
             for cat_id, bbox in anns:
