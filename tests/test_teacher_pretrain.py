@@ -36,7 +36,7 @@ def test_patch_labels_take_the_box_holding_the_patch_centre():
     # 64 px, 4x4 grid of 16 px cells: centres at 8, 24, 40, 56.
     labels = patch_labels_from_boxes([[(2, (0, 0, 30, 20)), (5, (20, 30, 64, 64)), (3, (38, 34, 44, 60))]], 64, 4)
     assert labels[0].tolist() == [[2, 2, 0, 0],
-                                  [0, 5, 5, 5],
+                                  [0, 0, 0, 0],  # centres at y=24: below box 2, above box 5
                                   [0, 5, 3, 5],  # the smaller box wins where two hold the centre
                                   [0, 5, 3, 5]]
     with pytest.raises(ValueError, match="classes start at 1"):

@@ -35,6 +35,7 @@ import ray
 from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
 from distillery.platform.datasets.formats import load_split
 from distillery.platform.datasets.synthetic import generate_synthetic_coco
+from distillery.platform.teacher_pretrain.resolve import resolve_teacher
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import resolve_weights_source
 from distillery.platform.datasets.coco import CocoDataset, CorruptImageError, decode_image, load_image_resized
@@ -331,6 +332,7 @@ def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, di
     storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     cfg = with_absolute_paths(cfg)  # relative local paths resolved here: Ray workers run elsewhere
     ensure_dataset(cfg.data)
+    cfg = cfg.model_copy(update={"teacher": resolve_teacher(cfg.teacher, cfg.data)})  # the domain teacher, if used
     datasets = {}
     for split in cfg.cache.splits:
         report = storage.join(cfg.cache.uri, split, "bad_records.jsonl")
