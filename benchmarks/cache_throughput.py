@@ -66,7 +66,7 @@ def run(args) -> dict:
     def cfg(uri: str, dtype: str):
         return load_config(CacheFeaturesConfig, None, [
             f"data.root={work / 'data'}", f"cache.uri={uri}", f"cache.dtype={dtype}",
-            f"cache.shard_size={args.shard_size}", f"teacher.input_size={args.input_size}",
+            f"cache.shard_size={args.shard_size}", "teacher.allow_random_init=true", f"teacher.input_size={args.input_size}",
             f"teacher.model_kwargs={json.dumps(kwargs)}", f"compute.batch_size={args.batch}",
             f"compute.actors={args.actors}", f"compute.cpus_per_actor={cpus_per_actor}",
             "data.check_images=none"])

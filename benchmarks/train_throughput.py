@@ -82,7 +82,7 @@ def job_throughput(args, workers: int) -> float:
     s = args.job_input_size
     cfg = load_config(DistillConfig, None, [
         f"data.root={args.data}", f"cache.uri={args.data}-cache", f"student.name={args.student}",
-        f"student.input_size={s}", f"teacher.input_size={s}", f"train.num_workers={workers}",
+        f"student.input_size={s}", "teacher.allow_random_init=true", f"teacher.input_size={s}", f"train.num_workers={workers}",
         f"train.cpus_per_worker={max(1, cpus // workers)}", "train.epochs=2", f"train.batch_size={args.batch}",
         "train.eval_every=100", f"output.storage_path={work / 'train'}", f"output.local_dir={work}",
         "tracking.log_model=false", "tracking.system_metrics=false", "tracking.num_val_images=0",

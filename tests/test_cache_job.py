@@ -21,7 +21,8 @@ from distillery.platform.cache.feature_cache import (CacheError, CodecMismatchEr
                                                      FingerprintMismatchError)
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
-TINY_TEACHER = ["teacher.input_size=128", "teacher.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]
+TINY_TEACHER = ["teacher.allow_random_init=true", "teacher.input_size=128",
+                "teacher.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]
 
 
 def job_config(synthetic_data, cache_uri, *extra):

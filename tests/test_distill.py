@@ -3,6 +3,7 @@ contents, ZeRO-2 with S3 checkpoints and an injected worker failure, resume_from
 runs (stopped and resumed ones too), bad inputs."""
 
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -206,7 +207,8 @@ def test_bad_inputs_fail_before_training(ray_local, synthetic_data, tmp_path):
     from distillery.platform.cache.job import CacheFeaturesConfig, run_cache_job
 
     run_cache_job(load_config(CacheFeaturesConfig, None, [
-        f"data.root={synthetic_data}", f"cache.uri={tmp_path / 'cache'}", "teacher.input_size=128",
+        f"data.root={synthetic_data}", f"cache.uri={tmp_path / 'cache'}", "teacher.allow_random_init=true",
+        "teacher.input_size=128",
         "teacher.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "cache.shard_size=8"]))
     with pytest.raises(FingerprintMismatchError, match="random-init:seed=7"):
         run_distill(run_cfg)
@@ -305,3 +307,22 @@ def test_runs_are_reproducible_and_resume_equals_uninterrupted(two_worker_run, s
                           list(range(steps + 1, 2 * steps + 1)), [1])
     assert_same_weights(checkpoint_weights(checkpoint_of_epoch(summary["run_storage"], 1)),
                         checkpoint_weights(checkpoint_of_epoch(resumed["run_storage"], 1)))
+
+
+def test_fixed_dsi_weight_through_the_job_config(caplog):
+    """``gam.enabled=false`` is the job's fixed lambda: the controller the job builds keeps
+    ``gam.lambda0`` every epoch; a weight of 0 with a teacher is said out loud, without one it is not."""
+    from distillery.platform.distill.driver import resolve_gam
+    from distillery.students.gam import GAMController
+
+    recipe = REPO / "configs" / "distill_tiny.yaml"
+    g = resolve_gam(load_config(DistillConfig, recipe, ["gam.enabled=false", "gam.lambda0=5"]))
+    assert (g["enabled"], g["lambda0"]) == (False, 5.0)
+    gam = GAMController(**g)
+    assert [gam.end_epoch(e) for e in range(3)] == [5.0, 5.0, 5.0]
+    with caplog.at_level(logging.WARNING, logger="distillery.platform.distill.driver"):
+        resolve_gam(load_config(DistillConfig, recipe, ["gam.enabled=false", "gam.lambda0=0"]))
+        assert "NOT being distilled" in caplog.text
+        caplog.clear()
+        resolve_gam(load_config(DistillConfig, recipe, ["gam.enabled=false", "gam.lambda0=0", "teacher_mode=none"]))
+        assert "NOT being distilled" not in caplog.text

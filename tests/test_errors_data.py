@@ -475,7 +475,8 @@ def _tiny_job(data_root, cache_uri, *extra):
 
     return load_config(CacheFeaturesConfig, None, [
         f"data.root={data_root}", "data.synthetic=null", f"cache.uri={cache_uri}", "cache.shard_size=3",
-        "teacher.input_size=64", "teacher.model_kwargs={embed_dim: 16, depth: 1, num_heads: 2}", *extra])
+        "teacher.allow_random_init=true", "teacher.input_size=64",
+        "teacher.model_kwargs={embed_dim: 16, depth: 1, num_heads: 2}", *extra])
 
 
 def test_truncated_jpeg_skipped_at_cache_decode(ray_local, pristine, tmp_path):

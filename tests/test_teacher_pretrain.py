@@ -36,7 +36,7 @@ def test_patch_labels_take_the_box_holding_the_patch_centre():
     # 64 px, 4x4 grid of 16 px cells: centres at 8, 24, 40, 56.
     labels = patch_labels_from_boxes([[(2, (0, 0, 30, 20)), (5, (20, 30, 64, 64)), (3, (38, 34, 44, 60))]], 64, 4)
     assert labels[0].tolist() == [[2, 2, 0, 0],
-                                  [0, 5, 5, 5],
+                                  [0, 0, 0, 0],  # centres at y=24: below box 2, above box 5
                                   [0, 5, 3, 5],  # the smaller box wins where two hold the centre
                                   [0, 5, 3, 5]]
     with pytest.raises(ValueError, match="classes start at 1"):
@@ -128,3 +128,24 @@ def test_embedded_defaults_use_the_domain_teacher_and_the_tiny_recipes_do_not(tm
     (tmp_path / "meta.pth").write_bytes(b"")
     given = load_config(DistillConfig, None, [f"teacher.weights={tmp_path / 'meta.pth'}"])
     assert not given.teacher.uses_domain_teacher
+
+
+def test_pretrain_job_reuses_the_teacher_the_jobs_build_and_refuses_unknown_keys(built, capsys):
+    """``jobs/pretrain_teacher.py``: its keys name the same settings as the jobs' teacher.domain, so
+    the file it finds is the one they build; a bad key stops it before anything runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "jobs" / "pretrain_teacher.py"
+    spec = importlib.util.spec_from_file_location("pretrain_teacher_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    root = os.path.dirname(os.path.dirname(built.weights))
+    summary = job.main([f"data_root={root}", f"input_size={SIZE}", "domain.model_kwargs={embed_dim: 64, depth: 2, "
+                        "num_heads: 2}", "domain.images=160", "domain.steps=150", "domain.lr=0.002",
+                        "probe.enabled=false"])
+    assert summary["weights"] == built.weights and summary["built"] is False and "probe" not in summary
+    assert f"teacher: {built.weights}  (reused" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        job.main(["domain.stepz=3"])
+    assert stop.value.code == 2 and "domain.stepz: unknown key" in capsys.readouterr().err

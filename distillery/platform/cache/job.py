@@ -43,6 +43,7 @@ import ray
 from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session, require_shared_paths
 from distillery.platform.datasets.formats import load_split, refuse_roboflow_export_without_its_paths
 from distillery.platform.datasets.synthetic import generate_synthetic_coco
+from distillery.platform.teacher_pretrain.resolve import resolve_teacher
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import resolve_weights_source
 from distillery.platform.datasets.coco import (AnnotationError, CocoDataset, CorruptImageError, decode_image,
@@ -445,6 +446,7 @@ def load_cache_inputs(cfg: CacheFeaturesConfig) -> tuple[CacheFeaturesConfig, di
     cfg = with_absolute_paths(cfg)  # relative local paths resolved here: Ray workers run elsewhere
     storage.require_writable(cfg.cache.uri, "cache.uri")  # before any work: one line, not a task's traceback
     ensure_dataset(cfg.data)
+    cfg = cfg.model_copy(update={"teacher": resolve_teacher(cfg.teacher, cfg.data)})  # the domain teacher, if used
     datasets = {}
     for split in cfg.cache.splits:
         report = storage.join(cfg.cache.uri, split, "bad_records.jsonl")

@@ -1,8 +1,9 @@
 """The feature-cache job's configuration (``jobs/cache_features.py``), and the cache section
 family the distillation job shares (:class:`CacheLocation`: where a cache is and how it is laid out).
 
-The embedded default caches the synthetic dataset's train split with a randomly initialised
-DINOv3 ViT-B/16 at 640 px, fp16, 32 images per shard.
+The embedded default caches the synthetic dataset's train split with the domain teacher (a small
+DINOv3 trained on first use on disjoint synthetic images, ``teacher.domain``) at 256 px pooled to
+128, fp16, 32 images per shard: the cache ``jobs/distill.py``'s embedded default reads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PositiveInt, model_validator
 
 from distillery.platform.config.sections import (DataConfig, JobConfig, LocalPath, StrictModel, TeacherConfig,
-                                                 random_init_teacher)
+                                                 domain_teacher)
 
 __all__ = ["CacheComputeConfig", "CacheDebugConfig", "CacheFeaturesConfig", "CacheLocation", "CacheSettings",
            "PcaSettings", "ViewRecipe"]
@@ -59,7 +60,7 @@ class PcaSettings(StrictModel):
 class CacheLocation(StrictModel):
     """Where a feature cache is and how its shards are laid out."""
 
-    uri: LocalPath = "runs/cache/synthetic-dinov3-vitb16"
+    uri: LocalPath = "runs/cache/synthetic-dinov3-domain-256"
     # fp16; int8 (per-token, 0.5x); pca (the `pca` section's codec, at most 0.2x with its defaults).
     dtype: Literal["fp16", "int8", "pca"] = "fp16"
     pca: PcaSettings = Field(default_factory=PcaSettings)
@@ -101,7 +102,7 @@ class CacheDebugConfig(StrictModel):
 
 class CacheFeaturesConfig(JobConfig):
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=random_init_teacher)
+    teacher: TeacherConfig = Field(default_factory=lambda: domain_teacher(input_size=256))
     cache: CacheSettings = Field(default_factory=CacheSettings)
     compute: CacheComputeConfig = Field(default_factory=CacheComputeConfig)
     debug: CacheDebugConfig = Field(default_factory=CacheDebugConfig)

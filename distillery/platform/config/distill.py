@@ -2,9 +2,12 @@
 
 Defaults are the *embedded default*: the synthetic dataset, a small RT-DETRv4 student (the same
 classes as the paper sizes with smaller numbers) at 256 px, trained with DSI + GAM from a cached
-DINOv3 ViT-B/16 teacher on 2 Ray Train workers on CPU for 12 epochs (about 5 minutes on 2
-cores; the schedule is the reference's, compressed: strong augmentation in epochs 3-8, Mosaic and
-Mixup in 3-5, no augmentation in the last three). The paper recipes live in ``configs/``.
+DINOv3 teacher on 2 Ray Train workers on CPU for 12 epochs (about 5 minutes on 2 cores, plus the
+domain teacher's one-off build; the schedule is the reference's, compressed: strong augmentation in epochs 3-8, Mosaic and
+Mixup in 3-5, no augmentation in the last three). The teacher is the domain teacher
+(``teacher.domain``: a 6-block, 192-wide DINOv3 trained on first use on synthetic images disjoint
+from the student's; :mod:`distillery.platform.teacher_pretrain`) unless ``teacher.weights`` names a
+file. The paper recipes live in ``configs/``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from distillery.platform.config.augment import AugmentSettings
 from distillery.platform.config.cache import CacheLocation
 from distillery.platform.config.sections import (AdamWSettings, DataConfig, DebugSettings, DeepSpeedSettings,
                                                  JobConfig, RunOutputSettings, StrictModel, TeacherConfig,
-                                                 TrackingSettings, TrainSettings, random_init_teacher)
+                                                 TrackingSettings, TrainSettings, domain_teacher)
 from distillery.platform.io.weights_source import check_weights_source
 from distillery.students.criterion import DEFAULT_LOSS_WEIGHTS, criterion_options
 from distillery.students.optim import param_group_rules
@@ -118,7 +121,11 @@ class CacheRef(CacheLocation):
 
 
 class GAMSettings(StrictModel):
-    """Gradient-guided Adaptive Modulation; None fields take the per-size official defaults."""
+    """Gradient-guided Adaptive Modulation; None fields take the per-size official defaults.
+
+    ``enabled: false`` trains with a fixed DSI weight: ``lambda0`` for the whole run (no band, no
+    ``stop_epoch`` reset), the "DSI, fixed lambda" setting. A weight of 0 with a teacher logs
+    ``loss_dsi`` without training on it; the driver warns when a run is set up that way."""
 
     enabled: bool = True
     lambda0: float | None = Field(None, ge=0)
@@ -215,9 +222,9 @@ class DistillDebugSettings(DebugSettings):
 
 class DistillConfig(JobConfig):
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=lambda: random_init_teacher(input_size=256))
+    teacher: TeacherConfig = Field(default_factory=lambda: domain_teacher(input_size=256))
     teacher_mode: Literal["cached", "online", "none"] = "cached"
-    cache: CacheRef = Field(default_factory=lambda: CacheRef(uri="runs/cache/synthetic-dinov3-vitb16-256"))
+    cache: CacheRef = Field(default_factory=lambda: CacheRef(uri="runs/cache/synthetic-dinov3-domain-256"))
     student: StudentSettings = Field(default_factory=StudentSettings)
     gam: GAMSettings = Field(default_factory=GAMSettings)
     optim: DistillOptimSettings = Field(default_factory=DistillOptimSettings)

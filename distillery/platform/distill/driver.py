@@ -35,6 +35,7 @@ from distillery.platform.io import storage
 from distillery.platform.io.weights_source import StudentWeightsError, is_remote_source, resolve_registry_weights
 from distillery.platform.serving.predict import best_run_checkpoint  # predict --model's rule
 from distillery.platform.serving.export import log_final_model
+from distillery.platform.teacher_pretrain.resolve import resolve_teacher
 from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, tracking_reachable
 from distillery.students.gam import GAM_DEFAULTS
 from distillery.platform.cache.feature_cache import FeatureCache, fingerprint_digest, manifest_sha256
@@ -58,6 +59,9 @@ def resolve_gam(cfg: DistillConfig) -> dict[str, Any]:
     if out["delta"] >= out["rho"]:
         raise ValueError(f"gam.delta ({out['delta']}) must be smaller than gam.rho ({out['rho']})")
     out.update(rule=g.rule, enabled=g.enabled)
+    if not g.enabled and out["lambda0"] == 0 and teacher_signal(cfg).needs_teacher:
+        log.warning("gam.enabled=false with gam.lambda0=0: loss_dsi is computed and logged but its weight is 0, so "
+                    "the student is NOT being distilled (set gam.lambda0 to the fixed DSI weight)")
     return out
 
 
@@ -128,6 +132,7 @@ def prepare_inputs(cfg: DistillConfig) -> None:
     ensure_dataset(cfg.data)
     if not teacher_signal(cfg).needs_cache:
         return
+    cfg = cfg.model_copy(update={"teacher": resolve_teacher(cfg.teacher, cfg.data)})  # the domain teacher, if used
     train = load_split(cfg.data, "train", check_images="none",
                        report_uri=storage.join(cfg.output.local_dir, "bad_records", "prepare_train.jsonl"))
     with ray_session(cfg.ray, cfg.storage, min_local_cpus=3):
@@ -164,6 +169,8 @@ def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: s
     # (the checkpoint to resume first: checking its files takes seconds, building a dataset minutes)
     resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
     ensure_dataset(cfg.data)
+    if teacher_signal(cfg).needs_teacher:  # the domain teacher (built on first use), if it is the one in use
+        cfg = cfg.model_copy(update={"teacher": resolve_teacher(cfg.teacher, cfg.data)})
     train, val = load_train_val(cfg.data, storage.join(str(local_dir), "bad_records", name))
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
     tracking_reachable(tracking_uri)
