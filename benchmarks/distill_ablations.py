@@ -35,7 +35,7 @@ AdamW parameter groups, flat-cosine schedule, clipping at 0.1, EMA, GAM):
   initial weights. The seed also sets the batch order (a permutation per (seed, epoch)), the
   augmentation's draws and the cached view an image uses in an epoch.
 * batches: what the distillation job's worker does with a Ray Data batch, in process: the
-  ingest's own shard reader (``ingest._image_rows_of_shard``, sha256-checked) and join/decode
+  ingest's own shard reader (``ingest.image_rows_of_shard``, sha256-checked) and join/decode
   (``JoinAndDecode``), ``rows_to_samples`` (cached views replayed), the job's ``Augmenter``
   (DEIM's schedule: photometric, zoom-out, IoU crop in epochs 1-3, Mosaic and Mixup in epoch 1,
   the last 3 epochs without strong ops), ``collate`` and the job's teacher signal (``CachedTeacher`` renders
@@ -254,7 +254,7 @@ def step_batches(train, *, seed: int, batch: int, steps_per_epoch: int, augmente
     from distillery.data.sample import collate
     from distillery.platform.cache.feature_cache import FeatureCache
     # The ingest's own pieces: its shard reader (the Ray Data flat_map), its join and decode, its samples.
-    from distillery.platform.datasets.ingest import (JoinAndDecode, _image_rows_of_shard, annotation_table,
+    from distillery.platform.datasets.ingest import (JoinAndDecode, image_rows_of_shard, annotation_table,
                                                      rows_to_samples)
 
     decode = JoinAndDecode(annotation_table(train), "error", None)
@@ -264,7 +264,7 @@ def step_batches(train, *, seed: int, batch: int, steps_per_epoch: int, augmente
         cache = FeatureCache(storage.join(cache_uri, "train"))
         cache.check_covers(train.image_ids)
         for shard, info in zip(cache.shard_uris, cache.manifest["shards"]):
-            for row in _image_rows_of_shard({"uri": shard, "sha256": info["sha256"], "manifest": cache.manifest_uri},
+            for row in image_rows_of_shard({"uri": shard, "sha256": info["sha256"], "manifest": cache.manifest_uri},
                                             cache.views):
                 cache_rows[row["image_id"]] = row
         cache_meta = cache.ingest_meta()  # what the driver hands the workers (pca: its basis, checked)

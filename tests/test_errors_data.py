@@ -303,7 +303,7 @@ CASES = [
     Case("shard truncated, size edited too", _truncated_shard_with_edited_size, _open_and_read, CacheShardError,
          r"cache shard .*shard-00001\.parquet is not a readable Parquet file .*: rerun the cache job to repair it"),
     Case("shard damaged under a training ingest task", lambda r: _flip_byte(r / "cache/shard-00001.parquet"),
-         lambda r: lambda: __import__("distillery.platform.datasets.ingest", fromlist=["x"])._image_rows_of_shard(
+         lambda r: lambda: __import__("distillery.platform.datasets.ingest", fromlist=["x"]).image_rows_of_shard(
              {"uri": str(r / "cache/shard-00001.parquet"), "manifest": str(_manifest(r)),
               "sha256": json.loads(_manifest(r).read_text())["shards"][1]["sha256"]}, 1), CacheShardError,
          r"cache shard .*shard-00001\.parquet does not match its checksum in .*manifest\.json"),

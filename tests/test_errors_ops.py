@@ -454,7 +454,7 @@ WORKER_LOGS = [
         '  File "/site-packages/ray/data/_internal/block_batching/util.py", line 178, in __next__',
         "    return self._transform_fn(next(self._input_iter))",
         "                              ^^^^^^^^^^^^^^^^^^^^^^",
-        "ray.exceptions.RayTaskError(CacheShardError): \x1b[36mray::FlatMap(_image_rows_of_shard)()\x1b[39m (pid=26148)",
+        "ray.exceptions.RayTaskError(CacheShardError): \x1b[36mray::FlatMap(image_rows_of_shard)()\x1b[39m (pid=26148)",
         "",
         "The above exception was the direct cause of the following exception:",
         "",
@@ -466,7 +466,7 @@ WORKER_LOGS = [
         "To change retry attempts, backoff, or which errors are retried, configure `ray.data.DataContext`",
     ]),
     ({"pid": 25791, "actor_name": "SplitCoordinator"}, [
-        'An exception was raised from a task of operator "FlatMap(_image_rows_of_shard)". Dataset execution will now '
+        'An exception was raised from a task of operator "FlatMap(image_rows_of_shard)". Dataset execution will now '
         "abort. To ignore this exception and continue, set DataContext.max_errored_blocks.",
         "Traceback (most recent call last):\x1b[32m [repeated 3x across cluster] (Ray deduplicates logs by default.)\x1b[0m",
         "    raise e\x1b[32m [repeated 8x across cluster]\x1b[0m",
@@ -480,7 +480,7 @@ WORKER_LOGS = [
     ]),
     ({"pid": 8250, "actor_name": "SplitCoordinator"}, [
         "\u26a0\ufe0f  Dataset train_035Af02nRoxRsV7qUbZGi9_0 execution failed",
-        "Split 1 epoch 0 get() failed after 0 rows: \x1b[36mray::FlatMap(_image_rows_of_shard)()\x1b[39m (pid=9799)",
+        "Split 1 epoch 0 get() failed after 0 rows: \x1b[36mray::FlatMap(image_rows_of_shard)()\x1b[39m (pid=9799)",
         "    for block in block_iter:",
     ]),
     ({"pid": 4549, "actor_name": "RayTrainWorker"}, [""]),

@@ -38,7 +38,7 @@ from distillery.platform.cache.codec import load_verified_codec
 from distillery.platform.cache.feature_cache import (CacheError, FeatureCache, decode_features, parse_shard,
                                                read_verified_shard)
 
-__all__ = ["JoinAndDecode", "annotation_table", "build_train_dataset", "rows_to_samples", "select_view"]
+__all__ = ["JoinAndDecode", "annotation_table", "build_train_dataset", "image_rows_of_shard", "rows_to_samples", "select_view"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class JoinAndDecode:
         return result
 
 
-def _image_rows_of_shard(row: dict[str, Any], views: int) -> list[dict[str, Any]]:
+def image_rows_of_shard(row: dict[str, Any], views: int) -> list[dict[str, Any]]:
     """Ray Data flat_map: one cache shard -> one row per image (with all its views when the cache
     has more than one, and then their parameters)."""
     uri = str(row["uri"])
@@ -144,7 +144,7 @@ def build_train_dataset(dataset: CocoDataset, cache: FeatureCache | None, *,
         uris = cache.shard_uris
         ds = ray.data.from_items([{"uri": u, "sha256": s["sha256"], "manifest": cache.manifest_uri}
                                   for u, s in zip(uris, cache.manifest["shards"])], override_num_blocks=len(uris))
-        ds = ds.flat_map(_image_rows_of_shard, fn_kwargs={"views": cache.views})
+        ds = ds.flat_map(image_rows_of_shard, fn_kwargs={"views": cache.views})
     else:
         ds = ray.data.from_items([{"image_id": iid} for iid in sorted(table)])
     # An instance, not the class: Ray Data runs a callable object as tasks (the table travels
