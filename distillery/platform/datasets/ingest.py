@@ -38,7 +38,8 @@ from distillery.platform.cache.codec import load_verified_codec
 from distillery.platform.cache.feature_cache import (CacheError, FeatureCache, decode_features, parse_shard,
                                                read_verified_shard)
 
-__all__ = ["JoinAndDecode", "annotation_table", "build_train_dataset", "image_rows_of_shard", "rows_to_samples", "select_view"]
+__all__ = ["JoinAndDecode", "annotation_table", "build_train_dataset", "image_rows_of_shard", "rows_to_samples",
+           "select_view"]
 
 log = logging.getLogger(__name__)
 
