@@ -317,7 +317,7 @@ CASES = [
     Case("grid of two numbers", lambda r: _edit_manifest(r, lambda d: d.update(grid=[8, 16])), _open_and_read,
          CacheError, r".*manifest\.json: grid must be \[channels, height, width\]"),
     Case("dtype edited", lambda r: _edit_manifest(r, lambda d: d.update(dtype="fp32")), _open_and_read,
-         CacheError, r".*manifest\.json: dtype must be 'fp16' or 'int8', got 'fp32'"),
+         CacheError, r".*manifest\.json: dtype must be 'fp16', 'int8' or 'pca', got 'fp32'"),
     Case("count edited", lambda r: _edit_manifest(r, lambda d: d.update(count=99)), _open_and_read, CacheError,
          r".*manifest\.json: count 99 is not the sum of the shards' counts \(5\)"),
     Case("shard renamed in the manifest",
@@ -460,7 +460,7 @@ def test_cache_job_cli_broken_annotations_error_line(pristine, tmp_path):
     shutil.copytree(pristine / "data", root)
     _write_text(root / "annotations" / "instances_train.json", '{"images": [')
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "cache_features.py"), f"data.root={root}",
-                           "data.synthetic=null", f"cache.uri={tmp_path / 'cache'}"],
+                           "data.synthetic=null", f"cache.uri={tmp_path / 'cache'}", "teacher.allow_random_init=true"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]

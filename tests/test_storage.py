@@ -107,7 +107,8 @@ def test_configured_endpoint_is_used_for_every_uri_kind(moto_s3, tmp_path, monke
         storage.configure_s3(endpoint)
         generate_synthetic_coco(f"{base}/data", train=2, val=1, size=64, seed=0)
         storage.configure_s3(None)
-        job = [f"data.root={base}/data", "data.synthetic=null", f"cache.uri={base}/cache"]
+        job = [f"data.root={base}/data", "data.synthetic=null", f"cache.uri={base}/cache",
+               "teacher.allow_random_init=true"]
         # data: read with the job's setting, configured before the first access
         cfg, datasets = load_cache_inputs(load_config(CacheFeaturesConfig, None,
                                                       [*job, f"storage.s3_endpoint_url={endpoint}"]))
