@@ -27,8 +27,8 @@ from scipy import stats
 
 from distillery.platform.config.sections import DataConfig, SyntheticDataConfig
 
-__all__ = ["BaseSettings", "EpochScorer", "add_common_args", "common_setup", "log_runs", "paired_difference",
-           "plot_curves", "row_summary", "run_all"]
+__all__ = ["BaseSettings", "EpochScorer", "add_common_args", "common_setup", "log_runs", "markdown_table",
+           "paired_difference", "plot_curves", "row_summary", "run_all"]
 
 
 @dataclass(frozen=True)
@@ -242,3 +242,30 @@ def log_runs(tracking_uri: str, experiment: str, parent_name: str, params: dict[
             client.log_metric(parent, f"{row['name']}/AP_mean", row["ap_mean"])
     client.set_terminated(parent)
     return parent
+
+
+def _interval(diff: dict[str, Any] | None) -> str:
+    if not diff:
+        return "-"
+    low, high = diff["ci95"]
+    return f"{diff['mean']:+.3f} [{low:+.3f}, {high:+.3f}] ({diff['better']}/{len(diff['seeds'])})"
+
+
+def markdown_table(document: dict[str, Any]) -> str:
+    """A benchmark document's rows as the README's table: AP and AP50 mean +- std, the paired
+    differences (mean [95% interval] (seeds better)) to the reference rows, and the speed."""
+    rows = document["rows"]
+    refs = [k for k in ("vs_baseline", "vs_online", "vs_dense") if any(r.get(k) for r in rows)]
+    head = ["row", "AP", "AP50", *(f"{k.replace('_', ' ')}" for k in refs), "img/s", "wall s / seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        std = lambda v: f" ± {v:.3f}" if v is not None else ""  # noqa: E731
+        cells = [r["name"], f"{r['ap_mean']:.3f}{std(r['ap_std'])}", f"{r['ap50_mean']:.3f}{std(r.get('ap50_std'))}",
+                 *(_interval(r.get(k)) for k in refs), f"{r['img_s']:.1f}", f"{r['wall_s_per_seed']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python benchmarks/paired.py FILE.json: the document's table, as the README shows it
+    print(markdown_table(json.loads(Path(sys.argv[1]).read_text())))

@@ -42,14 +42,14 @@ def dense_ffn(d: int = D, h: int = H) -> nn.Module:
 @pytest.fixture(scope="module")
 def single_rank():
     """A world-size-1 gloo process group on 127.0.0.1 for DeepSpeed's MoE layer."""
-    import deepspeed
+    from distillery.platform.engine.worker import init_deepspeed_comm
 
     created = not dist.is_initialized()
     if created:
         saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+        init_deepspeed_comm(False, auto_mpi_discovery=False)
     yield
     if created:
         dist.destroy_process_group()
@@ -227,11 +227,11 @@ def _engine(seed: int):
 
 def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+                      WORLD_SIZE="2", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(Path(out_dir) / "ext"))
     torch.set_num_threads(1)
-    import deepspeed
+    from distillery.platform.engine.worker import init_deepspeed_comm
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    init_deepspeed_comm(False, auto_mpi_discovery=False)
     out = Path(out_dir)
     result: dict = {"rank": rank}
     try:
@@ -300,5 +300,7 @@ def test_two_ranks_expert_parallel_train_save_load(tmp_path):
         assert r["gathered_error"] < 1e-5, r
         assert r["fresh_differs"], r
         assert r["reload_error"] < 1e-6, r
+    # The engine's DeepSpeed start on CPU compiled no C++ extension (its shared-memory kernel is off).
+    assert not (tmp_path / "ext").exists()
     shards = sorted(p.name for p in (tmp_path / "ckpt" / "step3").glob("*expert*"))
     assert shards == [f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)], shards

@@ -403,6 +403,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     import json, os, socket
     import torch, deepspeed
     from timm.models.vision_transformer import VisionTransformer
+    from distillery.platform.engine.worker import init_deepspeed_comm
     from distillery.students.peft import apply_peft
 
     with socket.socket() as s:
@@ -410,6 +411,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
+    init_deepspeed_comm(False)
     results = {}
     for stage in (0, 1, 2):
         torch.manual_seed(0)

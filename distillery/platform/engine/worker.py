@@ -29,7 +29,7 @@ from distillery.platform.engine.checkpoints import FAULT_MARKER, safe_checkpoint
 from distillery.platform.io import storage
 
 __all__ = ["all_ranks", "build_deepspeed_config", "deepspeed_engine", "derived_seed", "evaluate_on_ranks",
-           "gather_floats", "inject_fault", "lockstep", "seed_epoch", "setup_worker", "shard_batches",
+           "gather_floats", "init_deepspeed_comm", "inject_fault", "lockstep", "seed_epoch", "setup_worker", "shard_batches",
            "sum_across_ranks", "zero_local_grads"]
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,22 @@ def setup_worker(cfg) -> tuple[int, int, torch.device, bool]:
     storage.configure_s3(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     use_gpu = device.type == "cuda"
     # Before any model is built: MoE layers ask it for their expert-parallel group.
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", dist_init_required=False, verbose=False)
+    init_deepspeed_comm(use_gpu, dist_init_required=False)
     return rank, world, device, use_gpu
+
+
+def init_deepspeed_comm(use_gpu: bool, **kwargs: Any) -> None:
+    """``deepspeed.init_distributed`` (NCCL on GPU, gloo on CPU), without DeepSpeed's CPU
+    shared-memory kernel: on CPU DeepSpeed would first JIT-compile it (about 90 CPU-seconds, once
+    per user's torch-extensions cache: a fresh machine's first job paid it), yet it serves only
+    DeepSpeed's inference and tensor-parallel all-reduce; training's all-reduces go through
+    torch.distributed. DeepSpeed keeps one ``__compatible_ops__`` dict for the process, so marking
+    the op incompatible there makes it fall back to the process group without building."""
+    if not use_gpu:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False, **kwargs)
 
 
 def all_ranks(flag: bool, device: torch.device) -> bool:
