@@ -1,7 +1,7 @@
 """The distillation ablations in miniature: the same student, equal steps, the same seeds in every row.
 
     python benchmarks/distill_ablations.py [--seeds N] [--quick] [--out FILE] [--work-dir DIR]
-        [--tracking-uri URI] [--jobs J] [--threads T]
+        [--tracking-uri URI] [--jobs J] [--threads T] [--resume]
 
 Prints one JSON document; each of its ``rows`` has ``name``, ``ap_mean``, ``ap_std``,
 ``ap50_mean``, ``ap50_std``, ``seeds``, per-seed APs, the mean per-epoch AP curve, ``wall_s`` (the
@@ -401,7 +401,8 @@ def main() -> None:
     specs = [RunSpec(r, seed, settings, data, teachers.get(r.teacher or "random"), teacher_dim,
                      caches[r.cache]["location"] if r.cache else None, band, args.threads)
              for seed in seeds for r in rows]
-    results = run_all(run_one, specs, jobs, work / "runs.jsonl")
+    results = run_all(run_one, specs, jobs, work / "runs.jsonl", key=lambda t: f"{t.row.name}/seed{t.seed}",
+                      resume=args.resume)
 
     by_row = {r.name: [x for x in results if x["row"] == r.name] for r in rows}
     ap = {name: {x["seed"]: x["ap"] for x in runs} for name, runs in by_row.items()}

@@ -159,7 +159,8 @@ def main() -> None:
     seeds, jobs, work, tracking_uri, data = common_setup(args, settings.train, settings.val, settings.size,
                                                          settings.data_seed)
     per_seed = run_all(partial(run_seed, settings=settings, data=data, threads=args.threads), seeds, jobs,
-                       work / "runs.jsonl")
+                       work / "runs.jsonl", key=lambda seed: f"seed{seed}", resume=args.resume,
+                       salt=repr((settings, data, args.threads)))
     results = [r for runs in per_seed for r in runs]
 
     by_row = {name: [r for r in results if r["row"] == name] for name in ARMS}

@@ -10,6 +10,7 @@ A run result is a dict with ``row``, ``seed``, ``ap``, ``ap50``, ``wall_s``, ``i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -58,6 +59,9 @@ def add_common_args(parser: argparse.ArgumentParser, work_dir: str) -> None:
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs at a time, one process each (default 2; --quick 1)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs in <work-dir>/runs.jsonl made with the same settings (add seeds or rows "
+                             "to a finished or interrupted benchmark)")
 
 
 def common_setup(args: argparse.Namespace, train: int, val: int, size: int, data_seed: int
@@ -117,24 +121,39 @@ class EpochScorer:
               f"loss {record['loss']:.3f} ({time.perf_counter() - self.started:.0f} s)", file=sys.stderr, flush=True)
 
 
-def run_all(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int, log_path: str | os.PathLike) -> list[Any]:
+def run_all(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int, log_path: str | os.PathLike,
+            key: Callable[[Any], str] = repr, resume: bool = False, salt: str = "") -> list[Any]:
     """``[fn(task) for task in tasks]``, ``jobs`` at a time in spawned processes (``jobs`` 1: in this
-    one); each result is appended to ``log_path`` (JSON lines) as it arrives, so an interrupted
-    benchmark keeps the runs it finished."""
-    Path(log_path).unlink(missing_ok=True)
+    one). Each result is appended to ``log_path`` (JSON lines: ``key``, ``fingerprint``, ``result``)
+    as it arrives, so an interrupted benchmark keeps the runs it finished; with ``resume`` a task
+    whose key and fingerprint (a hash of ``salt`` and the task's repr: settings, row, seed,
+    teacher, threads) are in the log is taken from it instead of run again (runs are deterministic: a rerun would give
+    the same result), so more seeds or rows can be added to a finished benchmark."""
+    log_path = Path(log_path)
+    done: dict[tuple[str, str], Any] = {}
+    if resume and log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            entry = json.loads(line)
+            done[(entry["key"], entry["fingerprint"])] = entry["result"]
+    elif not resume:
+        log_path.unlink(missing_ok=True)
+    ids = [(key(task), hashlib.sha256((salt + repr(task)).encode()).hexdigest()[:16]) for task in tasks]
+    results: list[Any] = [done.get(i) for i in ids]
+    todo = [n for n, r in enumerate(results) if r is None]
 
-    def keep(result: Any) -> Any:
+    def keep(n: int, result: Any) -> None:
         with open(log_path, "a") as f:
-            f.write(json.dumps(result) + "\n")
-        return result
+            f.write(json.dumps({"key": ids[n][0], "fingerprint": ids[n][1], "result": result}) + "\n")
+        results[n] = result
 
     if jobs <= 1:
-        return [keep(fn(task)) for task in tasks]
+        for n in todo:
+            keep(n, fn(tasks[n]))
+        return results
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
-        results: list[Any] = [None] * len(tasks)
+        futures = {pool.submit(fn, tasks[n]): n for n in todo}
         for future in as_completed(futures):
-            results[futures[future]] = keep(future.result())
+            keep(futures[future], future.result())
     return results
 
 

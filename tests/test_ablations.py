@@ -101,3 +101,25 @@ def test_moe_ablation_quick(tmp_path):
     # Every arm was fine-tuned from the same dense base.
     assert len({r["base_ap"] for r in document["runs"]}) == 1
     _check_tracking(document, list(rows), "moe_ablation.png")
+
+
+def test_run_all_resume_reuses_only_runs_of_the_same_settings(tmp_path):
+    """``--resume``: a finished run is read back when its key and settings fingerprint match; new
+    seeds run, and other settings (the salt) run again."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.paired import run_all
+
+    calls: list[int] = []
+
+    def run(seed: int) -> dict:
+        calls.append(seed)
+        return {"seed": seed, "ap": seed / 10}
+
+    log = tmp_path / "runs.jsonl"
+    assert run_all(run, [0, 1], 1, log) == [{"seed": 0, "ap": 0.0}, {"seed": 1, "ap": 0.1}]
+    assert run_all(run, [0, 1, 2], 1, log, resume=True)[2] == {"seed": 2, "ap": 0.2}
+    assert calls == [0, 1, 2]  # seeds 0 and 1 were read back
+    run_all(run, [0], 1, log, resume=True, salt="lr=2e-4")
+    assert calls == [0, 1, 2, 0]  # other settings: run again
+    run_all(run, [1], 1, log)  # without resume the log starts afresh
+    assert calls[-1] == 1 and len(log.read_text().splitlines()) == 1
