@@ -26,7 +26,9 @@ from typing import Any, Callable, Sequence
 
 from scipy import stats
 
-from distillery.platform.config.sections import DataConfig, SyntheticDataConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # python benchmarks/paired.py FILE
+
+from distillery.platform.config.sections import DataConfig, SyntheticDataConfig  # noqa: E402
 
 __all__ = ["BaseSettings", "EpochScorer", "add_common_args", "common_setup", "log_runs", "markdown_table",
            "paired_difference", "plot_curves", "row_summary", "run_all"]
