@@ -54,7 +54,8 @@ TRAINING = PARITY / "training"
 # Fixtures not compared yet, with the reason (README, parity section).
 OPEN = {"deimv2_pico_train": "HGNetv2 LAB biases (one scalar in front of a convolution + BatchNorm; only the "
                              "zero padding gives them a real, tiny gradient) take Adam steps of full size whose sign "
-                             "float rounding decides: 3.5e-2 apart after 10 steps, the loss 2.4e-5"}
+                             "float rounding decides: 3.5e-2 apart after 10 steps, the loss 2.4e-5",
+        "rtdetrv4_s_train": "written last; our side not run against it yet (its HGNetv2-B0 has the same LAB biases)"}
 CASES = sorted(p.stem for p in TRAINING.glob("*.json") if p.stem not in OPEN)
 TOLERANCE = 1e-5
 BUFFER_TOLERANCE = 1e-4  # BatchNorm statistics (module docstring)
