@@ -81,28 +81,17 @@ CASES = {
         {"encoder_hidden_dim": 64, "encoder_ffn_dim": 128, "decoder_hidden_dim": 64, "decoder_ffn_dim": 128,
          "num_decoder_layers": 2, "num_queries": 30, "num_denoising": 20},
     ),
-    "deimv2_l_reduced": (
-        "deimv2", "configs/deimv2/deimv2_dinov3_l_coco.yml",
-        {"DINOv3STAs": {"name": "dinov3_vits16_w32", "weights_path": None, "conv_inplane": 8, "hidden_dim": 64},
+    **{f"deimv2_{size}_reduced": (
+        "deimv2", f"configs/deimv2/deimv2_dinov3_{size}_coco.yml",
+        {"DINOv3STAs": {"name": vit, "weights_path": None, "conv_inplane": 8, "hidden_dim": 64},
          "HybridEncoder": {"in_channels": [64, 64, 64], "hidden_dim": 64, "dim_feedforward": 128},
          "DEIMTransformer": {"feat_channels": [64, 64, 64], "hidden_dim": 64, "dim_feedforward": 128, "num_layers": 2,
                              "num_queries": 30, "num_denoising": 20}},
-        "deimv2_l",
+        f"deimv2_{size}",
         {"vit_dim": 32, "vit_heads": 2, "sta_channels": 8, "sta_dim": 64, "encoder_hidden_dim": 64,
          "encoder_ffn_dim": 128, "decoder_hidden_dim": 64, "decoder_ffn_dim": 128, "num_decoder_layers": 2,
          "num_queries": 30, "num_denoising": 20},
-    ),
-    "deimv2_x_reduced": (
-        "deimv2", "configs/deimv2/deimv2_dinov3_x_coco.yml",
-        {"DINOv3STAs": {"name": "dinov3_vits16plus_w32", "weights_path": None, "conv_inplane": 8, "hidden_dim": 64},
-         "HybridEncoder": {"in_channels": [64, 64, 64], "hidden_dim": 64, "dim_feedforward": 128},
-         "DEIMTransformer": {"feat_channels": [64, 64, 64], "hidden_dim": 64, "dim_feedforward": 128, "num_layers": 2,
-                             "num_queries": 30, "num_denoising": 20}},
-        "deimv2_x",
-        {"vit_dim": 32, "vit_heads": 2, "sta_channels": 8, "sta_dim": 64, "encoder_hidden_dim": 64,
-         "encoder_ffn_dim": 128, "decoder_hidden_dim": 64, "decoder_ffn_dim": 128, "num_decoder_layers": 2,
-         "num_queries": 30, "num_denoising": 20},
-    ),
+    ) for size, vit in (("l", "dinov3_vits16_w32"), ("x", "dinov3_vits16plus_w32"))},
 }
 # DEIMv2 L/X: the DINOv3 ViT-S/S+ widths are no options of the official YAML (DinoVisionTransformer
 # reads them by name from the ``configs`` table of engine/backbone/dinov3/vision_transformer.py).
