@@ -11,6 +11,7 @@ same reduced numbers, and everything must agree: outputs and losses within 1e-5,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,8 +31,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:DEIMv2 backbone")
 
 
 def load_case(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors); weights another fixture holds (``shared_weights``: DEIMv2-N's HGNetv2-B0 is
+    RT-DETRv4-S's) merged in, that file's sha256 checked."""
     meta = json.loads((FIXTURES / f"{case}.json").read_text())
-    return meta, load_file(FIXTURES / f"{case}.safetensors")
+    tensors = load_file(FIXTURES / f"{case}.safetensors")
+    shared = meta.get("shared_weights")
+    if shared is not None:
+        source = FIXTURES / shared["file"]
+        assert hashlib.sha256(source.read_bytes()).hexdigest() == shared["sha256"], (
+            f"{source} changed since {case} was written: rerun tools/parity/write_fixtures.py for {case}")
+        tensors.update({k: v for k, v in load_file(source).items() if k.startswith(f"weights/{shared['prefix']}")})
+    return meta, tensors
 
 
 def official_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,7 +52,9 @@ def official_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def our_model(meta: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
     model = build_student(meta["student"], **meta["student_overrides"])
-    converted = convert_official_state_dict(meta["student"], official_weights(tensors))
+    # DEIMv2 L/X: the ViT the weights go into (reduced here) describes the architecture to timm's converter.
+    vit = getattr(model.backbone, "vit", None) if meta["student"] in ("deimv2_l", "deimv2_x") else None
+    converted = convert_official_state_dict(meta["student"], official_weights(tensors), vit=vit)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     return model
@@ -54,7 +66,7 @@ def targets_of(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]
 
 
 def test_fixtures_exist_and_record_the_official_commit():
-    assert {"rtdetrv4_s_reduced", "deimv2_s_reduced", "deimv2_pico_reduced"} <= set(CASES)
+    assert {"rtdetrv4_s_reduced", "deimv2_s_reduced", "deimv2_pico_reduced", "deimv2_n_reduced"} <= set(CASES)
     for case in CASES:
         meta, tensors = load_case(case)
         assert len(meta["official_commit"]) == 40 and meta["official_repo"] in (

@@ -299,10 +299,11 @@ def test_learning_rates_match_the_official_scheduler(size):
     FlatCosineLRScheduler's rate for every official parameter group, at every sampled iteration
     (the whole warm-up, every epoch boundary and the iteration before it), within 1e-9 relative.
 
-    Indexing: both are compared after their ``it``-th update (official ``.step(it)``; ours
-    ``it`` calls of ``.step()``). In training the official loop applies the rate set after step
-    ``k - 1`` to step ``k`` (its first step runs at the full base rate) while LambdaLR applies
-    ``f(k)`` to step ``k`` (first step at 0): the same curve, one step apart (students/optim.py).
+    Indexing: the official loop applies the rate its ``.step(it)`` sets to step ``it + 1`` (and
+    runs step 0 at 1/500 of the base rate: students/optim.py); the job's scheduler
+    (``indexing="official"``) is compared at the step that uses each rate: official ``.step(it)``
+    against our rate of step ``it + 1``. The rates of the official training steps themselves are
+    checked by tests/test_training_parity.py.
     """
     data = json.loads((RECIPES / f"lr_{size}.json").read_text())
     cfg = our_config(size)
@@ -314,9 +315,12 @@ def test_learning_rates_match_the_official_scheduler(size):
     optimizer = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(params, base_lrs)])
     scheduler = build_lr_scheduler(optimizer, steps_per_epoch=data["iters_per_epoch"], epochs=cfg.train.epochs,
                                    flat_epochs=o.flat_epochs, no_aug_epochs=o.no_aug_epochs,
-                                   warmup_steps=o.warmup_steps, min_ratio=o.min_lr_ratio)
+                                   warmup_steps=o.warmup_steps, min_ratio=o.min_lr_ratio, indexing="official")
     assert data["total_iters"] == data["iters_per_epoch"] * cfg.train.epochs
     rows = {row[0]: row[1:] for row in data["rates"]}
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr / 500 for lr in base_lrs], rel=1e-12)
+    optimizer.step()
+    scheduler.step()  # from here on, our rate of step it + 1
     worst, checked = 0.0, 0
     for it in range(data["total_iters"] + 1):
         if it in rows:

@@ -51,9 +51,14 @@ linear: kept as the default, ``warmup="linear"`` is available), flat at the base
 ``flat_epochs``, cosine down to ``min_ratio`` x base (``lr_gamma`` 0.5) at
 ``epochs - no_aug_epochs``, then flat at the minimum for the no-augmentation epochs. The factor
 is the same for every group (each group's minimum is its own base times ``min_ratio``).
-Indexing: the official loop sets the rate after each optimizer step, so step k runs with
-``f(k - 1)`` and the very first step with the full base rate; with ``LambdaLR`` (``scheduler.step()``
-after ``optimizer.step()``) step k runs with ``f(k)``, starting from ``f(0) = 0``.
+Indexing (measured by tools/parity/write_training_fixtures.py, which records the rate of every
+official step): the official loop sets the rate after each optimizer step from the iteration just
+done (``lr_scheduler.step(cur_iters + i)``), so step k >= 1 runs with ``f(k - 1)``; the very first
+step runs at 1/500 of each group's rate, left there by the ``LinearWarmup(warmup_duration=500)``
+of ``configs/base/optimizer.yml`` that the official solver builds (and never steps when the
+flat-cosine scheduler drives the rate). ``indexing="official"`` (what the distillation job uses)
+does the same; ``indexing="lambda"`` (the default) is plain ``LambdaLR``: step k runs with ``f(k)``,
+starting from ``f(0) = 0``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from distillery.torch_files import strip_wrapper_prefix
 
 __all__ = [
     "NORM_LAYER_TYPES",
+    "OFFICIAL_FIRST_STEP_RATIO",
     "OPTIM_DEFAULTS",
     "FlatCosineSchedule",
     "build_lr_scheduler",
@@ -247,6 +253,9 @@ def build_optimizer(
 
 
 # ------------------------------------------------------------------------------------ schedule
+# The official first step's share of each group's rate: configs/base/optimizer.yml's
+# LinearWarmup(warmup_duration=500), built by the official solver, sets (0 + 1) / 500 (module docstring).
+OFFICIAL_FIRST_STEP_RATIO = 1.0 / 500
 class FlatCosineSchedule:
     """Multiplier of each group's base learning rate at optimizer step ``step`` (flat-cosine):
     ``schedule(step)``, a picklable ``LambdaLR`` callable (its fields go into the state dict).
@@ -254,6 +263,8 @@ class FlatCosineSchedule:
     Phases, checked in this order as in the reference: ``step <= warmup_steps``: warm-up from 0
     to 1; ``step <= flat_steps``: 1; ``step >= total_steps - no_aug_steps``: ``min_ratio``;
     otherwise cosine from 1 (at ``flat_steps``) to ``min_ratio`` (at ``total_steps - no_aug_steps``).
+    ``indexing="official"``: ``schedule(0)`` is :data:`OFFICIAL_FIRST_STEP_RATIO` and
+    ``schedule(k)`` the phases' value at ``k - 1`` (see the module docstring).
     """
 
     def __init__(
@@ -264,6 +275,7 @@ class FlatCosineSchedule:
         no_aug_steps: int,
         min_ratio: float = 0.5,
         warmup: Literal["quadratic", "linear"] = "quadratic",
+        indexing: Literal["lambda", "official"] = "lambda",
     ) -> None:
         for key, value in (
             ("total_steps", total_steps), ("warmup_steps", warmup_steps),
@@ -281,14 +293,23 @@ class FlatCosineSchedule:
             raise ValueError(f"flat-cosine schedule: min_ratio must be in [0, 1], got {min_ratio}")
         if warmup not in ("quadratic", "linear"):
             raise ValueError(f"flat-cosine schedule: warmup must be 'quadratic' or 'linear', got {warmup!r}")
+        if indexing not in ("lambda", "official"):
+            raise ValueError(f"flat-cosine schedule: indexing must be 'lambda' or 'official', got {indexing!r}")
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
         self.flat_steps = int(flat_steps)
         self.no_aug_steps = int(no_aug_steps)
         self.min_ratio = float(min_ratio)
         self.warmup = warmup
+        self.indexing = indexing
 
     def __call__(self, step: int) -> float:
+        if self.indexing == "official":
+            return OFFICIAL_FIRST_STEP_RATIO if step == 0 else self.factor(step - 1)
+        return self.factor(step)
+
+    def factor(self, step: int) -> float:
+        """The flat-cosine factor at iteration ``step`` (the official ``flat_cosine_schedule``)."""
         if self.warmup_steps > 0 and step <= self.warmup_steps:
             progress = step / self.warmup_steps
             return progress**2 if self.warmup == "quadratic" else progress
@@ -311,9 +332,11 @@ def build_lr_scheduler(
     warmup_steps: int = 2000,
     min_ratio: float = 0.5,
     warmup: Literal["quadratic", "linear"] = "quadratic",
+    indexing: Literal["lambda", "official"] = "lambda",
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration ``LambdaLR`` with the flat-cosine factor; call ``.step()`` after each
-    optimizer step. Epoch arguments are converted with ``steps_per_epoch`` as in the reference."""
+    optimizer step. Epoch arguments are converted with ``steps_per_epoch`` as in the reference;
+    ``indexing``: which step runs with which factor (module docstring)."""
     if steps_per_epoch < 1:
         raise ValueError(f"build_lr_scheduler: steps_per_epoch must be >= 1, got {steps_per_epoch}")
     schedule = FlatCosineSchedule(
@@ -323,5 +346,6 @@ def build_lr_scheduler(
         no_aug_steps=int(steps_per_epoch * no_aug_epochs),
         min_ratio=min_ratio,
         warmup=warmup,
+        indexing=indexing,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)

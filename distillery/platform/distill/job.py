@@ -98,7 +98,7 @@ class DistillJob(TrainingJob):
         scheduler = build_lr_scheduler(optimizer, steps_per_epoch=self.run.steps_per_epoch,
                                        epochs=self.cfg.train.epochs, flat_epochs=o.flat_epochs,
                                        no_aug_epochs=o.no_aug_epochs, warmup_steps=o.warmup_steps,
-                                       min_ratio=o.min_lr_ratio)
+                                       min_ratio=o.min_lr_ratio, indexing="official")
         return optimizer, scheduler
 
     def _describe_run(self, model: torch.nn.Module) -> None:
