@@ -79,19 +79,18 @@ OURS = textwrap.dedent('''
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                       DS_ACCELERATOR="cpu")
     import torch
-    import deepspeed
     from safetensors.torch import load_file, save_file
 
     from distillery.platform.config.distill import DistillConfig
     from distillery.platform.config.sections import load_config
     from distillery.platform.distill.job import DistillJob
     from distillery.platform.engine.trainer import engine_step
-    from distillery.platform.engine.worker import deepspeed_engine
+    from distillery.platform.engine.worker import deepspeed_engine, init_deepspeed_comm
     from distillery.students import build_criterion, build_student
     from distillery.students.ema import ModelEMA
 
     torch.set_num_threads(2)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    init_deepspeed_comm(False, auto_mpi_discovery=False)  # the engine's start: no C++ kernel built on CPU
     root, training, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     for case in sys.argv[4:]:
         meta = json.loads((training / f"{case}.json").read_text())
