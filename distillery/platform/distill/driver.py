@@ -25,15 +25,14 @@ from distillery.platform.datasets.coco import CocoDataset
 from distillery.platform.datasets.formats import coco_split_paths, load_split
 from distillery.platform.datasets.ingest import build_train_dataset
 from distillery.platform.distill.teacher_signal import teacher_signal
-from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, find_latest_checkpoint, read_record
+from distillery.platform.distill.spec import MODEL_JSON, SPEC, DistillRun, GamSettings
+from distillery.platform.engine.checkpoints import ENGINE_STATE, best_run_checkpoint, find_latest_checkpoint, read_record
 from distillery.platform.engine.launch import (claimed_run_folder, configure_ray_data, fit_on_ray_train, git_commit,
                                                load_train_val, mlflow_status, require_cluster_fit, run_summary,
                                                steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise, quiet_driver_noise
-from distillery.platform.engine.run_spec import DistillRun, GamSettings
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import StudentWeightsError, is_remote_source, resolve_registry_weights
-from distillery.platform.serving.predict import best_run_checkpoint  # predict --model's rule
 from distillery.platform.serving.export import log_final_model
 from distillery.platform.teacher_pretrain.resolve import resolve_teacher
 from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, tracking_reachable
@@ -150,15 +149,12 @@ def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run
     ``parent_run_id`` makes the MLflow run a child (one per sweep trial); ``extra_tags`` are
     added to it. The run directory (``output.storage_path/output.name``) is locked for the job:
     a second job with the same name is refused while this one runs (:func:`run_lock`)."""
-    with claimed_run_folder(cfg, "distill") as cfg:
+    with claimed_run_folder(cfg, SPEC.run_prefix) as cfg:
         return _run_distill(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
 
 
 def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: str | None,
                  extra_tags: dict[str, str] | None) -> dict[str, Any]:
-    # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
-    from distillery.platform.distill.job import distill_worker
-
     t0 = time.time()
     local_dir = Path(cfg.output.local_dir)
     name = cfg.output.name  # (claimed_run_folder: absolute paths, S3 configured, named)
@@ -167,7 +163,7 @@ def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: s
 
     # --- inputs, checked before anything runs
     # (the checkpoint to resume first: checking its files takes seconds, building a dataset minutes)
-    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
+    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from, SPEC) if cfg.output.resume_from else None
     ensure_dataset(cfg.data)
     if teacher_signal(cfg).needs_teacher:  # the domain teacher (built on first use), if it is the one in use
         cfg = cfg.model_copy(update={"teacher": resolve_teacher(cfg.teacher, cfg.data)})
@@ -224,7 +220,7 @@ def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: s
                          resume_checkpoint=resume_checkpoint)
 
         with mlflow_status(tracking_uri, run_id):
-            result, best = fit_on_ray_train(distill_worker, cfg, run, train_ds, name=name,
+            result, best = fit_on_ray_train(SPEC, cfg, run, train_ds, name=name,
                                             storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
             summary = {**run_summary(run, cfg.tracking.experiment, result, best),
                        "gam_history": _gam_history(result.checkpoint)}
@@ -238,6 +234,6 @@ def _gam_history(checkpoint) -> list[dict[str, Any]]:
     if checkpoint is None:
         return []
     with checkpoint.as_directory() as d:
-        return getattr(read_record(d), "gam_history", [])
+        return read_record(d, SPEC).gam_history
 
 

@@ -38,17 +38,16 @@ from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.config.sections import config_hash, flatten_config
 from distillery.platform.datasets.formats import coco_split_paths
 from distillery.platform.datasets.ingest import build_train_dataset
-from distillery.platform.engine.checkpoints import (ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE,
-                                                    find_latest_checkpoint, read_record)
+from distillery.platform.engine.checkpoints import find_latest_checkpoint, read_record
 from distillery.platform.engine.launch import (claimed_run_folder, configure_ray_data, fit_on_ray_train, git_commit,
                                                load_train_val, mlflow_status, require_cluster_fit, run_summary,
                                                steps_per_epoch)
 from distillery.platform.engine.progress import filter_ray_log_noise
-from distillery.platform.engine.run_spec import MoETuneRun
 from distillery.platform.io import storage
 from distillery.platform.moe.analysis import plot_expert_analysis
 from distillery.platform.moe.base_model import load_into, load_base_state
 from distillery.platform.moe.model_files import build_detector, save_tuned_model
+from distillery.platform.moe.spec import ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE, SPEC, MoETuneRun
 from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, tracking_reachable, tracking_uri_scope
 from distillery.students.moe import moe_parameter_counts
 from distillery.students.open_vocab import moe_tune_decoder
@@ -96,15 +95,12 @@ def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_ru
                  extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a
     summary. The run directory is locked for the job, as the distillation job's (``run_lock``)."""
-    with claimed_run_folder(cfg, "moe-tune") as cfg:
+    with claimed_run_folder(cfg, SPEC.run_prefix) as cfg:
         return _run_moe_tune(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
 
 
 def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: str | None,
                   extra_tags: dict[str, str] | None) -> dict[str, Any]:
-    # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
-    from distillery.platform.moe.job import moe_tune_worker
-
     t0 = time.time()
     local_dir = Path(cfg.output.local_dir)
     name = cfg.output.name  # (claimed_run_folder: absolute paths, S3 configured, named)
@@ -117,7 +113,7 @@ def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: 
     phrases, text, encoder_info = prompt_vocabulary(cfg, train.categories)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
     tracking_reachable(tracking_uri)
-    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
+    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from, SPEC) if cfg.output.resume_from else None
 
     model = build_detector(cfg.model.name, phrases, text, cfg.model.input_size, cfg.model.overrides)
     build_options = model.build_options()
@@ -149,7 +145,7 @@ def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: 
     params = flatten_config(cfg)
     tags = {"distillery.run_storage": run_storage, "distillery.git_commit": git_commit(),
             "distillery.config_hash": config_hash(cfg), "distillery.dataset_sha256": train.annotation_sha256,
-            "distillery.job": "moe_tune", "distillery.text_encoder": encoder_info["name"],
+            "distillery.job": SPEC.name, "distillery.text_encoder": encoder_info["name"],
             "distillery.text_encoder_fingerprint": encoder_info["digest"],
             "distillery.base": base_info["source"] if base_info else
             ("resume" if resume_checkpoint else f"trained in-job ({cfg.base.dense_steps} dense steps)")}
@@ -172,7 +168,7 @@ def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: 
                          run_storage=run_storage, resume_checkpoint=resume_checkpoint, parameter_counts=counts)
 
         with mlflow_status(tracking_uri, run_id):
-            result, best = fit_on_ray_train(moe_tune_worker, cfg, run, train_ds, name=name,
+            result, best = fit_on_ray_train(SPEC, cfg, run, train_ds, name=name,
                                             storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
             summary = {**run_summary(run, cfg.tracking.experiment, result, best), "parameter_counts": counts,
                        "phrases": phrases, "text_encoder": encoder_info["name"]}
@@ -193,7 +189,7 @@ def _log_final(cfg: MoETuneConfig, summary: dict[str, Any], run: MoETuneRun, bes
         mlflow.log_artifact(str(tmp / "config.yaml"))
         with best.as_directory() as d:
             d = Path(d)
-            record = read_record(d)
+            record = read_record(d, SPEC)
             # Under the name the registry's base loader reads (models:/<name>@<alias>).
             (tmp / "weights.safetensors").write_bytes((d / MODEL_FILE).read_bytes())
             mlflow.log_artifact(str(tmp / "weights.safetensors"), artifact_path="export")
@@ -214,7 +210,7 @@ def _log_final(cfg: MoETuneConfig, summary: dict[str, Any], run: MoETuneRun, bes
 
         with last.as_directory() as d:
             d = Path(d)
-            last_record = read_record(d)
+            last_record = read_record(d, SPEC)
             out.update(restore_checks=last_record.restore_checks, step0=last_record.step0,
                        base_metrics=last_record.base_metrics)
             if (d / ANALYSIS_JSON).is_file():

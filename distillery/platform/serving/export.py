@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.datasets.coco import decode_image, load_coco, load_image_resized
+from distillery.platform.distill.spec import DistillRun, GamSettings
 from distillery.platform.engine.checkpoints import STATE_JSON, load_engine_state
-from distillery.platform.engine.run_spec import DistillRun, GamSettings
 from distillery.platform.io import storage
 from distillery.platform.serving.predictor import DetectorPredictor
 from distillery.platform.tracking.runs import tracking_uri_scope
@@ -51,7 +51,7 @@ def load_inference_model(cfg: DistillConfig, num_classes: int, checkpoint_dir: s
     model = build_student(cfg.student.name, num_classes=num_classes,
                           eval_spatial_size=cfg.student.input_size, dsi=False, teacher_dim=None,
                           peft=cfg.student.peft.kwargs(), **cfg.student.overrides)
-    state = {k: v for k, v in state.ema["module"].items() if not k.startswith("dsi.")}
+    state = {k: v for k, v in state.components["ema"]["module"].items() if not k.startswith("dsi.")}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
