@@ -13,6 +13,8 @@ import ast
 import textwrap
 from pathlib import Path
 
+from distillery.platform.engine.driver import JobDriver
+from distillery.platform.engine.spec import load_attribute
 from distillery.platform.jobs import JOB_SPEC_MODULES, job_specs
 from test_layering import imported_modules
 
@@ -95,6 +97,26 @@ def test_each_job_kind_is_spelled_once_in_its_spec():
     for kind, module in zip(specs, JOB_SPEC_MODULES):
         expected = module.replace(".", "/") + ".py"
         assert [s.split(":")[0] for s in spelled[kind]] == [expected], (kind, spelled[kind])
-        spec = specs[kind]
-        assert spec.job.startswith(module.rsplit(".", 1)[0] + ".")   # the job lives in its package
-        assert spec.job_class().spec is spec and spec.run_function().__module__.startswith(module.rsplit(".", 1)[0])
+        spec, package = specs[kind], module.rsplit(".", 1)[0] + "."
+        assert spec.job.startswith(package) and spec.driver.startswith(package)   # both live in its package
+        assert spec.job_class().spec is spec and issubclass(load_attribute(spec.driver), JobDriver)
+
+
+def package_imports(root: Path) -> dict[str, set[str]]:
+    """package -> the other packages of ``distillery/platform`` it imports (any depth, any file)."""
+    platform = root / "distillery" / "platform"
+    edges: dict[str, set[str]] = {}
+    for path in sorted(platform.rglob("*.py")):
+        package = path.relative_to(platform).parts[0].removesuffix(".py")
+        for _, name in imported_modules(path, root):
+            parts = name.split(".")
+            if parts[:2] == ["distillery", "platform"] and len(parts) > 2 and parts[2] != package:
+                edges.setdefault(package, set()).add(parts[2])
+    return edges
+
+
+def test_no_two_platform_packages_import_each_other():
+    edges = package_imports(REPO)
+    assert {"engine", "cache", "datasets", "distill", "moe"} <= set(edges), sorted(edges)
+    circles = sorted(f"{a} <-> {b}" for a in edges for b in edges[a] if a < b and a in edges.get(b, ()))
+    assert not circles, f"packages that import each other: {circles}"

@@ -23,15 +23,16 @@ from distillery.data.augment import Augmenter
 from distillery.data.sample import collate
 from distillery.platform.config.augment import runtime_augment_config
 from distillery.platform.config.distill import DistillConfig
-from distillery.platform.datasets.ingest import rows_to_samples
+from distillery.platform.engine.ingest import rows_to_samples
 from distillery.platform.distill.teacher_signal import teacher_signal
 from distillery.platform.distill.preview import log_augment_preview
-from distillery.platform.distill.spec import MODEL_JSON, SPEC, DistillRecord, DistillRun
+from distillery.platform.distill.spec import SPEC, DistillRecord, DistillRun
 from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext, engine_step
 from distillery.platform.engine.worker import (deepspeed_engine, derived_seed, lockstep, shard_batches,
                                                sum_across_ranks)
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import student_weight_kwargs, weights_file_errors
+from distillery.platform.serving.predict import MODEL_JSON
 from distillery.students import RTDETRv4Criterion, build_criterion, build_student
 from distillery.students.ema import ModelEMA
 from distillery.students.gam import GAMController

@@ -1,5 +1,6 @@
 """The distillation job's spec: its kind (spelled here alone), its run description, its checkpoint
-record and file names, and where its worker-side job and its driver live.
+record, and where its worker-side job and its driver live. (The file its run storage adds,
+``distillery_model.json``, is what ``predict --model <run dir>`` reads: ``serving.predict.MODEL_JSON``.)
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ from distillery.platform.engine.checkpoints import CheckpointRecord
 from distillery.platform.engine.run_spec import RunDescription
 from distillery.platform.engine.spec import JobSpec
 
-__all__ = ["MODEL_JSON", "SPEC", "DistillRecord", "DistillRun", "GamSettings"]
-
-# A file of the run's storage (beside its checkpoint_* directories).
-MODEL_JSON = "distillery_model.json"      # the student's name, input size, classes (predict --model <run dir>)
+__all__ = ["SPEC", "DistillRecord", "DistillRun", "GamSettings"]
 
 
 @dataclass
@@ -52,5 +50,5 @@ class DistillRecord(CheckpointRecord):
 
 SPEC = JobSpec(name="distill", config_class=DistillConfig, run_class=DistillRun, record_class=DistillRecord,
                job="distillery.platform.distill.job:DistillJob",
-               driver="distillery.platform.distill.driver:run_distill",
+               driver="distillery.platform.distill.driver:DistillDriver",
                description="distil a frozen VFM into an RT-DETRv4 / DEIMv2 student (DSI + GAM)")

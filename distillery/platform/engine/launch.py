@@ -80,7 +80,7 @@ def require_writable_outputs(cfg) -> None:
 def require_cluster_fit(cfg, train: CocoDataset, tracking_uri: str, **paths: str | None) -> None:
     """At start, on the cluster the job runs on (Ray connected, nothing scheduled yet): its
     training workers leave a CPU for the Ray Data ingest (one per decode task:
-    ``datasets.ingest``), and on several nodes every path a worker reads or writes is shared
+    ``engine.ingest``), and on several nodes every path a worker reads or writes is shared
     (the images, the run storage, the tracking store, and ``paths``: key -> path)."""
     # Imported here: see fit_on_ray_train (this module is loaded before the inputs are checked).
     from distillery.platform.cluster.runtime import require_ingest_cpus, require_shared_paths

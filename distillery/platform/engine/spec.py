@@ -5,11 +5,13 @@ The engine runs any job a spec describes and knows none by name: a job package (
 ``distillery.platform.jobs`` registers it with one line. The idea is torchtitan's ``TrainSpec``
 (one object per model family naming its builders); here a spec names a job's classes and, as
 ``"module:attribute"`` paths loaded on use, its worker-side job (which loads DeepSpeed: the driver
-checks its inputs first) and its driver.
+checks its inputs first) and its driver steps (run inside the engine's one set-up,
+:func:`~distillery.platform.engine.driver.run_training_job`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,7 @@ class JobSpec:
     run_class: type[RunDescription]        # what its driver hands every worker
     record_class: type[CheckpointRecord]   # its checkpoints' distillery_state.json
     job: str                               # "module:Class" of its TrainingJob (the workers' builder and hooks)
-    driver: str                            # "module:function" of its run function (the CLI's and a sweep trial's)
+    driver: str                            # "module:Class" of its JobDriver (its steps in the driver's set-up)
     description: str = ""
 
     @property
@@ -50,4 +52,8 @@ class JobSpec:
         return load_attribute(self.job)
 
     def run_function(self):
-        return load_attribute(self.driver)
+        """``run(cfg, *, callbacks=None, parent_run_id=None, extra_tags=None) -> summary``: the job
+        as its CLI and a sweep's trial run it."""
+        from distillery.platform.engine.driver import run_training_job  # (it imports this module)
+
+        return functools.partial(run_training_job, self)

@@ -33,7 +33,7 @@ from distillery.platform.engine.progress import ProgressPrinter, quiet_worker_no
 from distillery.platform.engine.run_spec import RunDescription, from_worker_config
 from distillery.platform.engine.spec import JobSpec, load_attribute
 from distillery.platform.engine.worker import (evaluate_on_ranks, gather_floats, inject_fault, seed_epoch,
-                                               setup_worker, sum_across_ranks, zero_local_grads)
+                                               setup_worker, zero_local_grads)
 from distillery.platform.tracking.runs import MetricsLogger
 from distillery.students.ema import ModelEMA
 from distillery.students.training import AuxLoss, StepResult, train_step

@@ -42,7 +42,7 @@ from distillery.data.sample import collate
 from distillery.platform.config.augment import runtime_augment_config
 from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.datasets.coco import load_coco, load_image_resized
-from distillery.platform.datasets.ingest import rows_to_samples
+from distillery.platform.engine.ingest import rows_to_samples
 from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext
 from distillery.platform.engine.worker import deepspeed_engine, derived_seed, gather_floats, lockstep, shard_batches
 from distillery.platform.io import storage

@@ -46,5 +46,5 @@ class MoETuneRecord(CheckpointRecord):
 
 SPEC = JobSpec(name="moe_tune", config_class=MoETuneConfig, run_class=MoETuneRun, record_class=MoETuneRecord,
                job="distillery.platform.moe.job:MoETuneJob",
-               driver="distillery.platform.moe.driver:run_moe_tune",
+               driver="distillery.platform.moe.driver:MoETuneDriver",
                description="MoE-tune (or fine-tune) an open-vocabulary detector with expert parallelism")

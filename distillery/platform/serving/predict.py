@@ -42,7 +42,6 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 
 from distillery.platform.datasets.image_files import IMAGE_SUFFIXES, decode_image
-from distillery.platform.distill.spec import MODEL_JSON
 from distillery.platform.engine.checkpoints import ENGINE_STATE, best_run_checkpoint
 from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
@@ -52,9 +51,12 @@ from distillery.students.postprocess import postprocess
 from distillery.students.rtdetrv4 import STUDENT_SPECS
 from distillery.students.weights import COCO_CLASS_NAMES, read_student_checkpoint, to_model_layout
 
-__all__ = ["Detector", "list_images", "load_detector", "main", "predict_images", "run_predict"]
+__all__ = ["MODEL_JSON", "Detector", "list_images", "load_detector", "main", "predict_images", "run_predict"]
 
 log = logging.getLogger(__name__)
+# A distillation run's description of its student (name, input size, classes, overrides), beside its
+# checkpoint_* directories: what predict --model <run dir> rebuilds the student from.
+MODEL_JSON = "distillery_model.json"
 # Detections scoring lower are dropped by default: the untuned 0.0 drew 60-90 boxes on every image.
 # Ultralytics keeps conf >= 0.25 and RF-DETR >= 0.5 by default; 0.3 lies between.
 DEFAULT_SCORE_THRESHOLD = 0.3
