@@ -120,3 +120,81 @@ def test_no_two_platform_packages_import_each_other():
     assert {"engine", "cache", "datasets", "distill", "moe"} <= set(edges), sorted(edges)
     circles = sorted(f"{a} <-> {b}" for a in edges for b in edges[a] if a < b and a in edges.get(b, ()))
     assert not circles, f"packages that import each other: {circles}"
+
+
+_TOY_SPEC = '''
+from dataclasses import dataclass
+from distillery.platform.config.moe import MoETuneConfig
+from distillery.platform.engine.checkpoints import CheckpointRecord
+from distillery.platform.engine.run_spec import RunDescription
+from distillery.platform.engine.spec import JobSpec
+
+
+@dataclass(kw_only=True)
+class ToyRun(RunDescription):
+    width: int
+
+
+@dataclass
+class ToyRecord(CheckpointRecord):
+    note: str = ""
+
+
+SPEC = JobSpec(name="toy_job", config_class=MoETuneConfig, run_class=ToyRun, record_class=ToyRecord,
+               job="toyjobs.job:ToyJob", driver="toyjobs.driver:ToyDriver")
+'''
+_TOY_JOB = '''
+from distillery.platform.engine.trainer import TrainingJob
+from toyjobs.spec import SPEC
+
+
+class ToyJob(TrainingJob):
+    spec = SPEC
+'''
+_TOY_DRIVER = '''
+from distillery.platform.engine.driver import JobDriver
+from toyjobs.spec import ToyRun
+
+
+class ToyDriver(JobDriver):
+    def describe_run(self, **common):
+        return ToyRun(width=3, **common)
+'''
+
+
+def test_a_new_job_is_one_package_and_one_registration_line(tmp_path, monkeypatch):
+    """A job written as a package of three files (spec, worker-side job, driver steps) and one
+    line in the registry: the sweep accepts it by kind, the engine carries it to a worker by its
+    spec, and its checkpoints are told apart from the other jobs' (nothing of Ray runs here)."""
+    import json
+
+    import pytest
+
+    from distillery.platform import jobs
+    from distillery.platform.engine.checkpoints import CheckpointError, EngineState, read_record, save_checkpoint_files
+    from distillery.platform.engine.run_spec import from_worker_config, worker_config
+    from distillery.tuning.sweep_config import SweepConfig
+
+    package = tmp_path / "toyjobs"
+    package.mkdir()
+    for name, text in (("__init__", ""), ("spec", _TOY_SPEC), ("job", _TOY_JOB), ("driver", _TOY_DRIVER)):
+        (package / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(jobs, "JOB_SPEC_MODULES", (*jobs.JOB_SPEC_MODULES, "toyjobs.spec"))   # the one line
+    jobs.job_specs.cache_clear()
+    try:
+        spec = jobs.job_spec("toy_job")
+        assert SweepConfig.model_validate({"trial": {"job": "toy_job"}}).trial.job == "toy_job"
+        with pytest.raises(ValueError, match="unknown job 'no_such_job'"):
+            SweepConfig.model_validate({"trial": {"job": "no_such_job"}})
+        run = spec.run_class(width=3, steps_per_epoch=1, val_annotations="a", val_images="b", run_storage="c")
+        config = json.loads(json.dumps(worker_config(spec, spec.config_class(), run)))
+        job_class = load_attribute(config["job"])   # what the engine's train_worker does
+        assert job_class.__name__ == "ToyJob" and from_worker_config(config, job_class.spec)[1] == run
+        assert issubclass(load_attribute(spec.driver), JobDriver)
+        save_checkpoint_files(tmp_path, 0, EngineState(0), spec.record_class(epoch=0, note="n"), spec.name)
+        assert read_record(tmp_path, spec).note == "n"
+        with pytest.raises(CheckpointError, match="written by the toy_job job"):
+            read_record(tmp_path, next(s for s in jobs.job_specs().values() if s is not spec))
+    finally:
+        jobs.job_specs.cache_clear()
