@@ -158,7 +158,7 @@ def views_tradeoff(ks, samples, ds, run_teacher, cfg, size, args, work: Path) ->
     from distillery.platform.datasets.coco import decode_image
     from distillery.platform.io import storage
     from distillery.platform.cache.feature_cache import FeatureCacheWriter, decode_features, encode_features, plan_shards
-    from distillery.platform.datasets.ingest import select_view
+    from distillery.platform.engine.ingest import select_view
 
     k_max = max(ks)
     records = {r.image_id: r for r in ds.records}

@@ -254,7 +254,7 @@ def step_batches(train, *, seed: int, batch: int, steps_per_epoch: int, augmente
     from distillery.data.sample import collate
     from distillery.platform.cache.feature_cache import FeatureCache
     # The ingest's own pieces: its shard reader (the Ray Data flat_map), its join and decode, its samples.
-    from distillery.platform.datasets.ingest import (JoinAndDecode, image_rows_of_shard, annotation_table,
+    from distillery.platform.engine.ingest import (JoinAndDecode, image_rows_of_shard, annotation_table,
                                                      rows_to_samples)
 
     decode = JoinAndDecode(annotation_table(train), "error", None)

@@ -43,7 +43,7 @@ from distillery.platform.cache.feature_cache import FeatureCache  # noqa: E402
 from distillery.platform.cache.job import CacheFeaturesConfig, CacheSettings, run_cache_job  # noqa: E402
 from distillery.platform.config.sections import DataConfig, TeacherConfig  # noqa: E402
 from distillery.platform.datasets.coco import load_coco  # noqa: E402
-from distillery.platform.datasets.ingest import JoinAndDecode, annotation_table, build_train_dataset  # noqa: E402
+from distillery.platform.engine.ingest import JoinAndDecode, annotation_table, build_train_dataset  # noqa: E402
 from distillery.platform.datasets.synthetic import generate_synthetic_coco  # noqa: E402
 from distillery.platform.engine.launch import configure_ray_data, ordered_ingest_options  # noqa: E402
 from distillery.platform.io import storage  # noqa: E402

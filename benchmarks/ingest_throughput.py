@@ -69,7 +69,7 @@ def distillery_pass(ds, cache, args, epoch: int) -> int:
     from distillery.data.augment import Augmenter
     from distillery.data.sample import collate
     from distillery.platform.config.augment import AugmentSettings, runtime_augment_config
-    from distillery.platform.datasets.ingest import JoinAndDecode, annotation_table, rows_to_samples
+    from distillery.platform.engine.ingest import JoinAndDecode, annotation_table, rows_to_samples
 
     join = JoinAndDecode(annotation_table(ds), "error", None)
     meta = {"dtype": cache.dtype, "grid": list(cache.grid), "views": cache.views, "uri": cache.uri}

@@ -15,7 +15,7 @@ from distillery.platform.cache.codec import CODEC_FILE, CodecFileError, fit_code
 from distillery.platform.cache.job import (CacheFeaturesConfig, CacheInterrupted, build_teacher, open_training_cache,
                                            run_cache_job)
 from distillery.platform.datasets.coco import load_coco, load_image_resized
-from distillery.platform.datasets.ingest import build_train_dataset, rows_to_samples
+from distillery.platform.engine.ingest import build_train_dataset, rows_to_samples
 from distillery.platform.config.sections import load_config
 from distillery.platform.cache.feature_cache import (CacheError, CodecMismatchError, FeatureCache,
                                                      FingerprintMismatchError)

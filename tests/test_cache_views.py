@@ -15,7 +15,7 @@ from distillery.platform.datasets.coco import decode_image, load_coco, load_imag
 from distillery.platform.config.sections import load_config
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.cache.feature_cache import CacheError, FeatureCache, FeatureCacheWriter, plan_shards
-from distillery.platform.datasets.ingest import build_train_dataset, rows_to_samples, select_view
+from distillery.platform.engine.ingest import build_train_dataset, rows_to_samples, select_view
 
 TINY_TEACHER = ["teacher.allow_random_init=true", "teacher.input_size=128",
                 "teacher.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]

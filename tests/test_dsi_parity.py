@@ -18,7 +18,7 @@ from distillery.platform.config.sections import load_config
 from distillery.platform.engine.launch import load_train_val
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.cache.feature_cache import FeatureCache
-from distillery.platform.datasets.ingest import build_train_dataset, rows_to_samples
+from distillery.platform.engine.ingest import build_train_dataset, rows_to_samples
 from distillery.platform.distill.teacher_signal import render_teacher_grid
 from distillery.students import build_criterion, build_student
 from distillery.students.training import compute_losses

@@ -14,10 +14,12 @@ from torch import nn
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.config.sections import load_config
 from distillery.platform.distill.teacher_signal import CachedTeacher, NoTeacher, OnlineTeacher, teacher_signal
-from distillery.platform.engine.checkpoints import (ENGINE_STATE, STATE_JSON, CheckpointRecord, DistillRecord,
-                                                    EngineState, MoETuneRecord, best_checkpoint, load_engine_state,
-                                                    read_record, save_checkpoint_files)
-from distillery.platform.engine.run_spec import DistillRun, GamSettings, MoETuneRun, from_worker_config, worker_config
+from distillery.platform.distill.spec import SPEC as DISTILL, DistillRecord, DistillRun, GamSettings
+from distillery.platform.engine.checkpoints import (ENGINE_STATE, STATE_JSON, CheckpointError, CheckpointRecord,
+                                                    EngineState, best_checkpoint, load_engine_state, read_record,
+                                                    save_checkpoint_files)
+from distillery.platform.engine.run_spec import from_worker_config, worker_config
+from distillery.platform.moe.spec import SPEC as MOE_TUNE, MoETuneRecord, MoETuneRun
 from distillery.students.moe import MoEFFN, collect_aux_loss
 from distillery.students.training import compute_losses
 
@@ -28,13 +30,16 @@ def test_run_description_crosses_train_loop_config_typed():
                      gam=GamSettings(0.5, 0.3, 0.05, 1.0, 10, "paper", True), teacher_dim=32, teacher_dtype="float32",
                      steps_per_epoch=4, val_annotations="/v.json", val_images="/v", run_storage="/runs/x",
                      run_id="abc", tracking_uri="sqlite:///m.db")
-    config = json.loads(json.dumps(worker_config(cfg, run)))   # what Ray Train carries: plain JSON
-    cfg_back, run_back = from_worker_config(config, DistillConfig)
+    config = json.loads(json.dumps(worker_config(DISTILL, cfg, run)))   # what Ray Train carries: plain JSON
+    cfg_back, run_back = from_worker_config(config, DISTILL)
     assert run_back == run and isinstance(run_back.gam, GamSettings) and cfg_back == cfg
+    assert config["job"] == DISTILL.job   # the worker loads its job class from this path
     moe = MoETuneRun(phrases=["a"], text_embeddings=[[0.0, 1.0]], category_ids=[1], build_options={},
                      parameter_counts={"dense": {"total": 1}}, steps_per_epoch=1, val_annotations="a",
                      val_images="b", run_storage="c")
-    assert from_worker_config({"cfg": config["cfg"], "run": moe.to_dict()}, DistillConfig)[1] == moe
+    assert MOE_TUNE.run_class.from_dict(json.loads(json.dumps(moe.to_dict()))) == moe
+    with pytest.raises(TypeError, match="MoETuneRun"):   # a run description of another job
+        worker_config(DISTILL, cfg, moe)
 
 
 def test_the_best_checkpoint_is_the_first_of_the_highest_finite_ap():
@@ -47,30 +52,42 @@ def test_the_best_checkpoint_is_the_first_of_the_highest_finite_ap():
 
 
 def test_checkpoint_files_round_trip_typed(tmp_path):
-    state = EngineState(epoch=2, global_step=12, ema={"module": {"w": torch.ones(2)}, "updates": 12}, gam=None)
+    state = EngineState(epoch=2, global_step=12, components={"ema": {"module": {"w": torch.ones(2)}, "updates": 12},
+                                                             "gam": {"lambda": torch.tensor(0.5)}})
     record = DistillRecord(epoch=2, global_step=12, metrics={"AP": 0.1}, ranks={"weights_checksum": [1.0, 1.0]},
                            gam_history=[{"epoch": 0}])
-    save_checkpoint_files(tmp_path, 0, state, record)
-    save_checkpoint_files(tmp_path, 1, state, record)   # rank 1 writes its RNG states only
+    save_checkpoint_files(tmp_path, 0, state, record, DISTILL.name)
+    save_checkpoint_files(tmp_path, 1, state, record, DISTILL.name)   # rank 1 writes its RNG states only
     loaded, rng = load_engine_state(tmp_path, rank=1)
-    assert loaded.epoch == 2 and loaded.global_step == 12 and torch.equal(loaded.ema["module"]["w"], torch.ones(2))
-    assert "torch" in rng
-    assert read_record(tmp_path) == record and json.loads((tmp_path / STATE_JSON).read_text())["kind"] == "distill"
+    assert loaded.epoch == 2 and loaded.global_step == 12 and set(loaded.components) == {"ema", "gam"}
+    assert torch.equal(loaded.components["ema"]["module"]["w"], torch.ones(2)) and "torch" in rng
+    # Named components sit at the file's top level: what student.weights and predict read ("ema" -> "module").
+    raw = torch.load(tmp_path / ENGINE_STATE, weights_only=True)
+    assert sorted(raw) == ["ema", "epoch", "gam", "global_step"]
+    assert read_record(tmp_path, DISTILL) == record
+    assert json.loads((tmp_path / STATE_JSON).read_text())["kind"] == DISTILL.name
+    assert type(read_record(tmp_path)) is CheckpointRecord and read_record(tmp_path).epoch == 2   # the engine's view
+    # A checkpoint of another job is refused by name, not read as this job's.
+    with pytest.raises(CheckpointError, match=f"written by the {DISTILL.name} job, not by {MOE_TUNE.name}"):
+        read_record(tmp_path, MOE_TUNE)
+    with pytest.raises(ValueError, match="may not be named"):
+        EngineState(0, 0, {"epoch": {}}).to_file()
 
 
-def test_records_written_before_kinds_are_read_by_their_contents(tmp_path):
+def test_records_written_before_kinds_are_read_as_the_resuming_jobs(tmp_path):
     (tmp_path / STATE_JSON).write_text(json.dumps({"epoch": 1, "global_step": 4, "metrics": {}, "ranks": {},
                                                    "step0": {"max_abs_diff": 0.0}, "restore_checks": [],
                                                    "moe_layers": ["l"], "parameter_counts": {}}))
-    record = read_record(tmp_path)
+    record = read_record(tmp_path, MOE_TUNE)
     assert isinstance(record, MoETuneRecord) and record.step0 == {"max_abs_diff": 0.0}
     (tmp_path / STATE_JSON).write_text(json.dumps({"epoch": 1, "global_step": 4, "metrics": {}, "ranks": {},
                                                    "lambda": 0.3, "gam_history": [{"epoch": 0}]}))
-    assert isinstance(read_record(tmp_path), DistillRecord)
-    # An MoE-tuning engine state of the old layout (no EMA, no GAM) reads as one.
+    assert read_record(tmp_path, DISTILL).gam_history == [{"epoch": 0}]
+    # An engine state of the old layouts (no EMA, no GAM; or "gam": None) reads as one.
     torch.save({"epoch": 1, "global_step": 4}, tmp_path / ENGINE_STATE)
     assert load_engine_state(tmp_path, rank=0)[0] == EngineState(1, 4)
-    assert isinstance(CheckpointRecord.from_json({"kind": "moe_tune", "epoch": 0}), MoETuneRecord)
+    torch.save({"epoch": 1, "global_step": 4, "ema": {"updates": 3}, "gam": None}, tmp_path / ENGINE_STATE)
+    assert load_engine_state(tmp_path, rank=0)[0] == EngineState(1, 4, {"ema": {"updates": 3}})
 
 
 @pytest.mark.parametrize("mode, kind, teacher, cache", [("none", NoTeacher, False, False),

@@ -303,7 +303,7 @@ CASES = [
     Case("shard truncated, size edited too", _truncated_shard_with_edited_size, _open_and_read, CacheShardError,
          r"cache shard .*shard-00001\.parquet is not a readable Parquet file .*: rerun the cache job to repair it"),
     Case("shard damaged under a training ingest task", lambda r: _flip_byte(r / "cache/shard-00001.parquet"),
-         lambda r: lambda: __import__("distillery.platform.datasets.ingest", fromlist=["x"]).image_rows_of_shard(
+         lambda r: lambda: __import__("distillery.platform.engine.ingest", fromlist=["x"]).image_rows_of_shard(
              {"uri": str(r / "cache/shard-00001.parquet"), "manifest": str(_manifest(r)),
               "sha256": json.loads(_manifest(r).read_text())["shards"][1]["sha256"]}, 1), CacheShardError,
          r"cache shard .*shard-00001\.parquet does not match its checksum in .*manifest\.json"),
@@ -372,7 +372,7 @@ def test_a_shard_damaged_after_the_driver_check_fails_the_ingest_naming_it(ray_l
     """The driver's coverage check reads the id columns only; the grids' bytes are verified where
     the training ingest reads them: a byte flipped inside the features fails the Ray Data task
     with the shard's name and the repair command, as the original error class (no retry)."""
-    from distillery.platform.datasets.ingest import build_train_dataset
+    from distillery.platform.engine.ingest import build_train_dataset
     from distillery.platform.engine.launch import configure_ray_data
 
     root = tmp_path / "tree"

@@ -25,7 +25,7 @@ import torch
 
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.config.sections import load_config
-from distillery.platform.engine.checkpoints import MODEL_JSON
+from distillery.platform.serving.predict import MODEL_JSON
 from distillery.platform.engine.worker import evaluate_on_ranks
 from distillery.platform.serving.export import load_inference_model
 from distillery.students import build_student

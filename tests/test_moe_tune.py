@@ -16,7 +16,8 @@ from distillery.platform.config.sections import ConfigError, load_config
 from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.moe.base_model import load_base_state
 from distillery.platform.moe.driver import run_moe_tune
-from distillery.platform.engine.checkpoints import MODEL_FILE, PROBE_FILE, find_latest_checkpoint
+from distillery.platform.engine.checkpoints import find_latest_checkpoint
+from distillery.platform.moe.spec import MODEL_FILE, PROBE_FILE
 from distillery.platform.moe.model_files import load_tuned_model, save_tuned_model
 
 REPO = Path(__file__).resolve().parent.parent

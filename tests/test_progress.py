@@ -72,7 +72,7 @@ def test_ray_noise_is_dropped_on_the_driver(monkeypatch):
 
 
 def test_pca_colouring_separates_features_and_blacks_out_fill():
-    from distillery.platform.engine.preview import pca_rgb
+    from distillery.platform.distill.preview import pca_rgb
 
     grid = torch.zeros(8, 4, 6)
     grid[0, :, :3] = 5.0  # left half: one feature vector, right half: another
@@ -89,7 +89,7 @@ def test_pca_colouring_separates_features_and_blacks_out_fill():
 
 def test_preview_picture_is_drawn(tmp_path):
     from distillery.data.sample import Sample
-    from distillery.platform.engine.preview import plot_augment_preview
+    from distillery.platform.distill.preview import plot_augment_preview
 
     image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
     sample = Sample.create(image, torch.tensor([[8.0, 8.0, 20.0, 30.0]]), torch.tensor([1]),

@@ -26,13 +26,11 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from distillery.platform.cluster.runtime import ray_session
-from distillery.platform.config.distill import DistillConfig
-from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.config.sections import absolute_uri, flatten_config, load_config, with_absolute_paths
-from distillery.platform.distill.driver import prepare_inputs, resolve_gam, run_distill
+from distillery.platform.distill.driver import prepare_inputs, resolve_gam
 from distillery.platform.distill.teacher_signal import teacher_signal
 from distillery.platform.io import storage
-from distillery.platform.moe.driver import run_moe_tune
+from distillery.platform.jobs import job_spec
 from distillery.platform.tracking.runs import create_run, finish_sweep_runs, resolve_tracking_uri, tracking_reachable
 from distillery.tuning.callbacks import BestSoFarReport, InterruptAfter, best_metric_name
 from distillery.tuning.report import finish_sweep
@@ -48,12 +46,12 @@ _DELTA_FRACTION = "gam.delta_fraction"  # a sweep-only key: gam.delta = fraction
 
 
 def job_entry(job: str) -> tuple[type, Callable[..., dict[str, Any]]]:
-    """(config model, run function) of a job that can be swept."""
-    if job == "distill":
-        return DistillConfig, run_distill
-    if job == "moe_tune":
-        return MoETuneConfig, run_moe_tune
-    raise ValueError(f"trial.job: unknown job {job!r} (known: distill, moe_tune)")
+    """(config model, run function) of a registered job (``distillery.platform.jobs``)."""
+    try:
+        spec = job_spec(job)
+    except ValueError as exc:
+        raise ValueError(f"trial.job: {exc}") from None
+    return spec.config_class, spec.run_function()
 
 
 def _absolute_path_overrides(job_cfg) -> list[str]:

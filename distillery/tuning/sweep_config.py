@@ -9,23 +9,31 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from distillery.platform.config.sections import (JobConfig, LocalPath, OutputSettings, RecipePath, StrictModel,
                                                  TrackingSettings)
+from distillery.platform.distill.spec import SPEC as DISTILL
+from distillery.platform.jobs import job_spec
 from distillery.tuning.space import ParamSpec
 
 __all__ = ["SweepConfig"]
 
 
 class TrialSettings(StrictModel):
-    job: Literal["distill", "moe_tune"] = "distill"
+    job: str = DISTILL.name   # a registered job's kind (distillery.platform.jobs)
     config: RecipePath = None  # the job's YAML recipe; None: its embedded default
     overrides: list[str] = Field(default_factory=lambda: ["train.epochs=4", "optim.flat_epochs=2",
                                                           "optim.no_aug_epochs=1",
                                                           "augment.policy_epochs=[1,2,3]",
                                                           "augment.mixup_epochs=[1,2]",
                                                           "augment.multiscale_stop_epoch=3"])
+
+    @field_validator("job")
+    @classmethod
+    def _registered(cls, job: str) -> str:
+        job_spec(job)   # a ValueError naming the known jobs
+        return job
 
 
 class GamAutoSettings(StrictModel):

@@ -1,7 +1,9 @@
-"""The distillation job's driver: validate inputs, prepare cache and tracking, run Ray Train.
+"""The distillation job's driver: its steps in the engine's set-up (:class:`DistillDriver`:
+teacher, student weights, GAM settings, feature cache), and the cache preparation a sweep runs
+once before its trials (:func:`prepare_inputs`).
 
 ``run_distill(cfg)`` is what ``jobs/distill.py`` calls. Everything that can be checked before a
-worker starts is checked here (dataset, cache fingerprint and coverage, tracking server,
+worker starts is checked on the driver (dataset, cache fingerprint and coverage, tracking server,
 checkpoint to resume), so a bad input fails in seconds with a message naming it, and nothing
 already written is touched.
 """
@@ -9,7 +11,6 @@ already written is touched.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +21,22 @@ from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
 from distillery.platform.config.augment import runtime_augment_config
 from distillery.platform.config.cache import CacheComputeConfig, CacheFeaturesConfig, CacheSettings
 from distillery.platform.config.distill import DistillConfig
-from distillery.platform.config.sections import config_hash, flatten_config, with_absolute_paths
+from distillery.platform.config.sections import with_absolute_paths
 from distillery.platform.datasets.coco import CocoDataset
-from distillery.platform.datasets.formats import coco_split_paths, load_split
-from distillery.platform.datasets.ingest import build_train_dataset
+from distillery.platform.datasets.formats import load_split
 from distillery.platform.distill.teacher_signal import teacher_signal
-from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, find_latest_checkpoint, read_record
-from distillery.platform.engine.launch import (claimed_run_folder, configure_ray_data, fit_on_ray_train, git_commit,
-                                               load_train_val, mlflow_status, require_cluster_fit, run_summary,
-                                               steps_per_epoch)
-from distillery.platform.engine.progress import filter_ray_log_noise, quiet_driver_noise
-from distillery.platform.engine.run_spec import DistillRun, GamSettings
+from distillery.platform.distill.spec import SPEC, DistillRun, GamSettings
+from distillery.platform.engine.checkpoints import ENGINE_STATE, best_run_checkpoint, read_record
+from distillery.platform.engine.driver import JobDriver, run_training_job
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import StudentWeightsError, is_remote_source, resolve_registry_weights
-from distillery.platform.serving.predict import best_run_checkpoint  # predict --model's rule
 from distillery.platform.serving.export import log_final_model
+from distillery.platform.serving.predict import MODEL_JSON
 from distillery.platform.teacher_pretrain.resolve import resolve_teacher
-from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, tracking_reachable
 from distillery.students.gam import GAM_DEFAULTS
 from distillery.platform.cache.feature_cache import FeatureCache, fingerprint_digest, manifest_sha256
 
-__all__ = ["prepare_inputs", "resolve_gam", "resolve_student_weights", "run_distill"]
+__all__ = ["DistillDriver", "prepare_inputs", "resolve_gam", "resolve_student_weights", "run_distill"]
 
 log = logging.getLogger(__name__)
 
@@ -144,93 +140,64 @@ def prepare_inputs(cfg: DistillConfig) -> None:
 
 def run_distill(cfg: DistillConfig, *, callbacks: list | None = None, parent_run_id: str | None = None,
                 extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train a student with Ray Train + DeepSpeed; return a summary (AP, paths, run id).
-
-    ``callbacks`` are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``);
-    ``parent_run_id`` makes the MLflow run a child (one per sweep trial); ``extra_tags`` are
-    added to it. The run directory (``output.storage_path/output.name``) is locked for the job:
-    a second job with the same name is refused while this one runs (:func:`run_lock`)."""
-    with claimed_run_folder(cfg, "distill") as cfg:
-        return _run_distill(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
+    """Train a student with Ray Train + DeepSpeed; return a summary (AP, paths, run id): the
+    engine's set-up (:func:`~distillery.platform.engine.driver.run_training_job`) with this job's
+    steps (:class:`DistillDriver`)."""
+    return run_training_job(SPEC, cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
 
 
-def _run_distill(cfg: DistillConfig, *, callbacks: list | None, parent_run_id: str | None,
-                 extra_tags: dict[str, str] | None) -> dict[str, Any]:
-    # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
-    from distillery.platform.distill.job import distill_worker
+class DistillDriver(JobDriver):
+    """The distillation job's driver steps: the teacher (resolved, then built once on the cluster
+    for its fingerprint and width), the student's weights, GAM's settings, the feature cache."""
 
-    t0 = time.time()
-    local_dir = Path(cfg.output.local_dir)
-    name = cfg.output.name  # (claimed_run_folder: absolute paths, S3 configured, named)
-    storage_path = cfg.output.storage_path
-    run_storage = storage.join(storage_path, name)
+    def check_inputs(self) -> DistillConfig:
+        cfg, launch = self.cfg, self.launch
+        self.signal = teacher_signal(cfg)
+        if self.signal.needs_teacher:  # the domain teacher (built on first use), if it is the one in use
+            cfg = cfg.model_copy(update={"teacher": resolve_teacher(cfg.teacher, cfg.data)})
+        self.weights_source = cfg.student.weights
+        cfg = resolve_student_weights(cfg, launch.tracking_uri, launch.local_dir)
+        self.gam = GamSettings(**resolve_gam(cfg))
+        self.teacher_dim, self.teacher_dtype, self.fingerprint, self.cache = None, None, None, None
+        return cfg
 
-    # --- inputs, checked before anything runs
-    # (the checkpoint to resume first: checking its files takes seconds, building a dataset minutes)
-    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
-    ensure_dataset(cfg.data)
-    if teacher_signal(cfg).needs_teacher:  # the domain teacher (built on first use), if it is the one in use
-        cfg = cfg.model_copy(update={"teacher": resolve_teacher(cfg.teacher, cfg.data)})
-    train, val = load_train_val(cfg.data, storage.join(str(local_dir), "bad_records", name))
-    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
-    tracking_reachable(tracking_uri)
-    weights_source = cfg.student.weights
-    cfg = resolve_student_weights(cfg, tracking_uri, local_dir)
-    gam = GamSettings(**resolve_gam(cfg))
-    signal = teacher_signal(cfg)
+    def shared_paths(self) -> dict[str, str | None]:
+        return {"cache.uri": self.cfg.cache.uri if self.signal.needs_cache else None,
+                "student.weights": self.cfg.student.weights}
 
-    # Training workers hold their CPUs for the whole run; ingest (shard read, join, decode)
-    # needs a couple more logical CPUs beside them.
-    with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
-        filter_ray_log_noise()
-        quiet_driver_noise()
-        require_cluster_fit(cfg, train, tracking_uri, **{"cache.uri": cfg.cache.uri if signal.needs_cache else None,
-                                                         "student.weights": cfg.student.weights})
-        use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
-        teacher_dim, cache_meta, fingerprint, teacher_dtype = None, None, None, None
-        dataset_cache = None
-        if signal.needs_teacher:
-            teacher_dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)
-            teacher = build_teacher(cfg.teacher.model_dump(), teacher_dtype)
-            fingerprint, teacher_dim = teacher.fingerprint, teacher.embed_dim
+    def on_cluster(self) -> FeatureCache | None:
+        cfg, use_gpu = self.cfg, self.launch.use_gpu
+        if self.signal.needs_teacher:
+            self.teacher_dtype = resolve_teacher_dtype(cfg.teacher, use_gpu)
+            teacher = build_teacher(cfg.teacher.model_dump(), self.teacher_dtype)
+            self.fingerprint, self.teacher_dim = teacher.fingerprint, teacher.embed_dim
             del teacher
-        if signal.needs_cache:
-            dataset_cache = _prepare_cache(cfg, train, fingerprint, teacher_dtype, use_gpu)
-            cache_meta = dataset_cache.ingest_meta()
-        configure_ray_data()
-        train_ds = build_train_dataset(train, dataset_cache, bad_records=cfg.data.bad_records,
-                                       report_uri=storage.join(run_storage, "bad_records"))
+        if self.signal.needs_cache:
+            self.cache = _prepare_cache(cfg, self.launch.train, self.fingerprint, self.teacher_dtype, use_gpu)
+        return self.cache
 
-        # --- tracking: one run per job; rank 0 logs into it
-        params = flatten_config(cfg)
-        tags = {"distillery.run_storage": run_storage, "distillery.git_commit": git_commit(),
-                "distillery.config_hash": config_hash(cfg), "distillery.dataset_sha256": train.annotation_sha256,
-                "distillery.teacher_mode": signal.mode}
-        if weights_source and weights_source != cfg.student.weights:  # as given, before resolve_student_weights
-            tags["distillery.student_weights_source"] = weights_source
-        if fingerprint is not None:
-            tags["distillery.teacher_fingerprint"] = fingerprint_digest(fingerprint)
-        if dataset_cache is not None:
-            tags["distillery.cache_manifest_sha256"] = manifest_sha256(dataset_cache.uri)
-        tags.update(extra_tags or {})
-        run_id = create_run(tracking_uri, cfg.tracking.experiment, name, params, tags, parent_run_id=parent_run_id)
+    def step_limit(self) -> int | None:
+        return self.cfg.debug.max_steps_per_epoch
 
-        val_ann, val_images = coco_split_paths(cfg.data, "val", val, storage.join(run_storage, "data"))
-        run = DistillRun(num_classes=train.categories.num_classes, categories=train.categories.to_dict(),
-                         teacher_dim=teacher_dim, teacher_dtype=teacher_dtype, cache_meta=cache_meta, gam=gam,
-                         steps_per_epoch=steps_per_epoch(cfg, len(train), cfg.debug.max_steps_per_epoch),
-                         val_annotations=val_ann, val_images=val_images,
-                         tracking_uri=tracking_uri, run_id=run_id, run_storage=run_storage,
-                         resume_checkpoint=resume_checkpoint)
+    def tags(self) -> dict[str, str]:
+        tags = {"distillery.teacher_mode": self.signal.mode}
+        if self.weights_source and self.weights_source != self.cfg.student.weights:  # as given, before resolving
+            tags["distillery.student_weights_source"] = self.weights_source
+        if self.fingerprint is not None:
+            tags["distillery.teacher_fingerprint"] = fingerprint_digest(self.fingerprint)
+        if self.cache is not None:
+            tags["distillery.cache_manifest_sha256"] = manifest_sha256(self.cache.uri)
+        return tags
 
-        with mlflow_status(tracking_uri, run_id):
-            result, best = fit_on_ray_train(distill_worker, cfg, run, train_ds, name=name,
-                                            storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
-            summary = {**run_summary(run, cfg.tracking.experiment, result, best),
-                       "gam_history": _gam_history(result.checkpoint)}
-            summary.update(log_final_model(cfg, run, best))
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    return summary
+    def describe_run(self, **common: Any) -> DistillRun:
+        train = self.launch.train
+        return DistillRun(num_classes=train.categories.num_classes, categories=train.categories.to_dict(),
+                          teacher_dim=self.teacher_dim, teacher_dtype=self.teacher_dtype,
+                          cache_meta=self.cache.ingest_meta() if self.cache is not None else None, gam=self.gam,
+                          **common)
+
+    def summary(self, run: DistillRun, result, best) -> dict[str, Any]:
+        return {"gam_history": _gam_history(result.checkpoint), **log_final_model(self.cfg, run, best)}
 
 
 def _gam_history(checkpoint) -> list[dict[str, Any]]:
@@ -238,6 +205,6 @@ def _gam_history(checkpoint) -> list[dict[str, Any]]:
     if checkpoint is None:
         return []
     with checkpoint.as_directory() as d:
-        return getattr(read_record(d), "gam_history", [])
+        return read_record(d, SPEC).gam_history
 
 

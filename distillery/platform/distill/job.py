@@ -2,8 +2,11 @@
 DEIMv2 / AdaRoute student (``student.name`` selects it) with DSI + GAM, DEIM's augmentation
 schedule and an EMA of the weights (what is evaluated and exported).
 
-Its Ray Train entry point is :func:`distill_worker`; the loop is the engine's
-(:class:`~distillery.platform.engine.trainer.Trainer`).
+GAM is this job's: its controller reads the gradients in the step (:meth:`DistillJob.train_step`),
+updates lambda at the epoch end (:meth:`DistillJob.end_of_epoch`) and is saved in every checkpoint
+as the component ``gam``. The loop is the engine's
+(:class:`~distillery.platform.engine.trainer.Trainer`), which loads this class from
+:data:`~distillery.platform.distill.spec.SPEC`.
 """
 
 from __future__ import annotations
@@ -20,28 +23,29 @@ from distillery.data.augment import Augmenter
 from distillery.data.sample import collate
 from distillery.platform.config.augment import runtime_augment_config
 from distillery.platform.config.distill import DistillConfig
-from distillery.platform.datasets.ingest import rows_to_samples
+from distillery.platform.engine.ingest import rows_to_samples
 from distillery.platform.distill.teacher_signal import teacher_signal
-from distillery.platform.engine.checkpoints import MODEL_JSON, DistillRecord
-from distillery.platform.engine.preview import log_augment_preview
-from distillery.platform.engine.run_spec import DistillRun
-from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext, run_job
-from distillery.platform.engine.worker import deepspeed_engine, derived_seed, lockstep, shard_batches
+from distillery.platform.distill.preview import log_augment_preview
+from distillery.platform.distill.spec import SPEC, DistillRecord, DistillRun
+from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext, engine_step
+from distillery.platform.engine.worker import (deepspeed_engine, derived_seed, lockstep, shard_batches,
+                                               sum_across_ranks)
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import student_weight_kwargs, weights_file_errors
+from distillery.platform.serving.predict import MODEL_JSON
 from distillery.students import RTDETRv4Criterion, build_criterion, build_student
 from distillery.students.ema import ModelEMA
 from distillery.students.gam import GAMController
 from distillery.students.optim import build_lr_scheduler, build_optimizer
+from distillery.students.training import StepResult
 
-__all__ = ["DistillJob", "distill_worker"]
+__all__ = ["DistillJob"]
 
 log = logging.getLogger(__name__)
 
 
 class DistillJob(TrainingJob):
-    config_class = DistillConfig
-    record_class = DistillRecord
+    spec = SPEC
 
     def __init__(self, cfg: DistillConfig, run: DistillRun, ctx: WorkerContext):
         super().__init__(cfg, run, ctx)
@@ -79,7 +83,8 @@ class DistillJob(TrainingJob):
         self._start_system_metrics()
         # The size's official losses and matcher change (criterion_options), the recipe's criterion section on top.
         self.criterion = build_criterion(num_classes=run.num_classes, **cfg.criterion_options())
-        return Built(engine=engine, criterion=self.criterion, ema=ema, gam=gam)
+        return Built(engine=engine, criterion=self.criterion, ema=ema,
+                     components={"gam": gam} if gam is not None else {})
 
     def _student(self) -> torch.nn.Module:
         cfg, run = self.cfg, self.run
@@ -177,7 +182,32 @@ class DistillJob(TrainingJob):
         return {"images": images.to(self.model_dtype), "targets": targets,
                 **self.teacher.batch_inputs(samples, images)}
 
+    def train_step(self, built: Built, batch: dict[str, Any]) -> StepResult:
+        """The engine's step, with GAM reading this rank's gradients at accumulation boundaries."""
+        return engine_step(built.engine, built.criterion, batch, gam=self.gam)
+
+    def step_values(self) -> dict[str, float]:
+        return {"lambda": self.gam.current_lambda} if self.gam is not None else {}
+
     # ------------------------------------------------------------------ epoch end
+
+    def end_of_epoch(self, epoch: int) -> dict[str, Any]:
+        """GAM's rank-synchronous update (one all-reduce of the epoch's norm sums) and its metrics."""
+        gam = self.gam
+        if gam is None:
+            return {}
+        lam_before = gam.current_lambda
+        out: dict[str, Any] = {"lambda": gam.end_epoch(epoch, all_reduce=sum_across_ranks),
+                               "lambda_before": lam_before}
+        if gam.history:
+            out["aifi_ratio"] = gam.history[-1].get("ratio", 0.0)
+            for name, share in (gam.last_shares or {}).items():
+                out[f"share_{name}"] = share
+        return out
+
+    def rank_values(self, built: Built) -> dict[str, float]:
+        """GAM's lambda, which every rank must agree on."""
+        return {"lambda": float(self.gam.current_lambda)} if self.gam is not None else {}
 
     def after_evaluation(self, metrics: dict[str, Any]) -> None:
         if self.views > 1:  # this rank's share of samples served by an exact cached view
@@ -191,9 +221,3 @@ class DistillJob(TrainingJob):
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.finish()
-
-
-
-def distill_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (``train_loop_config``: :func:`~distillery.platform.engine.run_spec.worker_config`)."""
-    run_job(DistillJob, config)

@@ -1,12 +1,12 @@
 """Every file of a training checkpoint, written and read here; and which checkpoint a job resumes
 from, checked on the driver before any worker starts.
 
-A Distillery checkpoint directory (written by the training engine every epoch, both jobs) holds
-``distillery_state.json`` (:class:`CheckpointRecord`: epoch, metrics, rank checks and the job's
-own record), ``distillery_state.pt`` (:class:`EngineState`: epoch, step, EMA and GAM states when
-the job has them), one ``rng_rank<i>.pt`` per rank and DeepSpeed's checkpoint under ``ds/``; the
-MoE-tuning job adds ``model.safetensors`` (the consolidated model), ``probe.pt`` and
-``expert_analysis.json``. Every ``.pt`` file is a
+A Distillery checkpoint directory (written by the training engine every epoch, every job) holds
+``distillery_state.json`` (:class:`CheckpointRecord`: the job's kind, epoch, metrics, rank checks
+and the job's own record: its spec's ``record_class``), ``distillery_state.pt``
+(:class:`EngineState`: epoch, step and the state of each named component the job has, such as
+``ema``), one ``rng_rank<i>.pt`` per rank and DeepSpeed's checkpoint under ``ds/``; a job adds
+its own files beside them (its ``write_files`` hook). Every ``.pt`` file is a
 zip archive (``torch.save``; DeepSpeed's files too, with the training loop's checkpoint engine)
 whose members carry a CRC-32: reading each member back verifies a file end to end without
 unpickling anything, so a truncated or overwritten file is found here, in seconds, instead of in
@@ -27,7 +27,7 @@ import random
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -35,24 +35,22 @@ import torch
 from distillery.platform.io import storage
 from distillery.platform.errors import DeterministicError
 
+if TYPE_CHECKING:
+    from distillery.platform.engine.spec import JobSpec
+
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointRecord", "EngineState", "best_checkpoint",
+           "best_run_checkpoint",
            "find_latest_checkpoint", "load_engine_state", "read_record", "save_checkpoint_files",
            "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
-# The file names of a checkpoint directory (one meaning each, in both jobs).
-ENGINE_STATE = "distillery_state.pt"      # EngineState: epoch, step, EMA, GAM (torch.save)
-STATE_JSON = "distillery_state.json"      # CheckpointRecord: epoch, metrics, rank checks, job record
+# The engine's file names of a checkpoint directory (one meaning each, in every job).
+ENGINE_STATE = "distillery_state.pt"      # EngineState: epoch, step, named components (torch.save)
+STATE_JSON = "distillery_state.json"      # CheckpointRecord: kind, epoch, metrics, rank checks, job record
 DS_TAG = "ds"                             # DeepSpeed's checkpoint (its tag: a sub-directory)
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's model file, whatever the ZeRO stage
-MODEL_FILE = "model.safetensors"          # MoE-tuning: consolidated weights (plain modules) + metadata
-PROBE_FILE = "probe.pt"                   # MoE-tuning: raw outputs on the probe images (restore check)
-ANALYSIS_JSON = "expert_analysis.json"    # MoE-tuning: per-layer load and co-activation on the val split
-# Files of a run's storage (beside its checkpoint_* directories).
-MODEL_JSON = "distillery_model.json"      # distillation: the student's name, input size, classes
-DENSE_BASE_DIR = "dense_base"             # MoE-tuning: the dense base trained in the job (MODEL_FILE inside)
-BASE_DIR = "base"                         # MoE-tuning: the given base staged for the workers (MODEL_FILE inside)
+# A file of a run's storage (beside its checkpoint_* directories).
 FAULT_MARKER = "fault_injected"           # debug.kill: the worker was killed once
 
 
@@ -120,14 +118,14 @@ def _load_legacy(fh) -> None:
         torch.load(fh, map_location="cpu", weights_only=True)
 
 
-def _checkpoint_epoch(directory: str) -> int:
-    return int(read_record(directory).epoch)
+def _checkpoint_epoch(directory: str, spec: JobSpec | None = None) -> int:
+    return int(read_record(directory, spec).epoch)
 
 
-def verify_checkpoint(directory: str) -> int:
-    """Check every file of a Distillery checkpoint directory; return its epoch, or raise
-    :class:`CheckpointError` naming the first bad file."""
-    epoch = _checkpoint_epoch(directory)
+def verify_checkpoint(directory: str, spec: JobSpec | None = None) -> int:
+    """Check every file of a Distillery checkpoint directory (written by ``spec``'s job, when
+    given); return its epoch, or raise :class:`CheckpointError` naming the first bad file."""
+    epoch = _checkpoint_epoch(directory, spec)
     _verify_torch_file(storage.join(directory, ENGINE_STATE))
     ds_dir = storage.join(directory, DS_TAG)
     ds_files = [n for n in storage.listdir(ds_dir) if n.endswith(".pt")]
@@ -158,7 +156,33 @@ def best_checkpoint(candidates: Iterable[tuple[T, Mapping[str, Any] | None]]) ->
     return best
 
 
-def _checkpoints_newest_first(run_path: str) -> tuple[list[str], list[str]]:
+def best_run_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint of a (local) run directory the job's summary and the registry call best
+    (:func:`best_checkpoint`: the highest val AP, the earliest epoch of equal ones); the latest
+    when none has an AP. ``predict --model <run dir>`` and ``student.weights=<run dir>`` use it."""
+    checkpoints = [p for p in run_dir.glob("checkpoint_*") if (p / ENGINE_STATE).is_file()]
+    if not checkpoints:
+        raise FileNotFoundError(f"run directory {run_dir} has no checkpoint_*/distillery_state.pt")
+
+    def record(path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads((path / STATE_JSON).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    records = {p: record(p) for p in checkpoints}
+
+    def epoch(path: Path) -> int:
+        value = records[path].get("epoch")
+        return value if isinstance(value, int) else -1
+
+    in_report_order = sorted(checkpoints, key=lambda p: (epoch(p), p.name))
+    best = best_checkpoint((p, records[p].get("metrics")) for p in in_report_order)
+    return best if best is not None else in_report_order[-1]
+
+
+def _checkpoints_newest_first(run_path: str, spec: JobSpec | None) -> tuple[list[str], list[str]]:
     """(checkpoint directories under a run path, newest epoch first; the problems of those whose
     state file cannot be read), both listed newest directory first."""
     found: list[tuple[int, str]] = []
@@ -168,32 +192,33 @@ def _checkpoints_newest_first(run_path: str) -> tuple[list[str], list[str]]:
         if not name.startswith("checkpoint_") or not storage.exists(storage.join(directory, STATE_JSON)):
             continue
         try:
-            found.append((_checkpoint_epoch(directory), directory))
+            found.append((_checkpoint_epoch(directory, spec), directory))
         except CheckpointError as exc:
             problems.append(str(exc))
     return [d for _, d in sorted(found, key=lambda e: e[0], reverse=True)], problems
 
 
-def find_latest_checkpoint(path: str) -> str:
+def find_latest_checkpoint(path: str, spec: JobSpec | None = None) -> str:
     """The checkpoint to resume from: ``path`` itself if it is a checkpoint directory, else the
     newest intact checkpoint under the run path ``path`` (corrupt newer ones are skipped with a
-    warning naming the bad file). Raises :class:`CheckpointError` or :class:`CheckpointNotFoundError`."""
+    warning naming the bad file); with ``spec``, one written by that job. Raises
+    :class:`CheckpointError` or :class:`CheckpointNotFoundError`."""
     if not storage.exists(path):
         raise CheckpointNotFoundError(f"resume_from: run path {path} does not exist")
     if storage.exists(storage.join(path, STATE_JSON)):  # one checkpoint, chosen by the user
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, spec)
         except CheckpointError as exc:
             raise CheckpointError(f"resume_from: {exc}") from None
         return path
-    candidates, problems = _checkpoints_newest_first(path)
+    candidates, problems = _checkpoints_newest_first(path, spec)
     if not candidates and not problems:
         raise CheckpointNotFoundError(f"resume_from: no checkpoint with {STATE_JSON} under {path}")
     for problem in problems:
         log.warning("resume_from: skipping a corrupt checkpoint: %s", problem)
     for directory in candidates:
         try:
-            verify_checkpoint(directory)
+            verify_checkpoint(directory, spec)
         except CheckpointError as exc:
             problems.append(str(exc))
             log.warning("resume_from: skipping a corrupt checkpoint: %s", exc)
@@ -209,71 +234,62 @@ def find_latest_checkpoint(path: str) -> str:
 
 @dataclass
 class EngineState:
-    """What the engine restores besides DeepSpeed's own files (``distillery_state.pt``, rank 0)."""
+    """What the engine restores besides DeepSpeed's own files (``distillery_state.pt``, rank 0):
+    the epoch, the step and each named stateful component's ``state_dict()`` (``ema``, and what
+    the job adds, such as distillation's ``gam``), at the file's top level under its name."""
 
     epoch: int
     global_step: int = 0
-    ema: dict[str, Any] | None = None   # ModelEMA.state_dict(), for jobs with an EMA
-    gam: dict[str, Any] | None = None   # GAMController.state_dict(), for jobs with GAM
+    components: dict[str, Any] = field(default_factory=dict)
+
+    def to_file(self) -> dict[str, Any]:
+        reserved = {"epoch", "global_step"} & set(self.components)
+        if reserved:
+            raise ValueError(f"a stateful component may not be named {sorted(reserved)}")
+        return {"epoch": self.epoch, "global_step": self.global_step, **self.components}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineState":
-        return cls(int(data["epoch"]), int(data["global_step"]), data.get("ema"), data.get("gam"))
+        return cls(int(data["epoch"]), int(data["global_step"]),
+                   {k: v for k, v in data.items() if k not in ("epoch", "global_step") and v is not None})
 
 
 @dataclass
 class CheckpointRecord:
-    """``distillery_state.json``: what a checkpoint is (epoch, metrics, rank checks) plus the
-    job's own record; one subclass per job kind, chosen by its ``kind`` when read back."""
+    """``distillery_state.json``: what a checkpoint is (epoch, metrics, rank checks); a job's spec
+    names the subclass holding its own record. The file also carries the job's kind."""
 
-    kind: ClassVar[str] = "engine"
     epoch: int
     global_step: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     ranks: dict[str, list] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
+    def to_json(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, **dataclasses.asdict(self)}
 
-    @staticmethod
-    def from_json(data: dict[str, Any]) -> "CheckpointRecord":
-        cls = _RECORD_KINDS.get(data.get("kind") or _legacy_kind(data), CheckpointRecord)
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CheckpointRecord":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-@dataclass
-class DistillRecord(CheckpointRecord):
-    kind: ClassVar[str] = "distill"
-    gam_history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class MoETuneRecord(CheckpointRecord):
-    kind: ClassVar[str] = "moe_tune"
-    base_metrics: dict[str, float] | None = None       # the dense base's val metrics
-    step0: dict[str, Any] | None = None                # dense vs expert-parallel outputs at step 0
-    restore_checks: list[dict[str, Any]] = field(default_factory=list)
-    moe_layers: list[str] = field(default_factory=list)
-    parameter_counts: dict[str, Any] = field(default_factory=dict)
-
-
-_RECORD_KINDS = {c.kind: c for c in (DistillRecord, MoETuneRecord)}
-
-
-def _legacy_kind(data: dict[str, Any]) -> str:
-    """The kind of a record written before records named it."""
-    return "moe_tune" if "restore_checks" in data or "step0" in data else "distill"
-
-
-def read_record(directory: str | Path) -> CheckpointRecord:
-    """The record of a checkpoint directory (local or remote)."""
+def read_record(directory: str | Path, spec: JobSpec | None = None) -> CheckpointRecord:
+    """The record of a checkpoint directory (local or remote): the engine's fields, or with
+    ``spec`` its job's record class, refusing a checkpoint another job wrote. (Records written
+    before they named their kind are read as ``spec``'s.)"""
     uri = storage.join(str(directory), STATE_JSON)
     try:
-        return CheckpointRecord.from_json(json.loads(storage.read_text(uri)))
+        data = json.loads(storage.read_text(uri))
+        kind = data.get("kind")
+        if spec is None:
+            return CheckpointRecord.from_json(data)
+        if kind is not None and kind != spec.name:
+            raise CheckpointError(f"checkpoint {directory} was written by the {kind} job, not by {spec.name} "
+                                  f"({uri}): resume a {spec.name} run from its own checkpoints")
+        return spec.record_class.from_json(data)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {uri} is missing") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint file {uri} is unreadable: {type(exc).__name__}: {exc}") from None
 
 
@@ -294,14 +310,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
 
 
-def save_checkpoint_files(directory: str | Path, rank: int, state: EngineState, record: CheckpointRecord) -> None:
+def save_checkpoint_files(directory: str | Path, rank: int, state: EngineState, record: CheckpointRecord,
+                          kind: str) -> None:
     """The engine's files of a checkpoint: this rank's RNG states; on rank 0 the engine state and
-    the record. (DeepSpeed's files and the job's own files are written beside them.)"""
+    the record of the job ``kind``. (DeepSpeed's files and the job's own files are written beside them.)"""
     directory = Path(directory)
     torch.save(rng_state(), directory / rng_file(rank))
     if rank == 0:
-        torch.save(dataclasses.asdict(state), directory / ENGINE_STATE)
-        (directory / STATE_JSON).write_text(json.dumps(record.to_json(), default=float))
+        torch.save(state.to_file(), directory / ENGINE_STATE)
+        (directory / STATE_JSON).write_text(json.dumps(record.to_json(kind), default=float))
 
 
 def load_engine_state(directory: str | Path, rank: int) -> tuple[EngineState, dict[str, Any] | None]:

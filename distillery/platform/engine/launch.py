@@ -24,6 +24,7 @@ from distillery.platform.datasets.formats import load_split
 from distillery.platform.engine.checkpoints import best_checkpoint
 from distillery.platform.engine.progress import WORKER_ENV
 from distillery.platform.engine.run_spec import RunDescription, worker_config
+from distillery.platform.engine.spec import JobSpec
 from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
 
@@ -79,7 +80,7 @@ def require_writable_outputs(cfg) -> None:
 def require_cluster_fit(cfg, train: CocoDataset, tracking_uri: str, **paths: str | None) -> None:
     """At start, on the cluster the job runs on (Ray connected, nothing scheduled yet): its
     training workers leave a CPU for the Ray Data ingest (one per decode task:
-    ``datasets.ingest``), and on several nodes every path a worker reads or writes is shared
+    ``engine.ingest``), and on several nodes every path a worker reads or writes is shared
     (the images, the run storage, the tracking store, and ``paths``: key -> path)."""
     # Imported here: see fit_on_ray_train (this module is loaded before the inputs are checked).
     from distillery.platform.cluster.runtime import require_ingest_cpus, require_shared_paths
@@ -118,17 +119,19 @@ def load_train_val(data, report_dir: str) -> tuple[CocoDataset, CocoDataset]:
     return train, val
 
 
-def fit_on_ray_train(worker, cfg, run: RunDescription, train_ds, *, name: str, storage_path: str,
+def fit_on_ray_train(spec: JobSpec, cfg, run: RunDescription, train_ds, *, name: str, storage_path: str,
                      use_gpu: bool, callbacks=None):
-    """Run ``worker`` on ``cfg.train.num_workers`` Ray Train workers (TorchTrainer, Train V2) with the
-    job's checkpoint and failure settings; return ``(result, best checkpoint by AP or None)``.
+    """Run ``spec``'s job on ``cfg.train.num_workers`` Ray Train workers (TorchTrainer, Train V2) with
+    the job's checkpoint and failure settings; return ``(result, best checkpoint by AP or None)``.
 
-    Shared by the distillation and MoE-tuning jobs: ``cfg`` is either job's config (its ``train``
-    section has the fields read here), ``run`` reaches every worker with the config."""
+    Shared by every job: ``cfg`` is the job's config (its ``train`` section has the fields read
+    here), ``run`` reaches every worker with the config."""
     # Imported here: a job's driver checks its inputs (and prints one line on a bad one) before
-    # it loads Ray Train.
+    # it loads Ray Train (and, with the engine's worker, DeepSpeed).
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from distillery.platform.engine.trainer import train_worker
 
     remote = storage.has_protocol(storage_path)
     run_config = ray.train.RunConfig(
@@ -146,7 +149,7 @@ def fit_on_ray_train(worker, cfg, run: RunDescription, train_ds, *, name: str, s
     if remote:
         run_config.storage_path = storage.filesystem(storage_path)[1]
     trainer = TorchTrainer(
-        worker, train_loop_config=worker_config(cfg, run),
+        train_worker, train_loop_config=worker_config(spec, cfg, run),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=run_config, datasets={"train": train_ds},

@@ -2,13 +2,15 @@
 
 :class:`Trainer` owns what all jobs share: worker set-up, restore, the lockstep batch loop (all
 ranks take the same number of steps), the step (:func:`distillery.students.training.train_step`),
-EMA, GAM's epoch end, logging (MLflow's ``MetricsLogger``, rank 0's progress lines), BatchNorm
-statistics averaged over ranks before evaluation and checkpoint, evaluation, the rank check
-(parameters and buffers, EMA included) and checkpoints
-(:mod:`distillery.platform.engine.checkpoints`).
+EMA, logging (MLflow's ``MetricsLogger``, rank 0's progress lines), BatchNorm statistics averaged
+over ranks before evaluation and checkpoint, evaluation, the rank check (parameters and buffers,
+EMA included) and checkpoints (:mod:`distillery.platform.engine.checkpoints`), where the EMA and
+every named stateful component a job adds are saved and restored by name.
 
-A job is its config, its model builder and its hooks: a :class:`TrainingJob` subclass
-(``platform/distill/job.py``, ``platform/moe/job.py``). Reading order: :meth:`Trainer.fit`.
+A job is its spec (:class:`~distillery.platform.engine.spec.JobSpec`), its model builder and its
+hooks: a :class:`TrainingJob` subclass in the job's package. The engine imports no job: a worker
+loads its job class from the path its spec put in ``train_loop_config``. Reading order:
+:meth:`Trainer.fit`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import tempfile
 from abc import ABC, abstractmethod
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 import ray.train
@@ -29,14 +31,14 @@ from distillery.platform.engine.checkpoints import (DS_TAG, CheckpointError, Che
 from distillery.platform.engine.norm_sync import average_norm_statistics
 from distillery.platform.engine.progress import ProgressPrinter, quiet_worker_noise
 from distillery.platform.engine.run_spec import RunDescription, from_worker_config
+from distillery.platform.engine.spec import JobSpec, load_attribute
 from distillery.platform.engine.worker import (evaluate_on_ranks, gather_floats, inject_fault, seed_epoch,
-                                               setup_worker, sum_across_ranks, zero_local_grads)
+                                               setup_worker, zero_local_grads)
 from distillery.platform.tracking.runs import MetricsLogger
 from distillery.students.ema import ModelEMA
-from distillery.students.gam import GAMController
 from distillery.students.training import AuxLoss, StepResult, train_step
 
-__all__ = ["Built", "Trainer", "TrainingJob", "WorkerContext", "engine_step", "run_job"]
+__all__ = ["Built", "Trainer", "TrainingJob", "WorkerContext", "engine_step", "run_job", "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +61,21 @@ class Built:
 
     engine: Any                       # the DeepSpeed engine (deepspeed_engine)
     criterion: torch.nn.Module
-    ema: ModelEMA | None = None
-    gam: GAMController | None = None
+    ema: ModelEMA | None = None       # evaluated instead of the model; saved as the component "ema"
     aux_loss: AuxLoss | None = None   # a job's extra loss term (the MoE load-balancing loss)
+    # The job's own stateful parts (state_dict / load_state_dict), saved and restored by name.
+    components: dict[str, Any] = field(default_factory=dict)
+
+    def stateful(self) -> dict[str, Any]:
+        """Every named component a checkpoint holds."""
+        return {**({"ema": self.ema} if self.ema is not None else {}), **self.components}
 
 
 class TrainingJob(ABC):
-    """A job on the engine: its config, its model builder and its hooks. A job must say how it
+    """A job on the engine: its spec, its model builder and its hooks. A job must say how it
     builds its model and its batches; the other hooks' defaults do nothing."""
 
-    config_class: ClassVar[type]
-    record_class: ClassVar[type[CheckpointRecord]] = CheckpointRecord
+    spec: ClassVar[JobSpec]
 
     def __init__(self, cfg, run: RunDescription, ctx: WorkerContext):
         self.cfg, self.run, self.ctx = cfg, run, ctx
@@ -87,6 +93,20 @@ class TrainingJob(ABC):
     def step_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         """This rank's step batches of ``epoch`` (``images``, ``targets``, teacher signal...), in
         lockstep with the other ranks (:func:`~distillery.platform.engine.worker.lockstep`)."""
+
+    def train_step(self, built: Built, batch: dict[str, Any]) -> StepResult:
+        """One micro-step through the DeepSpeed engine (a job with a gradient hook passes it here)."""
+        return engine_step(built.engine, built.criterion, batch, aux_loss=built.aux_loss)
+
+    def step_values(self) -> dict[str, float]:
+        """The job's own values of the current step: logged as ``train/<name>`` (``lambda`` is
+        also shown in the progress line)."""
+        return {}
+
+    def end_of_epoch(self, epoch: int) -> dict[str, Any]:
+        """The epoch's last step has run, on every rank (collectives allowed): the job's own
+        epoch-end update and the metrics it adds."""
+        return {}
 
     def model_to_evaluate(self, built: Built) -> torch.nn.Module:
         return built.ema.module if built.ema is not None else built.engine.module
@@ -119,7 +139,7 @@ class TrainingJob(ABC):
         return {}
 
     def record(self, epoch: int, global_step: int, metrics: dict[str, Any], ranks: dict[str, list]) -> CheckpointRecord:
-        return self.record_class(epoch=epoch, global_step=global_step, metrics=metrics, ranks=ranks)
+        return self.spec.record_class(epoch=epoch, global_step=global_step, metrics=metrics, ranks=ranks)
 
     def write_files(self, directory: str, built: Built) -> None:
         """The job's own files of a checkpoint (rank 0 and others alike: check ``ctx.rank``)."""
@@ -171,11 +191,12 @@ class Trainer:
             if load_path is None:
                 raise CheckpointError(f"checkpoint {checkpoint.path} has no DeepSpeed checkpoint '{DS_TAG}'")
             state, rng = load_engine_state(directory, self.ctx.rank)
-            record = read_record(directory)
-            if built.ema is not None:
-                built.ema.load_state_dict(state.ema)
-            if built.gam is not None and state.gam is not None:
-                built.gam.load_state_dict(state.gam)
+            record = read_record(directory, self.job.spec)
+            for name, component in built.stateful().items():
+                if name in state.components:
+                    component.load_state_dict(state.components[name])
+                else:   # a run that had none (a teacher added on resume): this one starts fresh
+                    log.warning("checkpoint %s holds no %s state: %s starts fresh", checkpoint.path, name, name)
             self.start_epoch, self.global_step = state.epoch + 1, state.global_step
             self.best = _restored_best(record.metrics)
             self.job.on_restore(directory, record, self.global_step)
@@ -213,7 +234,7 @@ class Trainer:
             loss_sum += result.total.detach().double()
             if progress is not None and progress.due(steps):
                 progress.step(epoch, steps, images_seen, float(result.total.detach()), result.as_floats(),
-                              self._lambda())
+                              self.job.step_values().get("lambda"))
             self._log_step(result)
             self._maybe_kill()
         if steps == 0:
@@ -228,14 +249,11 @@ class Trainer:
         """One micro-step through the DeepSpeed engine; the EMA follows each optimizer step."""
         b = self.built
         engine = b.engine
-        result = engine_step(engine, b.criterion, batch, gam=b.gam, aux_loss=b.aux_loss)
+        result = self.job.train_step(b, batch)
         if b.ema is not None and (engine.is_gradient_accumulation_boundary()
                                   or self.cfg.deepspeed.gradient_accumulation_steps == 1):
             b.ema.update(engine.module)
         return result
-
-    def _lambda(self) -> float | None:
-        return self.built.gam.current_lambda if self.built.gam is not None else None
 
     def _log_step(self, result: StepResult) -> None:
         logger = self.ctx.logger
@@ -243,8 +261,7 @@ class Trainer:
             return
         metrics = {f"train/{k}": v for k, v in result.as_floats().items()}
         metrics["train/lr"] = self.built.engine.get_lr()[0]
-        if self.built.gam is not None:
-            metrics["train/lambda"] = self.built.gam.current_lambda
+        metrics.update({f"train/{k}": v for k, v in self.job.step_values().items()})
         logger.log(metrics, self.global_step)
 
     def _maybe_kill(self) -> None:
@@ -259,8 +276,7 @@ class Trainer:
     def end_epoch(self, epoch: int, metrics: dict[str, Any], progress: ProgressPrinter | None) -> None:
         b = self.built
         mean_loss = metrics.pop("mean_loss")
-        if b.gam is not None:
-            metrics.update(self._gam_epoch_end(epoch))
+        metrics.update(self.job.end_of_epoch(epoch))
         # One set of BatchNorm statistics for every rank before they evaluate and checkpoint.
         average_norm_statistics(b.engine.module, *([b.ema.module] if b.ema is not None else []))
         evaluating = (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.cfg.train.epochs
@@ -280,26 +296,12 @@ class Trainer:
             self.ctx.logger.flush()
         self.save(epoch, metrics, ranks)
 
-    def _gam_epoch_end(self, epoch: int) -> dict[str, Any]:
-        """GAM's rank-synchronous update (one all-reduce of the epoch's norm sums) and its metrics."""
-        gam = self.built.gam
-        lam_before = gam.current_lambda
-        out: dict[str, Any] = {"lambda": gam.end_epoch(epoch, all_reduce=sum_across_ranks),
-                               "lambda_before": lam_before}
-        if gam.history:
-            out["aifi_ratio"] = gam.history[-1].get("ratio", 0.0)
-            for name, share in (gam.last_shares or {}).items():
-                out[f"share_{name}"] = share
-        return out
-
     def rank_consistency(self) -> dict[str, list]:
         """Every rank's float64 checksums of its shared weights, its buffers (BatchNorm running
-        statistics) and its EMA copy's, GAM's lambda and the job's own values, gathered: they must
-        agree across ranks (the checkpoint records them; the tests compare them)."""
+        statistics) and its EMA copy's and the job's own values, gathered: they must agree across
+        ranks (the checkpoint records them; the tests compare them)."""
         b = self.built
         values: dict[str, float] = {}
-        if b.gam is not None:
-            values["lambda"] = float(b.gam.current_lambda)
         with torch.no_grad():
             values["weights_checksum"] = _checksum(self.job.shared_parameters(b.engine.module))
             values["buffers_checksum"] = _checksum(b.engine.module.buffers())
@@ -314,23 +316,23 @@ class Trainer:
         """One Ray Train checkpoint: every rank's DeepSpeed files and RNG states, rank 0's engine
         state and record, the job's files; reported with the epoch's metrics."""
         b = self.built
-        state = EngineState(epoch, self.global_step, b.ema.state_dict() if b.ema is not None else None,
-                            b.gam.state_dict() if b.gam is not None else None)
+        state = EngineState(epoch, self.global_step, {name: c.state_dict() for name, c in b.stateful().items()})
         with tempfile.TemporaryDirectory() as tmp:
             b.engine.save_checkpoint(tmp, tag=DS_TAG)
-            save_checkpoint_files(tmp, self.ctx.rank, state, self.job.record(epoch, self.global_step, metrics, ranks))
+            save_checkpoint_files(tmp, self.ctx.rank, state, self.job.record(epoch, self.global_step, metrics, ranks),
+                                  self.job.spec.name)
             self.job.write_files(tmp, b)
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def engine_step(engine, criterion: torch.nn.Module, batch: dict[str, Any], *, gam: GAMController | None = None,
-                aux_loss: AuxLoss | None = None) -> StepResult:
-    """:func:`~distillery.students.training.train_step` through a DeepSpeed engine (GAM reads this
-    rank's ZeRO gradient partition at accumulation boundaries)."""
-    return train_step(engine, criterion, batch, backward=engine.backward, step=engine.step, gam=gam,
+def engine_step(engine, criterion: torch.nn.Module, batch: dict[str, Any], **step_options) -> StepResult:
+    """:func:`~distillery.students.training.train_step` through a DeepSpeed engine; a gradient
+    hook among ``step_options`` reads this rank's ZeRO gradient partition at accumulation
+    boundaries."""
+    return train_step(engine, criterion, batch, backward=engine.backward, step=engine.step,
                       grads=lambda: zero_local_grads(engine), at_boundary=engine.is_gradient_accumulation_boundary,
-                      aux_loss=aux_loss)
+                      **step_options)
 
 
 def _checksum(tensors) -> float:
@@ -354,9 +356,15 @@ def _restored_best(metrics: dict[str, Any]) -> tuple[float, int] | None:
     return None
 
 
+def train_worker(config: dict[str, Any]) -> None:
+    """Every job's Ray Train entry point: the job class named in ``train_loop_config``
+    (:func:`~distillery.platform.engine.run_spec.worker_config`), run by :func:`run_job`."""
+    run_job(load_attribute(config["job"]), config)
+
+
 def run_job(job_class: type[TrainingJob], config: dict[str, Any]) -> None:
     """A Ray Train worker: set up, build ``job_class`` from ``train_loop_config``, train."""
-    cfg, run = from_worker_config(config, job_class.config_class)
+    cfg, run = from_worker_config(config, job_class.spec)
     rank, world, device, use_gpu = setup_worker(cfg)
     quiet_worker_noise()
     logger = MetricsLogger(run.tracking_uri, run.run_id) if rank == 0 and run.run_id else None

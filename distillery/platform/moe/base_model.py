@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_FILE, find_latest_checkpoint
+from distillery.platform.engine.checkpoints import ENGINE_STATE, find_latest_checkpoint
 from distillery.platform.io import storage
 from distillery.platform.moe.model_files import TEXT_KEY, read_model_file
+from distillery.platform.moe.spec import MODEL_FILE
 from distillery.torch_files import strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from distillery.platform.engine.checkpoints import DENSE_BASE_DIR, MODEL_FILE
 from distillery.platform.engine.norm_sync import average_norm_statistics
 from distillery.platform.engine.trainer import engine_step
 from distillery.platform.io import storage
 from distillery.platform.moe.model_files import save_tuned_model
+from distillery.platform.moe.spec import DENSE_BASE_DIR, MODEL_FILE
 
 __all__ = ["train_dense_base"]
 

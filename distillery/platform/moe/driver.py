@@ -2,17 +2,18 @@
 
 ``run_moe_tune(cfg)`` is what ``jobs/moe_tune.py`` calls. Reading order:
 
-Driver (:func:`run_moe_tune`)
-    1. dataset, prompt vocabulary (dataset category names or a vocabulary file) and its phrase
+Driver (:class:`MoETuneDriver`, its steps in the engine's set-up
+:func:`~distillery.platform.engine.driver.run_training_job`)
+    1. prompt vocabulary (dataset category names or a vocabulary file) and its phrase
        embeddings, computed once here (:class:`~distillery.students.phrase_cache.PhraseEmbeddingCache`);
        the text encoder never runs in the workers;
     2. the dense base: a checkpoint (file, checkpoint directory, run path or ``models:/``
        registry URI; :func:`load_base_state`) loaded into the detector *on the driver*, so a wrong
        file fails before any worker starts, and staged into the run storage as one safetensors
        file every worker loads; or none, and the workers train it first (``base.dense_steps``);
-    3. one MLflow run (params, tags), then Ray Train's ``TorchTrainer`` over
-       :func:`moe_tune_worker`; afterwards the best checkpoint's consolidated weights, the expert
-       analysis figures and the config are logged to the run.
+    3. its tags of the one MLflow run, its run description for Ray Train's workers; afterwards
+       the best checkpoint's consolidated weights, the expert analysis figures and the config
+       are logged to the run.
 
 The workers: the training engine running :class:`~distillery.platform.moe.job.MoETuneJob`.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,24 +32,15 @@ import torch
 import mlflow
 import yaml
 
-from distillery.platform.cache.job import ensure_dataset
-from distillery.platform.cluster.runtime import cluster_has_gpus, ray_session
 from distillery.platform.config.moe import MoETuneConfig
-from distillery.platform.config.sections import config_hash, flatten_config
-from distillery.platform.datasets.formats import coco_split_paths
-from distillery.platform.datasets.ingest import build_train_dataset
-from distillery.platform.engine.checkpoints import (ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE,
-                                                    find_latest_checkpoint, read_record)
-from distillery.platform.engine.launch import (claimed_run_folder, configure_ray_data, fit_on_ray_train, git_commit,
-                                               load_train_val, mlflow_status, require_cluster_fit, run_summary,
-                                               steps_per_epoch)
-from distillery.platform.engine.progress import filter_ray_log_noise
-from distillery.platform.engine.run_spec import MoETuneRun
+from distillery.platform.engine.checkpoints import read_record
+from distillery.platform.engine.driver import JobDriver, run_training_job
 from distillery.platform.io import storage
 from distillery.platform.moe.analysis import plot_expert_analysis
 from distillery.platform.moe.base_model import load_into, load_base_state
 from distillery.platform.moe.model_files import build_detector, save_tuned_model
-from distillery.platform.tracking.runs import create_run, resolve_tracking_uri, tracking_reachable, tracking_uri_scope
+from distillery.platform.moe.spec import ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE, SPEC, MoETuneRun
+from distillery.platform.tracking.runs import tracking_uri_scope
 from distillery.students.moe import moe_parameter_counts
 from distillery.students.open_vocab import moe_tune_decoder
 from distillery.students.phrase_cache import PhraseEmbeddingCache
@@ -57,9 +48,9 @@ from distillery.students.text import (HashingPhraseEncoder, MiniLMPhraseEncoder,
                                       minilm_unavailable_reason)
 from distillery.students.vocabulary import load_vocabulary, prompts_from_categories
 
+__all__ = ["MoETuneDriver", "prompt_vocabulary", "run_moe_tune"]
+
 log = logging.getLogger(__name__)
-
-
 
 
 def _phrase_encoder(cfg: MoETuneConfig):
@@ -95,105 +86,85 @@ def prompt_vocabulary(cfg: MoETuneConfig, categories) -> tuple[list[str], torch.
 def run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None = None, parent_run_id: str | None = None,
                  extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """MoE-tune (or, with ``moe.enabled=false``, fine-tune) an open-vocabulary detector; return a
-    summary. The run directory is locked for the job, as the distillation job's (``run_lock``)."""
-    with claimed_run_folder(cfg, "moe-tune") as cfg:
-        return _run_moe_tune(cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
+    summary: the engine's set-up (:func:`~distillery.platform.engine.driver.run_training_job`) with
+    this job's steps (:class:`MoETuneDriver`)."""
+    return run_training_job(SPEC, cfg, callbacks=callbacks, parent_run_id=parent_run_id, extra_tags=extra_tags)
 
 
-def _run_moe_tune(cfg: MoETuneConfig, *, callbacks: list | None, parent_run_id: str | None,
-                  extra_tags: dict[str, str] | None) -> dict[str, Any]:
-    # Imported here: the job module loads DeepSpeed, which the driver needs only once inputs are checked.
-    from distillery.platform.moe.job import moe_tune_worker
+class MoETuneDriver(JobDriver):
+    """The MoE-tuning job's driver steps: the prompt vocabulary, the dense base staged for the
+    workers, the parameter counts before and after the decomposition; after training, the logged
+    weights and expert analysis."""
 
-    t0 = time.time()
-    local_dir = Path(cfg.output.local_dir)
-    name = cfg.output.name  # (claimed_run_folder: absolute paths, S3 configured, named)
-    storage_path = cfg.output.storage_path
-    run_storage = storage.join(storage_path, name)
+    def check_inputs(self) -> MoETuneConfig:
+        cfg, launch = self.cfg, self.launch
+        self.phrases, self.text, self.encoder_info = prompt_vocabulary(cfg, launch.train.categories)
+        model = build_detector(cfg.model.name, self.phrases, self.text, cfg.model.input_size, cfg.model.overrides)
+        self.build_options = model.build_options()
+        self.counts = {"dense": moe_parameter_counts(model)}
+        self.moe_meta = None
+        if cfg.moe.enabled:
+            m = cfg.moe
+            self.moe_meta = {"copies": m.copies, "granularity": m.granularity,
+                             "capacity_factor": m.eval_capacity_factor, "aux_loss_weight": m.aux_loss_weight}
+        self.base_uri, self.base_info = None, None
+        if cfg.base.checkpoint and launch.resume_checkpoint is None:
+            self._stage_base(model)
+        if cfg.moe.enabled:
+            moe_tune_decoder(model, cfg.moe.copies, cfg.moe.granularity)
+            self.counts["moe"] = moe_parameter_counts(model)
+        return cfg
 
-    # --- inputs, checked before anything runs
-    ensure_dataset(cfg.data)
-    train, val = load_train_val(cfg.data, storage.join(str(local_dir), "bad_records", name))
-    phrases, text, encoder_info = prompt_vocabulary(cfg, train.categories)
-    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
-    tracking_reachable(tracking_uri)
-    resume_checkpoint = find_latest_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
-
-    model = build_detector(cfg.model.name, phrases, text, cfg.model.input_size, cfg.model.overrides)
-    build_options = model.build_options()
-    counts = {"dense": moe_parameter_counts(model)}
-    moe_meta = None
-    if cfg.moe.enabled:
-        m = cfg.moe
-        moe_meta = {"copies": m.copies, "granularity": m.granularity, "capacity_factor": m.eval_capacity_factor,
-                    "aux_loss_weight": m.aux_loss_weight}
-    base_uri, base_info = None, None
-    if cfg.base.checkpoint and resume_checkpoint is None:
-        state, source = load_base_state(cfg.base.checkpoint, tracking_uri=tracking_uri, local_dir=str(local_dir))
-        base_info = {"source": source, **load_into(model, state, cfg.base.strict, source)}
-        if base_info["missing"] or base_info["unexpected"]:
+    def _stage_base(self, model) -> None:
+        """Load ``base.checkpoint`` into the detector here (a wrong file fails before any worker
+        starts) and stage it as one file every worker loads strictly: the keys the checkpoint
+        lacked are this model's init, the same on every rank."""
+        cfg, launch = self.cfg, self.launch
+        state, source = load_base_state(cfg.base.checkpoint, tracking_uri=launch.tracking_uri,
+                                        local_dir=str(launch.local_dir))
+        self.base_info = {"source": source, **load_into(model, state, cfg.base.strict, source)}
+        if self.base_info["missing"] or self.base_info["unexpected"]:
             log.warning("base %s: %d model keys not in the checkpoint (kept at init), %d checkpoint keys unused",
-                        source, len(base_info["missing"]), len(base_info["unexpected"]))
-        # Every worker loads this file strictly: the keys the checkpoint lacked are this model's
-        # init, the same on every rank.
-        base_uri = storage.join(run_storage, BASE_DIR, MODEL_FILE)
+                        source, len(self.base_info["missing"]), len(self.base_info["unexpected"]))
+        self.base_uri = storage.join(launch.run_storage, BASE_DIR, MODEL_FILE)
         with tempfile.TemporaryDirectory() as tmp:
-            save_tuned_model(model, Path(tmp) / MODEL_FILE, {"name": cfg.model.name, "build_options": build_options,
+            save_tuned_model(model, Path(tmp) / MODEL_FILE, {"name": cfg.model.name, "build_options": self.build_options,
                                                              "input_size": cfg.model.input_size, "moe": None})
-            storage.write_bytes(base_uri, (Path(tmp) / MODEL_FILE).read_bytes())
-    if cfg.moe.enabled:
-        moe_tune_decoder(model, cfg.moe.copies, cfg.moe.granularity)
-        counts["moe"] = moe_parameter_counts(model)
-    del model
+            storage.write_bytes(self.base_uri, (Path(tmp) / MODEL_FILE).read_bytes())
 
-    params = flatten_config(cfg)
-    tags = {"distillery.run_storage": run_storage, "distillery.git_commit": git_commit(),
-            "distillery.config_hash": config_hash(cfg), "distillery.dataset_sha256": train.annotation_sha256,
-            "distillery.job": "moe_tune", "distillery.text_encoder": encoder_info["name"],
-            "distillery.text_encoder_fingerprint": encoder_info["digest"],
-            "distillery.base": base_info["source"] if base_info else
-            ("resume" if resume_checkpoint else f"trained in-job ({cfg.base.dense_steps} dense steps)")}
-    tags.update(extra_tags or {})
+    def step_limit(self) -> int | None:
+        return self.cfg.train.steps_per_epoch
 
-    with ray_session(cfg.ray, cfg.storage, min_local_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2):
-        require_cluster_fit(cfg, train, tracking_uri)
-        use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
-        filter_ray_log_noise()
-        configure_ray_data()
-        train_ds = build_train_dataset(train, None, bad_records=cfg.data.bad_records,
-                                       report_uri=storage.join(run_storage, "bad_records"))
-        run_id = create_run(tracking_uri, cfg.tracking.experiment, name, params, tags, parent_run_id=parent_run_id)
-        val_ann, val_images = coco_split_paths(cfg.data, "val", val, storage.join(run_storage, "data"))
-        run = MoETuneRun(phrases=phrases, text_embeddings=text.tolist(),
-                         category_ids=list(train.categories.category_ids), build_options=build_options,
-                         moe_meta=moe_meta, base_uri=base_uri,
-                         steps_per_epoch=steps_per_epoch(cfg, len(train), cfg.train.steps_per_epoch),
-                         val_annotations=val_ann, val_images=val_images, tracking_uri=tracking_uri, run_id=run_id,
-                         run_storage=run_storage, resume_checkpoint=resume_checkpoint, parameter_counts=counts)
+    def tags(self) -> dict[str, str]:
+        base = self.base_info["source"] if self.base_info else (
+            "resume" if self.launch.resume_checkpoint else f"trained in-job ({self.cfg.base.dense_steps} dense steps)")
+        return {"distillery.text_encoder": self.encoder_info["name"],
+                "distillery.text_encoder_fingerprint": self.encoder_info["digest"], "distillery.base": base}
 
-        with mlflow_status(tracking_uri, run_id):
-            result, best = fit_on_ray_train(moe_tune_worker, cfg, run, train_ds, name=name,
-                                            storage_path=storage_path, use_gpu=use_gpu, callbacks=callbacks)
-            summary = {**run_summary(run, cfg.tracking.experiment, result, best), "parameter_counts": counts,
-                       "phrases": phrases, "text_encoder": encoder_info["name"]}
-            summary.update(_log_final(cfg, summary, run, best, result.checkpoint))
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    return summary
+    def describe_run(self, **common: Any) -> MoETuneRun:
+        return MoETuneRun(phrases=self.phrases, text_embeddings=self.text.tolist(),
+                          category_ids=list(self.launch.train.categories.category_ids),
+                          build_options=self.build_options, moe_meta=self.moe_meta, base_uri=self.base_uri,
+                          parameter_counts=self.counts, **common)
+
+    def summary(self, run: MoETuneRun, result, best) -> dict[str, Any]:
+        out = {"parameter_counts": self.counts, "phrases": self.phrases, "text_encoder": self.encoder_info["name"]}
+        return {**out, **_log_final(self.cfg, run, best, result.checkpoint)}
 
 
-def _log_final(cfg: MoETuneConfig, summary: dict[str, Any], run: MoETuneRun, best, last) -> dict[str, Any]:
+def _log_final(cfg: MoETuneConfig, run: MoETuneRun, best, last) -> dict[str, Any]:
     """Log the best checkpoint's weights, the last checkpoint's expert analysis and the config."""
     if best is None or last is None:
         raise RuntimeError("training finished without a checkpoint: nothing to log")
     out: dict[str, Any] = {}
-    with tracking_uri_scope(summary["tracking_uri"]), tempfile.TemporaryDirectory() as tmp, \
-            mlflow.start_run(run_id=summary["run_id"]):
+    with tracking_uri_scope(run.tracking_uri), tempfile.TemporaryDirectory() as tmp, \
+            mlflow.start_run(run_id=run.run_id):
         tmp = Path(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         mlflow.log_artifact(str(tmp / "config.yaml"))
         with best.as_directory() as d:
             d = Path(d)
-            record = read_record(d)
+            record = read_record(d, SPEC)
             # Under the name the registry's base loader reads (models:/<name>@<alias>).
             (tmp / "weights.safetensors").write_bytes((d / MODEL_FILE).read_bytes())
             mlflow.log_artifact(str(tmp / "weights.safetensors"), artifact_path="export")
@@ -202,19 +173,19 @@ def _log_final(cfg: MoETuneConfig, summary: dict[str, Any], run: MoETuneRun, bes
                 "parameter_counts": run.parameter_counts, "checkpoint_epoch": record.epoch,
                 "metrics": record.metrics}
         mlflow.log_dict(meta, "export/meta.json")
-        mlflow.set_tag("distillery.weights_uri", f"runs:/{summary['run_id']}/export/weights.safetensors")
+        mlflow.set_tag("distillery.weights_uri", f"runs:/{run.run_id}/export/weights.safetensors")
         mlflow.log_metrics({f"best/{k}": float(v) for k, v in record.metrics.items()
                             if isinstance(v, (int, float)) and v == v})
         out.update(checkpoint_epoch=record.epoch, best_metrics=record.metrics)
 
-        dense_base = storage.join(summary["run_storage"], DENSE_BASE_DIR, MODEL_FILE)
+        dense_base = storage.join(run.run_storage, DENSE_BASE_DIR, MODEL_FILE)
         if storage.exists(dense_base):
             (tmp / "dense_base.safetensors").write_bytes(storage.read_bytes(dense_base))
             mlflow.log_artifact(str(tmp / "dense_base.safetensors"), artifact_path="dense_base")
 
         with last.as_directory() as d:
             d = Path(d)
-            last_record = read_record(d)
+            last_record = read_record(d, SPEC)
             out.update(restore_checks=last_record.restore_checks, step0=last_record.step0,
                        base_metrics=last_record.base_metrics)
             if (d / ANALYSIS_JSON).is_file():

@@ -42,29 +42,27 @@ from distillery.data.sample import collate
 from distillery.platform.config.augment import runtime_augment_config
 from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.datasets.coco import load_coco, load_image_resized
-from distillery.platform.datasets.ingest import rows_to_samples
-from distillery.platform.engine.checkpoints import ANALYSIS_JSON, MODEL_FILE, PROBE_FILE, MoETuneRecord
-from distillery.platform.engine.run_spec import MoETuneRun
-from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext, run_job
+from distillery.platform.engine.ingest import rows_to_samples
+from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext
 from distillery.platform.engine.worker import deepspeed_engine, derived_seed, gather_floats, lockstep, shard_batches
 from distillery.platform.io import storage
 from distillery.platform.moe.analysis import analysis_metrics, expert_analysis
 from distillery.platform.moe.dense_phase import train_dense_base
 from distillery.platform.moe.expert_parallel import DeepSpeedMoEFFN, gather_moe_ffn, to_deepspeed_moe
 from distillery.platform.moe.model_files import build_detector, save_tuned_model, weights_from_bytes
+from distillery.platform.moe.spec import ANALYSIS_JSON, MODEL_FILE, PROBE_FILE, SPEC, MoETuneRecord, MoETuneRun
 from distillery.students.criterion import build_criterion, criterion_options
 from distillery.students.moe import MoEFFN, collect_aux_loss
 from distillery.students.open_vocab import moe_tune_decoder
 from distillery.students.optim import build_lr_scheduler, build_param_groups
 
-__all__ = ["MoETuneJob", "moe_tune_worker"]
+__all__ = ["MoETuneJob"]
 
 log = logging.getLogger(__name__)
 
 
 class MoETuneJob(TrainingJob):
-    config_class = MoETuneConfig
-    record_class = MoETuneRecord
+    spec = SPEC
 
     def __init__(self, cfg: MoETuneConfig, run: MoETuneRun, ctx: WorkerContext):
         super().__init__(cfg, run, ctx)
@@ -300,8 +298,3 @@ def consolidate(module: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Mod
         state.update({f"{prefix}.{k}": v for k, v in gathered.state_dict().items()})
     plain.load_state_dict(state, strict=True)
     return plain
-
-
-def moe_tune_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (``train_loop_config``: :func:`~distillery.platform.engine.run_spec.worker_config`)."""
-    run_job(MoETuneJob, config)

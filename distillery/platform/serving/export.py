@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from distillery.platform.config.distill import DistillConfig
 from distillery.platform.datasets.coco import decode_image, load_coco, load_image_resized
 from distillery.platform.engine.checkpoints import STATE_JSON, load_engine_state
-from distillery.platform.engine.run_spec import DistillRun, GamSettings
+from distillery.platform.engine.run_spec import RunDescription
 from distillery.platform.io import storage
 from distillery.platform.serving.predictor import DetectorPredictor
 from distillery.platform.tracking.runs import tracking_uri_scope
@@ -51,12 +51,12 @@ def load_inference_model(cfg: DistillConfig, num_classes: int, checkpoint_dir: s
     model = build_student(cfg.student.name, num_classes=num_classes,
                           eval_spatial_size=cfg.student.input_size, dsi=False, teacher_dim=None,
                           peft=cfg.student.peft.kwargs(), **cfg.student.overrides)
-    state = {k: v for k, v in state.ema["module"].items() if not k.startswith("dsi.")}
+    state = {k: v for k, v in state.components["ema"]["module"].items() if not k.startswith("dsi.")}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def plot_gam(history: list[dict[str, Any]], gam: GamSettings, path: str | Path) -> None:
+def plot_gam(history: list[dict[str, Any]], gam: Any, path: str | Path) -> None:
     import matplotlib  # here (also below): matplotlib is needed only for the plots
 
     matplotlib.use("Agg")
@@ -79,7 +79,7 @@ def plot_gam(history: list[dict[str, Any]], gam: GamSettings, path: str | Path) 
     plt.close(fig)
 
 
-def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run: DistillRun, path: Path,
+def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run: RunDescription, path: Path,
                       count: int) -> None:
     import matplotlib
 
@@ -110,8 +110,9 @@ def _plot_predictions(model: torch.nn.Module, cfg: DistillConfig, run: DistillRu
     plt.close(fig)
 
 
-def log_final_model(cfg: DistillConfig, run: DistillRun, best) -> dict[str, Any]:
-    """Export and log the best checkpoint; return paths for the job's summary."""
+def log_final_model(cfg: DistillConfig, run: RunDescription, best) -> dict[str, Any]:
+    """Export and log the best checkpoint; return paths for the job's summary. (``run``: the
+    distillation job's ``DistillRun``: its classes, categories and GAM settings are read.)"""
     if best is None:
         raise RuntimeError("training finished without a checkpoint: nothing to export")
     out: dict[str, Any] = {}

@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 
 from distillery.platform.datasets.image_files import IMAGE_SUFFIXES, decode_image
-from distillery.platform.engine.checkpoints import ENGINE_STATE, MODEL_JSON, STATE_JSON, best_checkpoint
+from distillery.platform.engine.checkpoints import ENGINE_STATE, best_run_checkpoint
 from distillery.platform.errors import DeterministicError
 from distillery.platform.io import storage
 from distillery.platform.io.weights_source import fetch_registry_export, registry_tracking_uri
@@ -51,9 +51,12 @@ from distillery.students.postprocess import postprocess
 from distillery.students.rtdetrv4 import STUDENT_SPECS
 from distillery.students.weights import COCO_CLASS_NAMES, read_student_checkpoint, to_model_layout
 
-__all__ = ["Detector", "best_run_checkpoint", "list_images", "load_detector", "main", "predict_images", "run_predict"]
+__all__ = ["MODEL_JSON", "Detector", "list_images", "load_detector", "main", "predict_images", "run_predict"]
 
 log = logging.getLogger(__name__)
+# A distillation run's description of its student (name, input size, classes, overrides), beside its
+# checkpoint_* directories: what predict --model <run dir> rebuilds the student from.
+MODEL_JSON = "distillery_model.json"
 # Detections scoring lower are dropped by default: the untuned 0.0 drew 60-90 boxes on every image.
 # Ultralytics keeps conf >= 0.25 and RF-DETR >= 0.5 by default; 0.3 lies between.
 DEFAULT_SCORE_THRESHOLD = 0.3
@@ -80,32 +83,6 @@ class Detector:
 
 
 # --------------------------------------------------------------------------- loading the model
-
-def best_run_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint of a run directory the job's summary and the registry call best
-    (:func:`~distillery.platform.engine.checkpoints.best_checkpoint`: the highest val AP, the
-    earliest epoch of equal ones); the latest when none has an AP."""
-    checkpoints = [p for p in run_dir.glob("checkpoint_*") if (p / ENGINE_STATE).is_file()]
-    if not checkpoints:
-        raise FileNotFoundError(f"run directory {run_dir} has no checkpoint_*/distillery_state.pt")
-
-    def record(path: Path) -> dict[str, Any]:
-        try:
-            data = json.loads((path / STATE_JSON).read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    records = {p: record(p) for p in checkpoints}
-
-    def epoch(path: Path) -> int:
-        value = records[path].get("epoch")
-        return value if isinstance(value, int) else -1
-
-    in_report_order = sorted(checkpoints, key=lambda p: (epoch(p), p.name))
-    best = best_checkpoint((p, records[p].get("metrics")) for p in in_report_order)
-    return best if best is not None else in_report_order[-1]
-
 
 def _export_description(export: Path) -> dict[str, Any]:
     """The student description of an export directory (``meta.json`` beside the weights, and the

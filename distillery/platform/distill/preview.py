@@ -22,7 +22,7 @@ import torch
 
 from distillery.data.augment import Augmenter
 from distillery.data.sample import Sample, render_features
-from distillery.platform.engine.run_spec import DistillRun
+from distillery.platform.distill.spec import DistillRun
 from distillery.platform.io import storage
 
 __all__ = ["log_augment_preview", "pca_rgb", "plot_augment_preview"]
