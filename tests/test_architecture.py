@@ -198,3 +198,55 @@ def test_a_new_job_is_one_package_and_one_registration_line(tmp_path, monkeypatc
             read_record(tmp_path, next(s for s in jobs.job_specs().values() if s is not spec))
     finally:
         jobs.job_specs.cache_clear()
+
+
+_TOY_FAMILY = '''
+import dataclasses
+
+from distillery.students.detector import spec_from_overrides
+from distillery.students.families import StudentFamily
+from distillery.students.rtdetrv4 import STUDENT_SPECS, build_from_spec
+
+SPECS = {"toydetr_s": dataclasses.replace(STUDENT_SPECS["rtdetrv4_tiny"], num_queries=12)}
+
+
+def build(name, **overrides):
+    return build_from_spec(spec_from_overrides(SPECS, name, overrides, who="toydetr"))
+
+
+FAMILY = StudentFamily("ToyDETR", SPECS, build, criterion_options={"toydetr_s": {"use_union_set": False}})
+'''
+
+
+def test_a_new_student_family_is_one_module_and_one_registration_line(tmp_path, monkeypatch):
+    """A family module (its sizes, builder and official loss settings) and one line in
+    ``students/families.py``: build_student builds it and it trains a step, the distillation config
+    accepts its size and resolves its criterion, and an unknown size is named with the known ones."""
+    import pytest
+    import torch
+
+    from distillery.platform.config.distill import DistillConfig
+    from distillery.platform.config.sections import load_config
+    from distillery.students import build_criterion, build_student, families
+    from distillery.students.training import train_step
+
+    (tmp_path / "toydetr.py").write_text(_TOY_FAMILY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(families, "FAMILY_MODULES", (*families.FAMILY_MODULES, "toydetr"))   # the one line
+    families.families.cache_clear()
+    try:
+        cfg = load_config(DistillConfig, None, ["student.name=toydetr_s"])
+        assert cfg.criterion_options() == {"use_union_set": False}
+        model = build_student("toydetr_s", num_classes=3, teacher_dim=None)
+        assert model.spec.num_queries == 12 and families.family_of("toydetr_s").name == "ToyDETR"
+        criterion = build_criterion(num_classes=3, **cfg.criterion_options())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        before = [p.detach().clone() for p in model.parameters()]
+        targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}] * 2
+        result = train_step(model.train(), criterion, {"images": torch.rand(2, 3, 64, 64), "targets": targets},
+                            backward=lambda loss: loss.backward(), step=optimizer.step)
+        assert torch.isfinite(result.total) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        with pytest.raises(KeyError, match="toydetr_s"):   # the error lists the new size among the known ones
+            families.family_of("toydetr_xl")
+    finally:
+        families.families.cache_clear()

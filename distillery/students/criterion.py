@@ -58,6 +58,7 @@ from torchvision.ops import box_iou, generalized_box_iou
 
 from .box_ops import cxcywh_to_xyxy, edge_distance_bins
 from .denoising import DenoisingMeta
+from .families import family_of
 from .matcher import HungarianMatcher
 
 __all__ = ["DEFAULT_LOSS_WEIGHTS", "OFFICIAL_CRITERION_OPTIONS", "RTDETRv4Criterion", "build_criterion",
@@ -331,12 +332,11 @@ class RTDETRv4Criterion(nn.Module):
 
 
 def criterion_options(student_name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """:func:`build_criterion` options of ``student_name``'s official recipe, ``overrides`` (a
-    recipe's) on top. Unknown students raise ``KeyError`` naming the known ones."""
-    if student_name not in OFFICIAL_CRITERION_OPTIONS:
-        raise KeyError(f"criterion_options: no official criterion settings for {student_name!r}; known: "
-                       f"{sorted(OFFICIAL_CRITERION_OPTIONS)}")
-    return {**copy.deepcopy(OFFICIAL_CRITERION_OPTIONS[student_name]), **dict(overrides or {})}
+    """:func:`build_criterion` options of ``student_name``'s official recipe (its family's
+    ``criterion_options``: :mod:`.families`; none listed, the defaults), ``overrides`` (a recipe's)
+    on top. Unknown students raise ``KeyError`` naming the known ones."""
+    official = family_of(student_name).criterion_options.get(student_name, {})
+    return {**copy.deepcopy(dict(official)), **dict(overrides or {})}
 
 
 def build_criterion(num_classes: int = 80, **overrides) -> RTDETRv4Criterion:

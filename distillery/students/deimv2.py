@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .criterion import OFFICIAL_CRITERION_OPTIONS
 from .decoder import DFINEDecoder
 from .deimv2_backbone import (
     DISTILLED_VIT,
@@ -88,6 +89,7 @@ from .deimv2_backbone import (
 )
 from .detector import Detector, DetectorSpec, build_decoder, build_dsi, check_eval_spatial_size, spec_from_overrides
 from .encoder import ConvNormAct, ELANBlock, HybridEncoder, RepVGGBlock
+from .families import StudentFamily
 from .peft import apply_peft
 from .sta import SpatialTuningAdapter
 
@@ -402,3 +404,7 @@ def build_deimv2_from_spec(spec: DEIMv2Spec) -> DEIMv2:
                             share_bbox_head=spec.share_bbox_head)
     return DEIMv2(backbone, sta, encoder, decoder, build_dsi(spec), spec.eval_spatial_size, spec,
                   normalize_input=spec.normalize_input)
+
+
+FAMILY = StudentFamily("DEIMv2", DEIMV2_SPECS, build_deimv2, peft=True,
+                       criterion_options={n: OFFICIAL_CRITERION_OPTIONS[n] for n in DEIMV2_SPECS})

@@ -32,7 +32,9 @@ from torch import nn
 
 from .backbone import HGNetv2Backbone
 from .decoder import DFINEDecoder
-from .deimv2 import DEIMv2, apply_backbone_peft, build_deimv2
+from .criterion import OFFICIAL_CRITERION_OPTIONS
+from .deimv2 import DEIMv2, apply_backbone_peft
+from .families import StudentFamily, family_of
 from .detector import Detector, DetectorSpec, build_decoder, build_dsi, check_eval_spatial_size, spec_from_overrides
 from .encoder import HybridEncoder
 from .weights import load_student_weights
@@ -123,6 +125,7 @@ def build_student(name: str, weights: str | os.PathLike | None = None, num_class
 
     ``deimv2_*`` names are DEIMv2 students with the same interface, built by
     :func:`~.deimv2.build_deimv2` (its :class:`~.deimv2.DEIMv2Spec` fields are the overrides).
+    Each family registers its sizes and builder in :mod:`.families`.
 
     ``peft`` (``{"method": "adaroute" | "lora" | "none", **apply_peft options}``) freezes a DEIMv2
     ViT backbone and inserts adapters (:func:`~.deimv2.apply_backbone_peft`); the report is kept
@@ -132,13 +135,11 @@ def build_student(name: str, weights: str | os.PathLike | None = None, num_class
         overrides["num_classes"] = int(num_classes)
     peft = dict(peft or {})
     method = peft.pop("method", "none")
-    if name.startswith("deimv2_"):
-        model = build_deimv2(name, **overrides)
-    elif method != "none":
+    family = family_of(name)
+    if method != "none" and not family.peft:
         raise ValueError(f"build_student({name!r}, peft={method!r}): PEFT adapters need a ViT backbone "
-                         "(deimv2_s/m/l/x or deimv2_tiny); RT-DETRv4 students fine-tune their HGNetv2 fully")
-    else:
-        model = _build_rtdetrv4(name, **overrides)
+                         f"(deimv2_s/m/l/x or deimv2_tiny); {family.name} {name} fine-tunes its backbone fully")
+    model = family.build(name, **overrides)
     if weights is not None:  # before the adapters: the file holds the plain model's keys
         model.weights_report = load_student_weights(model, weights, name, class_map=class_map)
     if method != "none":
@@ -160,3 +161,7 @@ def build_from_spec(spec: StudentSpec) -> RTDETRv4:
                             expansion=spec.expansion, depth_mult=spec.depth_mult, act=spec.ccff_act)
     decoder = build_decoder(spec, backbone.strides)
     return RTDETRv4(backbone, encoder, decoder, build_dsi(spec), spec.eval_spatial_size, spec)
+
+
+FAMILY = StudentFamily("RT-DETRv4", STUDENT_SPECS, _build_rtdetrv4,
+                       criterion_options={n: OFFICIAL_CRITERION_OPTIONS[n] for n in STUDENT_SPECS})

@@ -25,7 +25,7 @@ from distillery.platform.io.weights_source import check_weights_source
 from distillery.students.criterion import DEFAULT_LOSS_WEIGHTS, criterion_options
 from distillery.students.optim import param_group_rules
 from distillery.students.deimv2 import DEIMV2_SPECS, DISTILLED_VIT, TIMM_DINOV3_VITS
-from distillery.students.rtdetrv4 import STUDENT_SPECS
+from distillery.students.families import student_names
 
 __all__ = ["DistillConfig", "known_student_names"]
 
@@ -59,8 +59,8 @@ class PeftSettings(StrictModel):
 
 
 def known_student_names() -> list[str]:
-    """Every name ``build_student`` accepts: the RT-DETRv4 sizes and the DEIMv2 ones."""
-    return sorted({*STUDENT_SPECS, *DEIMV2_SPECS})
+    """Every name ``build_student`` accepts: every registered family's sizes (``students.families``)."""
+    return student_names()
 
 
 class StudentSettings(StrictModel):
