@@ -126,6 +126,67 @@ def test_the_step_adds_a_jobs_own_loss():
     assert model.ffn.router.piece_weight.grad is not None   # the balancing loss reaches the router
 
 
+class _TeacherMatch:
+    """A toy teacher-based loss term (the shape of a new one): the student's mean output against
+    the teacher grid's mean, weighted 0.5; nothing without a teacher signal."""
+
+    name = "match"
+
+    def __call__(self, model, outputs, batch):
+        if batch["teacher_grid"] is None:
+            return None
+        loss = (outputs["out"].mean() - batch["teacher_grid"].mean()).pow(2)
+        return loss, 0.5 * loss
+
+
+def test_a_jobs_own_loss_term_reaches_the_step_through_the_engine():
+    """A new loss term is an object the job hands the engine (``Built.terms``): the engine's
+    default step adds it to the total and logs it, with nothing else changed."""
+    from distillery.platform.engine.trainer import Built, TrainingJob
+
+    class Job(TrainingJob):
+        input_size = 8
+
+        def build(self, restoring):
+            raise NotImplementedError
+
+        def step_batches(self, epoch, max_steps=None):
+            raise NotImplementedError
+
+    class Engine:   # what engine_step uses of a DeepSpeed engine
+        def __init__(self, module):
+            self.module, self.steps = module, 0
+
+        def __call__(self, *args):
+            return self.module(*args)
+
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self):
+            self.steps += 1
+
+        def is_gradient_accumulation_boundary(self):
+            return True
+
+    torch.manual_seed(0)
+    model = _MoEModel()
+    batch = {"images": torch.randn(3, 5, 8), "targets": [], "teacher_grid": torch.randn(3, 4, 2, 2)}
+
+    def criterion(outputs, targets):
+        return {"loss_mse": outputs["out"].pow(2).mean()}
+
+    plain = compute_losses(model, criterion, batch["images"], [])
+    engine = Engine(model)
+    result = Job(None, None, None).train_step(Built(engine=engine, criterion=criterion, terms=(_TeacherMatch(),)),
+                                              batch)
+    match = (model(batch["images"])["out"].mean() - batch["teacher_grid"].mean()).pow(2)
+    assert engine.steps == 1 and result.parts["loss_match"].item() == pytest.approx(match.item(), rel=1e-6)
+    assert result.total.item() == pytest.approx(plain.total.item() + 0.5 * match.item(), rel=1e-6)
+    without_teacher = compute_losses(model, criterion, batch["images"], [], terms=(_TeacherMatch(),))
+    assert "loss_match" not in without_teacher.parts
+
+
 def test_epoch_seeds_depend_on_seed_rank_and_epoch_alone():
     """What an epoch draws (torch, NumPy, Python; the augmenter's stream) is fixed by (seed, rank,
     epoch): not by what was drawn before, so a resumed run draws as an uninterrupted one; and no

@@ -9,8 +9,9 @@ definition of "a step" for both loops and keeps DeepSpeed out of this package.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -18,9 +19,26 @@ from torch import nn
 from .dsi import dsi_loss
 from .gam import GAMController
 
-__all__ = ["TOTAL_PARTS", "AuxLoss", "StepResult", "compute_losses", "dsi_weight_of", "named_grads", "train_step"]
+__all__ = ["TOTAL_PARTS", "AuxLoss", "LossTerm", "StepResult", "compute_losses", "dsi_weight_of", "named_grads",
+           "train_step"]
 
 AuxLoss = Callable[[nn.Module], "torch.Tensor | None"]  # a job's extra loss, read from the model after its forward
+
+
+class LossTerm(Protocol):
+    """A loss term a job adds to the detection loss (and DSI): called after the forward with the
+    (unwrapped) student, its outputs and the step's batch (``images``, ``targets``, and the teacher
+    signal when there is one: ``teacher_grid``, ``teacher_mask``). Logged as ``loss_<name>``.
+
+    A new teacher-based term is its own object of this shape, handed to the step by its job
+    (``Built.terms`` on the engine, ``terms=`` here): the step, the engine and the other terms
+    stay as they are."""
+
+    name: str
+
+    def __call__(self, model: nn.Module, outputs: Mapping[str, Any], batch: Mapping[str, Any]
+                 ) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """(the term as logged, what it adds to the total loss), or None when it has nothing this step."""
 # The parts of a step that are sums of other parts (logged beside them, not terms of their own).
 TOTAL_PARTS = ("loss", "loss_detection")
 
@@ -39,13 +57,15 @@ class StepResult:
 
 def compute_losses(model: nn.Module, criterion: nn.Module, images: torch.Tensor, targets: list[dict],
                    *, teacher_grid: torch.Tensor | None = None, teacher_mask: torch.Tensor | None = None,
-                   dsi_weight: float = 0.0, aux_loss: AuxLoss | None = None) -> StepResult:
+                   dsi_weight: float = 0.0, aux_loss: AuxLoss | None = None,
+                   terms: Sequence[LossTerm] = ()) -> StepResult:
     """Forward the student in train mode and return the weighted losses.
 
     ``dsi_weight`` is GAM's current lambda; the DSI term is added when a teacher grid is given
     and the model has a DSI projector (``model.dsi``). Without a teacher this is a plain DEIM step.
     ``aux_loss(model)``, read after the forward, adds a job's own weighted term (``loss_aux``;
     e.g. the MoE layers' load-balancing loss, :func:`distillery.students.moe.collect_aux_loss`).
+    ``terms`` (:class:`LossTerm`) add theirs after it, in order.
     """
     outputs = model(images, targets)
     det = criterion(outputs, targets)
@@ -61,6 +81,13 @@ def compute_losses(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
     if aux is not None:
         parts["loss_aux"] = aux.detach()
         total = total + aux.to(total.dtype)
+    batch = {"images": images, "targets": targets, "teacher_grid": teacher_grid, "teacher_mask": teacher_mask}
+    for term in terms:
+        out = term(_unwrap(model), outputs, batch)
+        if out is not None:
+            logged, added = out
+            parts[f"loss_{term.name}"] = logged.detach()
+            total = total + added.to(total.dtype)
     parts["loss"] = total.detach()
     return StepResult(total, parts)
 
@@ -96,7 +123,7 @@ def train_step(model: nn.Module, criterion: nn.Module, batch: dict, *, backward:
                step: Callable[[], None], gam: GAMController | None = None,
                grads: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
                at_boundary: Callable[[], bool] = lambda: True, aux_loss: AuxLoss | None = None,
-               dsi_weight: float | None = None) -> StepResult:
+               dsi_weight: float | None = None, terms: Sequence[LossTerm] = ()) -> StepResult:
     """One training step on a collated batch (``images``, ``targets``, optional
     ``teacher_grid``/``teacher_mask``).
 
@@ -108,7 +135,7 @@ def train_step(model: nn.Module, criterion: nn.Module, batch: dict, *, backward:
     """
     result = compute_losses(model, criterion, batch["images"], batch["targets"],
                             teacher_grid=batch.get("teacher_grid"), teacher_mask=batch.get("teacher_mask"),
-                            dsi_weight=dsi_weight_of(gam, dsi_weight), aux_loss=aux_loss)
+                            dsi_weight=dsi_weight_of(gam, dsi_weight), aux_loss=aux_loss, terms=terms)
     backward(result.total)
     if gam is not None and at_boundary():
         gam.accumulate(grads() if grads is not None else named_grads(model))

@@ -186,7 +186,7 @@ class DistillJob(TrainingJob):
 
     def train_step(self, built: Built, batch: dict[str, Any]) -> StepResult:
         """The engine's step, with GAM reading this rank's gradients at accumulation boundaries."""
-        return engine_step(built.engine, built.criterion, batch, gam=self.gam)
+        return engine_step(built.engine, built.criterion, batch, gam=self.gam, terms=built.terms)
 
     def step_values(self) -> dict[str, float]:
         return {"lambda": self.gam.current_lambda} if self.gam is not None else {}

@@ -39,7 +39,7 @@ from distillery.platform.engine.worker import (evaluate_on_ranks, gather_floats,
                                                setup_worker, zero_local_grads)
 from distillery.platform.tracking.runs import MetricsLogger
 from distillery.students.ema import ModelEMA
-from distillery.students.training import AuxLoss, StepResult, train_step
+from distillery.students.training import AuxLoss, LossTerm, StepResult, train_step
 
 __all__ = ["Built", "EpochEnd", "Phase", "Trainer", "TrainingJob", "WorkerContext", "engine_step", "run_job",
            "train_worker"]
@@ -67,6 +67,7 @@ class Built:
     criterion: torch.nn.Module
     ema: ModelEMA | None = None       # evaluated instead of the model; saved as the component "ema"
     aux_loss: AuxLoss | None = None   # a job's extra loss term (the MoE load-balancing loss)
+    terms: tuple[LossTerm, ...] = ()  # a job's own loss terms (teacher-based or not), after the others
     # The job's own stateful parts (state_dict / load_state_dict), saved and restored by name.
     components: dict[str, Any] = field(default_factory=dict)
 
@@ -151,7 +152,7 @@ class TrainingJob(ABC):
 
     def train_step(self, built: Built, batch: dict[str, Any]) -> StepResult:
         """One micro-step through the DeepSpeed engine (a job with a gradient hook passes it here)."""
-        return engine_step(built.engine, built.criterion, batch, aux_loss=built.aux_loss)
+        return engine_step(built.engine, built.criterion, batch, aux_loss=built.aux_loss, terms=built.terms)
 
     def step_values(self) -> dict[str, float]:
         """The job's own values of the current step: logged as ``train/<name>`` (``lambda`` is
