@@ -158,7 +158,7 @@ class Trainer:
     def __init__(self, job: TrainingJob):
         self.job, self.cfg, self.ctx = job, job.cfg, job.ctx
         self.start_epoch, self.global_step = 0, 0
-        self.best: tuple[float, int] | None = None   # (best val AP so far, its epoch)
+        self.best: tuple[float, int] | None = None   # (best value of the spec's best_metric so far, its epoch)
         self.built: Built | None = None
 
     # ------------------------------------------------------------------ the run
@@ -198,7 +198,7 @@ class Trainer:
                 else:   # a run that had none (a teacher added on resume): this one starts fresh
                     log.warning("checkpoint %s holds no %s state: %s starts fresh", checkpoint.path, name, name)
             self.start_epoch, self.global_step = state.epoch + 1, state.global_step
-            self.best = _restored_best(record.metrics)
+            self.best = _restored_best(record.metrics, self.job.spec.best_metric)
             self.job.on_restore(directory, record, self.global_step)
         if rng is not None:
             set_rng_state(rng)
@@ -211,7 +211,7 @@ class Trainer:
         t = self.cfg.train
         return ProgressPrinter(t.epochs, self.job.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps,
                                every_steps=t.progress_every, every_seconds=t.progress_seconds,
-                               world_size=self.ctx.world)
+                               world_size=self.ctx.world, metric=self.job.spec.best_metric)
 
     # ------------------------------------------------------------------ one epoch
 
@@ -284,9 +284,10 @@ class Trainer:
         if evaluating:
             metrics.update(self.job.evaluate(self.job.model_to_evaluate(b)))
         self.job.after_evaluation(metrics)
-        self.best = _best_ap(self.best, metrics, epoch)
+        key = self.job.spec.best_metric
+        self.best = _best_so_far(self.best, metrics.get(key), epoch)
         if self.best is not None:
-            metrics["best_AP"], metrics["best_epoch"] = self.best
+            metrics[f"best_{key}"], metrics["best_epoch"] = self.best
         if progress is not None:
             progress.epoch_end(epoch, metrics, mean_loss)
         ranks = self.rank_consistency()
@@ -341,18 +342,17 @@ def _checksum(tensors) -> float:
     return float(torch.stack(values).sum()) if values else 0.0
 
 
-def _best_ap(best: tuple[float, int] | None, metrics: dict[str, Any], epoch: int) -> tuple[float, int] | None:
-    """The best val AP so far and its epoch, after this epoch's ``metrics`` (NaN and absent APs
-    do not count)."""
-    ap = metrics.get("AP")
-    if isinstance(ap, float) and ap == ap and (best is None or ap > best[0]):
-        return ap, epoch
+def _best_so_far(best: tuple[float, int] | None, value: Any, epoch: int) -> tuple[float, int] | None:
+    """The best value of the job's best metric so far and its epoch, after this epoch's ``value``
+    (NaN and absent values do not count)."""
+    if isinstance(value, float) and value == value and (best is None or value > best[0]):
+        return value, epoch
     return best
 
 
-def _restored_best(metrics: dict[str, Any]) -> tuple[float, int] | None:
-    if "best_AP" in metrics and "best_epoch" in metrics:
-        return float(metrics["best_AP"]), int(metrics["best_epoch"])
+def _restored_best(metrics: dict[str, Any], key: str) -> tuple[float, int] | None:
+    if f"best_{key}" in metrics and "best_epoch" in metrics:
+        return float(metrics[f"best_{key}"]), int(metrics["best_epoch"])
     return None
 
 
