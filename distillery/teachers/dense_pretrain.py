@@ -166,8 +166,9 @@ def random_flips(images: torch.Tensor, labels: torch.Tensor, generator: torch.Ge
 def dense_patch_logits(model: nn.Module, head: nn.Linear, images: torch.Tensor, mean: torch.Tensor,
                        std: torch.Tensor, pool: int, side: int) -> torch.Tensor:
     """(N * side * side, classes) logits of the per-patch head on the teacher's patch tokens of
-    (N, 3, S, S) images in [0, 1] (row-major patches, image by image)."""
-    grid = patch_grid(model, normalise_and_pool(images, mean, std, pool), (side, side))
+    (N, 3, S, S) images in [0, 1] (row-major patches, image by image), in the head's dtype."""
+    x = normalise_and_pool(images, mean, std, pool).to(head.weight.dtype)
+    grid = patch_grid(model, x, (side, side))
     return head(grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]))
 
 
