@@ -150,3 +150,28 @@ def test_epoch_seeds_depend_on_seed_rank_and_epoch_alone():
     assert all(0 <= x < 2 ** 32 for x in seeds)  # a valid NumPy / Ray Data local_shuffle_seed
     seed_epoch(3, 0, 5)
     assert draws() != first
+
+
+def test_checkpoints_of_a_run_in_phases_order_by_phase_then_epoch(tmp_path):
+    """The MoE job's dense phase (index 0) writes epochs 0-5, then its MoE phase (index 1) epoch 0:
+    resume takes the MoE one, and a record written before phases reads as phase None, index 0."""
+    from distillery.platform.engine.checkpoints import DS_MODEL_FILE, DS_TAG, find_latest_checkpoint
+
+    def write(name: str, phase: str | None, index: int, epoch: int) -> None:
+        directory = tmp_path / name
+        (directory / DS_TAG).mkdir(parents=True)
+        torch.save({}, directory / DS_TAG / DS_MODEL_FILE)
+        record = MoETuneRecord(epoch=epoch, global_step=2 * (epoch + 1), phase=phase, phase_index=index)
+        save_checkpoint_files(directory, 0, EngineState(epoch, 2 * (epoch + 1)), record, MOE_TUNE.name)
+
+    write("checkpoint_a", "dense", 0, 5)
+    write("checkpoint_b", "train", 1, 0)
+    write("checkpoint_c", "dense", 0, 3)
+    assert find_latest_checkpoint(str(tmp_path), MOE_TUNE).endswith("checkpoint_b")
+    record = read_record(tmp_path / "checkpoint_b", MOE_TUNE)
+    assert (record.phase, record.phase_index, record.order()) == ("train", 1, (1, 0))
+    data = json.loads((tmp_path / "checkpoint_a" / STATE_JSON).read_text())
+    for key in ("phase", "phase_index"):
+        del data[key]
+    (tmp_path / "checkpoint_a" / STATE_JSON).write_text(json.dumps(data))
+    assert read_record(tmp_path / "checkpoint_a", MOE_TUNE).order() == (0, 5)

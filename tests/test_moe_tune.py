@@ -68,14 +68,19 @@ def untrained_detector(dense_file: Path, cfg: MoETuneConfig) -> torch.nn.Module:
                           cfg.model.input_size, trained.build_options()).eval()
 
 
+# The dense phase: 40 epochs of 2 steps, a checkpoint every 10 epochs (steps 20, 40, 60, 80).
+DENSE_KILL_STEP = 45
+
+
 @pytest.fixture(scope="module")
 def tuned(ray_local, synthetic_data, tmp_path_factory):
     """An 80-step dense phase (the embedded default's path, long enough to learn: see
-    test_the_job_learns), then 2 epochs of MoE-tuning with expert parallelism; worker 1 is killed
-    at the first step of epoch 1, so Ray Train restarts the workers from the epoch-0 checkpoint."""
+    test_the_job_learns), then 2 epochs of MoE-tuning with expert parallelism. Worker 0 is killed at
+    dense step 45, so Ray Train restarts the workers from the dense phase's step-40 checkpoint;
+    worker 1 at the first step of MoE epoch 1, so they restart from the MoE epoch-0 checkpoint."""
     tmp = tmp_path_factory.mktemp("moe_tune")
-    return run_moe_tune(tiny_config(tmp, synthetic_data, *LEARNING_OVERRIDES, "debug.kill={rank: 1, step: 3}",
-                                    "train.max_failures=1")), tmp
+    kills = f"debug.kill=[{{rank: 1, step: 3}}, {{rank: 0, step: {DENSE_KILL_STEP}, phase: dense}}]"
+    return run_moe_tune(tiny_config(tmp, synthetic_data, *LEARNING_OVERRIDES, kills, "train.max_failures=2")), tmp
 
 
 def test_the_job_learns(tuned, synthetic_data):
@@ -167,18 +172,31 @@ def test_mlflow_run_has_metrics_and_expert_analysis(tuned):
     assert {"export/weights.safetensors", "export/meta.json"} <= exported
 
 
-def test_worker_failure_restores_expert_shards_with_identical_outputs(tuned):
+def test_worker_failures_restore_each_phase_where_it_stopped(tuned):
     summary, _ = tuned
-    assert storage.exists(storage.join(summary["run_storage"], "fault_injected"))   # a worker really died
+    for marker in ("fault_injected", "fault_injected_dense"):   # both workers really died
+        assert storage.exists(storage.join(summary["run_storage"], marker)), marker
     state, _ = last_state(summary["run_storage"])
+    assert state["phase"] == "train" and state["phase_index"] == 1
     assert state["epoch"] == 1 and state["global_step"] == 4   # epoch 0 restored, epoch 1 redone
-    (check,) = state["restore_checks"]
-    # Both ranks reloaded their own expert shards (and the shared states) and recomputed the
-    # outputs recorded with the checkpoint, exactly.
-    assert check["epoch"] == 0 and len(check["per_rank"]) == 2 and check["max_abs_diff"] <= 1e-6, check
+    # Each restore recomputed the outputs recorded with its checkpoint, on both ranks, exactly: in
+    # the MoE phase each rank reloaded its own expert shards (and the shared states).
+    checks = state["restore_checks"]
+    assert [(c["phase"], c["epoch"]) for c in checks] == [("dense", 19), ("train", 0)], checks
+    assert all(len(c["per_rank"]) == 2 and c["max_abs_diff"] <= 1e-6 for c in checks), checks
     assert state["step0"]["max_abs_diff"] < 1e-5   # carried over by the checkpoint
-    metrics = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.metrics
-    assert metrics["restore/max_abs_diff"] <= 1e-6
+    client = MlflowClient(summary["tracking_uri"])
+    assert client.get_run(summary["run_id"]).data.metrics["restore/max_abs_diff"] <= 1e-6
+    # The dense phase went on from its step-40 checkpoint, not from scratch: steps 41-45 ran twice
+    # and gave the same losses (the resumed run draws what the first one drew), the others once.
+    history: dict[int, list[float]] = {}
+    for m in client.get_metric_history(summary["run_id"], "dense/loss"):
+        history.setdefault(m.step, []).append(m.value)
+    assert sorted(history) == list(range(1, 81))
+    twice = {step for step, values in history.items() if len(values) == 2}
+    assert twice == set(range(41, DENSE_KILL_STEP + 1)) and all(len(v) <= 2 for v in history.values()), history
+    for step in twice:
+        assert history[step][0] == pytest.approx(history[step][1], rel=1e-6), (step, history[step])
 
 
 def test_base_checkpoint_sources(tuned, tmp_path):

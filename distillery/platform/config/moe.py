@@ -81,6 +81,7 @@ class BaseModelSettings(StrictModel):
     checkpoint: OptionalLocalPath = None  # a models:/ URI is not a path: it stays as it is
     strict: bool = True  # False: skip (and log) checkpoint keys the model lacks and vice versa
     dense_steps: int = Field(300, ge=0)  # dense training steps when checkpoint is None
+    checkpoint_every: PositiveInt = 1    # the dense phase's epochs between checkpoints (and its last)
     lr: float = Field(1e-3, gt=0)
     backbone_lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(20, ge=0)

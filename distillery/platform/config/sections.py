@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 from distillery.platform.errors import DEBUG_ENV, DeterministicError
 from distillery.platform.io import storage as storage_io
@@ -446,13 +447,24 @@ class RunOutputSettings(OutputSettings):
 
 class KillSpec(StrictModel):
     rank: int = Field(1, ge=0)
-    step: int = Field(3, ge=1)
+    step: int = Field(3, ge=1)        # the step within its phase (1-based)
+    phase: str | None = None          # the job phase (e.g. the MoE job's "dense"); None: its last
 
 
 class DebugSettings(StrictModel):
-    # Fault injection: kill this worker process once at this global step (tests the automatic
-    # restore from the last checkpoint).
-    kill: KillSpec | None = None
+    # Fault injection: kill this worker process once at this step (tests the automatic restore
+    # from the last checkpoint); a list kills once per phase named.
+    kill: KillSpec | list[KillSpec] | None = None
+
+    @model_validator(mode="after")
+    def _one_kill_per_phase(self) -> "DebugSettings":
+        phases = [k.phase for k in self.kills()]
+        if len(set(phases)) != len(phases):
+            raise ValueError(f"debug.kill: at most one kill per phase (phases given: {phases})")
+        return self
+
+    def kills(self) -> list[KillSpec]:
+        return [] if self.kill is None else self.kill if isinstance(self.kill, list) else [self.kill]
 
 
 class AdamWSettings(StrictModel):

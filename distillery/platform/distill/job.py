@@ -27,7 +27,7 @@ from distillery.platform.engine.ingest import rows_to_samples
 from distillery.platform.distill.teacher_signal import teacher_signal
 from distillery.platform.distill.preview import log_augment_preview
 from distillery.platform.distill.spec import SPEC, DistillRecord, DistillRun
-from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext, engine_step
+from distillery.platform.engine.trainer import Built, EpochEnd, TrainingJob, WorkerContext, engine_step
 from distillery.platform.engine.worker import (deepspeed_engine, derived_seed, lockstep, shard_batches,
                                                sum_across_ranks)
 from distillery.platform.io import storage
@@ -148,14 +148,16 @@ class DistillJob(TrainingJob):
 
     # ------------------------------------------------------------------ batches
 
-    def step_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def step_batches(self, epoch: int, max_steps: int | None = None) -> Iterator[dict[str, Any]]:
         self.criterion.set_epoch(epoch)  # the epoch start: DEIMv2's matcher change reads it
-        return self._epoch_batches(epoch)
+        return self._epoch_batches(epoch, max_steps)
 
-    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def _epoch_batches(self, epoch: int, max_steps: int | None) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         limit = cfg.debug.max_steps_per_epoch
-        max_steps = limit * cfg.deepspeed.gradient_accumulation_steps if limit is not None else None
+        if limit is not None:
+            limit *= cfg.deepspeed.gradient_accumulation_steps
+            max_steps = limit if max_steps is None else min(limit, max_steps)
         self.view_samples, self.samples_seen = 0, 0
         # Mosaic and Mixup partners, crops, flips, multi-scale sizes: drawn per (seed, rank, epoch).
         self.augmenter.rng.seed(derived_seed("augment", cfg.train.seed, self.ctx.rank, epoch))
@@ -205,17 +207,17 @@ class DistillJob(TrainingJob):
                 out[f"share_{name}"] = share
         return out
 
-    def rank_values(self, built: Built) -> dict[str, float]:
+    def rank_values(self, built: Built, end: EpochEnd) -> dict[str, float]:
         """GAM's lambda, which every rank must agree on."""
         return {"lambda": float(self.gam.current_lambda)} if self.gam is not None else {}
 
-    def after_evaluation(self, metrics: dict[str, Any]) -> None:
+    def after_evaluation(self, end: EpochEnd) -> None:
         if self.views > 1:  # this rank's share of samples served by an exact cached view
-            metrics["cached_view_fraction"] = self.view_samples / max(self.samples_seen, 1)
+            end.metrics["cached_view_fraction"] = self.view_samples / max(self.samples_seen, 1)
 
-    def record(self, epoch: int, global_step: int, metrics: dict[str, Any], ranks: dict[str, list]) -> DistillRecord:
+    def record(self, end: EpochEnd, ranks: dict[str, list]) -> DistillRecord:
         gam = self.gam
-        return DistillRecord(epoch=epoch, global_step=global_step, metrics=metrics, ranks=ranks,
+        return DistillRecord(epoch=end.epoch, global_step=end.global_step, metrics=end.metrics, ranks=ranks,
                              gam_history=gam.history if gam is not None else [])
 
     def close(self) -> None:

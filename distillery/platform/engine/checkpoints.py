@@ -51,7 +51,7 @@ STATE_JSON = "distillery_state.json"      # CheckpointRecord: kind, epoch, metri
 DS_TAG = "ds"                             # DeepSpeed's checkpoint (its tag: a sub-directory)
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's model file, whatever the ZeRO stage
 # A file of a run's storage (beside its checkpoint_* directories).
-FAULT_MARKER = "fault_injected"           # debug.kill: the worker was killed once
+FAULT_MARKER = "fault_injected"           # debug.kill: the worker was killed once (+ "_<phase>" for a named phase)
 
 
 def rng_file(rank: int) -> str:
@@ -118,14 +118,10 @@ def _load_legacy(fh) -> None:
         torch.load(fh, map_location="cpu", weights_only=True)
 
 
-def _checkpoint_epoch(directory: str, spec: JobSpec | None = None) -> int:
-    return int(read_record(directory, spec).epoch)
-
-
 def verify_checkpoint(directory: str, spec: JobSpec | None = None) -> int:
     """Check every file of a Distillery checkpoint directory (written by ``spec``'s job, when
     given); return its epoch, or raise :class:`CheckpointError` naming the first bad file."""
-    epoch = _checkpoint_epoch(directory, spec)
+    epoch = int(read_record(directory, spec).epoch)
     _verify_torch_file(storage.join(directory, ENGINE_STATE))
     ds_dir = storage.join(directory, DS_TAG)
     ds_files = [n for n in storage.listdir(ds_dir) if n.endswith(".pt")]
@@ -174,26 +170,26 @@ def best_run_checkpoint(run_dir: Path) -> Path:
 
     records = {p: record(p) for p in checkpoints}
 
-    def epoch(path: Path) -> int:
-        value = records[path].get("epoch")
-        return value if isinstance(value, int) else -1
+    def order(path: Path) -> tuple[int, int, str]:
+        phase, epoch = records[path].get("phase_index", 0), records[path].get("epoch")
+        return (phase if isinstance(phase, int) else 0), (epoch if isinstance(epoch, int) else -1), path.name
 
-    in_report_order = sorted(checkpoints, key=lambda p: (epoch(p), p.name))
+    in_report_order = sorted(checkpoints, key=order)
     best = best_checkpoint((p, records[p].get("metrics")) for p in in_report_order)
     return best if best is not None else in_report_order[-1]
 
 
 def _checkpoints_newest_first(run_path: str, spec: JobSpec | None) -> tuple[list[str], list[str]]:
-    """(checkpoint directories under a run path, newest epoch first; the problems of those whose
-    state file cannot be read), both listed newest directory first."""
-    found: list[tuple[int, str]] = []
+    """(checkpoint directories under a run path, newest (phase, epoch) first; the problems of those
+    whose state file cannot be read), both listed newest directory first."""
+    found: list[tuple[tuple[int, int], str]] = []
     problems: list[str] = []
     for name in sorted(storage.listdir(run_path), reverse=True):
         directory = storage.join(run_path, name)
         if not name.startswith("checkpoint_") or not storage.exists(storage.join(directory, STATE_JSON)):
             continue
         try:
-            found.append((_checkpoint_epoch(directory, spec), directory))
+            found.append((read_record(directory, spec).order(), directory))
         except CheckpointError as exc:
             problems.append(str(exc))
     return [d for _, d in sorted(found, key=lambda e: e[0], reverse=True)], problems
@@ -260,10 +256,15 @@ class CheckpointRecord:
     """``distillery_state.json``: what a checkpoint is (epoch, metrics, rank checks); a job's spec
     names the subclass holding its own record. The file also carries the job's kind."""
 
-    epoch: int
+    epoch: int                       # within its phase, as global_step
     global_step: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     ranks: dict[str, list] = field(default_factory=dict)
+    phase: str | None = None         # the job phase that wrote it (None: written before phases)
+    phase_index: int = 0             # its place among the job's phases: checkpoints order by (phase_index, epoch)
+
+    def order(self) -> tuple[int, int]:
+        return self.phase_index, self.epoch
 
     def to_json(self, kind: str) -> dict[str, Any]:
         return {"kind": kind, **dataclasses.asdict(self)}

@@ -69,8 +69,9 @@ class ProgressPrinter:
     prints, so a user sees at once that training runs)."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, *, every_steps: int, every_seconds: float,
-                 world_size: int, out=print, metric: str = "AP"):
+                 world_size: int, label: str = "train", out=print, metric: str = "AP"):
         self.epochs, self.steps_per_epoch = epochs, max(1, steps_per_epoch)
+        self.label = label   # the phase: "[train] epoch 3/12 ...", "[dense] epoch 1/3 ..."
         self.metric = metric   # the job's best metric (its spec's), shown with its best so far
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.world_size = world_size
@@ -91,7 +92,7 @@ class ProgressPrinter:
         now = time.perf_counter()
         detail = " ".join(f"{k} {_fmt(v)}" for k, v in loss_terms(parts).items())
         lam_text = f" | lambda {lam:.3g}" if lam is not None else ""
-        head = f"[train] epoch {epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch}"
+        head = f"[{self.label}] epoch {epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch}"
         if self._first_step_end is None or step == 1:
             # The first step waits for the data pipeline to start: its time says nothing about speed.
             self._first_step_end, self._first_step_images = now, images_seen
@@ -117,7 +118,7 @@ class ProgressPrinter:
         lambda, aifi_ratio, AP, AP50, best_AP, best_epoch, epoch_seconds)."""
         key = self.metric
         value = metrics.get(key)
-        parts = [f"[train] epoch {epoch + 1}/{self.epochs} done in {metrics.get('epoch_seconds', 0):.0f} s",
+        parts = [f"[{self.label}] epoch {epoch + 1}/{self.epochs} done in {metrics.get('epoch_seconds', 0):.0f} s",
                  f"{metrics.get('images_per_second', 0.0):.1f} img/s"]
         if loss is not None:
             parts.append(f"loss {_fmt(loss)}")

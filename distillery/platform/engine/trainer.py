@@ -9,16 +9,19 @@ every named stateful component a job adds are saved and restored by name.
 
 A job is its spec (:class:`~distillery.platform.engine.spec.JobSpec`), its model builder and its
 hooks: a :class:`TrainingJob` subclass in the job's package. The engine imports no job: a worker
-loads its job class from the path its spec put in ``train_loop_config``. Reading order:
-:meth:`Trainer.fit`.
+loads its job class from the path its spec put in ``train_loop_config``. A job trains in one or
+more :class:`Phase` s (the MoE job: its dense base, then MoE-tuning), each with its own build,
+epochs and checkpoints. The end-of-epoch hooks pass what they compute on in an :class:`EpochEnd`,
+never in the job's attributes. Reading order: :meth:`Trainer.fit`.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from abc import ABC, abstractmethod
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -38,7 +41,8 @@ from distillery.platform.tracking.runs import MetricsLogger
 from distillery.students.ema import ModelEMA
 from distillery.students.training import AuxLoss, StepResult, train_step
 
-__all__ = ["Built", "Trainer", "TrainingJob", "WorkerContext", "engine_step", "run_job", "train_worker"]
+__all__ = ["Built", "EpochEnd", "Phase", "Trainer", "TrainingJob", "WorkerContext", "engine_step", "run_job",
+           "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,47 @@ class Built:
         return {**({"ema": self.ema} if self.ema is not None else {}), **self.components}
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of a job's training with its own model build (:meth:`TrainingJob.phases`).
+
+    Phases run in order. Each counts its epochs and steps from 0 and checkpoints every epoch under
+    its name, so a failure restarts from the last epoch of the phase it happened in, and a resumed
+    run skips the phases before it. The run's result is its last phase: an earlier phase's
+    metrics are logged and reported under ``<name>/`` and never count as the run's AP."""
+
+    name: str
+    epochs: int
+    build: Callable[[bool], Built]       # build(restoring): a checkpoint of this phase will be loaded
+    max_steps: int | None = None         # micro-steps in all (its last epoch shorter); None: whole epochs
+    eval_every: int | None = None        # evaluate every n epochs and after the last; None: never
+    checkpoint_every: int = 1            # checkpoint every n epochs and after the last
+
+    def evaluates(self, epoch: int) -> bool:
+        return self.eval_every is not None and self._every(self.eval_every, epoch)
+
+    def checkpoints(self, epoch: int) -> bool:
+        return self._every(self.checkpoint_every, epoch)
+
+    def _every(self, n: int, epoch: int) -> bool:
+        return (epoch + 1) % n == 0 or epoch + 1 == self.epochs
+
+
+@dataclass
+class EpochEnd:
+    """One epoch's end as the end-of-epoch hooks see it, in their order (:meth:`Trainer.end_epoch`):
+    what one hook computes for a later one is put here, made fresh each epoch, and not kept in the
+    job's attributes."""
+
+    phase: Phase
+    epoch: int
+    global_step: int
+    evaluating: bool
+    metrics: dict[str, Any]
+    model: torch.nn.Module                  # evaluated and saved: the EMA's, the engine's or before_evaluation's
+    outputs: dict[str, Any] = field(default_factory=dict)   # the job's own values for its later hooks
+
+
 class TrainingJob(ABC):
     """A job on the engine: its spec, its model builder and its hooks. A job must say how it
     builds its model and its batches; the other hooks' defaults do nothing."""
@@ -84,15 +129,25 @@ class TrainingJob(ABC):
     def build(self, restoring: bool) -> Built:
         """Model, loss, optimizer, DeepSpeed engine (``restoring``: a checkpoint will be loaded)."""
 
+    def phases(self) -> list[Phase]:
+        """The job's phases, in order: by default one, ``train``, of ``train.epochs`` epochs built by
+        :meth:`build`."""
+        return [Phase("train", self.cfg.train.epochs, self.build, eval_every=self.cfg.train.eval_every)]
+
+    def end_phase(self, phase: Phase, built: Built) -> None:
+        """After a phase's last epoch (also when a run resumes at that epoch's checkpoint): what the
+        next phase builds on. Every rank calls it."""
+
     @property
     @abstractmethod
     def input_size(self) -> int:
         """The model's square input side (training and evaluation)."""
 
     @abstractmethod
-    def step_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def step_batches(self, epoch: int, max_steps: int | None = None) -> Iterator[dict[str, Any]]:
         """This rank's step batches of ``epoch`` (``images``, ``targets``, teacher signal...), in
-        lockstep with the other ranks (:func:`~distillery.platform.engine.worker.lockstep`)."""
+        lockstep with the other ranks (:func:`~distillery.platform.engine.worker.lockstep`), at
+        most ``max_steps`` of them (a phase's shorter last epoch)."""
 
     def train_step(self, built: Built, batch: dict[str, Any]) -> StepResult:
         """One micro-step through the DeepSpeed engine (a job with a gradient hook passes it here)."""
@@ -108,40 +163,38 @@ class TrainingJob(ABC):
         epoch-end update and the metrics it adds."""
         return {}
 
-    def model_to_evaluate(self, built: Built) -> torch.nn.Module:
-        return built.ema.module if built.ema is not None else built.engine.module
-
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """COCO AP of ``model`` on the val split (sharded over ranks; every rank gets the metrics)."""
         run, ctx = self.run, self.ctx
         return evaluate_on_ranks(model, run.val_annotations, run.val_images, self.input_size,
                                  self.cfg.train.eval_batch_size, ctx.rank, ctx.world, ctx.device)
 
-    def on_restore(self, directory: str, record: CheckpointRecord, global_step: int) -> None:
-        """Called after the engine restored a checkpoint (its directory still open)."""
+    def on_restore(self, built: Built, directory: str, record: CheckpointRecord) -> None:
+        """Called after the engine restored a checkpoint into ``built`` (its directory still open)."""
 
     def start_metrics(self, built: Built) -> dict[str, float]:
         """Logged once at step 0 of a fresh run."""
         return {}
 
-    def before_evaluation(self, built: Built, evaluating: bool) -> None:
-        """After the norm statistics agree, before evaluation (consolidation for eval)."""
+    def before_evaluation(self, built: Built, end: EpochEnd) -> None:
+        """After the norm statistics agree, before evaluation: may replace ``end.model`` (what is
+        evaluated and saved; the EMA's module if there is one, else the engine's)."""
 
-    def after_evaluation(self, metrics: dict[str, Any]) -> None:
-        """The epoch's metrics, evaluation included (analysis adds its metrics here)."""
+    def after_evaluation(self, end: EpochEnd) -> None:
+        """``end.metrics`` hold the evaluation's (when ``end.evaluating``): add the job's own."""
 
     def shared_parameters(self, module: torch.nn.Module) -> Iterator[torch.Tensor]:
         """The parameters every rank holds alike (all of them under data parallelism)."""
         return module.parameters()
 
-    def rank_values(self, built: Built) -> dict[str, float]:
+    def rank_values(self, built: Built, end: EpochEnd) -> dict[str, float]:
         """Extra per-rank values for the rank check (a collective when it runs the model)."""
         return {}
 
-    def record(self, epoch: int, global_step: int, metrics: dict[str, Any], ranks: dict[str, list]) -> CheckpointRecord:
-        return self.spec.record_class(epoch=epoch, global_step=global_step, metrics=metrics, ranks=ranks)
+    def record(self, end: EpochEnd, ranks: dict[str, list]) -> CheckpointRecord:
+        return self.spec.record_class(epoch=end.epoch, global_step=end.global_step, metrics=end.metrics, ranks=ranks)
 
-    def write_files(self, directory: str, built: Built) -> None:
+    def write_files(self, directory: str, built: Built, end: EpochEnd) -> None:
         """The job's own files of a checkpoint (rank 0 and others alike: check ``ctx.rank``)."""
 
     def close(self) -> None:
@@ -157,7 +210,10 @@ class Trainer:
 
     def __init__(self, job: TrainingJob):
         self.job, self.cfg, self.ctx = job, job.cfg, job.ctx
-        self.start_epoch, self.global_step = 0, 0
+        self.phases: list[Phase] = []
+        self.phase: Phase | None = None
+        self.phase_index = 0
+        self.start_epoch, self.global_step = 0, 0   # within the phase
         self.best: tuple[float, int] | None = None   # (best value of the spec's best_metric so far, its epoch)
         self.built: Built | None = None
 
@@ -165,24 +221,51 @@ class Trainer:
 
     def fit(self) -> None:
         checkpoint = self._checkpoint_to_restore()
-        self.built = self.job.build(restoring=checkpoint is not None)
-        if checkpoint is not None:
-            self.restore(checkpoint)
-        elif self.ctx.logger is not None and (start := self.job.start_metrics(self.built)):
-            self.ctx.logger.log(start, step=0)
-        progress = self._progress()
-        for epoch in range(self.start_epoch, self.cfg.train.epochs):
-            metrics = self.train_epoch(epoch, progress)
-            self.end_epoch(epoch, metrics, progress)
+        self.phases = phases = self.job.phases()
+        first = self._phase_to_restore(checkpoint, phases) if checkpoint is not None else 0
+        for index in range(first, len(phases)):
+            self.phase, self.phase_index = phases[index], index
+            self.start_epoch, self.global_step, self.best = 0, 0, None
+            restoring = checkpoint is not None and index == first
+            self.built = self.phase.build(restoring)
+            if restoring:
+                self.restore(checkpoint)
+            elif index == 0 and self.ctx.logger is not None and (start := self.job.start_metrics(self.built)):
+                self.ctx.logger.log(start, step=0)
+            progress = self._progress()
+            for epoch in range(self.start_epoch, self.phase.epochs):
+                metrics = self.train_epoch(epoch, progress)
+                self.end_epoch(epoch, metrics, progress)
+            self.job.end_phase(self.phase, self.built)
         if self.ctx.logger is not None:
             self.ctx.logger.flush()
         self.job.close()
+
+    @property
+    def final_phase(self) -> bool:
+        return self.phase_index == len(self.phases) - 1
+
+    def _prefix(self, default: str) -> str:
+        """Metric names of the last phase keep ``default``; an earlier phase's are ``<phase>/``."""
+        return default if self.final_phase else f"{self.phase.name}/"
 
     def _checkpoint_to_restore(self):
         checkpoint = ray.train.get_checkpoint()   # after a worker failure
         if checkpoint is None and self.job.run.resume_checkpoint:
             checkpoint = ray.train.Checkpoint(self.job.run.resume_checkpoint)
         return checkpoint
+
+    def _phase_to_restore(self, checkpoint, phases: list[Phase]) -> int:
+        """The index of the phase ``checkpoint`` was written in (records without one: the last)."""
+        with checkpoint.as_directory() as directory:
+            record = read_record(directory, self.job.spec)
+        if record.phase is None:
+            return len(phases) - 1
+        names = [p.name for p in phases]
+        if record.phase not in names:
+            raise CheckpointError(f"checkpoint {checkpoint.path} was written in phase {record.phase!r}, which "
+                                  f"this run does not have (its phases: {', '.join(names)})")
+        return names.index(record.phase)
 
     def restore(self, checkpoint) -> None:
         built = self.built
@@ -199,19 +282,22 @@ class Trainer:
                     log.warning("checkpoint %s holds no %s state: %s starts fresh", checkpoint.path, name, name)
             self.start_epoch, self.global_step = state.epoch + 1, state.global_step
             self.best = _restored_best(record.metrics, self.job.spec.best_metric)
-            self.job.on_restore(directory, record, self.global_step)
+            self.job.on_restore(built, directory, record)
         if rng is not None:
             set_rng_state(rng)
-        log.info("rank %d resumed from %s at epoch %d (step %d)", self.ctx.rank, checkpoint.path,
-                 self.start_epoch, self.global_step)
+        log.info("rank %d resumed from %s at phase %s, epoch %d (step %d)", self.ctx.rank, checkpoint.path,
+                 self.phase.name, self.start_epoch, self.global_step)
 
     def _progress(self) -> ProgressPrinter | None:
         if self.ctx.rank != 0:
             return None
         t = self.cfg.train
-        return ProgressPrinter(t.epochs, self.job.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps,
-                               every_steps=t.progress_every, every_seconds=t.progress_seconds,
-                               world_size=self.ctx.world, metric=self.job.spec.best_metric)
+        return ProgressPrinter(self.phase.epochs, self._micro_steps_per_epoch(), every_steps=t.progress_every,
+                               every_seconds=t.progress_seconds, world_size=self.ctx.world, label=self.phase.name,
+                               metric=self.job.spec.best_metric)
+
+    def _micro_steps_per_epoch(self) -> int:
+        return self.job.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps
 
     # ------------------------------------------------------------------ one epoch
 
@@ -226,7 +312,7 @@ class Trainer:
             progress.start_epoch_timer()
         steps, images_seen = 0, 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # on device: no per-step sync
-        for batch in self.job.step_batches(epoch):
+        for batch in self._epoch_batches(epoch):
             result = self.step(batch)
             steps += 1
             images_seen += len(batch["images"])
@@ -245,6 +331,13 @@ class Trainer:
                 "images_per_second": images_seen * self.ctx.world / max(seconds, 1e-9),
                 "mean_loss": float(loss_sum) / steps}
 
+    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """The job's step batches of ``epoch``, at most the phase's ``max_steps`` in all."""
+        if self.phase.max_steps is None:
+            return self.job.step_batches(epoch)
+        left = self.phase.max_steps - epoch * self._micro_steps_per_epoch()
+        return self.job.step_batches(epoch, max_steps=max(left, 0))
+
     def step(self, batch: dict[str, Any]) -> StepResult:
         """One micro-step through the DeepSpeed engine; the EMA follows each optimizer step."""
         b = self.built
@@ -259,45 +352,55 @@ class Trainer:
         logger = self.ctx.logger
         if logger is None or self.global_step % self.cfg.train.log_every != 0:
             return
-        metrics = {f"train/{k}": v for k, v in result.as_floats().items()}
-        metrics["train/lr"] = self.built.engine.get_lr()[0]
-        metrics.update({f"train/{k}": v for k, v in self.job.step_values().items()})
+        prefix = self._prefix("train/")
+        metrics = {f"{prefix}{k}": v for k, v in result.as_floats().items()}
+        metrics[f"{prefix}lr"] = self.built.engine.get_lr()[0]
+        metrics.update({f"{prefix}{k}": v for k, v in self.job.step_values().items()})
         logger.log(metrics, self.global_step)
 
     def _maybe_kill(self) -> None:
-        kill = self.cfg.debug.kill
-        if kill is not None and self.ctx.rank == kill.rank and self.global_step == kill.step:
-            if self.ctx.logger is not None:
-                self.ctx.logger.flush()
-            inject_fault(self.job.run.run_storage)
+        for kill in self.cfg.debug.kills():
+            phase = kill.phase or self.phases[-1].name
+            if phase == self.phase.name and self.ctx.rank == kill.rank and self.global_step == kill.step:
+                if self.ctx.logger is not None:
+                    self.ctx.logger.flush()
+                inject_fault(self.job.run.run_storage, kill.phase)
 
     # ------------------------------------------------------------------ the end of an epoch
 
     def end_epoch(self, epoch: int, metrics: dict[str, Any], progress: ProgressPrinter | None) -> None:
-        b = self.built
+        b, job = self.built, self.job
         mean_loss = metrics.pop("mean_loss")
-        metrics.update(self.job.end_of_epoch(epoch))
+        metrics.update(job.end_of_epoch(epoch))
         # One set of BatchNorm statistics for every rank before they evaluate and checkpoint.
         average_norm_statistics(b.engine.module, *([b.ema.module] if b.ema is not None else []))
-        evaluating = (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.cfg.train.epochs
-        self.job.before_evaluation(b, evaluating)
-        if evaluating:
-            metrics.update(self.job.evaluate(self.job.model_to_evaluate(b)))
-        self.job.after_evaluation(metrics)
-        key = self.job.spec.best_metric
-        self.best = _best_so_far(self.best, metrics.get(key), epoch)
-        if self.best is not None:
-            metrics[f"best_{key}"], metrics["best_epoch"] = self.best
+        end = EpochEnd(self.phase, epoch, self.global_step, self.phase.evaluates(epoch), metrics,
+                       b.ema.module if b.ema is not None else b.engine.module)
+        job.before_evaluation(b, end)
+        if end.evaluating:
+            metrics.update(job.evaluate(end.model))
+        job.after_evaluation(end)
+        if self.final_phase:
+            key = job.spec.best_metric
+            self.best = _best_so_far(self.best, metrics.get(key), epoch)
+            if self.best is not None:
+                metrics[f"best_{key}"], metrics["best_epoch"] = self.best
         if progress is not None:
             progress.epoch_end(epoch, metrics, mean_loss)
-        ranks = self.rank_consistency()
+        ranks = self.rank_consistency(end) if self.phase.checkpoints(epoch) else None
         if self.ctx.logger is not None:
-            self.ctx.logger.log({self.job.metric_name(k): v for k, v in metrics.items()
+            self.ctx.logger.log({self._metric_name(k): v for k, v in metrics.items()
                                  if isinstance(v, (int, float))}, epoch)
             self.ctx.logger.flush()
-        self.save(epoch, metrics, ranks)
+        if ranks is None:
+            ray.train.report(self._reported(metrics))
+        else:
+            self.save(end, ranks)
 
-    def rank_consistency(self) -> dict[str, list]:
+    def _metric_name(self, key: str) -> str:
+        return self.job.metric_name(key) if self.final_phase else f"{self.phase.name}/{key}"
+
+    def rank_consistency(self, end: EpochEnd) -> dict[str, list]:
         """Every rank's float64 checksums of its shared weights, its buffers (BatchNorm running
         statistics) and its EMA copy's and the job's own values, gathered: they must agree across
         ranks (the checkpoint records them; the tests compare them)."""
@@ -309,22 +412,27 @@ class Trainer:
             if b.ema is not None:
                 values["ema_weights_checksum"] = _checksum(b.ema.module.parameters())
                 values["ema_buffers_checksum"] = _checksum(b.ema.module.buffers())
-        values.update(self.job.rank_values(b))
+        values.update(self.job.rank_values(b, end))
         gathered = gather_floats(list(values.values()), self.ctx.device)
         return {k: [float(part[i]) for part in gathered] for i, k in enumerate(values)}
 
-    def save(self, epoch: int, metrics: dict[str, Any], ranks: dict[str, list]) -> None:
+    def save(self, end: EpochEnd, ranks: dict[str, list]) -> None:
         """One Ray Train checkpoint: every rank's DeepSpeed files and RNG states, rank 0's engine
-        state and record, the job's files; reported with the epoch's metrics."""
+        state and record (its phase named), the job's files; reported with the epoch's metrics."""
         b = self.built
-        state = EngineState(epoch, self.global_step, {name: c.state_dict() for name, c in b.stateful().items()})
+        state = EngineState(end.epoch, self.global_step, {name: c.state_dict() for name, c in b.stateful().items()})
+        record = self.job.record(end, ranks)
+        record.phase, record.phase_index = self.phase.name, self.phase_index
         with tempfile.TemporaryDirectory() as tmp:
             b.engine.save_checkpoint(tmp, tag=DS_TAG)
-            save_checkpoint_files(tmp, self.ctx.rank, state, self.job.record(epoch, self.global_step, metrics, ranks),
-                                  self.job.spec.name)
-            self.job.write_files(tmp, b)
-            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            save_checkpoint_files(tmp, self.ctx.rank, state, record, self.job.spec.name)
+            self.job.write_files(tmp, b, end)
+            ray.train.report(self._reported(end.metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def _reported(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """What Ray Train gets: the numbers, under ``<phase>/`` before the last phase."""
+        prefix = self._prefix("")
+        return {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def engine_step(engine, criterion: torch.nn.Module, batch: dict[str, Any], **step_options) -> StepResult:

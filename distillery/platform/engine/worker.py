@@ -224,10 +224,10 @@ def evaluate_on_ranks(model: torch.nn.Module, val_ann: str, val_images: str, siz
     return {k: float(v) for k, v in metrics.items()}
 
 
-def inject_fault(run_storage: str) -> None:
-    """Kill this worker process once (the marker makes the restarted run go on), after the
-    checkpoints reported so far are registered."""
-    marker = storage.join(run_storage, FAULT_MARKER)
+def inject_fault(run_storage: str, phase: str | None = None) -> None:
+    """Kill this worker process once (the marker, one per named ``phase``, makes the restarted
+    run go on), after the checkpoints reported so far are registered."""
+    marker = storage.join(run_storage, FAULT_MARKER if phase is None else f"{FAULT_MARKER}_{phase}")
     if storage.exists(marker):
         return
     # Wait until Ray Train has committed every checkpoint this worker reported: killed earlier,

@@ -1,10 +1,11 @@
 """The MoE-tuning job on the training engine (the Ray Train workers of :mod:`~distillery.platform.moe.driver`).
 
-Its builder and hooks, in the order they run:
-    1. dense phase (only without a base checkpoint and without a checkpoint to resume,
+Its phases, builder and hooks, in the order they run:
+    1. the engine phase ``dense`` (only without a base checkpoint,
        :mod:`~distillery.platform.moe.dense_phase`): the dense base trained for
-       ``base.dense_steps`` steps, saved to the run storage (``dense_base/model.safetensors``)
-       and evaluated (``base/AP``);
+       ``base.dense_steps`` steps in engine epochs with checkpoints, saved to the run storage
+       (``dense_base/model.safetensors``); the phase ``train`` starts by evaluating the dense base,
+       trained or given (``base/AP``);
     2. decomposition: every decoder FFN -> ``copies * granularity`` experts
        (:func:`~distillery.students.open_vocab.moe_tune_decoder`), each layer then mapped onto
        DeepSpeed's MoE layer with Dynamic-DINO's gate and ``ep_size`` expert parallelism
@@ -19,7 +20,9 @@ Its builder and hooks, in the order they run:
        every token's routing recorded for the expert analysis; each checkpoint adds the
        consolidated ``model.safetensors``, the analysis and the raw outputs on the probe images.
     On restore the probe outputs are recomputed after loading and compared with the recorded ones
-    (``restore/max_abs_diff``).
+    (``restore/max_abs_diff``). What one end-of-epoch hook computes for a later one (the evaluated
+    model, the probe outputs, the analysis) travels in the engine's ``EpochEnd``; what the job
+    keeps across epochs is its record fields and, between the phases, the dense base.
 
 Evaluation runs on the gathered plain model rather than through DeepSpeed's all-to-all: it is the
 same function (tested in ``tests/test_moe_deepspeed.py``), needs no lockstep between ranks with
@@ -43,14 +46,15 @@ from distillery.platform.config.augment import runtime_augment_config
 from distillery.platform.config.moe import MoETuneConfig
 from distillery.platform.datasets.coco import load_coco, load_image_resized
 from distillery.platform.engine.ingest import rows_to_samples
-from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext
+from distillery.platform.engine.trainer import Built, EpochEnd, Phase, TrainingJob, WorkerContext
 from distillery.platform.engine.worker import deepspeed_engine, derived_seed, gather_floats, lockstep, shard_batches
 from distillery.platform.io import storage
 from distillery.platform.moe.analysis import analysis_metrics, expert_analysis
-from distillery.platform.moe.dense_phase import train_dense_base
+from distillery.platform.moe.dense_phase import dense_phase, finish_dense_phase
 from distillery.platform.moe.expert_parallel import DeepSpeedMoEFFN, gather_moe_ffn, to_deepspeed_moe
 from distillery.platform.moe.model_files import build_detector, save_tuned_model, weights_from_bytes
-from distillery.platform.moe.spec import ANALYSIS_JSON, MODEL_FILE, PROBE_FILE, SPEC, MoETuneRecord, MoETuneRun
+from distillery.platform.moe.spec import (ANALYSIS_JSON, DENSE_PHASE, MODEL_FILE, PROBE_FILE, SPEC, MoETuneRecord,
+                                         MoETuneRun)
 from distillery.students.criterion import build_criterion, criterion_options
 from distillery.students.moe import MoEFFN, collect_aux_loss
 from distillery.students.open_vocab import moe_tune_decoder
@@ -76,10 +80,7 @@ class MoETuneJob(TrainingJob):
         self.record_fields: dict[str, Any] = {"base_metrics": None, "step0": None, "restore_checks": [],
                                               "moe_layers": [], "parameter_counts": run.parameter_counts}
         self.plain: torch.nn.Module | None = None     # the plain twin evaluation reads the gathered weights into
-        self.evaluated: torch.nn.Module | None = None
-        self.analysis: dict[str, Any] | None = None
-        self.probe: dict[str, torch.Tensor] | None = None
-        self.evaluating = False
+        self.dense_base: torch.nn.Module | None = None  # the dense phase's result, for the MoE phase's build
 
     @property
     def input_size(self) -> int:
@@ -96,16 +97,30 @@ class MoETuneJob(TrainingJob):
         return build_detector(self.cfg.model.name, r.phrases, self.text, self.input_size, r.build_options).to(
             self.ctx.device)
 
+    def criterion(self) -> torch.nn.Module:
+        return build_criterion(num_classes=len(self.run.phrases), **criterion_options(self.cfg.model.name))
+
+    def phases(self) -> list[Phase]:
+        """``dense`` (without a given base), then ``train``: MoE-tuning (or dense fine-tuning)."""
+        tune = Phase("train", self.cfg.train.epochs, self.build, eval_every=self.cfg.train.eval_every)
+        return [tune] if self.run.base_uri else [dense_phase(self), tune]
+
+    def end_phase(self, phase: Phase, built: Built) -> None:
+        if phase.name == DENSE_PHASE:
+            self.dense_base = finish_dense_phase(self, built)
+
     def build(self, restoring: bool) -> Built:
-        criterion = build_criterion(num_classes=len(self.run.phrases), **criterion_options(self.cfg.model.name))
+        """The ``train`` phase: the dense base (given, or the dense phase's), evaluated, decomposed
+        into experts; a restored checkpoint holds everything instead."""
+        criterion = self.criterion()
         model = self.dense_model()
         dense_probe = None
-        if not restoring:   # a restored checkpoint holds everything; else the dense base first
-            if self.run.base_uri:
+        if not restoring:
+            if self.dense_base is not None:
+                model = self.dense_base
+            else:
                 model.load_state_dict(weights_from_bytes(storage.read_bytes(self.run.base_uri), self.run.base_uri),
                                       strict=True)
-            else:
-                model = train_dense_base(self, model, criterion)
             self._evaluate_base(model)
             dense_probe = probe_outputs(model, self.probe_images) if self.moe else None
         if self.moe:
@@ -114,7 +129,6 @@ class MoETuneJob(TrainingJob):
                                  warmup_steps=self.cfg.optim.warmup_steps,
                                  total_steps=self.run.steps_per_epoch * self.cfg.train.epochs,
                                  flat_fraction=self.cfg.optim.flat_fraction, moe=self.moe)
-        self.engine_module = engine.module
         if dense_probe is not None:
             self._check_step0(engine, dense_probe)
         if self.moe:
@@ -176,27 +190,27 @@ class MoETuneJob(TrainingJob):
 
     # ------------------------------------------------------------------ restore and batches
 
-    def on_restore(self, directory: str, record: MoETuneRecord, global_step: int) -> None:
+    def on_restore(self, built: Built, directory: str, record: MoETuneRecord) -> None:
         """Carry the record over; every rank recomputes the recorded probe outputs (an
         expert-parallel forward: all ranks take part) and compares."""
         recorded = torch.load(Path(directory) / PROBE_FILE, map_location="cpu", weights_only=True)
         self.record_fields.update(base_metrics=record.base_metrics, step0=record.step0,
                                   restore_checks=list(record.restore_checks))
-        per_rank = self._per_rank(max_abs_diff(probe_outputs(self.engine_module, recorded["images"].to(
+        per_rank = self._per_rank(max_abs_diff(probe_outputs(built.engine.module, recorded["images"].to(
             self.ctx.device)), recorded))
-        self.record_fields["restore_checks"].append({"epoch": record.epoch, "max_abs_diff": max(per_rank),
-                                                     "per_rank": per_rank})
+        self.record_fields["restore_checks"].append({"phase": record.phase, "epoch": record.epoch,
+                                                     "max_abs_diff": max(per_rank), "per_rank": per_rank})
         if max(per_rank) > 1e-4:
             log.warning("outputs after restoring %s differ from the recorded ones by %s (per rank)", directory,
                         per_rank)
         if self.ctx.logger is not None:
-            self.ctx.logger.log({"restore/max_abs_diff": max(per_rank)}, global_step)
+            self.ctx.logger.log({"restore/max_abs_diff": max(per_rank)}, record.global_step)
 
     def step_batches(self, epoch: int, max_steps: int | None = None) -> Iterator[dict[str, Any]]:
         micro_steps = self.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps
         self.augmenter.rng.seed(derived_seed("augment", self.cfg.train.seed, self.ctx.rank, epoch))  # as distill's
         rows = shard_batches(self.ctx.shard, self.cfg.train, epoch, self.ctx.rank)
-        for batch in lockstep(rows, self.ctx.device, micro_steps if max_steps is None else max_steps):
+        for batch in lockstep(rows, self.ctx.device, micro_steps if max_steps is None else min(micro_steps, max_steps)):
             b = collate(self.augmenter.batch(rows_to_samples(batch, None), 0), f5_hw=None)
             targets = [{k: v.to(self.ctx.device) for k, v in tg.items() if k != "image_id"} for tg in b["targets"]]
             yield {"images": b["images"].to(self.ctx.device, self.dtype), "targets": targets}
@@ -207,48 +221,50 @@ class MoETuneJob(TrainingJob):
         """Data parallel outside the experts: each rank holds its own expert shards."""
         return (p for p in module.parameters() if not is_moe_param(p))
 
-    def before_evaluation(self, built: Built, evaluating: bool) -> None:
-        self.evaluating = evaluating
-        self.evaluated = self.plain if self.moe else built.engine.module
-        if self.moe:
-            consolidate(built.engine.module, self.plain)
+    def _experts(self, end: EpochEnd) -> bool:
+        """Whether ``end``'s model has experts (the MoE phase of an MoE run)."""
+        return self.moe and end.phase.name != DENSE_PHASE
+
+    def before_evaluation(self, built: Built, end: EpochEnd) -> None:
+        """With experts: every rank's gathered into the plain twin, which is evaluated and saved."""
+        if self._experts(end):
+            end.model = consolidate(built.engine.module, self.plain)
             for layer in moe_layers(self.plain).values():
                 layer.pop_routing_trace()
 
-    def model_to_evaluate(self, built: Built) -> torch.nn.Module:
-        return self.evaluated
-
-    def after_evaluation(self, metrics: dict[str, Any]) -> None:
-        self.analysis = None
-        if not (self.evaluating and self.moe):
+    def after_evaluation(self, end: EpochEnd) -> None:
+        """The expert analysis of the evaluation's routing (rank 0): its metrics, and ``analysis``."""
+        if not (end.evaluating and self._experts(end)):
             return
         traces = gather_traces({n: layer.pop_routing_trace() for n, layer in moe_layers(self.plain).items()},
                                self.ctx.world)
         if self.cfg.analysis.enabled and self.ctx.rank == 0:
-            self.analysis = expert_analysis(traces, self.cfg.moe.num_experts, self.cfg.analysis.stable_threshold)
-            metrics.update(analysis_metrics(self.analysis))
+            end.outputs["analysis"] = expert_analysis(traces, self.cfg.moe.num_experts,
+                                                      self.cfg.analysis.stable_threshold)
+            end.metrics.update(analysis_metrics(end.outputs["analysis"]))
 
-    def rank_values(self, built: Built) -> dict[str, float]:
-        self.probe = probe_outputs(built.engine.module, self.probe_images)
-        return {"probe_checksum": float(self.probe["pred_logits"].double().sum())}
+    def rank_values(self, built: Built, end: EpochEnd) -> dict[str, float]:
+        """The outputs on the probe images (kept as ``probe`` for the checkpoint)."""
+        probe = end.outputs["probe"] = probe_outputs(built.engine.module, self.probe_images)
+        return {"probe_checksum": float(probe["pred_logits"].double().sum())}
 
-    def record(self, epoch: int, global_step: int, metrics: dict[str, Any], ranks: dict[str, list]) -> MoETuneRecord:
-        self.epoch = epoch
-        return MoETuneRecord(epoch=epoch, global_step=global_step, metrics=metrics, ranks=ranks,
+    def record(self, end: EpochEnd, ranks: dict[str, list]) -> MoETuneRecord:
+        return MoETuneRecord(epoch=end.epoch, global_step=end.global_step, metrics=end.metrics, ranks=ranks,
                              **self.record_fields)
 
-    def write_files(self, directory: str, built: Built) -> None:
-        """Rank 0: the probe outputs, the consolidated model, the expert analysis."""
+    def write_files(self, directory: str, built: Built, end: EpochEnd) -> None:
+        """Rank 0: the probe outputs, the evaluated (consolidated) model, the expert analysis."""
         if self.ctx.rank != 0:
             return
         directory = Path(directory)
-        torch.save({"images": self.probe_images.cpu(), **self.probe}, directory / PROBE_FILE)
+        torch.save({"images": self.probe_images.cpu(), **end.outputs["probe"]}, directory / PROBE_FILE)
         r = self.run
-        save_tuned_model(self.evaluated, directory / MODEL_FILE,
+        save_tuned_model(end.model, directory / MODEL_FILE,
                          {"name": self.cfg.model.name, "build_options": r.build_options, "input_size": self.input_size,
-                          "moe": r.moe_meta, "category_ids": r.category_ids, "epoch": self.epoch})
-        if self.analysis is not None:
-            (directory / ANALYSIS_JSON).write_text(json.dumps(self.analysis))
+                          "moe": r.moe_meta if self._experts(end) else None, "category_ids": r.category_ids,
+                          "phase": end.phase.name, "epoch": end.epoch})
+        if "analysis" in end.outputs:
+            (directory / ANALYSIS_JSON).write_text(json.dumps(end.outputs["analysis"]))
 
     def metric_name(self, key: str) -> str:
         return key if key == "epoch" or key.startswith("analysis/") else f"epoch/{key}"

@@ -12,8 +12,8 @@ from distillery.platform.engine.checkpoints import CheckpointRecord
 from distillery.platform.engine.run_spec import RunDescription
 from distillery.platform.engine.spec import JobSpec
 
-__all__ = ["ANALYSIS_JSON", "BASE_DIR", "DENSE_BASE_DIR", "MODEL_FILE", "PROBE_FILE", "SPEC", "MoETuneRecord",
-           "MoETuneRun"]
+__all__ = ["ANALYSIS_JSON", "BASE_DIR", "DENSE_BASE_DIR", "DENSE_PHASE", "MODEL_FILE", "PROBE_FILE", "SPEC",
+           "MoETuneRecord", "MoETuneRun"]
 
 # The job's files in a checkpoint directory (beside the engine's).
 MODEL_FILE = "model.safetensors"          # consolidated weights (plain modules) + metadata
@@ -22,6 +22,7 @@ ANALYSIS_JSON = "expert_analysis.json"    # per-layer load and co-activation on 
 # Its folders in the run's storage (beside its checkpoint_* directories), MODEL_FILE inside.
 DENSE_BASE_DIR = "dense_base"             # the dense base trained in the job
 BASE_DIR = "base"                         # the given base staged for the workers
+DENSE_PHASE = "dense"                     # the engine phase that trains the dense base (then "train")
 
 
 @dataclass(kw_only=True)

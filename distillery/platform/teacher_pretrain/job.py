@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distillery.platform.engine.trainer import Built, TrainingJob, WorkerContext
+from distillery.platform.engine.trainer import Built, EpochEnd, TrainingJob, WorkerContext
 from distillery.platform.engine.worker import deepspeed_engine, derived_seed, lockstep, shard_batches
 from distillery.platform.io.weights_source import resolve_weights_source
 from distillery.platform.teacher_pretrain.config import TeacherPretrainConfig
@@ -145,12 +145,13 @@ class TeacherPretrainJob(TrainingJob):
                 self.ctx.logger.log({f"initial/{k}": v for k, v in self.initial_metrics.items()}, 0)
         return Built(engine=engine, criterion=DensePatchCriterion(run.class_weights).to(self.ctx.device))
 
-    def on_restore(self, directory: str, record: TeacherPretrainRecord, global_step: int) -> None:
+    def on_restore(self, built: Built, directory: str, record: TeacherPretrainRecord) -> None:
         self.initial_metrics = record.initial_metrics
 
-    def step_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def step_batches(self, epoch: int, max_steps: int | None = None) -> Iterator[dict[str, Any]]:
         cfg, ctx = self.cfg, self.ctx
-        micro_steps = self.run.steps_per_epoch * cfg.deepspeed.gradient_accumulation_steps
+        micro_steps = max_steps if max_steps is not None else \
+            self.run.steps_per_epoch * cfg.deepspeed.gradient_accumulation_steps
         flips = torch.Generator().manual_seed(derived_seed("flip", cfg.train.seed, ctx.rank, epoch))
         rows = shard_batches(ctx.shard, cfg.train, epoch, ctx.rank)
         for batch in lockstep(rows, ctx.device, micro_steps):
@@ -177,12 +178,11 @@ class TeacherPretrainJob(TrainingJob):
             metrics = box[0]
         return metrics
 
-    def record(self, epoch: int, global_step: int, metrics: dict[str, Any], ranks: dict[str, list]
-               ) -> TeacherPretrainRecord:
-        return TeacherPretrainRecord(epoch=epoch, global_step=global_step, metrics=metrics, ranks=ranks,
+    def record(self, end: EpochEnd, ranks: dict[str, list]) -> TeacherPretrainRecord:
+        return TeacherPretrainRecord(epoch=end.epoch, global_step=end.global_step, metrics=end.metrics, ranks=ranks,
                                      initial_metrics=self.initial_metrics, teacher=self.teacher_keys)
 
-    def write_files(self, directory: str, built: Built) -> None:
+    def write_files(self, directory: str, built: Built, end: EpochEnd) -> None:
         """Rank 0: the ViT in Meta's layout (float32 weights whatever the engine ran in)."""
         if self.ctx.rank != 0:
             return
