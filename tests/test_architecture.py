@@ -60,7 +60,7 @@ def test_the_engine_imports_and_names_no_job():
     files = sorted(ENGINE.glob("*.py"))
     assert len(files) >= 8, files   # the engine is where this test thinks it is
     kinds = list(job_specs())
-    assert len(kinds) >= 2, kinds
+    assert len(kinds) >= 3, kinds   # distill, moe_tune, teacher_pretrain (each its own package)
     violations = engine_violations(REPO, files, kinds)
     assert not violations, "the engine must know no job:\n" + "\n".join(violations)
 

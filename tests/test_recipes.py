@@ -29,7 +29,10 @@ def model_for(path: Path):
         from distillery.tuning.sweep_config import SweepConfig
 
         return SweepConfig
-    return None
+    from distillery.platform.jobs import job_specs
+
+    # Any other registered job's recipes are named after its kind (<kind>_*.yaml).
+    return next((spec.config_class for spec in job_specs().values() if path.name.startswith(spec.name)), None)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -55,12 +58,12 @@ def test_sweep_recipe_trials_validate(path):
 
 
 def _embedded_defaults() -> dict[str, dict[str, str]]:
-    from distillery.platform.config.distill import DistillConfig
-    from distillery.platform.config.moe import MoETuneConfig
+    from distillery.platform.jobs import job_specs
     from distillery.tuning.sweep_config import SweepConfig
 
+    training_jobs = [spec.config_class for spec in job_specs().values()]   # every registered job's
     return {model.__name__: flatten_config(load_config(model))
-            for model in (CacheFeaturesConfig, DistillConfig, MoETuneConfig, SweepConfig)}
+            for model in (CacheFeaturesConfig, *training_jobs, SweepConfig)}
 
 
 def test_embedded_defaults_are_the_recorded_ones():

@@ -17,6 +17,7 @@ __all__ = ["JOB_SPEC_MODULES", "job_names", "job_spec", "job_specs"]
 JOB_SPEC_MODULES = (
     "distillery.platform.distill.spec",
     "distillery.platform.moe.spec",
+    "distillery.platform.teacher_pretrain.spec",
 )
 
 

@@ -42,8 +42,9 @@ from distillery.teachers.dinov3 import (IMAGENET_MEAN, IMAGENET_STD, DinoV3Teach
                                         normalise_and_pool, patch_grid)
 from distillery.teachers.dinov3_weights import set_rope_periods
 
-__all__ = ["DensePretrainResult", "DensePretrainSettings", "balanced_accuracy", "linear_probe",
-           "patch_labels_from_boxes", "teacher_features", "train_dense_teacher"]
+__all__ = ["DensePretrainResult", "DensePretrainSettings", "balanced_accuracy", "class_weights", "class_weights_of_counts",
+           "dense_lr_factor", "dense_param_groups", "dense_patch_logits", "dense_patch_loss", "linear_probe",
+           "patch_labels_from_boxes", "random_flips", "teacher_features", "train_dense_teacher"]
 
 
 # --------------------------------------------------------------------------- labels
@@ -124,18 +125,57 @@ def _check_pool(images: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
                          f"[{int(labels.min())}, {int(labels.max())}]")
 
 
-def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, normalised to mean 1 over the classes present (absent: 0)."""
-    counts = torch.bincount(labels.flatten(), minlength=num_classes).double()
+    return class_weights_of_counts(torch.bincount(labels.flatten(), minlength=num_classes))
+
+
+def class_weights_of_counts(counts: torch.Tensor) -> torch.Tensor:
+    """:func:`class_weights` from per-class patch counts."""
+    counts = counts.double()
     weights = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
     return (weights * (counts > 0).sum() / weights.sum()).float()
 
 
-def _lr_factor(step: int, settings: DensePretrainSettings) -> float:
-    if step < settings.warmup_steps:
-        return (step + 1) / settings.warmup_steps
-    rest = max(settings.steps - settings.warmup_steps, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * (step - settings.warmup_steps) / rest))
+def dense_lr_factor(step: int, steps: int, warmup_steps: int) -> float:
+    """The learning-rate factor of ``step`` of ``steps``: linear warm-up over ``warmup_steps``, then
+    cosine to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    rest = max(steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / rest))
+
+
+def dense_param_groups(model: nn.Module, head: nn.Linear, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups: weight decay on the matrices (tokens excepted) and the head's weight, none
+    on the rest."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n)]
+    return [{"params": decay + [head.weight], "weight_decay": weight_decay},
+            {"params": no_decay + [head.bias], "weight_decay": 0.0}]
+
+
+def random_flips(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image flipped horizontally with its label grid, with probability 1/2 (drawn from ``generator``)."""
+    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    return (torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images),
+            torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels))
+
+
+def dense_patch_logits(model: nn.Module, head: nn.Linear, images: torch.Tensor, mean: torch.Tensor,
+                       std: torch.Tensor, pool: int, side: int) -> torch.Tensor:
+    """(N * side * side, classes) logits of the per-patch head on the teacher's patch tokens of
+    (N, 3, S, S) images in [0, 1] (row-major patches, image by image), in the head's dtype."""
+    x = normalise_and_pool(images, mean, std, pool).to(head.weight.dtype)
+    grid = patch_grid(model, x, (side, side))
+    return head(grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]))
+
+
+def dense_patch_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """The dense objective: class-weighted cross-entropy of :func:`dense_patch_logits` against the
+    (N, side, side) per-patch classes."""
+    return F.cross_entropy(logits, labels.reshape(-1), weight=class_weights)
 
 
 def train_dense_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, model_name: str,
@@ -169,14 +209,12 @@ def train_dense_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes:
         head = nn.Linear(int(model.embed_dim), num_classes).to(images.device)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    weights = _class_weights(labels, num_classes).to(images.device)
+    weights = class_weights(labels, num_classes).to(images.device)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay + [head.weight], "weight_decay": settings.weight_decay},
-                                   {"params": no_decay + [head.bias], "weight_decay": 0.0}],
-                                  lr=settings.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
+    optimizer = torch.optim.AdamW(dense_param_groups(model, head, settings.weight_decay), lr=settings.lr,
+                                  betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: dense_lr_factor(s, settings.steps, settings.warmup_steps))
     result = DensePretrainResult(model=model, head=head)
     model.train()
     start = time.perf_counter()
@@ -191,13 +229,10 @@ def train_dense_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes:
         x = images[index].float().div_(255.0)
         y = labels[index]
         if settings.flip:
-            flip = (torch.rand(len(index), generator=generator) < 0.5).to(images.device)
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            y = torch.where(flip.view(-1, 1, 1), y.flip(-1), y)
-        grid = patch_grid(model, normalise_and_pool(x, mean_t, std_t, pool), (side, side))
-        logits = head(grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]))
+            x, y = random_flips(x, y, generator)
+        logits = dense_patch_logits(model, head, x, mean_t, std_t, pool, side)
         target = y.reshape(-1)
-        loss = F.cross_entropy(logits, target, weight=weights)
+        loss = dense_patch_loss(logits, y, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], 1.0)
@@ -261,7 +296,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         torch.manual_seed(seed)
         probe = nn.Linear(x_train.shape[1], num_classes)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    weights = _class_weights(y_train, num_classes)
+    weights = class_weights(y_train, num_classes)
     with torch.enable_grad():
         for _ in range(steps):
             loss = F.cross_entropy(probe(x_train), y_train, weight=weights)

@@ -139,16 +139,17 @@ def verify_checkpoint(directory: str, spec: JobSpec | None = None) -> int:
 T = TypeVar("T")
 
 
-def best_checkpoint(candidates: Iterable[tuple[T, Mapping[str, Any] | None]]) -> T | None:
+def best_checkpoint(candidates: Iterable[tuple[T, Mapping[str, Any] | None]], metric: str = "AP") -> T | None:
     """The "best" checkpoint, one rule for the job's summary, the registry and predict: of
-    ``(checkpoint, metrics)`` pairs, the one with the highest finite val ``AP``; of equal APs the
-    first given (pass them in report order: Ray Train lists equal scores that way); None when no
-    metrics hold a finite AP (the caller then takes the latest checkpoint)."""
-    best, best_ap = None, -float("inf")
+    ``(checkpoint, metrics)`` pairs, the one with the highest finite val ``metric`` (a job's spec's
+    ``best_metric``); of equal values the first given (pass them in report order: Ray Train lists
+    equal scores that way); None when no metrics hold a finite value (the caller then takes the
+    latest checkpoint)."""
+    best, best_value = None, -float("inf")
     for checkpoint, metrics in candidates:
-        ap = (metrics or {}).get("AP")
-        if isinstance(ap, (int, float)) and not isinstance(ap, bool) and ap == ap and ap > best_ap:
-            best, best_ap = checkpoint, float(ap)
+        value = (metrics or {}).get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value > best_value:
+            best, best_value = checkpoint, float(value)
     return best
 
 

@@ -122,7 +122,8 @@ def load_train_val(data, report_dir: str) -> tuple[CocoDataset, CocoDataset]:
 def fit_on_ray_train(spec: JobSpec, cfg, run: RunDescription, train_ds, *, name: str, storage_path: str,
                      use_gpu: bool, callbacks=None):
     """Run ``spec``'s job on ``cfg.train.num_workers`` Ray Train workers (TorchTrainer, Train V2) with
-    the job's checkpoint and failure settings; return ``(result, best checkpoint by AP or None)``.
+    the job's checkpoint and failure settings; return ``(result, best checkpoint by its spec's
+    best_metric, else the last one)``.
 
     Shared by every job: ``cfg`` is the job's config (its ``train`` section has the fields read
     here), ``run`` reaches every worker with the config."""
@@ -138,7 +139,7 @@ def fit_on_ray_train(spec: JobSpec, cfg, run: RunDescription, train_ds, *, name:
         name=name, storage_path=None if remote else storage_path,
         storage_filesystem=storage.pyarrow_filesystem(storage_path) if remote else None,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                                     checkpoint_score_attribute="AP",
+                                                     checkpoint_score_attribute=spec.best_metric,
                                                      checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         callbacks=list(callbacks or []),
@@ -156,8 +157,8 @@ def fit_on_ray_train(spec: JobSpec, cfg, run: RunDescription, train_ds, *, name:
         dataset_config=ray.train.DataConfig(execution_options=ordered_ingest_options()))
     install_failure_policy()
     result = trainer.fit()
-    # Ray keeps the top checkpoints by AP (equal APs in report order): pick the best one.
-    best = best_checkpoint(result.best_checkpoints or [])
+    # Ray keeps the top checkpoints by the job's best metric (equal values in report order): pick the best one.
+    best = best_checkpoint(result.best_checkpoints or [], spec.best_metric)
     if best is None:
         best = result.checkpoint
     return result, best

@@ -69,9 +69,10 @@ class ProgressPrinter:
     prints, so a user sees at once that training runs)."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, *, every_steps: int, every_seconds: float,
-                 world_size: int, label: str = "train", out=print):
+                 world_size: int, label: str = "train", out=print, metric: str = "AP"):
         self.epochs, self.steps_per_epoch = epochs, max(1, steps_per_epoch)
         self.label = label   # the phase: "[train] epoch 3/12 ...", "[dense] epoch 1/3 ..."
+        self.metric = metric   # the job's best metric (its spec's), shown with its best so far
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.world_size = world_size
         self.out = out
@@ -115,7 +116,8 @@ class ProgressPrinter:
     def epoch_end(self, epoch: int, metrics: dict[str, Any], loss: float | None) -> None:
         """The epoch's summary line (metrics as reported: images_per_second, lambda_before,
         lambda, aifi_ratio, AP, AP50, best_AP, best_epoch, epoch_seconds)."""
-        ap = metrics.get("AP")
+        key = self.metric
+        value = metrics.get(key)
         parts = [f"[{self.label}] epoch {epoch + 1}/{self.epochs} done in {metrics.get('epoch_seconds', 0):.0f} s",
                  f"{metrics.get('images_per_second', 0.0):.1f} img/s"]
         if loss is not None:
@@ -124,10 +126,10 @@ class ProgressPrinter:
             parts.append(f"lambda {metrics['lambda_before']:.3g} -> {metrics['lambda']:.3g}")
         if "aifi_ratio" in metrics:
             parts.append(f"AIFI share {100 * metrics['aifi_ratio']:.2f}%")
-        if ap is not None:
-            parts.append(f"AP {ap:.3f} AP50 {metrics.get('AP50', float('nan')):.3f}")
-        if "best_AP" in metrics:
-            parts.append(f"best AP {metrics['best_AP']:.3f} (epoch {int(metrics['best_epoch']) + 1})")
+        if value is not None:
+            parts.append(f"{key} {value:.3f}" + (f" AP50 {metrics.get('AP50', float('nan')):.3f}" if key == "AP" else ""))
+        if f"best_{key}" in metrics:
+            parts.append(f"best {key} {metrics[f'best_{key}']:.3f} (epoch {int(metrics['best_epoch']) + 1})")
         self.out(" | ".join(parts), flush=True)
 
 

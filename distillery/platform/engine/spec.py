@@ -42,6 +42,7 @@ class JobSpec:
     job: str                               # "module:Class" of its TrainingJob (the workers' builder and hooks)
     driver: str                            # "module:Class" of its JobDriver (its steps in the driver's set-up)
     description: str = ""
+    best_metric: str = "AP"                # the val metric (higher is better) that ranks its checkpoints
 
     @property
     def run_prefix(self) -> str:

@@ -215,7 +215,7 @@ class Trainer:
         self.phase: Phase | None = None
         self.phase_index = 0
         self.start_epoch, self.global_step = 0, 0   # within the phase
-        self.best: tuple[float, int] | None = None   # (best val AP so far, its epoch)
+        self.best: tuple[float, int] | None = None   # (best value of the spec's best_metric so far, its epoch)
         self.built: Built | None = None
 
     # ------------------------------------------------------------------ the run
@@ -282,7 +282,7 @@ class Trainer:
                 else:   # a run that had none (a teacher added on resume): this one starts fresh
                     log.warning("checkpoint %s holds no %s state: %s starts fresh", checkpoint.path, name, name)
             self.start_epoch, self.global_step = state.epoch + 1, state.global_step
-            self.best = _restored_best(record.metrics)
+            self.best = _restored_best(record.metrics, self.job.spec.best_metric)
             self.job.on_restore(built, directory, record)
         if rng is not None:
             set_rng_state(rng)
@@ -294,7 +294,8 @@ class Trainer:
             return None
         t = self.cfg.train
         return ProgressPrinter(self.phase.epochs, self._micro_steps_per_epoch(), every_steps=t.progress_every,
-                               every_seconds=t.progress_seconds, world_size=self.ctx.world, label=self.phase.name)
+                               every_seconds=t.progress_seconds, world_size=self.ctx.world, label=self.phase.name,
+                               metric=self.job.spec.best_metric)
 
     def _micro_steps_per_epoch(self) -> int:
         return self.job.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps
@@ -381,9 +382,10 @@ class Trainer:
             metrics.update(job.evaluate(end.model))
         job.after_evaluation(end)
         if self.final_phase:
-            self.best = _best_ap(self.best, metrics, epoch)
+            key = job.spec.best_metric
+            self.best = _best_so_far(self.best, metrics.get(key), epoch)
             if self.best is not None:
-                metrics["best_AP"], metrics["best_epoch"] = self.best
+                metrics[f"best_{key}"], metrics["best_epoch"] = self.best
         if progress is not None:
             progress.epoch_end(epoch, metrics, mean_loss)
         ranks = self.rank_consistency(end) if self.phase.checkpoints(epoch) else None
@@ -449,18 +451,17 @@ def _checksum(tensors) -> float:
     return float(torch.stack(values).sum()) if values else 0.0
 
 
-def _best_ap(best: tuple[float, int] | None, metrics: dict[str, Any], epoch: int) -> tuple[float, int] | None:
-    """The best val AP so far and its epoch, after this epoch's ``metrics`` (NaN and absent APs
-    do not count)."""
-    ap = metrics.get("AP")
-    if isinstance(ap, float) and ap == ap and (best is None or ap > best[0]):
-        return ap, epoch
+def _best_so_far(best: tuple[float, int] | None, value: Any, epoch: int) -> tuple[float, int] | None:
+    """The best value of the job's best metric so far and its epoch, after this epoch's ``value``
+    (NaN and absent values do not count)."""
+    if isinstance(value, float) and value == value and (best is None or value > best[0]):
+        return value, epoch
     return best
 
 
-def _restored_best(metrics: dict[str, Any]) -> tuple[float, int] | None:
-    if "best_AP" in metrics and "best_epoch" in metrics:
-        return float(metrics["best_AP"]), int(metrics["best_epoch"])
+def _restored_best(metrics: dict[str, Any], key: str) -> tuple[float, int] | None:
+    if f"best_{key}" in metrics and "best_epoch" in metrics:
+        return float(metrics[f"best_{key}"]), int(metrics["best_epoch"])
     return None
 
 
