@@ -56,8 +56,8 @@ def measure_teacher(name: str, args) -> dict:
     import torch
 
     from distillery.platform.cache.codec import TokenMoments, fit_codec, tokens_of
-    from distillery.platform.cache.feature_cache import (FeatureCacheWriter, decode_features, encode_features,
-                                                         plan_shards)
+    from distillery.platform.cache.codec import decode_features, encode_features
+    from distillery.platform.cache.feature_cache import FeatureCacheWriter, plan_shards
     from distillery.platform.datasets.coco import load_coco, load_image_resized
     from distillery.platform.datasets.synthetic import generate_synthetic_coco
     from distillery.teachers import DinoV3Teacher

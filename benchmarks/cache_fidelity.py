@@ -157,7 +157,8 @@ def views_tradeoff(ks, samples, ds, run_teacher, cfg, size, args, work: Path) ->
     from distillery.data import augment as A, sample as S, views as V
     from distillery.platform.datasets.coco import decode_image
     from distillery.platform.io import storage
-    from distillery.platform.cache.feature_cache import FeatureCacheWriter, decode_features, encode_features, plan_shards
+    from distillery.platform.cache.codec import decode_features, encode_features
+    from distillery.platform.cache.feature_cache import FeatureCacheWriter, plan_shards
     from distillery.platform.engine.ingest import select_view
 
     k_max = max(ks)

@@ -9,7 +9,7 @@ import torch
 
 from distillery.platform.cache.codec import (CodecFileError, PcaCodec, TokenMoments, fit_codec, load_verified_codec,
                                              pack_codes, quantize_per_token, tokens_of, unpack_codes)
-from distillery.platform.cache.feature_cache import quantize_int8
+from distillery.platform.cache.codec import quantize_int8
 
 TINY_TEACHER = {"embed_dim": 32, "depth": 1, "num_heads": 2}  # configs/distill_tiny.yaml's
 

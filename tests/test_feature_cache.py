@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from distillery.platform.cache.codec import decode_features, dequantize_int8, encode_features, quantize_int8
 from distillery.platform.cache.feature_cache import (CacheError, FeatureCache, FeatureCacheWriter,
-                                               FingerprintMismatchError, decode_features, dequantize_int8,
-                                               encode_features, plan_shards, quantize_int8)
+                                               FingerprintMismatchError, plan_shards)
 
 FP = {"model": "tiny", "weights_sha256": "abc", "input_size": 64, "dtype": "float32"}
 GRID = [16, 4, 4]

@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 from distillery.platform.io import storage
 from distillery.platform.errors import DeterministicError
 
-__all__ = ["REPAIR_HINT", "CacheError", "CacheShardError", "FingerprintMismatchError", "manifest_problems",
-           "missing_shard_error", "parse_shard", "read_shard_columns", "read_verified_shard", "shard_name"]
+__all__ = ["REPAIR_HINT", "CacheError", "CacheShardError", "FingerprintMismatchError", "fingerprint_diff",
+           "fingerprint_digest", "manifest_problems", "missing_shard_error", "parse_shard", "read_shard_columns",
+           "read_verified_shard", "shard_name"]
 
 
 class CacheError(RuntimeError, DeterministicError):
@@ -168,3 +169,17 @@ def missing_shard_error(uri: str, manifest_uri: str) -> CacheShardError:
 def _unreadable(uri: str, exc: Exception) -> CacheShardError:
     return CacheShardError(f"cache shard {uri} is not a readable Parquet file ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}): {REPAIR_HINT}", uri)
+
+
+# The teacher module pulls in torch/timm (seconds per process); the data-side processes that only
+# read a cache (Ray Data decode actors) must not pay that, so these two load it on first use.
+def fingerprint_digest(fp: dict[str, Any]) -> str:
+    from distillery.teachers.dinov3 import fingerprint_digest as digest
+
+    return digest(fp)
+
+
+def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    from distillery.teachers.dinov3 import fingerprint_diff as diff
+
+    return diff(a, b)

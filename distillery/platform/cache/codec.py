@@ -1,5 +1,7 @@
-"""The compressed feature codec (``cache.dtype: pca``): a PCA basis of the teacher's channels
-plus per-token quantisation of the projected coefficients.
+"""How a cache stores a teacher grid (``cache.dtype``): :func:`encode_features` /
+:func:`decode_features` for ``fp16``, ``int8`` (per-token symmetric) and ``pca``, the compressed
+codec below: a PCA basis of the teacher's channels plus per-token quantisation of the projected
+coefficients.
 
 A (T, C) token-major grid is stored as ``codes`` (each token's d = ``dims`` coefficients on the
 basis, quantised symmetrically per token to ``bits`` = 8 or 4 bits, two 4-bit codes per byte)
@@ -29,18 +31,24 @@ import functools
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from distillery.platform.cache.checks import CacheError
 
-__all__ = ["CODEC_FILE", "CodecFileError", "PcaCodec", "TokenMoments", "dequantize_per_token", "fit_codec",
-           "load_verified_codec", "pack_codes", "read_verified_codec", "quantize_per_token", "tokens_of", "unpack_codes"]
+__all__ = ["CODEC_FIELDS", "CODEC_FILE", "CodecFileError", "PcaCodec", "StorageDtype", "TokenMoments", "decode_features",
+           "dequantize_int8", "dequantize_per_token", "encode_features", "fit_codec", "load_verified_codec", "pack_codes",
+           "quantize_int8", "quantize_per_token", "read_verified_codec", "tokens_of", "unpack_codes"]
 
 CODEC_FILE = "codec-pca.safetensors"
 SCALE_DTYPE = np.float16  # one scale per token: 2 bytes (the int8 dtype keeps float32 for fp16 parity)
+
+
+StorageDtype = Literal["fp16", "int8", "pca"]   # how a cache stores its features
+CODEC_FIELDS = ("dims", "bits", "fit_images")  # the codec settings a reader compares with its config
 
 
 class CodecFileError(CacheError):
@@ -281,3 +289,50 @@ def read_verified_codec(uri: str, sha256: str) -> PcaCodec:
         raise CodecFileError(f"codec file {uri} is not the basis the cache was encoded with "
                              f"(sha256 {digest[:12]}..., manifest {sha256[:12]}...)")
     return PcaCodec.from_bytes(data, uri)[0]
+
+
+# --------------------------------------------------------------------------- a grid's bytes, per storage dtype
+
+def quantize_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-token int8: returns (int8 (T, C), float32 scale (T,)); x ~= q * scale."""
+    return quantize_per_token(tokens, 8, np.float32)
+
+
+dequantize_int8 = dequantize_per_token
+
+
+def encode_features(grid: np.ndarray, dtype: StorageDtype, codec: PcaCodec | None = None) -> tuple[bytes, bytes | None]:
+    """(C, H, W) float grid -> (feature bytes, scale bytes or None), token-major (``pca``: with its ``codec``)."""
+    c = grid.shape[0]
+    tokens = np.ascontiguousarray(np.asarray(grid, dtype=np.float32).reshape(c, -1).T)  # (H*W, C)
+    if dtype == "fp16":
+        return tokens.astype(np.float16).tobytes(), None
+    if dtype == "int8":
+        q, scale = quantize_int8(tokens)
+        return q.tobytes(), scale.tobytes()
+    if dtype == "pca":
+        if codec is None:
+            raise CacheError("pca storage needs its fitted codec")
+        codes, scale = codec.encode(tokens)
+        return codes.tobytes(), scale.tobytes()
+    raise ValueError(f"unknown storage dtype {dtype!r} (expected 'fp16', 'int8' or 'pca')")
+
+
+def decode_features(features: bytes, scale: bytes | None, dtype: StorageDtype,
+                    grid: Sequence[int], codec: PcaCodec | None = None) -> np.ndarray:
+    """Inverse of :func:`encode_features`: returns a float32 (C, H, W) array."""
+    c, h, w = grid
+    if dtype == "fp16":
+        tokens = np.frombuffer(features, dtype=np.float16).astype(np.float32)
+    elif dtype == "int8":
+        if scale is None:
+            raise CacheError("int8 features without their scale column")
+        tokens = dequantize_int8(np.frombuffer(features, dtype=np.int8).reshape(h * w, c),
+                                 np.frombuffer(scale, dtype=np.float32))
+    elif dtype == "pca":
+        if scale is None or codec is None:
+            raise CacheError("pca features need their scale column and the cache's codec")
+        tokens = codec.decode_bytes(features, scale)
+    else:
+        raise ValueError(f"unknown storage dtype {dtype!r}")
+    return np.ascontiguousarray(tokens.reshape(h * w, c).T.reshape(c, h, w))

@@ -44,17 +44,18 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillery.platform.io import storage
-from distillery.platform.cache.codec import (CodecFileError, PcaCodec, dequantize_per_token, quantize_per_token,
-                                             read_verified_codec)
+from distillery.platform.cache.codec import (CODEC_FIELDS, CodecFileError, PcaCodec, StorageDtype, decode_features,
+                                             encode_features, read_verified_codec)
 from distillery.platform.cache.checks import (REPAIR_HINT, CacheError, CacheShardError, FingerprintMismatchError,
-                                              manifest_problems, missing_shard_error, parse_shard, read_shard_columns,
+                                              fingerprint_diff, fingerprint_digest, manifest_problems,
+                                              missing_shard_error, parse_shard, read_shard_columns,
                                               read_verified_shard, shard_name)
 
 __all__ = [
@@ -65,31 +66,12 @@ __all__ = [
     "FeatureCacheWriter",
     "FingerprintMismatchError",
     "ShardInfo",
-    "decode_features",
-    "dequantize_int8",
-    "encode_features",
-    "fingerprint_digest",
     "manifest_problems",
     "parse_shard",
     "plan_shards",
     "read_verified_shard",
-    "quantize_int8",
     "shard_name",
 ]
-
-
-# The teacher module pulls in torch/timm (seconds per process); the data-side processes that only
-# read a cache (Ray Data decode actors) must not pay that, so these two load it on first use.
-def fingerprint_digest(fp: dict[str, Any]) -> str:
-    from distillery.teachers.dinov3 import fingerprint_digest as digest
-
-    return digest(fp)
-
-
-def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    from distillery.teachers.dinov3 import fingerprint_diff as diff
-
-    return diff(a, b)
 
 
 log = logging.getLogger(__name__)
@@ -97,8 +79,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-StorageDtype = Literal["fp16", "int8", "pca"]
-CODEC_FIELDS = ("dims", "bits", "fit_images")  # the codec settings a reader compares with its config
 
 
 class CodecMismatchError(FingerprintMismatchError):
@@ -114,53 +94,6 @@ def plan_shards(image_ids: Iterable[int], shard_size: int) -> list[list[int]]:
     if len(set(ids)) != len(ids):
         raise ValueError("image ids must be unique")
     return [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
-
-
-# --------------------------------------------------------------------------- encoding
-
-def quantize_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-token int8: returns (int8 (T, C), float32 scale (T,)); x ~= q * scale."""
-    return quantize_per_token(tokens, 8, np.float32)
-
-
-dequantize_int8 = dequantize_per_token
-
-
-def encode_features(grid: np.ndarray, dtype: StorageDtype, codec: PcaCodec | None = None) -> tuple[bytes, bytes | None]:
-    """(C, H, W) float grid -> (feature bytes, scale bytes or None), token-major (``pca``: with its ``codec``)."""
-    c = grid.shape[0]
-    tokens = np.ascontiguousarray(np.asarray(grid, dtype=np.float32).reshape(c, -1).T)  # (H*W, C)
-    if dtype == "fp16":
-        return tokens.astype(np.float16).tobytes(), None
-    if dtype == "int8":
-        q, scale = quantize_int8(tokens)
-        return q.tobytes(), scale.tobytes()
-    if dtype == "pca":
-        if codec is None:
-            raise CacheError("pca storage needs its fitted codec")
-        codes, scale = codec.encode(tokens)
-        return codes.tobytes(), scale.tobytes()
-    raise ValueError(f"unknown storage dtype {dtype!r} (expected 'fp16', 'int8' or 'pca')")
-
-
-def decode_features(features: bytes, scale: bytes | None, dtype: StorageDtype,
-                    grid: Sequence[int], codec: PcaCodec | None = None) -> np.ndarray:
-    """Inverse of :func:`encode_features`: returns a float32 (C, H, W) array."""
-    c, h, w = grid
-    if dtype == "fp16":
-        tokens = np.frombuffer(features, dtype=np.float16).astype(np.float32)
-    elif dtype == "int8":
-        if scale is None:
-            raise CacheError("int8 features without their scale column")
-        tokens = dequantize_int8(np.frombuffer(features, dtype=np.int8).reshape(h * w, c),
-                                 np.frombuffer(scale, dtype=np.float32))
-    elif dtype == "pca":
-        if scale is None or codec is None:
-            raise CacheError("pca features need their scale column and the cache's codec")
-        tokens = codec.decode_bytes(features, scale)
-    else:
-        raise ValueError(f"unknown storage dtype {dtype!r}")
-    return np.ascontiguousarray(tokens.reshape(h * w, c).T.reshape(c, h, w))
 
 
 _SCHEMA = pa.schema([

@@ -53,8 +53,9 @@ from distillery.platform.config.augment import runtime_augment_config
 from distillery.platform.config.cache import CacheComputeConfig, CacheFeaturesConfig, CacheSettings, ViewRecipe
 from distillery.platform.config.sections import DataConfig, TeacherConfig, with_absolute_paths
 from distillery.platform.cache.codec import CODEC_FILE, PcaCodec, TokenMoments, fit_codec
+from distillery.platform.cache.checks import fingerprint_digest
 from distillery.platform.cache.feature_cache import (MANIFEST, PLAN, CacheError, FeatureCache, FeatureCacheWriter,
-                                               FingerprintMismatchError, ShardInfo, fingerprint_digest, plan_shards)
+                                               FingerprintMismatchError, ShardInfo, plan_shards)
 
 __all__ = ["CacheComputeConfig", "CacheFeaturesConfig", "CacheSettings", "ViewRecipe", "build_teacher",
            "ensure_dataset", "load_cache_inputs", "load_or_fit_codec", "open_training_cache", "resolve_teacher_dtype", "run_cache_job"]

@@ -34,7 +34,8 @@ from distillery.platform.serving.export import log_final_model
 from distillery.platform.serving.predict import MODEL_JSON
 from distillery.platform.teacher_pretrain.resolve import resolve_teacher
 from distillery.students.gam import GAM_DEFAULTS
-from distillery.platform.cache.feature_cache import FeatureCache, fingerprint_digest, manifest_sha256
+from distillery.platform.cache.checks import fingerprint_digest
+from distillery.platform.cache.feature_cache import FeatureCache, manifest_sha256
 
 __all__ = ["DistillDriver", "prepare_inputs", "resolve_gam", "resolve_student_weights", "run_distill"]
 

@@ -35,8 +35,8 @@ import ray
 from distillery.platform.io import storage
 from distillery.platform.datasets.coco import CocoDataset, CorruptImageError, decode_image
 from distillery.platform.cache.codec import load_verified_codec
-from distillery.platform.cache.feature_cache import (CacheError, FeatureCache, decode_features, parse_shard,
-                                               read_verified_shard)
+from distillery.platform.cache.codec import decode_features
+from distillery.platform.cache.feature_cache import CacheError, FeatureCache, parse_shard, read_verified_shard
 
 __all__ = ["JoinAndDecode", "annotation_table", "build_train_dataset", "image_rows_of_shard", "rows_to_samples",
            "select_view"]
