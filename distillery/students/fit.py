@@ -28,7 +28,7 @@ from .ema import ModelEMA
 from .gam import GAMController
 from .optim import build_lr_scheduler, build_optimizer
 from .postprocess import postprocess
-from .training import AuxLoss, StepResult, dsi_weight_of, train_step
+from .training import AuxLoss, LossTerm, StepResult, dsi_weight_of, train_step
 
 __all__ = ["FitResult", "fit", "make_step", "predict"]
 
@@ -44,12 +44,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip_max_norm: float = 0.1,
               ema: ModelEMA | None = None, gam: GAMController | None = None, dsi_weight: float | None = None,
-              autocast_dtype: torch.dtype | None = None, aux_loss: AuxLoss | None = None
-              ) -> Callable[[dict], StepResult]:
+              autocast_dtype: torch.dtype | None = None, aux_loss: AuxLoss | None = None,
+              terms: Sequence[LossTerm] = ()) -> Callable[[dict], StepResult]:
     """``step(batch) -> StepResult``: one optimizer step of :func:`~.training.train_step` with a
     plain optimizer (backward, GAM reads the gradients, clip, update, schedule, EMA). ``aux_loss``:
     a job's extra loss read from the model after its forward (e.g.
-    :func:`~.moe.collect_aux_loss`, the MoE load-balancing loss).
+    :func:`~.moe.collect_aux_loss`, the MoE load-balancing loss); ``terms``: further loss terms
+    (:class:`~.training.LossTerm`).
 
     The DSI weight is ``gam.current_lambda`` with a GAM controller, else the fixed ``dsi_weight``
     (default 0). A step whose batch has a teacher grid while the weight is 0 computes and logs
@@ -83,7 +84,7 @@ def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Opt
         weight = dsi_weight_of(gam, dsi_weight)
         with autocast:
             result = train_step(model, criterion, _to_device(batch, device), backward=backward,
-                                step=apply_update, gam=gam, dsi_weight=dsi_weight, aux_loss=aux_loss)
+                                step=apply_update, gam=gam, dsi_weight=dsi_weight, aux_loss=aux_loss, terms=terms)
         if weight == 0.0 and "loss_dsi" in result.parts and not warned:
             warned = True
             source = "GAM's lambda is 0" if gam is not None else f"dsi_weight is {dsi_weight}"
@@ -114,7 +115,7 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
         ema_decay: float | None = 0.9999, ema_warmups: int = 1000, gam: GAMController | None = None,
         steps_per_epoch: int | None = None, log_every: int = 1, dsi_weight: float | None = None,
         autocast_dtype: torch.dtype | None = None, aux_loss: AuxLoss | None = None,
-        on_epoch_end: Callable[[int, FitResult], None] | None = None) -> FitResult:
+        terms: Sequence[LossTerm] = (), on_epoch_end: Callable[[int, FitResult], None] | None = None) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps on the first ``steps`` batches of ``batches``.
 
     Optimizer: AdamW over the recipe's parameter groups (backbone at ``backbone_lr``, default
@@ -130,7 +131,7 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
     not trained on, which warns once, and every logged step with a ``loss_dsi`` says whether it
     trained on it (``dsi_trained``). Each logged step's ``lambda`` is the weight it used.
 
-    ``aux_loss``: see :func:`make_step`. ``on_epoch_end(epoch, result)`` (0-based epoch) runs after
+    ``aux_loss``, ``terms``: see :func:`make_step`. ``on_epoch_end(epoch, result)`` (0-based epoch) runs after
     every ``steps_per_epoch`` steps, after GAM's update: the place to evaluate
     (``result.ema.module``) or record per-epoch numbers.
     """
@@ -152,7 +153,7 @@ def fit(model: nn.Module, criterion: nn.Module, batches: Iterable[dict], *, step
                                    no_aug_epochs=0, warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
     ema = ModelEMA(model, decay=ema_decay, warmups=ema_warmups) if ema_decay is not None else None
     step = make_step(model, criterion, optimizer, scheduler=scheduler, clip_max_norm=clip_max_norm, ema=ema,
-                     gam=gam, dsi_weight=dsi_weight, autocast_dtype=autocast_dtype, aux_loss=aux_loss)
+                     gam=gam, dsi_weight=dsi_weight, autocast_dtype=autocast_dtype, aux_loss=aux_loss, terms=terms)
 
     # The logged rate is the base one (the backbone group may run at its own rate).
     base_group = next((g for g in optimizer.param_groups if g["name"] != "backbone"), optimizer.param_groups[0])
