@@ -19,8 +19,9 @@ queries draw from torch's global generator, seeded before each step exactly as t
 
 Compared: each step's group rates (as sets: the official regex groups and ours are ordered
 differently; their membership is tests/test_recipe_parity.py's) within 1e-12 relative, each step's
-total loss within 1e-5 relative plus SPREAD_FACTOR x the official spread (below), and every sampled value of every parameter and BatchNorm statistic
-of the model and of the EMA after the 10 steps: per official tensor, max |ours - official| /
+total loss within 1e-5 relative plus SPREAD_FACTOR x the official spread (below), and every
+sampled value of every parameter and BatchNorm statistic of the model and of the EMA after the
+10 steps: per official tensor, max |ours - official| /
 max |official| <= 1e-5 (a relative error per tensor: the elements of one tensor share a scale, and
 an element near zero must not need an absolute floor), except parameter elements whose gradient
 never exceeds NOISE_GRADIENT x the largest one in our run (mathematically zero: a normalisation
@@ -269,7 +270,7 @@ def test_ten_training_steps_match_the_official_code(case, ours):
                                grads is None)
         assert noise <= 0.03 * sum(len(v[0]) for v in pairs.values()), f"{noise} noise-gradient elements"
         for buffers, tolerance in ((False, TOLERANCE), (True, BUFFER_TOLERANCE)):
-            over = sorted(((e - SPREAD_FACTOR * s, e, s, k) for k, (e, s, buffer) in errors.items()
+            over = sorted(((e - SPREAD_FACTOR * sp, e, sp, k) for k, (e, sp, buffer) in errors.items()
                            if buffer == buffers), reverse=True)[:5]
             assert over[0][0] <= tolerance, (
                 f"{case} {prefix} {'BatchNorm statistics' if buffers else 'parameters'} after 10 steps, worst "
