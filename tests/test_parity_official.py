@@ -41,6 +41,7 @@ def load_case(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
         assert hashlib.sha256(source.read_bytes()).hexdigest() == shared["sha256"], (
             f"{source} changed since {case} was written: rerun tools/parity/write_fixtures.py for {case}")
         tensors.update({k: v for k, v in load_file(source).items() if k.startswith(f"weights/{shared['prefix']}")})
+    tensors["images"] = tensors["images"].float()  # stored as float16 where its values allow (DEIMv2 L/X)
     return meta, tensors
 
 
@@ -66,12 +67,22 @@ def targets_of(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]
 
 
 def test_fixtures_exist_and_record_the_official_commit():
-    assert {"rtdetrv4_s_reduced", "deimv2_s_reduced", "deimv2_pico_reduced", "deimv2_n_reduced"} <= set(CASES)
+    assert {"rtdetrv4_s_reduced", "deimv2_s_reduced", "deimv2_pico_reduced", "deimv2_n_reduced",
+            "deimv2_l_reduced", "deimv2_x_reduced"} <= set(CASES)
     for case in CASES:
         meta, tensors = load_case(case)
         assert len(meta["official_commit"]) == 40 and meta["official_repo"] in (
             "RT-DETRs/RT-DETRv4", "Intellindust-AI-Lab/DEIMv2")
         assert looks_official(official_weights(tensors))
+        if meta["student"] in ("deimv2_l", "deimv2_x"):
+            # The DINOv3 ViT's trained query and value biases are non-zero; the key third is masked.
+            biases = [v for k, v in official_weights(tensors).items() if k.endswith("attn.qkv.bias")]
+            masks = [v for k, v in official_weights(tensors).items() if k.endswith("attn.qkv.bias_mask")]
+            assert len(biases) == len(masks) == 12
+            for bias, mask in zip(biases, masks):
+                q, _, v = bias.chunk(3)
+                assert bool(q.any()) and bool(v.any())
+                assert mask.chunk(3)[1].eq(0).all() and mask.chunk(3)[0].eq(1).all() and mask.chunk(3)[2].eq(1).all()
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -19,15 +19,26 @@ queries draw from torch's global generator, seeded before each step exactly as t
 
 Compared: each step's group rates (as sets: the official regex groups and ours are ordered
 differently; their membership is tests/test_recipe_parity.py's) within 1e-12 relative, each step's
-total loss within 1e-5 relative, and every sampled value of every parameter and BatchNorm statistic
-of the model and of the EMA after the 10 steps: per official tensor, max |ours - official| /
+total loss within 1e-5 relative plus SPREAD_FACTOR x the official spread (below), and every
+sampled value of every parameter and BatchNorm statistic of the model and of the EMA after the
+10 steps: per official tensor, max |ours - official| /
 max |official| <= 1e-5 (a relative error per tensor: the elements of one tensor share a scale, and
 an element near zero must not need an absolute floor), except parameter elements whose gradient
 never exceeds NOISE_GRADIENT x the largest one in our run (mathematically zero: a normalisation
 bias in front of a convolution + train-mode BatchNorm, the key third of an attention in_proj_bias;
 Adam turns their float-noise gradients into noise-sized steps, in the official code too; at most
-3 % of the samples) and BatchNorm statistics, which see those biases' noise upstream (1e-4). The
-official (key, position) of each sample
+3 % of the samples) and BatchNorm statistics, which see those biases' noise upstream (1e-4).
+
+The official spread: in float32 the official code does not reproduce itself over 10 steps when only
+its float reduction order changes (RT-DETRv4-S re-run with 1 thread instead of 2: the step-10 loss
+2.9e-2 apart, most tensors 1e-3 apart; DEIMv2-Pico 2.3e-3 at step 7): Adam turns float-noise
+gradients (the HGNetv2 LAB biases in front of a convolution + BatchNorm) into full-size steps of
+either sign, and a flipped top-k query selection or matching then changes every gradient. The fixture
+holds, per sampled value and per step's loss, the largest distance of the official re-runs in other
+float orders from the official run; a loss or a tensor's error may exceed its tolerance by at most
+SPREAD_FACTOR x that spread (per tensor, relative to the same scale). Through the warm-up the re-runs
+agree within the tolerance (checked), so the first steps are compared at 1e-5 whatever the spread
+later. The official (key, position) of each sample
 is found in our layout by converting an official-layout state dict of element ids with the same
 converter as the weights.
 """
@@ -51,16 +62,15 @@ from distillery.students.official import convert_official_state_dict
 ROOT = Path(__file__).resolve().parent.parent
 PARITY = ROOT / "tests" / "fixtures" / "parity"
 TRAINING = PARITY / "training"
-# Fixtures not compared yet, with the reason (README, parity section).
-OPEN = {"deimv2_pico_train": "HGNetv2 LAB biases (one scalar in front of a convolution + BatchNorm; only the "
-                             "zero padding gives them a real, tiny gradient) take Adam steps of full size whose sign "
-                             "float rounding decides: 3.5e-2 apart after 10 steps, the loss 2.4e-5",
-        "rtdetrv4_s_train": "measured once: rates equal, but the loss 2.9e-2 apart by step 10 and the LAB biases "
-                            "0.24; not yet explained (the LAB biases as Pico's, or more)"}
+# Fixtures not compared yet, with the reason (README, parity section); none at present.
+OPEN: dict[str, str] = {}
 CASES = sorted(p.stem for p in TRAINING.glob("*.json") if p.stem not in OPEN)
 TOLERANCE = 1e-5
 BUFFER_TOLERANCE = 1e-4  # BatchNorm statistics (module docstring)
 NOISE_GRADIENT = 1e-8  # an element whose gradient never exceeds this x the largest one only sees float noise
+# Ours may differ from the official run by this many times the official code's own spread (its
+# re-runs in another float reduction order, recorded in the fixture) beyond the tolerances above.
+SPREAD_FACTOR = 4
 COMMITS = {"RT-DETRs/RT-DETRv4": "df4412261c6162f62aa4fb84e90b2df3c1b5f223",
            "Intellindust-AI-Lab/DEIMv2": "0fff8d4dcdc272e6cf2d84be31399db471357941"}
 # Official state-dict entries our model recomputes instead of storing (students/official.py).
@@ -184,12 +194,20 @@ def test_fixtures_record_the_official_commit():
         assert COMMITS[meta["official_repo"]] == meta["official_commit"]
         assert len(meta["losses"]) == len(meta["group_lrs"]) == meta["steps"] == tensors["images"].shape[0] == 10
         assert tensors["sample_index"].numel() == tensors["final"].numel() == sum(n for _, n, _ in meta["sampled"])
+        assert tensors["spread/final"].shape == tensors["final"].shape and len(meta["loss_spread"]) == 10
+        assert len(meta["alternative_float_orders"]) >= 2
+        # The spread only widens the comparison where the official code disagrees with itself: through
+        # the warm-up (the first steps, before the full rate) its re-runs agree within the tolerance.
+        warmup = meta["schedule"]["warmup_iter"]
+        assert all(spread <= TOLERANCE * abs(loss) for spread, loss in
+                   zip(meta["loss_spread"][:warmup + 1], meta["losses"][:warmup + 1])), meta["loss_spread"]
 
 
 def sampled_pairs(meta: dict, tensors: dict, initial: dict, ours: dict, prefix: str, official: str
-                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Per official tensor: (official values, ours, our largest gradient) at its sampled positions
-    (the gradient None for buffers). Official tensors our model recomputes are left out."""
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Per official tensor: (official values, ours, our largest gradient, the official re-runs'
+    spread) at its sampled positions (the gradient None for buffers). Official tensors our model
+    recomputes are left out."""
     offsets, ids, total = {}, {}, 0
     for key, value in initial.items():
         if value.is_floating_point():
@@ -206,9 +224,9 @@ def sampled_pairs(meta: dict, tensors: dict, initial: dict, ours: dict, prefix: 
     all_grads = torch.cat([ours[f"grad/{k}"].double().flatten() if f"grad/{k}" in ours else nan(k)
                            for k in names])[order]
     out, skipped, start = {}, [], 0
-    index, values = tensors["sample_index"].long(), tensors[official].double()
+    index, values, spread = tensors["sample_index"].long(), tensors[official].double(), tensors[f"spread/{official}"]
     for key, count, _shape in meta["sampled"]:
-        positions, want = index[start:start + count], values[start:start + count]
+        positions, want, spreads = index[start:start + count], values[start:start + count], spread[start:start + count]
         start += count
         wanted = offsets[key] + 1 + positions.double()
         where = torch.searchsorted(all_ids, wanted).clamp(max=len(all_ids) - 1)
@@ -216,7 +234,7 @@ def sampled_pairs(meta: dict, tensors: dict, initial: dict, ours: dict, prefix: 
             skipped.append(key)
             continue
         grads = all_grads[where]
-        out[key] = (want, all_ours[where], None if grads.isnan().all() else grads)
+        out[key] = (want, all_ours[where], None if grads.isnan().all() else grads, spreads.double())
     unexpected = [k for k in skipped if not k.endswith(RECOMPUTED)]
     assert not unexpected, f"official tensors with no place in our model: {unexpected}"
     return out
@@ -233,22 +251,27 @@ def test_ten_training_steps_match_the_official_code(case, ours):
         s["clip_max_norm"], s["lr_gamma"], s["ema_decay"])
     for step, (want, got) in enumerate(zip(meta["group_lrs"], log["lrs"])):
         assert sorted(set(got)) == pytest.approx(sorted(set(want)), rel=1e-12, abs=0), f"step {step}: rates"
-    assert log["losses"] == pytest.approx(meta["losses"], rel=TOLERANCE), "total loss per step"
+    for step, (want, got, spread) in enumerate(zip(meta["losses"], log["losses"], meta["loss_spread"])):
+        allowed = TOLERANCE * abs(want) + SPREAD_FACTOR * spread
+        assert abs(got - want) <= allowed, f"step {step}: loss {got} vs official {want} (allowed {allowed:.3g})"
     largest_grad = max(float(v.max()) for k, v in state.items() if k.startswith("grad/"))
     for prefix, official in (("model", "final"), ("ema", "ema")):
         pairs = sampled_pairs(meta, tensors, initial, state, prefix, official)
         assert len(pairs) >= 0.95 * len(meta["sampled"])
         errors, noise = {}, 0
-        for key, (want, got, grads) in pairs.items():
+        for key, (want, got, grads, spread) in pairs.items():
             keep = torch.ones_like(want, dtype=torch.bool)
             if grads is not None:  # a parameter: leave out the elements whose gradient is only float noise
                 keep = grads > NOISE_GRADIENT * largest_grad
                 noise += int((~keep).sum())
             if keep.any():
                 scale = want.abs().max().clamp_min(1e-30)
-                errors[key] = (float((got - want)[keep].abs().max() / scale), grads is None)
+                errors[key] = (float((got - want)[keep].abs().max() / scale), float(spread[keep].max() / scale),
+                               grads is None)
         assert noise <= 0.03 * sum(len(v[0]) for v in pairs.values()), f"{noise} noise-gradient elements"
-        worst = sorted(((e, k) for k, (e, buffer) in errors.items() if not buffer), reverse=True)[:5]
-        assert worst[0][0] <= TOLERANCE, f"{case} {prefix} parameters after 10 steps, worst tensors: {worst}"
-        worst = sorted(((e, k) for k, (e, buffer) in errors.items() if buffer), reverse=True)[:5]
-        assert worst[0][0] <= BUFFER_TOLERANCE, f"{case} {prefix} BatchNorm statistics, worst: {worst}"
+        for buffers, tolerance in ((False, TOLERANCE), (True, BUFFER_TOLERANCE)):
+            over = sorted(((e - SPREAD_FACTOR * sp, e, sp, k) for k, (e, sp, buffer) in errors.items()
+                           if buffer == buffers), reverse=True)[:5]
+            assert over[0][0] <= tolerance, (
+                f"{case} {prefix} {'BatchNorm statistics' if buffers else 'parameters'} after 10 steps, worst "
+                f"tensors (error - {SPREAD_FACTOR} x official spread, error, spread, name): {over}")

@@ -124,7 +124,7 @@ class DEIMv2Spec(DetectorSpec):
     ``backbone``: "dinov3_distilled", a timm DINOv3 name, "hgnetv2_b0".."b6", "hgnetv2_pico|femto|atto".
     """
 
-    # ViT backbones
+    # ViT backbones (a timm DINOv3 variant takes vit_dim / vit_heads too: its own are 384 / 6)
     vit_dim: int = 192
     vit_depth: int = 12
     vit_heads: int = 3
@@ -154,7 +154,7 @@ class DEIMv2Spec(DetectorSpec):
     dsi: bool = False  # DEIMv2 has no DSI; the platform may switch RT-DETRv4's on
 
 
-_DINOV3_L_X = dict(vit_layers=(5, 8, 11), vit_norm=True, vit_rope_rescale_coords=2.0)
+_DINOV3_L_X = dict(vit_dim=384, vit_heads=6, vit_layers=(5, 8, 11), vit_norm=True, vit_rope_rescale_coords=2.0)
 _LITE = dict(normalize_input=False, encoder="lite", ccff_block="elan4", expansion=0.34, depth_mult=0.5,
              num_decoder_layers=3, num_points=(4, 2), use_gateway=False, share_bbox_head=True)
 

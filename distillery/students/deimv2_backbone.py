@@ -9,7 +9,8 @@ mask their key bias to zero (``mask_k_bias``), so timm's fixed zero is right the
 
 ``rope_rescale_coords`` is the official train-time RoPE coordinate rescaling of the DINOv3
 ViT-S/S+ (``pos_embed_rope_rescale_coords: 2``): in training the RoPE coordinates are multiplied
-by one log-uniform factor in [1/R, R] per forward; no effect in eval.
+by a log-uniform factor in [1/R, R], drawn afresh for every block as DINOv3 draws it (global
+generator); no effect in eval.
 """
 
 from __future__ import annotations
@@ -130,11 +131,13 @@ class DINOv3ViTBackbone(nn.Module):
     """
 
     def __init__(self, variant: str = DISTILLED_VIT, *, layers: Sequence[int] = (3, 7, 11),
-                 norm_outputs: bool = False, embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
-                 mlp_ratio: float = 4.0, weights: str | os.PathLike | None = None,
+                 norm_outputs: bool = False, embed_dim: int | None = None, depth: int = 12,
+                 num_heads: int | None = None, mlp_ratio: float = 4.0, weights: str | os.PathLike | None = None,
                  rope_rescale_coords: float | None = None):
         super().__init__()
         if variant == DISTILLED_VIT:
+            embed_dim = 192 if embed_dim is None else embed_dim
+            num_heads = 3 if num_heads is None else num_heads
             if embed_dim % num_heads or (embed_dim // num_heads) % 4:
                 raise ValueError(f"DINOv3ViTBackbone: embed_dim {embed_dim} / num_heads {num_heads} must give a head "
                                  "width divisible by 4 (2-D RoPE)")
@@ -147,8 +150,11 @@ class DINOv3ViTBackbone(nn.Module):
             _make_key_bias_trainable(self.vit)
         elif variant in TIMM_DINOV3_VITS:
             # pretrained=False always: weights only ever come from an explicit local file.
+            # embed_dim / num_heads: None keeps the variant's (384 / 6); other widths build reduced
+            # copies of the same architecture (the parity fixtures' DEIMv2 L/X).
+            widths = {k: v for k, v in (("embed_dim", embed_dim), ("num_heads", num_heads)) if v is not None}
             self.vit = timm.create_model(variant, pretrained=False, num_classes=0, dynamic_img_size=True,
-                                         rope_rescale_coords=rope_rescale_coords)
+                                         rope_rescale_coords=rope_rescale_coords, **widths)
         else:
             raise ValueError(f"unknown ViT backbone {variant!r}; expected {DISTILLED_VIT!r} or one of "
                              f"{TIMM_DINOV3_VITS}")
@@ -171,8 +177,28 @@ class DINOv3ViTBackbone(nn.Module):
                           "real training", UserWarning, stacklevel=3)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.vit.forward_intermediates(images, indices=list(self.layers), norm=self.norm_outputs,
-                                              output_fmt="NCHW", intermediates_only=True)
+        rope = getattr(self.vit, "rope", None)
+        if not (self.training and getattr(rope, "aug_active", False)):
+            return self.vit.forward_intermediates(images, indices=list(self.layers), norm=self.norm_outputs,
+                                                  output_fmt="NCHW", intermediates_only=True)
+        # Training with RoPE coordinate augmentation (L/X): DINOv3 draws a fresh augmentation for
+        # every block (the official ``rope_embed(H, W)`` sits inside the block loop); timm's
+        # forward_intermediates draws one for all blocks. Same tokens, norms and outputs otherwise.
+        vit = self.vit
+        batch = images.shape[0]
+        x = vit.patch_embed(images)  # (B, H, W, C): dynamic_img_size
+        height, width = x.shape[1:3]
+        x, embed = vit._pos_embed(x)  # the first block's draw
+        x = vit.norm_pre(x)
+        outputs = []
+        for i, block in enumerate(vit.blocks):
+            if i:
+                embed = rope.get_embed(shape=(height, width))
+            x = block(x, rope=embed)
+            if i in self.layers:
+                outputs.append(vit.norm(x) if self.norm_outputs else x)
+        return [y[:, vit.num_prefix_tokens:].reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
+                for y in outputs]
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load a ViT checkpoint (timm, official DINOv3 or official distilled-ViT layout); mismatches raise."""

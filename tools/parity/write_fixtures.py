@@ -83,15 +83,16 @@ CASES = {
     ),
     **{f"deimv2_{size}_reduced": (
         "deimv2", f"configs/deimv2/deimv2_dinov3_{size}_coco.yml",
-        {"DINOv3STAs": {"name": vit, "weights_path": None, "conv_inplane": 8, "hidden_dim": 64},
-         "HybridEncoder": {"in_channels": [64, 64, 64], "hidden_dim": 64, "dim_feedforward": 128},
-         "DEIMTransformer": {"feat_channels": [64, 64, 64], "hidden_dim": 64, "dim_feedforward": 128, "num_layers": 2,
+        {"DINOv3STAs": {"name": vit, "weights_path": None, "conv_inplane": 8, "hidden_dim": width},
+         "HybridEncoder": {"in_channels": [width] * 3, "hidden_dim": width, "dim_feedforward": 2 * width},
+         "DEIMTransformer": {"feat_channels": [width] * 3, "hidden_dim": 64, "dim_feedforward": 128, "num_layers": 2,
                              "num_queries": 30, "num_denoising": 20}},
         f"deimv2_{size}",
-        {"vit_dim": 32, "vit_heads": 2, "sta_channels": 8, "sta_dim": 64, "encoder_hidden_dim": 64,
-         "encoder_ffn_dim": 128, "decoder_hidden_dim": 64, "decoder_ffn_dim": 128, "num_decoder_layers": 2,
+        {"vit_dim": 32, "vit_heads": 2, "sta_channels": 8, "sta_dim": width, "encoder_hidden_dim": width,
+         "encoder_ffn_dim": 2 * width, "decoder_hidden_dim": 64, "decoder_ffn_dim": 128, "num_decoder_layers": 2,
          "num_queries": 30, "num_denoising": 20},
-    ) for size, vit in (("l", "dinov3_vits16_w32"), ("x", "dinov3_vits16plus_w32"))},
+    # the STA and encoder narrower than S's (X's: expansion 1.25, depth x1.37): each fixture under 2 MB
+    ) for size, vit, width in (("l", "dinov3_vits16_w32", 48), ("x", "dinov3_vits16plus_w32", 32))},
 }
 # DEIMv2 L/X: the DINOv3 ViT-S/S+ widths are no options of the official YAML (DinoVisionTransformer
 # reads them by name from the ``configs`` table of engine/backbone/dinov3/vision_transformer.py).
@@ -101,6 +102,9 @@ CASES = {
 OFFICIAL_VIT_TABLE = {"dinov3_vits16_w32": ("dinov3_vits16", {"embed_dim": 32, "num_heads": 2}),
                       "dinov3_vits16plus_w32": ("dinov3_vits16plus", {"embed_dim": 32, "num_heads": 2})}
 NORMALISED_INPUT = {"deimv2_s_reduced", "deimv2_l_reduced", "deimv2_x_reduced"}
+# Cases whose seeded input is rounded to float16-representable values (stored as float16: the
+# same float32 numbers in half the bytes), to keep their fixtures under 2 MB.
+HALF_STORED_INPUT = {"deimv2_l_reduced", "deimv2_x_reduced"}
 # case -> (reduced case, key prefix): tensors taken from that case's fixture (its seeded values, the
 # same official names and shapes) instead of seeded anew and stored twice; the json records the
 # file and its sha256. DEIMv2-N's backbone is RT-DETRv4-S's HGNetv2-B0 (use_lab) unchanged.
@@ -144,7 +148,30 @@ def official_config(repo: Path, config: str, overrides: dict, **top):
 def build_official(repo: Path, config: str, overrides: dict):
     """(model, criterion, postprocessor) of the official config system, reduced by ``overrides``."""
     cfg = official_config(repo, config, overrides)
+    start_dinov3_as_released(cfg.model)
     return cfg.model, cfg.criterion, cfg.postprocessor
+
+
+@torch.no_grad()
+def start_dinov3_as_released(model: torch.nn.Module) -> None:
+    """DEIMv2 L/X: the state the official recipe starts its DINOv3 ViT-S/S+ from, without Meta's file.
+
+    The official recipes always load Meta's pretrained ViT (``DINOv3STAs(weights_path=...)``); built
+    without it ("Training DINOv3 from scratch") the official ViT keeps ``torch.empty`` class, storage
+    and mask tokens and a NaN ``qkv.bias_mask`` (``LinearKMaskedBias`` fills it with NaN; only the
+    checkpoint sets it), so every output is NaN. Here the official ViT's own ``init_weights()`` runs
+    and each ``bias_mask`` gets the released checkpoints' value (1 for the query and value thirds, 0 for
+    the key third: ``mask_k_bias``), as loading Meta's file would; the official code is unchanged."""
+    vit = getattr(getattr(model, "backbone", None), "dinov3", None)
+    if type(vit).__name__ != "DinoVisionTransformer":
+        return  # not the official DINOv3 ViT (the distilled ViT-Tiny of S/M initialises itself)
+    vit.init_weights()
+    for module in vit.modules():
+        mask = getattr(module, "bias_mask", None)
+        if mask is not None:
+            third = mask.numel() // 3
+            mask.fill_(1.0)
+            mask[third:2 * third] = 0.0
 
 
 @torch.no_grad()
@@ -214,6 +241,8 @@ def run_case(case: str, repo: Path, out_dir: Path, seed: int = SEED) -> None:
                              f"{sorted(set(taken) ^ own)[:10]}")
         model.load_state_dict(taken, strict=False)
     images, targets = seeded_batch(seed + 1)
+    if case in HALF_STORED_INPUT:
+        images = images.half().float()
     # The official DINOv3 recipes normalise in the data pipeline ({type: Normalize, ImageNet mean/std});
     # our DINOv3 students take [0, 1] RGB and normalise inside the model. The fixture's "images" are
     # the [0, 1] input; the official model sees them normalised, as its pipeline would hand them over.
@@ -234,7 +263,7 @@ def run_case(case: str, repo: Path, out_dir: Path, seed: int = SEED) -> None:
     losses = {k: float(v.detach()) for k, v in sorted(losses.items())}
 
     tensors = dict(weights)
-    tensors.update({"images": images, "orig_sizes": orig_sizes,
+    tensors.update({"images": _compact(images) if case in HALF_STORED_INPUT else images, "orig_sizes": orig_sizes,
                     "pred_logits": out["pred_logits"].detach(), "pred_boxes": out["pred_boxes"].detach()})
     for i, target in enumerate(targets):
         tensors[f"targets/{i}/labels"] = target["labels"]
