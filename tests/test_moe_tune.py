@@ -68,7 +68,7 @@ def untrained_detector(dense_file: Path, cfg: MoETuneConfig) -> torch.nn.Module:
                           cfg.model.input_size, trained.build_options()).eval()
 
 
-# The dense phase: 40 epochs of 2 steps, a checkpoint every 10 epochs (steps 20, 40, 60, 80).
+# The dense phase: 40 epochs of 2 steps, a checkpoint every 20 epochs (after steps 40 and 80).
 DENSE_KILL_STEP = 45
 
 
@@ -80,7 +80,8 @@ def tuned(ray_local, synthetic_data, tmp_path_factory):
     worker 1 at the first step of MoE epoch 1, so they restart from the MoE epoch-0 checkpoint."""
     tmp = tmp_path_factory.mktemp("moe_tune")
     kills = f"debug.kill=[{{rank: 1, step: 3}}, {{rank: 0, step: {DENSE_KILL_STEP}, phase: dense}}]"
-    return run_moe_tune(tiny_config(tmp, synthetic_data, *LEARNING_OVERRIDES, kills, "train.max_failures=2")), tmp
+    return run_moe_tune(tiny_config(tmp, synthetic_data, *LEARNING_OVERRIDES, "base.checkpoint_every=20", kills,
+                                    "train.max_failures=2")), tmp
 
 
 def test_the_job_learns(tuned, synthetic_data):

@@ -90,7 +90,7 @@ class Phase:
     build: Callable[[bool], Built]       # build(restoring): a checkpoint of this phase will be loaded
     max_steps: int | None = None         # micro-steps in all (its last epoch shorter); None: whole epochs
     eval_every: int | None = None        # evaluate every n epochs and after the last; None: never
-    checkpoint_every: int = 1            # checkpoint every n epochs and after the last
+    checkpoint_every: int = 1            # checkpoint every n epochs and after the last (the others report nothing)
 
     def evaluates(self, epoch: int) -> bool:
         return self.eval_every is not None and self._every(self.eval_every, epoch)
@@ -388,15 +388,14 @@ class Trainer:
                 metrics[f"best_{key}"], metrics["best_epoch"] = self.best
         if progress is not None:
             progress.epoch_end(epoch, metrics, mean_loss)
-        ranks = self.rank_consistency(end) if self.phase.checkpoints(epoch) else None
+        checkpointing = self.phase.checkpoints(epoch)
         if self.ctx.logger is not None:
             self.ctx.logger.log({self._metric_name(k): v for k, v in metrics.items()
                                  if isinstance(v, (int, float))}, epoch)
-            self.ctx.logger.flush()
-        if ranks is None:
-            ray.train.report(self._reported(metrics))
-        else:
-            self.save(end, ranks)
+            if checkpointing:
+                self.ctx.logger.flush()
+        if checkpointing:   # an epoch without a checkpoint reports nothing to Ray Train (a phase's inner epochs)
+            self.save(end, self.rank_consistency(end))
 
     def _metric_name(self, key: str) -> str:
         return self.job.metric_name(key) if self.final_phase else f"{self.phase.name}/{key}"
