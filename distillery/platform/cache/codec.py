@@ -39,9 +39,10 @@ import numpy as np
 
 from distillery.platform.cache.checks import CacheError
 
-__all__ = ["CODEC_FIELDS", "CODEC_FILE", "CodecFileError", "PcaCodec", "StorageDtype", "TokenMoments", "decode_features",
-           "dequantize_int8", "dequantize_per_token", "encode_features", "fit_codec", "load_verified_codec", "pack_codes",
-           "quantize_int8", "quantize_per_token", "read_verified_codec", "tokens_of", "unpack_codes"]
+__all__ = ["CODEC_FIELDS", "CODEC_FILE", "CodecFileError", "PcaCodec", "StorageDtype", "TokenMoments",
+           "decode_features", "dequantize_int8", "dequantize_per_token", "encode_features", "fit_codec",
+           "load_verified_codec", "pack_codes", "quantize_int8", "quantize_per_token", "read_verified_codec",
+           "tokens_of", "unpack_codes"]
 
 CODEC_FILE = "codec-pca.safetensors"
 SCALE_DTYPE = np.float16  # one scale per token: 2 bytes (the int8 dtype keeps float32 for fp16 parity)
