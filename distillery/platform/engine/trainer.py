@@ -80,17 +80,18 @@ class Built:
 class Phase:
     """A stretch of a job's training with its own model build (:meth:`TrainingJob.phases`).
 
-    Phases run in order. Each counts its epochs and steps from 0 and checkpoints every epoch under
-    its name, so a failure restarts from the last epoch of the phase it happened in, and a resumed
-    run skips the phases before it. The run's result is its last phase: an earlier phase's
-    metrics are logged and reported under ``<name>/`` and never count as the run's AP."""
+    Phases run in order. Each counts its epochs and steps from 0 and checkpoints under its name
+    (every ``checkpoint_every`` epochs and after its last), so a failure restarts from the last
+    checkpoint of the phase it happened in, and a resumed run skips the phases before it. The
+    run's result is its last phase: an earlier phase's metrics are logged and reported under
+    ``<name>/`` and never count as the run's best (its spec's ``best_metric``)."""
 
     name: str
     epochs: int
     build: Callable[[bool], Built]       # build(restoring): a checkpoint of this phase will be loaded
     max_steps: int | None = None         # micro-steps in all (its last epoch shorter); None: whole epochs
     eval_every: int | None = None        # evaluate every n epochs and after the last; None: never
-    checkpoint_every: int = 1            # checkpoint every n epochs and after the last (the others report nothing)
+    checkpoint_every: int = 1            # checkpoint every n epochs and after the last (others report nothing)
 
     def evaluates(self, epoch: int) -> bool:
         return self.eval_every is not None and self._every(self.eval_every, epoch)
@@ -143,6 +144,10 @@ class TrainingJob(ABC):
     @abstractmethod
     def input_size(self) -> int:
         """The model's square input side (training and evaluation)."""
+
+    def micro_steps_per_epoch(self) -> int:
+        """Step batches (micro-steps) of a whole epoch: the optimizer steps x gradient accumulation."""
+        return self.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps
 
     @abstractmethod
     def step_batches(self, epoch: int, max_steps: int | None = None) -> Iterator[dict[str, Any]]:
@@ -223,14 +228,18 @@ class Trainer:
     def fit(self) -> None:
         checkpoint = self._checkpoint_to_restore()
         self.phases = phases = self.job.phases()
-        first = self._phase_to_restore(checkpoint, phases) if checkpoint is not None else 0
+        record = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                record = read_record(directory, self.job.spec)
+        first = self._phase_to_restore(checkpoint, record, phases) if record is not None else 0
         for index in range(first, len(phases)):
             self.phase, self.phase_index = phases[index], index
             self.start_epoch, self.global_step, self.best = 0, 0, None
-            restoring = checkpoint is not None and index == first
+            restoring = record is not None and index == first
             self.built = self.phase.build(restoring)
             if restoring:
-                self.restore(checkpoint)
+                self.restore(checkpoint, record)
             elif index == 0 and self.ctx.logger is not None and (start := self.job.start_metrics(self.built)):
                 self.ctx.logger.log(start, step=0)
             progress = self._progress()
@@ -256,10 +265,8 @@ class Trainer:
             checkpoint = ray.train.Checkpoint(self.job.run.resume_checkpoint)
         return checkpoint
 
-    def _phase_to_restore(self, checkpoint, phases: list[Phase]) -> int:
-        """The index of the phase ``checkpoint`` was written in (records without one: the last)."""
-        with checkpoint.as_directory() as directory:
-            record = read_record(directory, self.job.spec)
+    def _phase_to_restore(self, checkpoint, record: CheckpointRecord, phases: list[Phase]) -> int:
+        """The index of the phase ``checkpoint`` (its ``record``) was written in (records without one: the last)."""
         if record.phase is None:
             return len(phases) - 1
         names = [p.name for p in phases]
@@ -268,14 +275,13 @@ class Trainer:
                                   f"this run does not have (its phases: {', '.join(names)})")
         return names.index(record.phase)
 
-    def restore(self, checkpoint) -> None:
+    def restore(self, checkpoint, record: CheckpointRecord) -> None:
         built = self.built
         with checkpoint.as_directory() as directory:
             load_path, _ = built.engine.load_checkpoint(directory, tag=DS_TAG)
             if load_path is None:
                 raise CheckpointError(f"checkpoint {checkpoint.path} has no DeepSpeed checkpoint '{DS_TAG}'")
             state, rng = load_engine_state(directory, self.ctx.rank)
-            record = read_record(directory, self.job.spec)
             for name, component in built.stateful().items():
                 if name in state.components:
                     component.load_state_dict(state.components[name])
@@ -293,12 +299,9 @@ class Trainer:
         if self.ctx.rank != 0:
             return None
         t = self.cfg.train
-        return ProgressPrinter(self.phase.epochs, self._micro_steps_per_epoch(), every_steps=t.progress_every,
+        return ProgressPrinter(self.phase.epochs, self.job.micro_steps_per_epoch(), every_steps=t.progress_every,
                                every_seconds=t.progress_seconds, world_size=self.ctx.world, label=self.phase.name,
                                metric=self.job.spec.best_metric)
-
-    def _micro_steps_per_epoch(self) -> int:
-        return self.job.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps
 
     # ------------------------------------------------------------------ one epoch
 
@@ -336,7 +339,7 @@ class Trainer:
         """The job's step batches of ``epoch``, at most the phase's ``max_steps`` in all."""
         if self.phase.max_steps is None:
             return self.job.step_batches(epoch)
-        left = self.phase.max_steps - epoch * self._micro_steps_per_epoch()
+        left = self.phase.max_steps - epoch * self.job.micro_steps_per_epoch()
         return self.job.step_batches(epoch, max_steps=max(left, 0))
 
     def step(self, batch: dict[str, Any]) -> StepResult:

@@ -25,9 +25,8 @@ def dense_phase(job) -> Phase:
     """The phase of ``job`` (a :class:`~distillery.platform.moe.job.MoETuneJob`): ``base.dense_steps``
     steps in epochs of the job's length (the last one shorter), evaluated by the MoE phase's start."""
     steps = job.cfg.base.dense_steps
-    per_epoch = job.run.steps_per_epoch * job.cfg.deepspeed.gradient_accumulation_steps
-    return Phase(DENSE_PHASE, math.ceil(steps / per_epoch), functools.partial(_build, job), max_steps=steps,
-                 checkpoint_every=job.cfg.base.checkpoint_every)
+    return Phase(DENSE_PHASE, math.ceil(steps / job.micro_steps_per_epoch()), functools.partial(_build, job),
+                 max_steps=steps, checkpoint_every=job.cfg.base.checkpoint_every)
 
 
 def _build(job, restoring: bool) -> Built:

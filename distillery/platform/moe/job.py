@@ -113,12 +113,10 @@ class MoETuneJob(TrainingJob):
         """The ``train`` phase: the dense base (given, or the dense phase's), evaluated, decomposed
         into experts; a restored checkpoint holds everything instead."""
         criterion = self.criterion()
-        model = self.dense_model()
+        model = self.dense_base if self.dense_base is not None and not restoring else self.dense_model()
         dense_probe = None
         if not restoring:
-            if self.dense_base is not None:
-                model = self.dense_base
-            else:
+            if self.dense_base is None:
                 model.load_state_dict(weights_from_bytes(storage.read_bytes(self.run.base_uri), self.run.base_uri),
                                       strict=True)
             self._evaluate_base(model)
@@ -207,10 +205,10 @@ class MoETuneJob(TrainingJob):
             self.ctx.logger.log({"restore/max_abs_diff": max(per_rank)}, record.global_step)
 
     def step_batches(self, epoch: int, max_steps: int | None = None) -> Iterator[dict[str, Any]]:
-        micro_steps = self.run.steps_per_epoch * self.cfg.deepspeed.gradient_accumulation_steps
+        steps = self.micro_steps_per_epoch() if max_steps is None else min(self.micro_steps_per_epoch(), max_steps)
         self.augmenter.rng.seed(derived_seed("augment", self.cfg.train.seed, self.ctx.rank, epoch))  # as distill's
         rows = shard_batches(self.ctx.shard, self.cfg.train, epoch, self.ctx.rank)
-        for batch in lockstep(rows, self.ctx.device, micro_steps if max_steps is None else min(micro_steps, max_steps)):
+        for batch in lockstep(rows, self.ctx.device, steps):
             b = collate(self.augmenter.batch(rows_to_samples(batch, None), 0), f5_hw=None)
             targets = [{k: v.to(self.ctx.device) for k, v in tg.items() if k != "image_id"} for tg in b["targets"]]
             yield {"images": b["images"].to(self.ctx.device, self.dtype), "targets": targets}

@@ -150,8 +150,7 @@ class TeacherPretrainJob(TrainingJob):
 
     def step_batches(self, epoch: int, max_steps: int | None = None) -> Iterator[dict[str, Any]]:
         cfg, ctx = self.cfg, self.ctx
-        micro_steps = max_steps if max_steps is not None else \
-            self.run.steps_per_epoch * cfg.deepspeed.gradient_accumulation_steps
+        micro_steps = max_steps if max_steps is not None else self.micro_steps_per_epoch()
         flips = torch.Generator().manual_seed(derived_seed("flip", cfg.train.seed, ctx.rank, epoch))
         rows = shard_batches(ctx.shard, cfg.train, epoch, ctx.rank)
         for batch in lockstep(rows, ctx.device, micro_steps):
@@ -170,8 +169,8 @@ class TeacherPretrainJob(TrainingJob):
                 self._eval_sets = (load_patch_split(r.probe_annotations, r.probe_images, self.input_size, r.grid,
                                                     e.probe_images),
                                    load_patch_split(r.val_annotations, r.val_images, self.input_size, r.grid))
-            metrics = probe_metrics(model, *self._eval_sets, self.run.num_classes, probe_steps=self.cfg.eval.probe_steps,
-                                    batch_size=self.cfg.train.eval_batch_size)
+            metrics = probe_metrics(model, *self._eval_sets, self.run.num_classes,
+                                    probe_steps=self.cfg.eval.probe_steps, batch_size=self.cfg.train.eval_batch_size)
         if dist.is_initialized() and self.ctx.world > 1:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
