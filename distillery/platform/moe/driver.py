@@ -40,7 +40,7 @@ from distillery.platform.moe.analysis import plot_expert_analysis
 from distillery.platform.moe.base_model import load_into, load_base_state
 from distillery.platform.moe.model_files import build_detector, save_tuned_model
 from distillery.platform.moe.spec import ANALYSIS_JSON, BASE_DIR, DENSE_BASE_DIR, MODEL_FILE, SPEC, MoETuneRun
-from distillery.platform.tracking.runs import tracking_uri_scope
+from distillery.platform.tracking.runs import log_best_metrics, tracking_uri_scope
 from distillery.students.moe import moe_parameter_counts
 from distillery.students.open_vocab import moe_tune_decoder
 from distillery.students.phrase_cache import PhraseEmbeddingCache
@@ -174,8 +174,7 @@ def _log_final(cfg: MoETuneConfig, run: MoETuneRun, best, last) -> dict[str, Any
                 "metrics": record.metrics}
         mlflow.log_dict(meta, "export/meta.json")
         mlflow.set_tag("distillery.weights_uri", f"runs:/{run.run_id}/export/weights.safetensors")
-        mlflow.log_metrics({f"best/{k}": float(v) for k, v in record.metrics.items()
-                            if isinstance(v, (int, float)) and v == v})
+        log_best_metrics(record.metrics)
         out.update(checkpoint_epoch=record.epoch, best_metrics=record.metrics)
 
         dense_base = storage.join(run.run_storage, DENSE_BASE_DIR, MODEL_FILE)

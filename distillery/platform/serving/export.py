@@ -34,7 +34,7 @@ from distillery.platform.engine.checkpoints import STATE_JSON, load_engine_state
 from distillery.platform.engine.run_spec import RunDescription
 from distillery.platform.io import storage
 from distillery.platform.serving.predictor import DetectorPredictor
-from distillery.platform.tracking.runs import tracking_uri_scope
+from distillery.platform.tracking.runs import log_best_metrics, tracking_uri_scope
 from distillery.students import build_student
 from distillery.students.export import export_onnx
 from distillery.students.postprocess import postprocess
@@ -150,9 +150,7 @@ def log_final_model(cfg: DistillConfig, run: RunDescription, best) -> dict[str, 
                 out["model_uri"] = log_pyfunc_model(onnx_path, tmp / "meta.json")
                 # What the registry needs to find this run's model and judge it.
                 mlflow.set_tag("distillery.model_uri", out["model_uri"])
-            best_metrics = {f"best/{k}": float(v) for k, v in state["metrics"].items()
-                            if isinstance(v, (int, float)) and v == v}
-            mlflow.log_metrics(best_metrics)
+            log_best_metrics(state["metrics"])
         out["checkpoint_epoch"] = state["epoch"]
         out["best_metrics"] = state["metrics"]
     return out

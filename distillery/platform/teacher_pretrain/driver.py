@@ -27,7 +27,7 @@ from distillery.platform.io.weights_source import resolve_weights_source
 from distillery.platform.teacher_pretrain.config import TeacherPretrainConfig
 from distillery.platform.teacher_pretrain.patch_data import split_class_weights
 from distillery.platform.teacher_pretrain.spec import SPEC, TEACHER_FILE, TeacherPretrainRun
-from distillery.platform.tracking.runs import tracking_uri_scope
+from distillery.platform.tracking.runs import log_best_metrics, tracking_uri_scope
 from distillery.teachers.dinov3 import build_dinov3_vit
 from distillery.teachers.dinov3_weights import load_teacher_weights
 
@@ -100,7 +100,6 @@ class TeacherPretrainDriver(JobDriver):
                 local = Path(tmp) / uri.rsplit("/", 1)[-1]
                 local.write_bytes(storage.read_bytes(uri))
                 mlflow.log_artifact(str(local), artifact_path="export")
-            mlflow.log_metrics({f"best/{k}": float(v) for k, v in record.metrics.items()
-                                if isinstance(v, (int, float)) and v == v})
+            log_best_metrics(record.metrics)
         return {"teacher": teacher, "checkpoint_epoch": record.epoch, "best_metrics": record.metrics,
                 "initial_metrics": record.initial_metrics}

@@ -23,7 +23,7 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-__all__ = ["MetricsLogger", "create_run", "experiment_artifact_location", "resolve_tracking_uri",
+__all__ = ["MetricsLogger", "create_run", "experiment_artifact_location", "log_best_metrics", "resolve_tracking_uri",
            "tracking_reachable", "tracking_uri_scope"]
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,12 @@ def experiment_artifact_location(tracking_uri: str, experiment: str) -> str | No
     db = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
     return (db.parent / f"{db.stem}-artifacts" / folder).as_uri()
+
+
+def log_best_metrics(metrics: dict[str, Any]) -> None:
+    """The best checkpoint's numeric, non-NaN metrics, logged to the active MLflow run as
+    ``best/<name>`` (what the registry and the sweep report read)."""
+    mlflow.log_metrics({f"best/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v})
 
 
 def tracking_reachable(uri: str, timeout: float = 5.0) -> None:
